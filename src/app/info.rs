@@ -1,0 +1,120 @@
+//! `imgbackup info IMAGE`.
+
+use crate::cli::{GlobalOpts, InfoArgs};
+use crate::exit::Exit;
+use crate::node::probe::{LayerInfo, open_image};
+use crate::node::{BlockNode, Status};
+use crate::report::{human_bytes, print_json};
+use anyhow::Context;
+
+/// Allocation of one layer, by status.
+#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
+pub struct Allocation {
+    /// Bytes this layer stores as data.
+    pub data: u64,
+    /// Bytes this layer marks as zero.
+    pub zero: u64,
+    /// Bytes this layer leaves to the layer below (or that read as zeros).
+    pub unallocated: u64,
+}
+
+/// Count what `node` (one layer) holds.
+pub fn allocation(node: &dyn BlockNode) -> crate::error::Result<Allocation> {
+    let mut a = Allocation::default();
+    let size = node.size();
+    let mut pos = 0;
+    while pos < size {
+        let ext = node.block_status(pos, size - pos)?;
+        match ext.status {
+            Status::Data => a.data += ext.len,
+            Status::Zero => a.zero += ext.len,
+            Status::Unallocated => a.unallocated += ext.len,
+        }
+        pos += ext.len;
+    }
+    Ok(a)
+}
+
+#[derive(serde::Serialize)]
+struct LayerDoc {
+    #[serde(flatten)]
+    info: LayerInfo,
+    allocation: Allocation,
+}
+
+#[derive(serde::Serialize)]
+struct InfoDoc {
+    image: String,
+    format: String,
+    virtual_size: u64,
+    cluster_size: u64,
+    disk_usage: u64,
+    allocation: Allocation,
+    backing_chain: Vec<LayerDoc>,
+}
+
+pub fn run(args: &InfoArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
+    let image = open_image(&args.image, args.format)
+        .with_context(|| format!("cannot open {}", args.image.display()))?;
+    let mut chain = Vec::new();
+    for layer in &image.layers {
+        let alloc = allocation(layer.node.as_ref()).with_context(|| {
+            format!(
+                "cannot read the allocation of {}",
+                layer.info.path.display()
+            )
+        })?;
+        chain.push(LayerDoc {
+            info: layer.info.clone(),
+            allocation: alloc,
+        });
+    }
+    let top = chain[0].info.clone();
+    let doc = InfoDoc {
+        image: args.image.display().to_string(),
+        format: top.format.to_string(),
+        virtual_size: top.virtual_size,
+        cluster_size: top.cluster_size,
+        disk_usage: top.disk_usage,
+        allocation: chain[0].allocation,
+        backing_chain: chain,
+    };
+    if g.json {
+        print_json(&doc)?;
+        return Ok(Exit::Success);
+    }
+    let mut out = String::new();
+    out += &format!("image:          {}\n", doc.image);
+    let version = top
+        .qcow2_version
+        .map(|v| format!(" (version {v})"))
+        .unwrap_or_default();
+    out += &format!("format:         {}{version}\n", doc.format);
+    out += &format!(
+        "virtual size:   {} ({} bytes)\n",
+        human_bytes(doc.virtual_size),
+        doc.virtual_size
+    );
+    out += &format!("cluster size:   {}\n", doc.cluster_size);
+    out += &format!("disk usage:     {}\n", human_bytes(doc.disk_usage));
+    out += &format!(
+        "allocated:      {} data, {} zero, {} unallocated\n",
+        human_bytes(doc.allocation.data),
+        human_bytes(doc.allocation.zero),
+        human_bytes(doc.allocation.unallocated)
+    );
+    if doc.backing_chain.len() > 1 {
+        out += "backing chain:\n";
+        for (i, l) in doc.backing_chain.iter().enumerate() {
+            out += &format!(
+                "  {i}: {} ({}, {}, {} data in this layer)\n",
+                l.info.path.display(),
+                l.info.format,
+                human_bytes(l.info.virtual_size),
+                human_bytes(l.allocation.data)
+            );
+        }
+    }
+    print!("{out}");
+    Ok(Exit::Success)
+}

@@ -1,0 +1,41 @@
+//! One module per command: build the graph, run, report. This layer owns
+//! `--json`, `--quiet` and the progress display.
+
+pub mod backup;
+pub mod info;
+
+use crate::cli::{Cli, Command};
+use crate::exit::Exit;
+
+/// Run a parsed command line; the error (if any) is printed by `main`.
+pub fn run(cli: &Cli) -> anyhow::Result<Exit> {
+    let g = &cli.global;
+    crate::log::set_level(if g.quiet {
+        -1
+    } else {
+        g.verbose.min(100) as i8
+    });
+    match &cli.command {
+        Command::Backup(a) => backup::run(a, g),
+        Command::Info(a) => info::run(a, g),
+        Command::GenerateDocs { dir } => {
+            for p in crate::cli::docs::write_all(dir)? {
+                if !g.quiet {
+                    eprintln!("wrote {}", dir.join(p).display());
+                }
+            }
+            Ok(Exit::Success)
+        }
+    }
+}
+
+/// A JSON document describing a failure, for `--json`.
+#[derive(serde::Serialize)]
+pub struct ErrorDoc {
+    pub ok: bool,
+    pub exit_code: i32,
+    pub error: String,
+    pub causes: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hint: Option<String>,
+}

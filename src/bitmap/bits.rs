@@ -1,0 +1,185 @@
+//! A dense bit set over clusters: the copy bitmap of a job and the bits of a
+//! dirty bitmap. One bit per granule; 1 MiB of bits maps 512 GiB at 64 KiB.
+
+/// Dense bit set of `len` bits.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Bits {
+    words: Vec<u64>,
+    len: u64,
+}
+
+impl Bits {
+    /// `len` bits, all clear.
+    pub fn new(len: u64) -> Bits {
+        Bits {
+            words: vec![0; len.div_ceil(64) as usize],
+            len,
+        }
+    }
+
+    /// `len` bits, all set.
+    pub fn full(len: u64) -> Bits {
+        let mut b = Bits::new(len);
+        b.set_range(0, len);
+        b
+    }
+
+    /// Number of bits.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn get(&self, i: u64) -> bool {
+        i < self.len && self.words[(i / 64) as usize] & (1 << (i % 64)) != 0
+    }
+
+    pub fn set(&mut self, i: u64) {
+        if i < self.len {
+            self.words[(i / 64) as usize] |= 1 << (i % 64);
+        }
+    }
+
+    pub fn clear(&mut self, i: u64) {
+        if i < self.len {
+            self.words[(i / 64) as usize] &= !(1 << (i % 64));
+        }
+    }
+
+    fn update_range(&mut self, start: u64, end: u64, value: bool) {
+        let end = end.min(self.len);
+        let mut i = start;
+        while i < end {
+            let w = (i / 64) as usize;
+            let lo = i % 64;
+            let hi = ((w as u64 + 1) * 64).min(end) - w as u64 * 64;
+            let mask = if hi - lo == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << (hi - lo)) - 1) << lo
+            };
+            if value {
+                self.words[w] |= mask;
+            } else {
+                self.words[w] &= !mask;
+            }
+            i = w as u64 * 64 + hi;
+        }
+    }
+
+    /// Set bits `[start, end)`.
+    pub fn set_range(&mut self, start: u64, end: u64) {
+        self.update_range(start, end, true)
+    }
+
+    /// Clear bits `[start, end)`.
+    pub fn clear_range(&mut self, start: u64, end: u64) {
+        self.update_range(start, end, false)
+    }
+
+    /// Number of set bits.
+    pub fn count(&self) -> u64 {
+        self.words.iter().map(|w| u64::from(w.count_ones())).sum()
+    }
+
+    /// Number of set bits in `[start, end)`.
+    pub fn count_range(&self, start: u64, end: u64) -> u64 {
+        (start..end.min(self.len)).filter(|&i| self.get(i)).count() as u64
+    }
+
+    /// First set bit at or after `from`.
+    pub fn next_set(&self, from: u64) -> Option<u64> {
+        self.next(from, false)
+    }
+
+    /// First clear bit at or after `from`.
+    pub fn next_clear(&self, from: u64) -> Option<u64> {
+        self.next(from, true)
+    }
+
+    fn next(&self, from: u64, invert: bool) -> Option<u64> {
+        if from >= self.len {
+            return None;
+        }
+        let mut w = (from / 64) as usize;
+        let mut word = self.words[w] ^ if invert { u64::MAX } else { 0 };
+        word &= u64::MAX << (from % 64);
+        loop {
+            if word != 0 {
+                let i = w as u64 * 64 + u64::from(word.trailing_zeros());
+                return (i < self.len).then_some(i);
+            }
+            w += 1;
+            if w >= self.words.len() {
+                return None;
+            }
+            word = self.words[w] ^ if invert { u64::MAX } else { 0 };
+        }
+    }
+
+    /// True if any bit in `[start, end)` is set.
+    pub fn any_in(&self, start: u64, end: u64) -> bool {
+        self.next_set(start).is_some_and(|i| i < end)
+    }
+
+    /// Set every bit that is set in `other` (same length).
+    pub fn merge(&mut self, other: &Bits) {
+        for (a, b) in self.words.iter_mut().zip(&other.words) {
+            *a |= *b;
+        }
+    }
+
+    /// Runs of set bits as `(start, end)` pairs.
+    pub fn runs(&self) -> Vec<(u64, u64)> {
+        let mut out = Vec::new();
+        let mut i = 0;
+        while let Some(s) = self.next_set(i) {
+            let e = self.next_clear(s).unwrap_or(self.len);
+            out.push((s, e));
+            i = e;
+        }
+        out
+    }
+
+    /// The raw words (LSB-first within each word).
+    pub fn words(&self) -> &[u64] {
+        &self.words
+    }
+
+    /// Build from raw words; bits past `len` are cleared.
+    pub fn from_words(mut words: Vec<u64>, len: u64) -> Bits {
+        words.resize(len.div_ceil(64) as usize, 0);
+        let mut b = Bits { words, len };
+        if !len.is_multiple_of(64) {
+            let last = b.words.len() - 1;
+            b.words[last] &= (1u64 << (len % 64)) - 1;
+        }
+        b
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_and_search() {
+        let mut b = Bits::new(200);
+        b.set_range(3, 130);
+        assert_eq!(b.count(), 127);
+        assert_eq!(b.next_set(0), Some(3));
+        assert_eq!(b.next_clear(3), Some(130));
+        b.clear_range(64, 65);
+        assert_eq!(b.runs(), vec![(3, 64), (65, 130)]);
+        assert!(b.any_in(129, 140));
+        assert!(!b.any_in(130, 200));
+        assert_eq!(b.next_set(130), None);
+        let f = Bits::full(70);
+        assert_eq!(f.count(), 70);
+        assert_eq!(f.next_clear(0), None);
+        assert_eq!(Bits::from_words(vec![u64::MAX; 2], 70).count(), 70);
+    }
+}

@@ -1,0 +1,132 @@
+//! Man pages and shell completions, rendered from the clap definition.
+//!
+//! `imgbackup generate-docs .` (or `cargo run -- generate-docs .`) rewrites
+//! `man/` and `completions/`; the test `docs_are_current` fails when the
+//! committed files differ from what the definition renders.
+
+use super::Cli;
+use clap::CommandFactory;
+use clap_complete::Shell;
+use std::path::{Path, PathBuf};
+
+/// Sections appended to imgbackup(1), in roff.
+const MAIN_EXTRA: &str = r#".SH "EXIT STATUS"
+.TP
+.B 0
+success
+.TP
+.B 1
+failure not covered below (bad or unsupported image, existing target, missing directory)
+.TP
+.B 2
+usage error (bad option or value)
+.TP
+.B 3
+finished, but some clusters were skipped by an ignore policy
+.TP
+.B 4
+source read error (a damaged or truncated image, an I/O error)
+.TP
+.B 5
+target write error, including no space left on the device
+.TP
+.B 6
+bitmap missing, inconsistent or stale
+.TP
+.B 7
+verification mismatch
+.TP
+.B 8
+image locked by another process
+.TP
+.B 9
+timeout (\fB\-\-timeout\fR)
+.TP
+.B 130, 143
+interrupted by SIGINT or SIGTERM; the job was cancelled cleanly and no target
+was left behind (a second signal ends the process at once)
+.SH FILES
+.TP
+.I TARGET.partial
+The backup while it is written. It is flushed and renamed to TARGET only when
+complete, and the directory is synced; on failure it is deleted unless
+\fB\-\-keep\-partial\fR is given. A file named TARGET therefore always holds a
+complete backup.
+.TP
+.I TARGET
+A raw target is sparse: clusters that read as zeros are holes. A qcow2 target
+is a version 3 image with 16\-bit refcounts, written by imgbackup itself; it
+passes \fBqemu\-img check\fR. Zero and unallocated clusters of the source are
+left unallocated.
+.SH NOTES
+Source images are opened read\-only and never changed. Formats are probed by
+their magic (qcow2, or else raw) unless \fB\-\-source\-format\fR is given.
+Backing files are resolved relative to the directory of the image that names
+them, as QEMU does; raw and qcow2 backing files are followed, and a backing
+file shorter than its overlay reads as zeros past its end.
+.PP
+qcow2 images that use encryption, zstd compression, extended L2 entries, an
+external data file or unknown incompatible features are refused as
+unsupported (exit 1), as are images marked corrupt by QEMU. Damaged metadata
+found while copying (an L1 or L2 entry pointing outside the file, a truncated
+file) is a source read error (exit 4); it is never read as zeros.
+.PP
+Sizes take the units K, M, G, T (powers of 1024); durations are humantime
+forms such as 500ms, 30s or 2h 5m; rates are sizes per second (100M).
+.SH EXAMPLES
+.TP
+Back up a qcow2 image into a sparse raw file:
+.B imgbackup backup disk.qcow2 disk-backup.raw
+.TP
+From cron, with a log line every few seconds and a bounded run time:
+.B imgbackup backup \-\-progress plain \-\-timeout 2h /var/lib/vm/disk.qcow2 /backup/disk.qcow2
+.TP
+Describe an image and its backing chain as JSON:
+.B imgbackup info \-\-json overlay.qcow2
+"#;
+
+/// Every generated file: path relative to the repository root, and content.
+pub fn render() -> std::io::Result<Vec<(PathBuf, Vec<u8>)>> {
+    let mut out = Vec::new();
+    let cmd = Cli::command();
+    let mut main = Vec::new();
+    let man = clap_mangen::Man::new(cmd.clone()).date("");
+    man.render(&mut main)?;
+    main.extend_from_slice(MAIN_EXTRA.as_bytes());
+    out.push((PathBuf::from("man/imgbackup.1"), main));
+    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+        let name = format!("imgbackup-{}", sub.get_name());
+        let sub = sub
+            .clone()
+            .name(name.clone())
+            .bin_name(name.replace('-', " "));
+        let mut page = Vec::new();
+        clap_mangen::Man::new(sub).date("").render(&mut page)?;
+        page.extend_from_slice(b".SH \"SEE ALSO\"\nimgbackup(1)\n");
+        out.push((PathBuf::from(format!("man/{name}.1")), page));
+    }
+    for (shell, file) in [
+        (Shell::Bash, "imgbackup.bash"),
+        (Shell::Zsh, "_imgbackup"),
+        (Shell::Fish, "imgbackup.fish"),
+    ] {
+        let mut buf = Vec::new();
+        clap_complete::generate(shell, &mut Cli::command(), "imgbackup", &mut buf);
+        out.push((PathBuf::from(format!("completions/{file}")), buf));
+    }
+    Ok(out)
+}
+
+/// Write every generated file below `root`.
+pub fn write_all(root: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut written = Vec::new();
+    for (rel, content) in render()? {
+        let p = root.join(&rel);
+        if let Some(dir) = p.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        std::fs::write(&p, content)?;
+        written.push(rel);
+    }
+    Ok(written)
+}

@@ -1,0 +1,146 @@
+//! The command line: clap definitions (one definition renders help, the man
+//! pages and the completions) and the value parsers.
+
+pub mod docs;
+pub mod parse;
+
+use crate::node::probe::Format;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use parse::{parse_cluster_size, parse_duration, parse_jobs, parse_nonzero_size, parse_rate};
+use std::path::PathBuf;
+use std::time::Duration;
+
+const AFTER_HELP: &str = "\
+Exit status: 0 success, 1 failure, 2 usage error, 4 source read error,
+5 target write error (including no space left), 9 timeout,
+130/143 interrupted by SIGINT/SIGTERM (no target left behind).
+See imgbackup(1) for the full table.";
+
+/// Point-in-time backups of raw and qcow2 disk images.
+#[derive(Debug, Parser)]
+#[command(
+    name = "imgbackup",
+    version,
+    about = "Point-in-time backups of raw and qcow2 disk images",
+    long_about = "imgbackup makes point-in-time backups of raw and qcow2 disk images the way \
+QEMU's block backup job does: the source is read through an in-process graph of block nodes, \
+and the backup is written to TARGET.partial and renamed only once it is complete and flushed.",
+    after_help = AFTER_HELP,
+    propagate_version = true
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalOpts,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Options every command takes.
+#[derive(Debug, Clone, Args)]
+pub struct GlobalOpts {
+    /// Print one JSON document on stdout (and nothing else there).
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// Print nothing but errors.
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+    /// Say more about what happens (repeat for more).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    /// Progress display: a bar on a terminal (auto), always a bar, a plain
+    /// line every few seconds (for logs and cron mail), or nothing.
+    #[arg(long, value_enum, default_value_t = ProgressMode::Auto, global = true, value_name = "WHEN")]
+    pub progress: ProgressMode,
+}
+
+/// How progress is shown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ProgressMode {
+    /// A bar when stderr is a terminal, nothing otherwise.
+    Auto,
+    /// A bar on stderr.
+    Bar,
+    /// A plain line on stderr every few seconds.
+    Plain,
+    /// Nothing.
+    None,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Make a backup of SOURCE into TARGET.
+    Backup(BackupArgs),
+    /// Show format, sizes, allocation and backing chain of an image.
+    Info(InfoArgs),
+    /// Write the man pages and shell completions into DIR (man/ and completions/).
+    #[command(hide = true)]
+    GenerateDocs {
+        /// The repository root (man/ and completions/ are written below it).
+        dir: PathBuf,
+    },
+}
+
+/// The sync modes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SyncMode {
+    /// Copy every cluster of the image.
+    Full,
+}
+
+#[derive(Debug, Args)]
+pub struct BackupArgs {
+    /// The image to back up (raw or qcow2, with its backing chain). It is
+    /// opened read-only and never changed.
+    pub source: PathBuf,
+    /// The backup to write. It is written as TARGET.partial and renamed to
+    /// TARGET once complete and flushed.
+    pub target: PathBuf,
+    /// What to copy.
+    #[arg(long, value_enum, default_value_t = SyncMode::Full)]
+    pub sync: SyncMode,
+    /// Format of TARGET [default: qcow2 when TARGET ends in .qcow2, else raw].
+    #[arg(long, value_enum, value_name = "FORMAT")]
+    pub target_format: Option<Format>,
+    /// Cluster size of a new qcow2 TARGET.
+    #[arg(long, value_parser = parse_cluster_size, default_value = "64K", value_name = "SIZE")]
+    pub target_cluster_size: u64,
+    /// Backup granularity [default: max(64K, the target's cluster size)].
+    #[arg(long, value_parser = parse_cluster_size, value_name = "SIZE")]
+    pub cluster_size: Option<u64>,
+    /// Number of copy workers [default: the number of CPUs].
+    #[arg(long, value_parser = parse_jobs, value_name = "N")]
+    pub jobs: Option<usize>,
+    /// Largest single request [default: max(2M, cluster size)]; rounded down
+    /// to whole clusters, at least one.
+    #[arg(long, value_parser = parse_nonzero_size, value_name = "SIZE")]
+    pub max_chunk: Option<u64>,
+    /// Limit copy throughput, in bytes per second (e.g. 100M).
+    #[arg(long, value_parser = parse_rate, value_name = "RATE")]
+    pub speed: Option<u64>,
+    /// Cancel the job after DUR (exit 9; no target is left behind).
+    #[arg(long, value_parser = parse_duration, value_name = "DUR")]
+    pub timeout: Option<Duration>,
+    /// Replace an existing TARGET (only once the new backup is complete).
+    #[arg(long)]
+    pub force: bool,
+    /// On failure, keep TARGET.partial instead of deleting it.
+    #[arg(long)]
+    pub keep_partial: bool,
+    /// Print what would be copied and exit without writing anything.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Format of SOURCE; skips probing (probing reads the qcow2 magic,
+    /// anything else is raw).
+    #[arg(long, value_enum, value_name = "FORMAT")]
+    pub source_format: Option<Format>,
+}
+
+#[derive(Debug, Args)]
+pub struct InfoArgs {
+    /// The image to describe.
+    pub image: PathBuf,
+    /// Format of IMAGE; skips probing.
+    #[arg(long, value_enum, value_name = "FORMAT")]
+    pub format: Option<Format>,
+}

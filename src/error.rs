@@ -1,0 +1,128 @@
+//! Typed errors of the block layer.
+//!
+//! Each error describes its own layer only (the operation, the file, the
+//! offset); the underlying cause sits in `#[source]`, so a caller that prints
+//! the chain prints every layer once. Policies look at [`BlockError::errno`]
+//! to tell ENOSPC from EIO.
+
+use std::fmt;
+use std::io;
+use std::path::PathBuf;
+
+/// The kind of request that failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    Open,
+    Read,
+    Write,
+    WriteZeroes,
+    Discard,
+    Flush,
+    BlockStatus,
+}
+
+impl fmt::Display for Op {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Op::Open => "open",
+            Op::Read => "read",
+            Op::Write => "write",
+            Op::WriteZeroes => "write-zeroes",
+            Op::Discard => "discard",
+            Op::Flush => "flush",
+            Op::BlockStatus => "block-status",
+        })
+    }
+}
+
+/// An error from a block node.
+#[derive(Debug, thiserror::Error)]
+pub enum BlockError {
+    /// An I/O request on a file failed (or returned fewer bytes than asked).
+    #[error("{op} of {len} bytes at offset {offset} failed in {}", path.display())]
+    Io {
+        op: Op,
+        path: PathBuf,
+        offset: u64,
+        len: u64,
+        #[source]
+        source: io::Error,
+    },
+    /// The image's metadata is invalid (found while opening or reading it).
+    #[error("{}: corrupt image{}: {detail}", path.display(), fmt_offset(*offset))]
+    Corrupt {
+        path: PathBuf,
+        offset: Option<u64>,
+        detail: String,
+    },
+    /// The image uses a feature imgbackup does not implement.
+    #[error("{}: unsupported: {detail}", path.display())]
+    Unsupported { path: PathBuf, detail: String },
+    /// The file is not what it was asked to be (not an image, wrong format).
+    #[error("{}: {detail}", path.display())]
+    Invalid { path: PathBuf, detail: String },
+    /// A request outside the node's range.
+    #[error("{}: request at offset {offset} of {len} bytes is outside the image ({size} bytes)", path.display())]
+    OutOfRange {
+        path: PathBuf,
+        offset: u64,
+        len: u64,
+        size: u64,
+    },
+    /// A write to a node opened read-only.
+    #[error("{}: {op} refused: the node is read-only", path.display())]
+    ReadOnly { path: PathBuf, op: Op },
+    /// A request the node cannot serve in this shape (for example an unaligned
+    /// write into a new qcow2 file).
+    #[error("{}: {detail}", path.display())]
+    Unaligned { path: PathBuf, detail: String },
+    /// The operation was cancelled or timed out while it waited.
+    #[error("{what} was cancelled")]
+    Cancelled { what: String },
+}
+
+fn fmt_offset(offset: Option<u64>) -> String {
+    match offset {
+        Some(o) => format!(" at offset {o}"),
+        None => String::new(),
+    }
+}
+
+impl BlockError {
+    /// Build an I/O error.
+    pub fn io(op: Op, path: impl Into<PathBuf>, offset: u64, len: u64, source: io::Error) -> Self {
+        BlockError::Io {
+            op,
+            path: path.into(),
+            offset,
+            len,
+            source,
+        }
+    }
+
+    /// The errno of the underlying I/O error, if there is one.
+    pub fn errno(&self) -> Option<i32> {
+        match self {
+            BlockError::Io { source, .. } => source.raw_os_error(),
+            _ => None,
+        }
+    }
+
+    /// The offset in the image where the error applies, if known.
+    pub fn offset(&self) -> Option<u64> {
+        match self {
+            BlockError::Io { offset, .. } => Some(*offset),
+            BlockError::Corrupt { offset, .. } => *offset,
+            BlockError::OutOfRange { offset, .. } => Some(*offset),
+            _ => None,
+        }
+    }
+
+    /// True for errors that mean "the input is not something imgbackup can
+    /// back up" rather than a failing device.
+    pub fn is_unsupported(&self) -> bool {
+        matches!(self, BlockError::Unsupported { .. })
+    }
+}
+
+pub type Result<T, E = BlockError> = std::result::Result<T, E>;

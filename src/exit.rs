@@ -1,0 +1,96 @@
+//! Exit codes (SPEC §5) and the classification of an error chain.
+
+use crate::copy::CopyError;
+use crate::error::BlockError;
+use crate::job::cancel::Reason;
+
+/// The exit codes of imgbackup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    Success = 0,
+    Failure = 1,
+    Usage = 2,
+    Skipped = 3,
+    SourceRead = 4,
+    TargetWrite = 5,
+    Bitmap = 6,
+    Mismatch = 7,
+    Locked = 8,
+    Timeout = 9,
+    Interrupted = 130,
+    Terminated = 143,
+}
+
+impl Exit {
+    pub fn code(self) -> i32 {
+        self as i32
+    }
+}
+
+/// An error that already knows its exit code: usage problems found after
+/// parsing, and cancelled jobs.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error("{0}")]
+    Usage(String),
+    #[error("the job was {}", .0.describe())]
+    Cancelled(Reason),
+}
+
+/// Walk the chain of `err` and pick the exit code of the first cause that
+/// has one.
+pub fn classify(err: &anyhow::Error) -> Exit {
+    for cause in err.chain() {
+        if let Some(e) = cause.downcast_ref::<AppError>() {
+            return match e {
+                AppError::Usage(_) => Exit::Usage,
+                AppError::Cancelled(Reason::Interrupt) => Exit::Interrupted,
+                AppError::Cancelled(Reason::Terminate) => Exit::Terminated,
+                AppError::Cancelled(Reason::Timeout) => Exit::Timeout,
+            };
+        }
+        if let Some(e) = cause.downcast_ref::<CopyError>() {
+            return match e {
+                CopyError::Source(_) => Exit::SourceRead,
+                CopyError::Target(_) => Exit::TargetWrite,
+                CopyError::Cancelled => Exit::Failure,
+            };
+        }
+    }
+    Exit::Failure
+}
+
+/// What to do next, for the error's class.
+pub fn hint(err: &anyhow::Error) -> Option<String> {
+    let code = classify(err);
+    let block = err.chain().find_map(|c| c.downcast_ref::<BlockError>());
+    match code {
+        Exit::SourceRead => Some(
+            "the source image is damaged or unreadable there; check it with `qemu-img check`, and restore it from an older backup if it is damaged. No target was written."
+                .into(),
+        ),
+        Exit::TargetWrite => {
+            let nospc = block.and_then(|b| b.errno()).is_some_and(|e| e == libc::ENOSPC || e == libc::EDQUOT || e == libc::EFBIG);
+            Some(if nospc {
+                "the target's file system is full (or a size or quota limit was hit); free space or choose another target. No target was left behind.".into()
+            } else {
+                "check the target's file system (permissions, space, health). No target was left behind.".into()
+            })
+        }
+        Exit::Interrupted | Exit::Terminated | Exit::Timeout => {
+            Some("the backup was cancelled cleanly; no target was left behind. Run it again to make a backup.".into())
+        }
+        _ => match block {
+            Some(BlockError::Unsupported { .. }) => Some(
+                "convert the image to a plain qcow2 or raw image first, e.g. `qemu-img convert -O qcow2 IMAGE NEW.qcow2`".into(),
+            ),
+            Some(BlockError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                Some("check the path; it must name an existing file".into())
+            }
+            Some(BlockError::Io { source, .. }) if source.kind() == std::io::ErrorKind::PermissionDenied => {
+                Some("check the file's permissions".into())
+            }
+            _ => None,
+        },
+    }
+}

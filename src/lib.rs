@@ -1,0 +1,25 @@
+//! imgbackup: point-in-time backups of raw and qcow2 disk images.
+//!
+//! ```text
+//!  source image (read-only) ──► chain node ──► block-copy state ──► target
+//!  raw / qcow2 layers,            (reads         copy bitmap,        TARGET.partial
+//!  backing chain                   through)       in-flight ranges,   (raw, or qcow2 by
+//!                                                 progress            our own writer)
+//! ```
+//!
+//! Error layering: block nodes return [`error::BlockError`] (operation, file,
+//! offset, errno); the copy engine wraps it as [`copy::CopyError`] saying
+//! which side failed; commands add context with `anyhow`; `main` prints the
+//! chain once and picks the exit code with [`exit::classify`].
+
+pub mod app;
+pub mod bitmap;
+pub mod cli;
+pub mod copy;
+pub mod error;
+pub mod exit;
+pub mod job;
+pub mod log;
+pub mod node;
+pub mod report;
+pub mod target;

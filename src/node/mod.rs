@@ -1,0 +1,142 @@
+//! Block nodes: every image, filter and target is a node behind one trait.
+//!
+//! # Contract of [`BlockNode`]
+//!
+//! * Synchronous and `&self`: rayon copy workers and the simulated guest call
+//!   a node from many threads at once. Nodes keep fixed facts (size, cluster
+//!   size, path) outside any lock.
+//! * Offsets and lengths are in bytes. A request must lie inside
+//!   `[0, size())`; a request past the end fails with
+//!   [`BlockError::OutOfRange`]. No alignment is required by the trait, but a
+//!   node may refuse a shape it cannot serve (the new-qcow2 writer takes
+//!   cluster-aligned writes only) with [`BlockError::Unaligned`].
+//! * `read` fills the whole buffer or fails: there are no short reads.
+//! * `block_status` answers for **this layer only** and may cover less than
+//!   was asked: it returns the status of a prefix `[offset, offset + len')`
+//!   with `0 < len' <= len`. `Unallocated` means "this layer holds nothing
+//!   here; ask the layer below" (for a whole image, nothing below either, so
+//!   it reads as zeros).
+//! * Writes (`write`, `write_zeroes`, `discard`) fail with
+//!   [`BlockError::ReadOnly`] on read-only nodes; `flush` makes every
+//!   completed write durable.
+
+pub mod chain;
+pub mod probe;
+pub mod qcow2;
+pub mod raw;
+
+use crate::error::{BlockError, Op, Result};
+use std::path::Path;
+
+/// What a range of a node holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    /// Data is stored here (it may still happen to be zeros).
+    Data,
+    /// This layer knows the range reads as zeros.
+    Zero,
+    /// This layer holds nothing; the layer below decides.
+    Unallocated,
+}
+
+/// The answer of [`BlockNode::block_status`]: a status for `len` bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    pub status: Status,
+    pub len: u64,
+}
+
+/// One node of the block graph. See the module documentation for the contract.
+pub trait BlockNode: Send + Sync {
+    /// The file (or a description) this node stands for, used in messages.
+    fn path(&self) -> &Path;
+
+    /// Virtual size in bytes. Fixed for the life of the node.
+    fn size(&self) -> u64;
+
+    /// Allocation granularity in bytes (a power of two): the qcow2 cluster
+    /// size, or 512 for raw files.
+    fn cluster_size(&self) -> u64;
+
+    /// Read `buf.len()` bytes at `offset`, filling `buf` completely.
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()>;
+
+    /// Write `buf` at `offset`.
+    fn write(&self, _offset: u64, _buf: &[u8]) -> Result<()> {
+        Err(BlockError::ReadOnly {
+            path: self.path().to_path_buf(),
+            op: Op::Write,
+        })
+    }
+
+    /// Make `[offset, offset + len)` read as zeros.
+    fn write_zeroes(&self, _offset: u64, _len: u64) -> Result<()> {
+        Err(BlockError::ReadOnly {
+            path: self.path().to_path_buf(),
+            op: Op::WriteZeroes,
+        })
+    }
+
+    /// Drop the data of `[offset, offset + len)`; it reads as zeros afterwards.
+    fn discard(&self, _offset: u64, _len: u64) -> Result<()> {
+        Err(BlockError::ReadOnly {
+            path: self.path().to_path_buf(),
+            op: Op::Discard,
+        })
+    }
+
+    /// Make every completed write durable.
+    fn flush(&self) -> Result<()> {
+        Ok(())
+    }
+
+    /// Status of a prefix of `[offset, offset + len)`, for this layer only.
+    fn block_status(&self, offset: u64, len: u64) -> Result<Extent>;
+}
+
+/// Check that `[offset, offset + len)` lies inside a node of `size` bytes.
+pub fn check_range(path: &Path, offset: u64, len: u64, size: u64) -> Result<()> {
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(BlockError::OutOfRange {
+            path: path.to_path_buf(),
+            offset,
+            len,
+            size,
+        }),
+    }
+}
+
+/// True when every byte of `buf` is zero. Word-at-a-time; costs far less
+/// than the copy it saves.
+pub fn is_zero(buf: &[u8]) -> bool {
+    let (head, body, tail) = unsafe {
+        // SAFETY: u64 has no invalid bit patterns and `align_to` only
+        // reinterprets the aligned middle part of the byte slice.
+        buf.align_to::<u64>()
+    };
+    head.iter().all(|&b| b == 0)
+        && tail.iter().all(|&b| b == 0)
+        && body
+            .chunks(8)
+            .all(|c| c.iter().fold(0u64, |acc, &w| acc | w) == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_detection() {
+        let mut v = vec![0u8; 4099];
+        assert!(is_zero(&v));
+        assert!(is_zero(&v[1..]));
+        for i in [0, 1, 7, 8, 63, 64, 2048, 4098] {
+            v[i] = 1;
+            assert!(!is_zero(&v), "byte {i}");
+            v[i] = 0;
+        }
+        assert!(is_zero(&[]));
+    }
+}

@@ -1,0 +1,463 @@
+//! One qcow2 layer, read-only, through the qcow2-rs crate behind this adapter.
+//!
+//! What the adapter adds to the crate (../docs/qcow2.md):
+//! * the header is validated first ([`Header::parse`]), and the crate sees a
+//!   normalized copy of it (no backing file, no extensions);
+//! * the crate's file I/O is ours: positional reads of the whole request,
+//!   every short read an error (the crate would read a truncated file as
+//!   zeros);
+//! * L1 entries and L2 mappings are checked before any data is read
+//!   (alignment, inside the file), so a damaged image fails with the guest
+//!   offset named instead of reading garbage or zeros;
+//! * data clusters are read with one `pread` per run of contiguous host
+//!   clusters; compressed clusters are inflated here;
+//! * the crate's device is not `Sync`: a small pool holds one device per
+//!   concurrent caller (each holds a bounded L2 cache).
+//!
+//! The layer answers for itself only: clusters it does not allocate are
+//! [`Status::Unallocated`] and read as zeros here; the chain node decides what
+//! lies below.
+
+use super::header::Header;
+use crate::error::{BlockError, Op, Result};
+use crate::node::{BlockNode, Extent, Status, check_range};
+use futures::executor::block_on;
+use qcow2_rs::dev::{Qcow2Dev, Qcow2DevParams};
+use qcow2_rs::error::Qcow2Result;
+use qcow2_rs::meta::{Mapping, MappingSource, Qcow2Header};
+use qcow2_rs::ops::Qcow2IoOps;
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// Bytes of L2 cache per pooled device.
+const L2_CACHE_BYTES: usize = 512 << 10;
+/// Longest run one `block_status` call inspects.
+const MAX_STATUS_CLUSTERS: u64 = 16384;
+
+/// File I/O handed to qcow2-rs: positional, read-only, strict.
+struct HostIo {
+    file: Arc<File>,
+    path: PathBuf,
+    state: Arc<IoState>,
+}
+
+/// What the adapter and its file layer share for one device.
+#[derive(Default)]
+struct IoState {
+    /// While the device loads its tables at open, a short read of the
+    /// (unused) refcount table is tolerated; the L1 table was checked to lie
+    /// inside the file before.
+    lenient: AtomicBool,
+    /// The last I/O error, so the adapter can report the real cause.
+    last_error: Mutex<Option<BlockError>>,
+}
+
+impl HostIo {
+    fn fail(&self, err: BlockError) -> qcow2_rs::error::Qcow2Error {
+        let msg = err.to_string();
+        if let Ok(mut slot) = self.state.last_error.lock() {
+            *slot = Some(err);
+        }
+        msg.as_str().into()
+    }
+}
+
+impl Qcow2IoOps for HostIo {
+    async fn read_to(&self, offset: u64, buf: &mut [u8]) -> Qcow2Result<usize> {
+        let mut done = 0;
+        while done < buf.len() {
+            match self.file.read_at(&mut buf[done..], offset + done as u64) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    return Err(self.fail(BlockError::io(
+                        Op::Read,
+                        &self.path,
+                        offset,
+                        buf.len() as u64,
+                        e,
+                    )));
+                }
+            }
+        }
+        if done < buf.len() {
+            if self.state.lenient.load(Ordering::Relaxed) {
+                buf[done..].fill(0);
+                return Ok(buf.len());
+            }
+            let e = io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "metadata lies past the end of the file",
+            );
+            return Err(self.fail(BlockError::io(
+                Op::Read,
+                &self.path,
+                offset,
+                buf.len() as u64,
+                e,
+            )));
+        }
+        Ok(buf.len())
+    }
+
+    async fn write_from(&self, _offset: u64, _buf: &[u8]) -> Qcow2Result<()> {
+        Err("imgbackup opens source images read-only".into())
+    }
+
+    async fn fallocate(&self, _offset: u64, _len: usize, _flags: u32) -> Qcow2Result<()> {
+        Err("imgbackup opens source images read-only".into())
+    }
+
+    async fn fsync(&self, _offset: u64, _len: usize, _flags: u32) -> Qcow2Result<()> {
+        Ok(())
+    }
+}
+
+/// A pooled crate device and the state its file layer shares with us.
+struct Dev {
+    dev: Qcow2Dev<HostIo>,
+    state: Arc<IoState>,
+}
+
+/// Where the data of one cluster comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Map {
+    Data(u64),
+    Compressed { offset: u64, len: usize },
+    Zero,
+    Unallocated,
+}
+
+impl Map {
+    fn status(self) -> Status {
+        match self {
+            Map::Data(_) | Map::Compressed { .. } => Status::Data,
+            Map::Zero => Status::Zero,
+            Map::Unallocated => Status::Unallocated,
+        }
+    }
+}
+
+/// A read-only qcow2 layer (no backing: see [`crate::node::chain`]).
+pub struct Qcow2Layer {
+    // set at open
+    path: PathBuf,
+    file: Arc<File>,
+    file_len: u64,
+    header: Header,
+    lib_header: Vec<u8>,
+    l1: Vec<u64>,
+    // behind a lock: idle devices
+    pool: Mutex<Vec<Dev>>,
+}
+
+impl std::fmt::Debug for Qcow2Layer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Qcow2Layer")
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+impl Qcow2Layer {
+    /// Open `path` (already known to carry the qcow2 magic), validating it.
+    pub fn open(path: &Path) -> Result<Qcow2Layer> {
+        let file = File::open(path).map_err(|e| BlockError::io(Op::Open, path, 0, 0, e))?;
+        let meta = file
+            .metadata()
+            .map_err(|e| BlockError::io(Op::Open, path, 0, 0, e))?;
+        if meta.is_dir() {
+            return Err(BlockError::Invalid {
+                path: path.to_path_buf(),
+                detail: "is a directory, not a disk image".into(),
+            });
+        }
+        let file_len = meta.len();
+        let mut buf = vec![0u8; (file_len.min(2 << 20)) as usize];
+        file.read_exact_at(&mut buf, 0)
+            .map_err(|e| BlockError::io(Op::Read, path, 0, buf.len() as u64, e))?;
+        let header = Header::parse(path, &buf, file_len)?;
+        let cs = header.cluster_size();
+        buf.truncate(cs.min(file_len) as usize);
+
+        // Our own copy of the L1 table, to check entries before the crate
+        // follows them.
+        let n = header.l1_entries_needed().min(u64::from(header.l1_size)) as usize;
+        let mut raw = vec![0u8; n * 8];
+        file.read_exact_at(&mut raw, header.l1_table_offset)
+            .map_err(|e| {
+                BlockError::io(Op::Read, path, header.l1_table_offset, raw.len() as u64, e)
+            })?;
+        let l1 = raw
+            .chunks_exact(8)
+            .map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8])))
+            .collect();
+
+        let layer = Qcow2Layer {
+            path: path.to_path_buf(),
+            file: Arc::new(file),
+            file_len,
+            lib_header: header.for_library(),
+            header,
+            l1,
+            pool: Mutex::new(Vec::new()),
+        };
+        // Open one device now so a failure shows at open time.
+        let dev = layer.new_dev()?;
+        layer.put_dev(dev);
+        Ok(layer)
+    }
+
+    /// The validated header.
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    /// Length of the image file on the host.
+    pub fn file_len(&self) -> u64 {
+        self.file_len
+    }
+
+    fn new_dev(&self) -> Result<Dev> {
+        let lib_err = |e: qcow2_rs::error::Qcow2Error| BlockError::Corrupt {
+            path: self.path.clone(),
+            offset: None,
+            detail: format!("qcow2 library refused the image: {e}"),
+        };
+        let h = Qcow2Header::from_buf(&self.lib_header).map_err(lib_err)?;
+        let bits = (self.header.cluster_bits as u8).min(12);
+        let params = Qcow2DevParams::new(
+            9,
+            Some((bits, 2usize << bits)),
+            Some((bits, L2_CACHE_BYTES.max(2usize << bits))),
+            true,
+            false,
+        );
+        let state = Arc::new(IoState {
+            lenient: AtomicBool::new(true),
+            last_error: Mutex::new(None),
+        });
+        let io = HostIo {
+            file: self.file.clone(),
+            path: self.path.clone(),
+            state: state.clone(),
+        };
+        let dev = Dev {
+            dev: Qcow2Dev::new(&self.path, h, &params, io).map_err(lib_err)?,
+            state,
+        };
+        block_on(dev.dev.qcow2_prep_io()).map_err(|e| self.lib_error(&dev, None, e))?;
+        dev.state.lenient.store(false, Ordering::Relaxed);
+        Ok(dev)
+    }
+
+    fn take_dev(&self) -> Result<Dev> {
+        let idle = self.pool.lock().ok().and_then(|mut p| p.pop());
+        match idle {
+            Some(d) => Ok(d),
+            None => self.new_dev(),
+        }
+    }
+
+    fn put_dev(&self, dev: Dev) {
+        if let Ok(mut p) = self.pool.lock() {
+            p.push(dev);
+        }
+    }
+
+    /// Turn a crate error into ours, preferring the I/O error our file layer saw.
+    fn lib_error(
+        &self,
+        dev: &Dev,
+        guest: Option<u64>,
+        e: qcow2_rs::error::Qcow2Error,
+    ) -> BlockError {
+        if let Some(err) = dev.state.last_error.lock().ok().and_then(|mut s| s.take()) {
+            return match (err, guest) {
+                (BlockError::Io { source, offset, .. }, Some(g)) => BlockError::Corrupt {
+                    path: self.path.clone(),
+                    offset: Some(g),
+                    detail: format!(
+                        "cannot read the L2 table at host offset {offset:#x}: {source}"
+                    ),
+                },
+                (err, _) => err,
+            };
+        }
+        BlockError::Corrupt {
+            path: self.path.clone(),
+            offset: guest,
+            detail: e.to_string(),
+        }
+    }
+
+    /// Map the cluster containing `offset`, checking what the image says.
+    fn map(&self, dev: &Dev, offset: u64) -> Result<Map> {
+        let cs = self.header.cluster_size();
+        let l2_span = cs * (cs / 8);
+        let idx = (offset / l2_span) as usize;
+        let l1e = self.l1.get(idx).copied().unwrap_or(0);
+        let l2_off = l1e & 0x00ff_ffff_ffff_fe00;
+        if l2_off == 0 {
+            return Ok(Map::Unallocated);
+        }
+        let corrupt = |detail: String| BlockError::Corrupt {
+            path: self.path.clone(),
+            offset: Some(offset),
+            detail,
+        };
+        if l2_off % cs != 0 {
+            return Err(corrupt(format!(
+                "L1 entry {idx} points to an unaligned L2 table ({l2_off:#x})"
+            )));
+        }
+        if l2_off.saturating_add(cs) > self.file_len {
+            return Err(corrupt(format!(
+                "L1 entry {idx} points to an L2 table at {l2_off:#x}, past the end of the file ({} bytes)",
+                self.file_len
+            )));
+        }
+        let m: Mapping = block_on(dev.dev.get_mapping(offset))
+            .map_err(|e| self.lib_error(dev, Some(offset), e))?;
+        let in_image = (self.header.size - (offset - offset % cs)).min(cs);
+        Ok(match m.source {
+            MappingSource::DataFile => {
+                let host = m.cluster_offset.unwrap_or(0);
+                if !host.is_multiple_of(cs) {
+                    return Err(corrupt(format!(
+                        "L2 entry points to an unaligned data cluster ({host:#x})"
+                    )));
+                }
+                if host.saturating_add(in_image) > self.file_len {
+                    return Err(corrupt(format!(
+                        "L2 entry points to a data cluster at {host:#x}, past the end of the file ({} bytes)",
+                        self.file_len
+                    )));
+                }
+                Map::Data(host)
+            }
+            MappingSource::Compressed => {
+                let off = m.cluster_offset.unwrap_or(0);
+                let len = m.compressed_length.unwrap_or(0);
+                if off >= self.file_len {
+                    return Err(corrupt(format!(
+                        "L2 entry points to compressed data at {off:#x}, past the end of the file ({} bytes)",
+                        self.file_len
+                    )));
+                }
+                Map::Compressed { offset: off, len }
+            }
+            MappingSource::Zero => Map::Zero,
+            MappingSource::Unallocated | MappingSource::Backing => Map::Unallocated,
+        })
+    }
+
+    fn read_compressed(&self, offset: u64, len: usize, out: &mut [u8], guest: u64) -> Result<()> {
+        let cs = self.header.cluster_size() as usize;
+        let avail = (self.file_len - offset).min(len as u64) as usize;
+        let mut comp = vec![0u8; avail];
+        self.file
+            .read_exact_at(&mut comp, offset)
+            .map_err(|e| BlockError::io(Op::Read, &self.path, offset, avail as u64, e))?;
+        let mut cluster = vec![0u8; cs];
+        let mut d = flate2::Decompress::new(false);
+        let res = d.decompress(&comp, &mut cluster, flate2::FlushDecompress::Finish);
+        if res.is_err() || d.total_out() as usize != cs {
+            return Err(BlockError::Corrupt {
+                path: self.path.clone(),
+                offset: Some(guest),
+                detail: format!(
+                    "compressed cluster at host offset {offset:#x} does not inflate to a full cluster"
+                ),
+            });
+        }
+        let in_cluster = (guest % cs as u64) as usize;
+        out.copy_from_slice(&cluster[in_cluster..in_cluster + out.len()]);
+        Ok(())
+    }
+}
+
+impl BlockNode for Qcow2Layer {
+    fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn size(&self) -> u64 {
+        self.header.size
+    }
+
+    fn cluster_size(&self) -> u64 {
+        self.header.cluster_size()
+    }
+
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        check_range(&self.path, offset, buf.len() as u64, self.header.size)?;
+        let cs = self.header.cluster_size();
+        let dev = self.take_dev()?;
+        let result = (|| {
+            let end = offset + buf.len() as u64;
+            let mut pos = offset;
+            while pos < end {
+                let m = self.map(&dev, pos)?;
+                // Extend a data run over clusters whose host clusters follow.
+                let mut run_end = ((pos / cs + 1) * cs).min(end);
+                if let Map::Data(host) = m {
+                    let mut next_host = host + cs;
+                    while run_end < end {
+                        match self.map(&dev, run_end)? {
+                            Map::Data(h) if h == next_host => {
+                                next_host += cs;
+                                run_end = (run_end + cs).min(end);
+                            }
+                            _ => break,
+                        }
+                    }
+                }
+                let out = &mut buf[(pos - offset) as usize..(run_end - offset) as usize];
+                match m {
+                    Map::Data(host) => {
+                        let h = host + pos % cs;
+                        self.file.read_exact_at(out, h).map_err(|e| {
+                            BlockError::io(Op::Read, &self.path, h, out.len() as u64, e)
+                        })?;
+                    }
+                    Map::Compressed { offset: o, len } => self.read_compressed(o, len, out, pos)?,
+                    Map::Zero | Map::Unallocated => out.fill(0),
+                }
+                pos = run_end;
+            }
+            Ok(())
+        })();
+        self.put_dev(dev);
+        result
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
+        check_range(&self.path, offset, len, self.header.size)?;
+        let cs = self.header.cluster_size();
+        let end = offset + len;
+        let dev = self.take_dev()?;
+        let result = (|| {
+            let status = self.map(&dev, offset)?.status();
+            let mut pos = (offset / cs + 1) * cs;
+            let limit = offset.saturating_add(MAX_STATUS_CLUSTERS * cs);
+            while pos < end && pos < limit {
+                if self.map(&dev, pos)?.status() != status {
+                    break;
+                }
+                pos += cs;
+            }
+            Ok(Extent {
+                status,
+                len: pos.min(end) - offset,
+            })
+        })();
+        self.put_dev(dev);
+        result
+    }
+}

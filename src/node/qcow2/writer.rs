@@ -1,0 +1,493 @@
+//! imgbackup's writer for *new* qcow2 files (backup targets, overlays,
+//! fleecing targets).
+//!
+//! The file is written in one pass:
+//! * cluster 0 is reserved for the header and stays zero until the end, so a
+//!   half-written file is never a valid image;
+//! * data clusters are appended from any thread: a host range is reserved
+//!   with one atomic add, then written with `pwrite` (no global lock);
+//! * the L2 tables live in memory (allocated per L1 entry as they are
+//!   touched); zero clusters are L2 entries with the zero flag;
+//! * [`Qcow2Writer::finish`] appends the L2 tables, the L1 table, the refcount
+//!   blocks and table (computed from the actual references, so nothing leaks),
+//!   writes the header with the optional backing file name and format, and
+//!   syncs the file.
+//!
+//! Callers serialize writes to one cluster (the block-copy state's range
+//! locks do); different clusters may be written concurrently.
+
+use super::header::{EXT_BACKING_FORMAT, MAGIC, MAX_L1_BYTES};
+use crate::error::{BlockError, Op, Result};
+use crate::node::{BlockNode, Extent, Status, check_range};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
+
+const OFLAG_COPIED: u64 = 1 << 63;
+const OFLAG_ZERO: u64 = 1;
+const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+const REFCOUNT_ORDER: u32 = 4; // 16-bit refcounts, as qemu-img creates them
+const HEADER_LEN: u32 = 112; // v3 header with the compression-type byte, padded
+
+/// Options for a new image.
+#[derive(Debug, Clone)]
+pub struct CreateOptions {
+    pub size: u64,
+    pub cluster_size: u64,
+    /// Backing file name as written into the header, and its format.
+    pub backing: Option<(String, String)>,
+}
+
+/// A new qcow2 file being written. See the module documentation.
+pub struct Qcow2Writer {
+    // set at create
+    path: PathBuf,
+    file: File,
+    size: u64,
+    cluster_bits: u32,
+    backing: Option<(String, String)>,
+    // atomic / behind locks
+    next_host: AtomicU64,
+    l2: Vec<OnceLock<Box<[AtomicU64]>>>,
+    free: Mutex<Vec<u64>>,
+    finished: AtomicBool,
+}
+
+impl std::fmt::Debug for Qcow2Writer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Qcow2Writer")
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+impl Qcow2Writer {
+    /// Create (or truncate) `path` as a new qcow2 image.
+    pub fn create(path: &Path, opts: &CreateOptions) -> Result<Qcow2Writer> {
+        let cs = opts.cluster_size;
+        let invalid = |detail: String| BlockError::Invalid {
+            path: path.to_path_buf(),
+            detail,
+        };
+        if !cs.is_power_of_two() || !(512..=(2 << 20)).contains(&cs) {
+            return Err(invalid(format!(
+                "qcow2 cluster size {cs} must be a power of two between 512 and 2M"
+            )));
+        }
+        let l2_span = cs * (cs / 8);
+        let l1_entries = opts.size.div_ceil(l2_span);
+        if l1_entries * 8 > MAX_L1_BYTES {
+            return Err(invalid(format!(
+                "virtual size {} is too large for {cs}-byte clusters; use a larger --target-cluster-size",
+                opts.size
+            )));
+        }
+        if let Some((name, fmt)) = &opts.backing {
+            let need =
+                HEADER_LEN as u64 + 8 + (fmt.len() as u64).div_ceil(8) * 8 + 8 + name.len() as u64;
+            if name.len() > 1023 || need > cs {
+                return Err(invalid(format!(
+                    "backing file name '{name}' is too long for a {cs}-byte header cluster"
+                )));
+            }
+        }
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)
+            .map_err(|e| BlockError::io(Op::Open, path, 0, 0, e))?;
+        let mut l2 = Vec::with_capacity(l1_entries as usize);
+        l2.resize_with(l1_entries as usize, OnceLock::new);
+        Ok(Qcow2Writer {
+            path: path.to_path_buf(),
+            file,
+            size: opts.size,
+            cluster_bits: cs.trailing_zeros(),
+            backing: opts.backing.clone(),
+            next_host: AtomicU64::new(cs),
+            l2,
+            free: Mutex::new(Vec::new()),
+            finished: AtomicBool::new(false),
+        })
+    }
+
+    fn cs(&self) -> u64 {
+        1 << self.cluster_bits
+    }
+
+    fn l2_entries(&self) -> u64 {
+        self.cs() / 8
+    }
+
+    fn entry(&self, cluster: u64) -> &AtomicU64 {
+        let per = self.l2_entries();
+        let table = self.l2[(cluster / per) as usize]
+            .get_or_init(|| (0..per).map(|_| AtomicU64::new(0)).collect());
+        &table[(cluster % per) as usize]
+    }
+
+    fn peek(&self, cluster: u64) -> u64 {
+        let per = self.l2_entries();
+        match self.l2[(cluster / per) as usize].get() {
+            Some(t) => t[(cluster % per) as usize].load(Ordering::Acquire),
+            None => 0,
+        }
+    }
+
+    /// Reserve `n` contiguous host clusters.
+    fn alloc(&self, n: u64) -> u64 {
+        if n == 1
+            && let Some(h) = self.free.lock().ok().and_then(|mut f| f.pop()) {
+                return h;
+            }
+        self.next_host.fetch_add(n * self.cs(), Ordering::AcqRel)
+    }
+
+    fn release(&self, host: u64) {
+        if let Ok(mut f) = self.free.lock() {
+            f.push(host);
+        }
+    }
+
+    fn check_open(&self, op: Op) -> Result<()> {
+        if self.finished.load(Ordering::Acquire) {
+            return Err(BlockError::ReadOnly {
+                path: self.path.clone(),
+                op,
+            });
+        }
+        Ok(())
+    }
+
+    /// Check that `[offset, offset+len)` covers whole clusters (the last one
+    /// may end at the virtual size).
+    fn check_aligned(&self, offset: u64, len: u64) -> Result<()> {
+        let cs = self.cs();
+        let end = offset + len;
+        if !offset.is_multiple_of(cs) || (!end.is_multiple_of(cs) && end != self.size) {
+            return Err(BlockError::Unaligned {
+                path: self.path.clone(),
+                detail: format!(
+                    "request at {offset} of {len} bytes is not aligned to the {cs}-byte clusters of a new qcow2 image"
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    fn data_host(entry: u64) -> Option<u64> {
+        let h = entry & OFFSET_MASK;
+        if h != 0 && entry & OFLAG_ZERO == 0 {
+            Some(h)
+        } else {
+            None
+        }
+    }
+
+    /// Write the metadata and the header, and sync. After this the image is
+    /// complete and the writer refuses further writes.
+    pub fn finish(&self) -> Result<()> {
+        self.check_open(Op::Flush)?;
+        let cs = self.cs();
+        let data_end = self.next_host.load(Ordering::Acquire);
+        let werr = |off: u64, len: u64, e| BlockError::io(Op::Write, &self.path, off, len, e);
+
+        // 1. L2 tables, after the data.
+        let mut l1 = vec![0u64; self.l2.len()];
+        let mut pos = data_end;
+        let mut buf = vec![0u8; cs as usize];
+        for (i, slot) in self.l2.iter().enumerate() {
+            let Some(table) = slot.get() else { continue };
+            let mut any = false;
+            for (j, e) in table.iter().enumerate() {
+                let mut v = e.load(Ordering::Acquire);
+                if Self::data_host(v).is_some() {
+                    v |= OFLAG_COPIED;
+                }
+                any |= v != 0;
+                buf[j * 8..j * 8 + 8].copy_from_slice(&v.to_be_bytes());
+            }
+            if !any {
+                continue;
+            }
+            self.file
+                .write_all_at(&buf, pos)
+                .map_err(|e| werr(pos, cs, e))?;
+            l1[i] = pos | OFLAG_COPIED;
+            pos += cs;
+        }
+        let l2_end = pos;
+
+        // 2. L1 table.
+        let l1_offset = pos;
+        let l1_bytes: Vec<u8> = l1.iter().flat_map(|v| v.to_be_bytes()).collect();
+        let l1_clusters = (l1_bytes.len() as u64).div_ceil(cs).max(1);
+        if !l1_bytes.is_empty() {
+            self.file
+                .write_all_at(&l1_bytes, l1_offset)
+                .map_err(|e| werr(l1_offset, l1_bytes.len() as u64, e))?;
+        }
+        pos += l1_clusters * cs;
+
+        // 3. Refcount blocks and table, covering every cluster including
+        // themselves.
+        let per_block = cs * 8 / (1 << REFCOUNT_ORDER);
+        let base = pos / cs;
+        let (mut blocks, mut rt_clusters) = (0u64, 0u64);
+        loop {
+            let total = base + blocks + rt_clusters;
+            let nb = total.div_ceil(per_block);
+            let nrt = (nb * 8).div_ceil(cs);
+            if nb == blocks && nrt == rt_clusters {
+                break;
+            }
+            blocks = nb;
+            rt_clusters = nrt;
+        }
+        let total = base + blocks + rt_clusters;
+        let mut refs = vec![0u16; total as usize];
+        refs[0] = 1; // header
+        for slot in self.l2.iter() {
+            let Some(table) = slot.get() else { continue };
+            for e in table.iter() {
+                if let Some(h) = Self::data_host(e.load(Ordering::Acquire)) {
+                    refs[(h / cs) as usize] += 1;
+                }
+            }
+        }
+        for c in (data_end / cs)..(l2_end / cs) {
+            refs[c as usize] = 1;
+        }
+        for c in base - l1_clusters..total {
+            refs[c as usize] = 1;
+        }
+        let rb_offset = base * cs;
+        let rt_offset = rb_offset + blocks * cs;
+        let mut rt = vec![0u8; (rt_clusters * cs) as usize];
+        for b in 0..blocks {
+            let first = (b * per_block) as usize;
+            let last = ((b + 1) * per_block).min(total) as usize;
+            buf.fill(0);
+            for (k, r) in refs[first..last].iter().enumerate() {
+                buf[k * 2..k * 2 + 2].copy_from_slice(&r.to_be_bytes());
+            }
+            let off = rb_offset + b * cs;
+            self.file
+                .write_all_at(&buf, off)
+                .map_err(|e| werr(off, cs, e))?;
+            rt[(b * 8) as usize..(b * 8 + 8) as usize].copy_from_slice(&off.to_be_bytes());
+        }
+        self.file
+            .write_all_at(&rt, rt_offset)
+            .map_err(|e| werr(rt_offset, rt.len() as u64, e))?;
+        let file_end = total * cs;
+        self.file
+            .set_len(file_end)
+            .map_err(|e| werr(0, file_end, e))?;
+
+        // 4. Header, last.
+        let mut h = vec![0u8; cs as usize];
+        h[0..4].copy_from_slice(&MAGIC);
+        h[4..8].copy_from_slice(&3u32.to_be_bytes());
+        h[20..24].copy_from_slice(&self.cluster_bits.to_be_bytes());
+        h[24..32].copy_from_slice(&self.size.to_be_bytes());
+        h[36..40].copy_from_slice(&(l1.len() as u32).to_be_bytes());
+        h[40..48].copy_from_slice(&l1_offset.to_be_bytes());
+        h[48..56].copy_from_slice(&rt_offset.to_be_bytes());
+        h[56..60].copy_from_slice(&(rt_clusters as u32).to_be_bytes());
+        h[96..100].copy_from_slice(&REFCOUNT_ORDER.to_be_bytes());
+        h[100..104].copy_from_slice(&HEADER_LEN.to_be_bytes());
+        let mut ext = HEADER_LEN as usize;
+        if let Some((name, fmt)) = &self.backing {
+            h[ext..ext + 4].copy_from_slice(&EXT_BACKING_FORMAT.to_be_bytes());
+            h[ext + 4..ext + 8].copy_from_slice(&(fmt.len() as u32).to_be_bytes());
+            h[ext + 8..ext + 8 + fmt.len()].copy_from_slice(fmt.as_bytes());
+            ext += 8 + fmt.len().div_ceil(8) * 8;
+            ext += 8; // end-of-extensions marker (zeros)
+            h[8..16].copy_from_slice(&(ext as u64).to_be_bytes());
+            h[16..20].copy_from_slice(&(name.len() as u32).to_be_bytes());
+            h[ext..ext + name.len()].copy_from_slice(name.as_bytes());
+        }
+        self.file.write_all_at(&h, 0).map_err(|e| werr(0, cs, e))?;
+        self.file
+            .sync_all()
+            .map_err(|e| BlockError::io(Op::Flush, &self.path, 0, file_end, e))?;
+        self.finished.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Number of host bytes used by data clusters so far.
+    pub fn data_bytes(&self) -> u64 {
+        self.next_host.load(Ordering::Acquire) - self.cs()
+    }
+}
+
+impl BlockNode for Qcow2Writer {
+    fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn cluster_size(&self) -> u64 {
+        self.cs()
+    }
+
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        check_range(&self.path, offset, buf.len() as u64, self.size)?;
+        let cs = self.cs();
+        let mut pos = offset;
+        let end = offset + buf.len() as u64;
+        while pos < end {
+            let n = ((pos / cs + 1) * cs).min(end) - pos;
+            let out = &mut buf[(pos - offset) as usize..(pos - offset + n) as usize];
+            match Self::data_host(self.peek(pos / cs)) {
+                Some(h) => {
+                    let at = h + pos % cs;
+                    self.file
+                        .read_exact_at(out, at)
+                        .map_err(|e| BlockError::io(Op::Read, &self.path, at, n, e))?;
+                }
+                None => out.fill(0),
+            }
+            pos += n;
+        }
+        Ok(())
+    }
+
+    fn write(&self, offset: u64, buf: &[u8]) -> Result<()> {
+        self.check_open(Op::Write)?;
+        check_range(&self.path, offset, buf.len() as u64, self.size)?;
+        self.check_aligned(offset, buf.len() as u64)?;
+        let cs = self.cs();
+        let first = offset / cs;
+        let n = (buf.len() as u64).div_ceil(cs);
+        // Clusters already holding data are rewritten in place; the others
+        // get one contiguous host range.
+        let fresh: Vec<u64> = (first..first + n)
+            .filter(|&c| Self::data_host(self.peek(c)).is_none())
+            .collect();
+        if fresh.len() as u64 == n {
+            let host = self.alloc(n);
+            let res = self.write_padded(host, buf);
+            if let Err(e) = res {
+                (0..n).for_each(|i| self.release(host + i * cs));
+                return Err(e);
+            }
+            for i in 0..n {
+                let old = self.entry(first + i).swap(host + i * cs, Ordering::AcqRel);
+                if let Some(h) = Self::data_host(old) {
+                    self.release(h);
+                }
+            }
+            return Ok(());
+        }
+        for i in 0..n {
+            let c = first + i;
+            let piece = &buf[(i * cs) as usize..(((i + 1) * cs) as usize).min(buf.len())];
+            match Self::data_host(self.peek(c)) {
+                Some(h) => self.write_padded(h, piece)?,
+                None => {
+                    let h = self.alloc(1);
+                    if let Err(e) = self.write_padded(h, piece) {
+                        self.release(h);
+                        return Err(e);
+                    }
+                    self.entry(c).store(h, Ordering::Release);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_open(Op::WriteZeroes)?;
+        check_range(&self.path, offset, len, self.size)?;
+        self.check_aligned(offset, len)?;
+        let cs = self.cs();
+        for c in offset / cs..(offset + len).div_ceil(cs) {
+            let old = self.entry(c).swap(OFLAG_ZERO, Ordering::AcqRel);
+            if let Some(h) = Self::data_host(old) {
+                self.release(h);
+            }
+        }
+        Ok(())
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_open(Op::Discard)?;
+        check_range(&self.path, offset, len, self.size)?;
+        self.check_aligned(offset, len)?;
+        let cs = self.cs();
+        for c in offset / cs..(offset + len).div_ceil(cs) {
+            if self.peek(c) != 0 {
+                let old = self.entry(c).swap(0, Ordering::AcqRel);
+                if let Some(h) = Self::data_host(old) {
+                    self.release(h);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<()> {
+        self.file
+            .sync_data()
+            .map_err(|e| BlockError::io(Op::Flush, &self.path, 0, self.size, e))
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
+        check_range(&self.path, offset, len, self.size)?;
+        let cs = self.cs();
+        let kind = |e: u64| {
+            if Self::data_host(e).is_some() {
+                Status::Data
+            } else if e & OFLAG_ZERO != 0 {
+                Status::Zero
+            } else {
+                Status::Unallocated
+            }
+        };
+        let status = kind(self.peek(offset / cs));
+        let end = offset + len;
+        let mut pos = (offset / cs + 1) * cs;
+        while pos < end && kind(self.peek(pos / cs)) == status {
+            pos += cs;
+        }
+        Ok(Extent {
+            status,
+            len: pos.min(end) - offset,
+        })
+    }
+}
+
+impl Qcow2Writer {
+    /// Write `data` at host offset `host`, padding the last cluster with
+    /// zeros so every data cluster lies wholly inside the file.
+    fn write_padded(&self, host: u64, data: &[u8]) -> Result<()> {
+        let cs = self.cs() as usize;
+        let werr =
+            |off: u64, len: usize, e| BlockError::io(Op::Write, &self.path, off, len as u64, e);
+        let whole = data.len() / cs * cs;
+        if whole > 0 {
+            self.file
+                .write_all_at(&data[..whole], host)
+                .map_err(|e| werr(host, whole, e))?;
+        }
+        if whole < data.len() {
+            let mut last = vec![0u8; cs];
+            last[..data.len() - whole].copy_from_slice(&data[whole..]);
+            let at = host + whole as u64;
+            self.file
+                .write_all_at(&last, at)
+                .map_err(|e| werr(at, cs, e))?;
+        }
+        Ok(())
+    }
+}
