@@ -39,7 +39,7 @@ impl fmt::Display for Op {
 #[derive(Debug, thiserror::Error)]
 pub enum BlockError {
     /// An I/O request on a file failed (or returned fewer bytes than asked).
-    #[error("{op} of {len} bytes at offset {offset} failed in {}", path.display())]
+    #[error("{}", describe_io(*op, path, *offset, *len))]
     Io {
         op: Op,
         path: PathBuf,
@@ -79,6 +79,17 @@ pub enum BlockError {
     /// The operation was cancelled or timed out while it waited.
     #[error("{what} was cancelled")]
     Cancelled { what: String },
+}
+
+fn describe_io(op: Op, path: &std::path::Path, offset: u64, len: u64) -> String {
+    match op {
+        Op::Open => format!("cannot open {}", path.display()),
+        Op::Flush => format!("cannot flush {}", path.display()),
+        _ => format!(
+            "{op} of {len} bytes at offset {offset} failed in {}",
+            path.display()
+        ),
+    }
 }
 
 fn fmt_offset(offset: Option<u64>) -> String {

@@ -10,8 +10,17 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-/// Interval between plain progress lines.
+/// Default interval between plain progress lines; the environment variable
+/// `IMGBACKUP_PROGRESS_INTERVAL` (a duration such as `30s`) overrides it.
 pub const PLAIN_INTERVAL: Duration = Duration::from_secs(5);
+
+fn plain_interval() -> Duration {
+    std::env::var("IMGBACKUP_PROGRESS_INTERVAL")
+        .ok()
+        .and_then(|v| humantime::parse_duration(v.trim()).ok())
+        .filter(|d| !d.is_zero())
+        .unwrap_or(PLAIN_INTERVAL)
+}
 
 /// Reads (done, total) from the core.
 pub type Counter = Arc<dyn Fn() -> (u64, u64) + Send + Sync>;
@@ -90,7 +99,8 @@ fn run_bar(what: &str, counter: &Counter, stop: &AtomicBool) {
 
 fn run_plain(what: &str, counter: &Counter, stop: &AtomicBool) {
     let start = Instant::now();
-    let mut next = start + PLAIN_INTERVAL;
+    let interval = plain_interval();
+    let mut next = start + interval;
     while !stop.load(Ordering::Relaxed) {
         if Instant::now() >= next {
             let (done, total) = counter();
@@ -112,7 +122,7 @@ fn run_plain(what: &str, counter: &Counter, stop: &AtomicBool) {
                 human_bytes(total),
                 human_bytes(rate as u64)
             );
-            next += PLAIN_INTERVAL;
+            next += interval;
         }
         std::thread::sleep(Duration::from_millis(50));
     }

@@ -133,13 +133,15 @@ fn check_target(plan: &Plan, image: &Image, force: bool) -> anyhow::Result<()> {
         }
         for layer in &image.layers {
             if let Ok(m) = std::fs::metadata(&layer.info.path)
-                && m.dev() == meta.dev() && m.ino() == meta.ino() {
-                    bail!(
-                        "the target {} is the source image {} (or in its backing chain); refusing to overwrite it",
-                        t.display(),
-                        layer.info.path.display()
-                    );
-                }
+                && m.dev() == meta.dev()
+                && m.ino() == meta.ino()
+            {
+                bail!(
+                    "the target {} is the source image {} (or in its backing chain); refusing to overwrite it",
+                    t.display(),
+                    layer.info.path.display()
+                );
+            }
         }
         if !force {
             bail!(
@@ -200,8 +202,8 @@ pub fn run(args: &BackupArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
     let started = SystemTime::now();
     let t0 = Instant::now();
     let plan = plan(args)?;
-    let image = open_image(&plan.source, args.source_format)
-        .with_context(|| format!("cannot open the source image {}", plan.source.display()))?;
+    let image =
+        open_image(&plan.source, args.source_format).context("cannot open the source image")?;
     check_target(&plan, &image, args.force)?;
     let size = image.node.size();
     log::info(format!(
@@ -317,7 +319,7 @@ pub fn run(args: &BackupArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
     );
     let result = run_background(&bc, plan.jobs, &cancel);
     reporter.finish();
-    result.with_context(|| format!("backup of {} failed", plan.source.display()))?;
+    result.context("the backup failed")?;
 
     target
         .complete()

@@ -54,8 +54,7 @@ struct InfoDoc {
 }
 
 pub fn run(args: &InfoArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
-    let image = open_image(&args.image, args.format)
-        .with_context(|| format!("cannot open {}", args.image.display()))?;
+    let image = open_image(&args.image, args.format).context("cannot open the image")?;
     let mut chain = Vec::new();
     for layer in &image.layers {
         let alloc = allocation(layer.node.as_ref()).with_context(|| {

@@ -28,9 +28,9 @@ use throttle::Throttle;
 /// Why one copy failed.
 #[derive(Debug, thiserror::Error)]
 pub enum CopyError {
-    #[error("cannot read the source {}", .0.offset().map(|o| format!("at offset {o}")).unwrap_or_default())]
+    #[error("cannot read the source image")]
     Source(#[source] BlockError),
-    #[error("cannot write the target {}", .0.offset().map(|o| format!("at offset {o}")).unwrap_or_default())]
+    #[error("cannot write the target")]
     Target(#[source] BlockError),
     #[error("the copy was cancelled")]
     Cancelled,
@@ -384,9 +384,10 @@ impl BlockCopy {
             }
             let data = &mut buf[..n as usize];
             if let Some(t) = &self.throttle
-                && !self.cancel.sleep_until(t.reserve(n)) {
-                    return Err(CopyError::Cancelled);
-                }
+                && !self.cancel.sleep_until(t.reserve(n))
+            {
+                return Err(CopyError::Cancelled);
+            }
             self.source.read(pos, data).map_err(CopyError::Source)?;
             // Write runs of non-zero clusters; leave zero clusters out.
             let mut i = 0u64;

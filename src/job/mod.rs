@@ -30,9 +30,10 @@ pub fn run_background(bc: &BlockCopy, jobs: usize, cancel: &Cancel) -> anyhow::R
                     if let Err(e) = res {
                         stop.store(true, Ordering::Relaxed);
                         if let Ok(mut slot) = first_error.lock()
-                            && slot.is_none() {
-                                *slot = Some(e);
-                            }
+                            && slot.is_none()
+                        {
+                            *slot = Some(e);
+                        }
                         break;
                     }
                 }

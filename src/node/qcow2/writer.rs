@@ -141,9 +141,10 @@ impl Qcow2Writer {
     /// Reserve `n` contiguous host clusters.
     fn alloc(&self, n: u64) -> u64 {
         if n == 1
-            && let Some(h) = self.free.lock().ok().and_then(|mut f| f.pop()) {
-                return h;
-            }
+            && let Some(h) = self.free.lock().ok().and_then(|mut f| f.pop())
+        {
+            return h;
+        }
         self.next_host.fetch_add(n * self.cs(), Ordering::AcqRel)
     }
 

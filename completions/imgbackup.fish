@@ -1,0 +1,86 @@
+# Print an optspec for argparse to handle cmd's options that are independent of any subcommand.
+function __fish_imgbackup_global_optspecs
+    string join \n json q/quiet v/verbose progress= h/help V/version
+end
+
+function __fish_imgbackup_needs_command
+    # Figure out if the current invocation already has a command.
+    set -l cmd (commandline -opc)
+    set -e cmd[1]
+    argparse -s (__fish_imgbackup_global_optspecs) -- $cmd 2>/dev/null
+    or return
+    if set -q argv[1]
+        # Also print the command, so this can be used to figure out what it is.
+        echo $argv[1]
+        return 1
+    end
+    return 0
+end
+
+function __fish_imgbackup_using_subcommand
+    set -l cmd (__fish_imgbackup_needs_command)
+    test -z "$cmd"
+    and return 1
+    contains -- $cmd[1] $argv
+end
+
+complete -c imgbackup -n "__fish_imgbackup_needs_command" -l progress -d 'Progress display: a bar on a terminal (auto), always a bar, a plain line every few seconds (for logs and cron mail), or nothing' -r -f -a "auto\t'A bar when stderr is a terminal, nothing otherwise'
+bar\t'A bar on stderr'
+plain\t'A plain line on stderr every few seconds'
+none\t'Nothing'"
+complete -c imgbackup -n "__fish_imgbackup_needs_command" -l json -d 'Print one JSON document on stdout (and nothing else there)'
+complete -c imgbackup -n "__fish_imgbackup_needs_command" -s q -l quiet -d 'Print nothing but errors'
+complete -c imgbackup -n "__fish_imgbackup_needs_command" -s v -l verbose -d 'Say more about what happens (repeat for more)'
+complete -c imgbackup -n "__fish_imgbackup_needs_command" -s h -l help -d 'Print help (see more with \'--help\')'
+complete -c imgbackup -n "__fish_imgbackup_needs_command" -s V -l version -d 'Print version'
+complete -c imgbackup -n "__fish_imgbackup_needs_command" -f -a "backup" -d 'Make a backup of SOURCE into TARGET'
+complete -c imgbackup -n "__fish_imgbackup_needs_command" -f -a "info" -d 'Show format, sizes, allocation and backing chain of an image'
+complete -c imgbackup -n "__fish_imgbackup_needs_command" -f -a "generate-docs" -d 'Write the man pages and shell completions into DIR (man/ and completions/)'
+complete -c imgbackup -n "__fish_imgbackup_needs_command" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c imgbackup -n "__fish_imgbackup_using_subcommand backup" -l sync -d 'What to copy' -r -f -a "full\t'Copy every cluster of the image'"
+complete -c imgbackup -n "__fish_imgbackup_using_subcommand backup" -l target-format -d 'Format of TARGET [default: qcow2 when TARGET ends in .qcow2, else raw]' -r -f -a "raw\t''
+qcow2\t''"
+complete -c imgbackup -n "__fish_imgbackup_using_subcommand backup" -l target-cluster-size -d 'Cluster size of a new qcow2 TARGET' -r
+complete -c imgbackup -n "__fish_imgbackup_using_subcommand backup" -l cluster-size -d 'Backup granularity [default: max(64K, the target\'s cluster size)]' -r
+complete -c imgbackup -n "__fish_imgbackup_using_subcommand backup" -l jobs -d 'Number of copy workers [default: the number of CPUs]' -r
+complete -c imgbackup -n "__fish_imgbackup_using_subcommand backup" -l max-chunk -d 'Largest single request [default: max(2M, cluster size)]; rounded down to whole clusters, at least one' -r
+complete -c imgbackup -n "__fish_imgbackup_using_subcommand backup" -l speed -d 'Limit copy throughput, in bytes per second (e.g. 100M)' -r
+complete -c imgbackup -n "__fish_imgbackup_using_subcommand backup" -l timeout -d 'Cancel the job after DUR (exit 9; no target is left behind)' -r
+complete -c imgbackup -n "__fish_imgbackup_using_subcommand backup" -l source-format -d 'Format of SOURCE; skips probing (probing reads the qcow2 magic, anything else is raw)' -r -f -a "raw\t''
+qcow2\t''"
+complete -c imgbackup -n "__fish_imgbackup_using_subcommand backup" -l progress -d 'Progress display: a bar on a terminal (auto), always a bar, a plain line every few seconds (for logs and cron mail), or nothing' -r -f -a "auto\t'A bar when stderr is a terminal, nothing otherwise'
+bar\t'A bar on stderr'
+plain\t'A plain line on stderr every few seconds'
+none\t'Nothing'"
+complete -c imgbackup -n "__fish_imgbackup_using_subcommand backup" -l force -d 'Replace an existing TARGET (only once the new backup is complete)'
+complete -c imgbackup -n "__fish_imgbackup_using_subcommand backup" -l keep-partial -d 'On failure, keep TARGET.partial instead of deleting it'
+complete -c imgbackup -n "__fish_imgbackup_using_subcommand backup" -l dry-run -d 'Print what would be copied and exit without writing anything'
+complete -c imgbackup -n "__fish_imgbackup_using_subcommand backup" -l json -d 'Print one JSON document on stdout (and nothing else there)'
+complete -c imgbackup -n "__fish_imgbackup_using_subcommand backup" -s q -l quiet -d 'Print nothing but errors'
+complete -c imgbackup -n "__fish_imgbackup_using_subcommand backup" -s v -l verbose -d 'Say more about what happens (repeat for more)'
+complete -c imgbackup -n "__fish_imgbackup_using_subcommand backup" -s h -l help -d 'Print help (see more with \'--help\')'
+complete -c imgbackup -n "__fish_imgbackup_using_subcommand backup" -s V -l version -d 'Print version'
+complete -c imgbackup -n "__fish_imgbackup_using_subcommand info" -l format -d 'Format of IMAGE; skips probing' -r -f -a "raw\t''
+qcow2\t''"
+complete -c imgbackup -n "__fish_imgbackup_using_subcommand info" -l progress -d 'Progress display: a bar on a terminal (auto), always a bar, a plain line every few seconds (for logs and cron mail), or nothing' -r -f -a "auto\t'A bar when stderr is a terminal, nothing otherwise'
+bar\t'A bar on stderr'
+plain\t'A plain line on stderr every few seconds'
+none\t'Nothing'"
+complete -c imgbackup -n "__fish_imgbackup_using_subcommand info" -l json -d 'Print one JSON document on stdout (and nothing else there)'
+complete -c imgbackup -n "__fish_imgbackup_using_subcommand info" -s q -l quiet -d 'Print nothing but errors'
+complete -c imgbackup -n "__fish_imgbackup_using_subcommand info" -s v -l verbose -d 'Say more about what happens (repeat for more)'
+complete -c imgbackup -n "__fish_imgbackup_using_subcommand info" -s h -l help -d 'Print help (see more with \'--help\')'
+complete -c imgbackup -n "__fish_imgbackup_using_subcommand info" -s V -l version -d 'Print version'
+complete -c imgbackup -n "__fish_imgbackup_using_subcommand generate-docs" -l progress -d 'Progress display: a bar on a terminal (auto), always a bar, a plain line every few seconds (for logs and cron mail), or nothing' -r -f -a "auto\t'A bar when stderr is a terminal, nothing otherwise'
+bar\t'A bar on stderr'
+plain\t'A plain line on stderr every few seconds'
+none\t'Nothing'"
+complete -c imgbackup -n "__fish_imgbackup_using_subcommand generate-docs" -l json -d 'Print one JSON document on stdout (and nothing else there)'
+complete -c imgbackup -n "__fish_imgbackup_using_subcommand generate-docs" -s q -l quiet -d 'Print nothing but errors'
+complete -c imgbackup -n "__fish_imgbackup_using_subcommand generate-docs" -s v -l verbose -d 'Say more about what happens (repeat for more)'
+complete -c imgbackup -n "__fish_imgbackup_using_subcommand generate-docs" -s h -l help -d 'Print help (see more with \'--help\')'
+complete -c imgbackup -n "__fish_imgbackup_using_subcommand generate-docs" -s V -l version -d 'Print version'
+complete -c imgbackup -n "__fish_imgbackup_using_subcommand help; and not __fish_seen_subcommand_from backup info generate-docs help" -f -a "backup" -d 'Make a backup of SOURCE into TARGET'
+complete -c imgbackup -n "__fish_imgbackup_using_subcommand help; and not __fish_seen_subcommand_from backup info generate-docs help" -f -a "info" -d 'Show format, sizes, allocation and backing chain of an image'
+complete -c imgbackup -n "__fish_imgbackup_using_subcommand help; and not __fish_seen_subcommand_from backup info generate-docs help" -f -a "generate-docs" -d 'Write the man pages and shell completions into DIR (man/ and completions/)'
+complete -c imgbackup -n "__fish_imgbackup_using_subcommand help; and not __fish_seen_subcommand_from backup info generate-docs help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'

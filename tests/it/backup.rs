@@ -1,0 +1,419 @@
+//! backup --sync full end to end, with qemu-img as the oracle.
+
+use crate::common::*;
+use std::path::Path;
+
+fn backup_ok(dir: &Path, args: &[&str]) -> std::process::Output {
+    let o = run_in(dir, args);
+    assert_eq!(code(&o), 0, "imgbackup {args:?}: {}", stderr(&o));
+    o
+}
+
+#[test]
+fn every_format_pair_is_byte_exact() {
+    let d = tempdir();
+    let p = d.path();
+    make_raw(p, "src.raw", "16M");
+    make_qcow2(p, "src.qcow2", "");
+    let raw_sum = sha256_file(&p.join("src.raw"));
+    let q_sum = sha256_file(&p.join("src.qcow2"));
+    for (src, tgt) in [
+        ("src.raw", "raw-to.raw"),
+        ("src.raw", "raw-to.qcow2"),
+        ("src.qcow2", "q-to.raw"),
+        ("src.qcow2", "q-to.qcow2"),
+    ] {
+        backup_ok(p, &["backup", "-q", src, tgt]);
+        assert!(identical(p, src, tgt), "{src} -> {tgt} differs");
+        let info = info_json(p, tgt);
+        let want = if tgt.ends_with(".qcow2") {
+            "qcow2"
+        } else {
+            "raw"
+        };
+        assert_eq!(info["format"], want, "{tgt}");
+        if want == "qcow2" {
+            check_clean(p, tgt);
+        }
+        assert!(!p.join(format!("{tgt}.partial")).exists());
+    }
+    assert_eq!(
+        sha256_file(&p.join("src.raw")),
+        raw_sum,
+        "raw source changed"
+    );
+    assert_eq!(
+        sha256_file(&p.join("src.qcow2")),
+        q_sum,
+        "qcow2 source changed"
+    );
+}
+
+#[test]
+fn explicit_target_format_overrides_the_extension() {
+    let d = tempdir();
+    let p = d.path();
+    make_qcow2(p, "src.qcow2", "");
+    backup_ok(
+        p,
+        &[
+            "backup",
+            "-q",
+            "--target-format",
+            "qcow2",
+            "src.qcow2",
+            "out.img",
+        ],
+    );
+    assert_eq!(info_json(p, "out.img")["format"], "qcow2");
+    check_clean(p, "out.img");
+    assert!(identical(p, "src.qcow2", "out.img"));
+    backup_ok(
+        p,
+        &[
+            "backup",
+            "-q",
+            "--target-format",
+            "raw",
+            "src.qcow2",
+            "out2.qcow2",
+        ],
+    );
+    assert_eq!(info_json(p, "out2.qcow2")["format"], "raw");
+    assert!(identical_fmt(p, "src.qcow2", "qcow2", "out2.qcow2", "raw"));
+}
+
+#[test]
+fn sparse_source_gives_sparse_targets() {
+    let d = tempdir();
+    let p = d.path();
+    qemu_img(p, &["create", "-f", "raw", "sparse.raw", "1G"]);
+    qemu_io(
+        p,
+        "raw",
+        "sparse.raw",
+        &[
+            "write -P 0x1 0 1M",
+            "write -P 0x2 300M 1M",
+            "write -P 0x3 700M 1M",
+            "write -P 0x4 1023M 1M",
+        ],
+    );
+    let o = backup_ok(p, &["backup", "--json", "sparse.raw", "t.raw"]);
+    let doc: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json summary");
+    assert_eq!(doc["bytes_copied"], 4 << 20);
+    assert_eq!(doc["bytes_skipped_zero"], (1u64 << 30) - (4 << 20));
+    assert_eq!(doc["virtual_size"], 1u64 << 30);
+    assert!(
+        disk_usage(&p.join("t.raw")) < 16 << 20,
+        "raw target not sparse"
+    );
+    assert_eq!(std::fs::metadata(p.join("t.raw")).unwrap().len(), 1 << 30);
+    assert!(identical(p, "sparse.raw", "t.raw"));
+
+    backup_ok(p, &["backup", "-q", "sparse.raw", "t.qcow2"]);
+    assert!(
+        std::fs::metadata(p.join("t.qcow2")).unwrap().len() < 16 << 20,
+        "qcow2 target too large"
+    );
+    check_clean(p, "t.qcow2");
+    assert!(identical(p, "sparse.raw", "t.qcow2"));
+}
+
+#[test]
+fn all_zero_data_is_not_written() {
+    let d = tempdir();
+    let p = d.path();
+    // Allocated clusters that hold zeros (written as data, not as zero flags).
+    qemu_img(p, &["create", "-f", "qcow2", "z.qcow2", "8M"]);
+    qemu_io(
+        p,
+        "qcow2",
+        "z.qcow2",
+        &["write -P 0 0 4M", "write -P 0x9 4M 64k"],
+    );
+    let o = backup_ok(p, &["backup", "--json", "z.qcow2", "z-out.qcow2"]);
+    let doc: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(doc["bytes_copied"], 65536);
+    check_clean(p, "z-out.qcow2");
+    assert!(identical(p, "z.qcow2", "z-out.qcow2"));
+    let allocated: u64 = map_json(p, "z-out.qcow2")
+        .iter()
+        .filter(|e| e["data"] == true)
+        .map(|e| e["length"].as_u64().unwrap())
+        .sum();
+    assert_eq!(allocated, 65536, "only the non-zero cluster is allocated");
+}
+
+#[test]
+fn jobs_chunk_and_cluster_sizes_give_the_same_image() {
+    let d = tempdir();
+    let p = d.path();
+    make_qcow2(p, "src.qcow2", "cluster_size=4096");
+    for (i, extra) in [
+        vec!["--jobs", "1", "--max-chunk", "64K"],
+        vec![
+            "--jobs",
+            "4",
+            "--max-chunk",
+            "4K",
+            "--cluster-size",
+            "4K",
+            "--target-cluster-size",
+            "4K",
+        ],
+        vec!["--jobs", "3", "--max-chunk", "7M"],
+        vec!["--target-cluster-size", "2M"],
+        vec![
+            "--target-cluster-size",
+            "512",
+            "--cluster-size",
+            "512",
+            "--max-chunk",
+            "1536",
+        ],
+    ]
+    .iter()
+    .enumerate()
+    {
+        let tgt = format!("out{i}.qcow2");
+        let mut args = vec!["backup", "-q"];
+        args.extend(extra.iter().copied());
+        args.push("src.qcow2");
+        args.push(&tgt);
+        backup_ok(p, &args);
+        check_clean(p, &tgt);
+        assert!(identical(p, "src.qcow2", &tgt), "{extra:?}");
+        let info = info_json(p, &tgt);
+        let want_cs = extra
+            .iter()
+            .position(|a| *a == "--target-cluster-size")
+            .map(|i| crate::common::parse_size(extra[i + 1]))
+            .unwrap_or(65536);
+        assert_eq!(info["cluster-size"], want_cs, "{extra:?}");
+    }
+}
+
+#[test]
+fn existing_target_needs_force() {
+    let d = tempdir();
+    let p = d.path();
+    make_raw(p, "src.raw", "4M");
+    std::fs::write(p.join("old.raw"), b"previous backup").unwrap();
+    let o = run_in(p, &["backup", "src.raw", "old.raw"]);
+    assert_eq!(code(&o), 1);
+    assert!(
+        stderr(&o).contains("already exists") && stderr(&o).contains("--force"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(
+        std::fs::read(p.join("old.raw")).unwrap(),
+        b"previous backup"
+    );
+    backup_ok(p, &["backup", "-q", "--force", "src.raw", "old.raw"]);
+    assert!(identical(p, "src.raw", "old.raw"));
+}
+
+#[test]
+fn target_equal_to_source_is_refused_even_with_force() {
+    let d = tempdir();
+    let p = d.path();
+    make_raw(p, "src.raw", "4M");
+    let before = sha256_file(&p.join("src.raw"));
+    let o = run_in(p, &["backup", "--force", "src.raw", "./src.raw"]);
+    assert_eq!(code(&o), 1);
+    assert!(stderr(&o).contains("is the source image"), "{}", stderr(&o));
+    assert_eq!(sha256_file(&p.join("src.raw")), before);
+}
+
+#[test]
+fn dry_run_writes_nothing() {
+    let d = tempdir();
+    let p = d.path();
+    make_qcow2(p, "src.qcow2", "");
+    let o = backup_ok(p, &["backup", "--dry-run", "src.qcow2", "out.qcow2"]);
+    assert!(stderr(&o).contains("dry run"), "{}", stderr(&o));
+    assert!(!p.join("out.qcow2").exists() && !p.join("out.qcow2.partial").exists());
+    let o = backup_ok(
+        p,
+        &["backup", "--dry-run", "--json", "src.qcow2", "out.qcow2"],
+    );
+    let doc: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(doc["dry_run"], true);
+    // Data clusters of make_qcow2: 0..320K, 5M+64K, 15M+1M (the 777 bytes at
+    // 12345 fall into the first cluster).
+    assert_eq!(doc["bytes_copied"], (320 << 10) + (64 << 10) + (1 << 20));
+    assert!(!p.join("out.qcow2").exists());
+}
+
+#[test]
+fn keep_partial_keeps_the_partial_file_on_failure() {
+    let d = tempdir();
+    let p = d.path();
+    let src = testdata().join("broken/l2-past-eof.qcow2");
+    let src = src.to_str().unwrap();
+    let o = run_in(p, &["backup", src, "out.raw"]);
+    assert_eq!(code(&o), 4, "{}", stderr(&o));
+    assert!(!p.join("out.raw").exists() && !p.join("out.raw.partial").exists());
+    let o = run_in(p, &["backup", "--keep-partial", src, "out.raw"]);
+    assert_eq!(code(&o), 4, "{}", stderr(&o));
+    assert!(!p.join("out.raw").exists());
+    assert!(p.join("out.raw.partial").exists(), "partial kept");
+}
+
+#[test]
+fn json_summary_is_the_only_stdout() {
+    let d = tempdir();
+    let p = d.path();
+    make_qcow2(p, "src.qcow2", "");
+    let o = backup_ok(
+        p,
+        &[
+            "backup",
+            "--json",
+            "--progress",
+            "plain",
+            "src.qcow2",
+            "out.raw",
+        ],
+    );
+    let doc: serde_json::Value =
+        serde_json::from_slice(&o.stdout).expect("stdout is one JSON document");
+    assert_eq!(doc["ok"], true);
+    assert_eq!(doc["sync"], "full");
+    assert_eq!(doc["target_format"], "raw");
+    let copied = doc["bytes_copied"].as_u64().unwrap();
+    let zero = doc["bytes_skipped_zero"].as_u64().unwrap();
+    assert_eq!(copied + zero, 16 << 20);
+    assert!(doc["elapsed_seconds"].as_f64().unwrap() >= 0.0);
+    // A failure with --json is a JSON document too.
+    let o = run_in(p, &["backup", "--json", "missing.qcow2", "x.raw"]);
+    assert_eq!(code(&o), 1);
+    let doc: serde_json::Value = serde_json::from_slice(&o.stdout).expect("error document");
+    assert_eq!(doc["ok"], false);
+    assert_eq!(doc["exit_code"], 1);
+}
+
+#[test]
+fn plain_progress_prints_lines_for_logs() {
+    let d = tempdir();
+    let p = d.path();
+    qemu_img(p, &["create", "-f", "raw", "src.raw", "8M"]);
+    qemu_io(p, "raw", "src.raw", &["write -P 0x3 0 8M"]);
+    let o = bin()
+        .current_dir(p)
+        .env("IMGBACKUP_PROGRESS_INTERVAL", "300ms")
+        .args([
+            "backup",
+            "--progress",
+            "plain",
+            "--speed",
+            "8M",
+            "src.raw",
+            "out.raw",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let lines = stderr(&o)
+        .lines()
+        .filter(|l| l.contains("backup") && l.contains('%'))
+        .count();
+    assert!(lines >= 2, "expected progress lines: {}", stderr(&o));
+    // Under `auto` with stderr not a terminal: no progress at all.
+    let o = run_in(
+        p,
+        &["backup", "--force", "--speed", "16M", "src.raw", "out.raw"],
+    );
+    assert!(!stderr(&o).contains('%'), "{}", stderr(&o));
+}
+
+#[test]
+fn speed_limits_throughput() {
+    let d = tempdir();
+    let p = d.path();
+    qemu_img(p, &["create", "-f", "raw", "src.raw", "6M"]);
+    qemu_io(p, "raw", "src.raw", &["write -P 0x3 0 6M"]);
+    let t = std::time::Instant::now();
+    let o = run_in(
+        p,
+        &[
+            "backup",
+            "-q",
+            "--speed",
+            "4M",
+            "--max-chunk",
+            "256K",
+            "src.raw",
+            "out.raw",
+        ],
+    );
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    // 6 MiB at 4 MiB/s with a one-second burst allowance: at least ~0.5 s.
+    assert!(
+        t.elapsed().as_secs_f64() >= 0.45,
+        "--speed had no effect: {:?}",
+        t.elapsed()
+    );
+    assert!(identical(p, "src.raw", "out.raw"));
+}
+
+#[test]
+fn info_reports_format_sizes_and_chain() {
+    let d = tempdir();
+    let p = d.path();
+    make_raw(p, "base.raw", "8M");
+    qemu_img(
+        p,
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.raw",
+            "-F",
+            "raw",
+            "top.qcow2",
+            "12M",
+        ],
+    );
+    qemu_io(
+        p,
+        "qcow2",
+        "top.qcow2",
+        &["write -P 0x1 0 128k", "write -z 1M 64k"],
+    );
+    let o = run_in(p, &["info", "--json", "top.qcow2"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let doc: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let q = info_json(p, "top.qcow2");
+    assert_eq!(doc["format"], "qcow2");
+    assert_eq!(doc["virtual_size"], q["virtual-size"]);
+    assert_eq!(doc["cluster_size"], q["cluster-size"]);
+    assert_eq!(doc["allocation"]["data"], 128 << 10);
+    assert_eq!(doc["allocation"]["zero"], 64 << 10);
+    let chain = doc["backing_chain"].as_array().unwrap();
+    assert_eq!(chain.len(), 2);
+    assert_eq!(chain[1]["format"], "raw");
+    assert_eq!(chain[1]["virtual_size"], 8 << 20);
+    assert_eq!(chain[0]["backing_file"], "base.raw");
+    let o = run_in(p, &["info", "top.qcow2"]);
+    let text = stdout(&o);
+    assert!(
+        text.contains("qcow2") && text.contains("base.raw") && text.contains("12.0 MiB"),
+        "{text}"
+    );
+}
+
+#[test]
+fn raw_with_odd_size_reads_like_qemu() {
+    let d = tempdir();
+    let p = d.path();
+    let data: Vec<u8> = (0..1000u32).map(|i| (i * 7 + 3) as u8).collect();
+    std::fs::write(p.join("odd.raw"), &data).unwrap();
+    backup_ok(p, &["backup", "-q", "odd.raw", "odd-out.qcow2"]);
+    check_clean(p, "odd-out.qcow2");
+    assert!(identical(p, "odd.raw", "odd-out.qcow2"));
+    assert_eq!(info_json(p, "odd-out.qcow2")["virtual-size"], 1024);
+}

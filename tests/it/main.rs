@@ -1,0 +1,10 @@
+//! The integration tests: one binary driving the real executable (and the
+//! library, for the node conformance suite), with qemu-img as the oracle.
+
+mod backup;
+mod bad_input;
+mod common;
+mod conformance;
+mod docs;
+mod qcow2_matrix;
+mod signals;

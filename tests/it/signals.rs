@@ -1,0 +1,96 @@
+//! SIGINT, SIGTERM and --timeout cancel cleanly: the right exit code, no
+//! TARGET, no partial file, the source unchanged.
+
+use crate::common::*;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+fn data_image(p: &Path) {
+    qemu_img(p, &["create", "-f", "raw", "src.raw", "32M"]);
+    qemu_io(p, "raw", "src.raw", &["write -P 0x3c 0 32M"]);
+}
+
+/// Start a throttled backup, wait until its partial file exists, send `sig`.
+fn interrupt(sig: i32, tgt: &str, extra: &[&str]) -> (i32, String, tempfile::TempDir) {
+    let d = tempdir();
+    let p = d.path();
+    data_image(p);
+    let before = sha256_file(&p.join("src.raw"));
+    let mut args = vec!["backup", "--speed", "4M"];
+    args.extend_from_slice(extra);
+    args.extend(["src.raw", tgt]);
+    let child = bin()
+        .current_dir(p)
+        .args(&args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let partial = p.join(format!("{tgt}.partial"));
+    let t = Instant::now();
+    while !partial.exists() && t.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    // SAFETY: sending a signal to our own child process.
+    unsafe {
+        libc::kill(child.id() as i32, sig);
+    }
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(sha256_file(&p.join("src.raw")), before, "source changed");
+    (code(&out), stderr(&out), d)
+}
+
+#[test]
+fn sigint_cancels_cleanly() {
+    for tgt in ["out.raw", "out.qcow2"] {
+        let (rc, err, d) = interrupt(libc::SIGINT, tgt, &[]);
+        assert_eq!(rc, 130, "{err}");
+        assert!(err.contains("SIGINT"), "{err}");
+        assert!(!d.path().join(tgt).exists(), "target left behind");
+        assert!(
+            !d.path().join(format!("{tgt}.partial")).exists(),
+            "partial left behind"
+        );
+    }
+}
+
+#[test]
+fn sigterm_cancels_cleanly() {
+    let (rc, err, d) = interrupt(libc::SIGTERM, "out.qcow2", &[]);
+    assert_eq!(rc, 143, "{err}");
+    assert!(!d.path().join("out.qcow2").exists());
+    assert!(!d.path().join("out.qcow2.partial").exists());
+}
+
+#[test]
+fn sigint_with_keep_partial_keeps_only_the_partial() {
+    let (rc, _, d) = interrupt(libc::SIGINT, "out.raw", &["--keep-partial"]);
+    assert_eq!(rc, 130);
+    assert!(!d.path().join("out.raw").exists());
+    assert!(d.path().join("out.raw.partial").exists());
+}
+
+#[test]
+fn timeout_exits_9_without_a_target() {
+    let d = tempdir();
+    let p = d.path();
+    data_image(p);
+    let t = Instant::now();
+    let o = run_in(
+        p,
+        &[
+            "backup",
+            "--speed",
+            "2M",
+            "--timeout",
+            "1s",
+            "src.raw",
+            "out.qcow2",
+        ],
+    );
+    assert_eq!(code(&o), 9, "{}", stderr(&o));
+    assert!(t.elapsed() < Duration::from_secs(8), "timeout not honoured");
+    assert!(stderr(&o).contains("timed out"), "{}", stderr(&o));
+    assert!(!p.join("out.qcow2").exists() && !p.join("out.qcow2.partial").exists());
+}
