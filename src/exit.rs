@@ -84,6 +84,10 @@ pub fn hint(err: &anyhow::Error) -> Option<String> {
             Some(BlockError::Unsupported { .. }) => Some(
                 "convert the image to a plain qcow2 or raw image first, e.g. `qemu-img convert -O qcow2 IMAGE NEW.qcow2`".into(),
             ),
+            Some(BlockError::Corrupt { path, .. }) => Some(format!(
+                "the image is damaged; `qemu-img check {}` shows the damage and `qemu-img check -r all` may repair it",
+                path.display()
+            )),
             Some(BlockError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
                 Some("check the path; it must name an existing file".into())
             }

@@ -94,3 +94,42 @@ fn timeout_exits_9_without_a_target() {
     assert!(stderr(&o).contains("timed out"), "{}", stderr(&o));
     assert!(!p.join("out.qcow2").exists() && !p.join("out.qcow2.partial").exists());
 }
+
+/// Run imgbackup under `ulimit -f` (KiB) with SIGXFSZ ignored, so writes
+/// past the limit fail with EFBIG like a full file system.
+fn run_with_file_limit(dir: &Path, kib: u64, args: &[&str]) -> std::process::Output {
+    let script = format!("ulimit -f {kib}; trap '' XFSZ; exec \"$0\" \"$@\"");
+    std::process::Command::new("sh")
+        .current_dir(dir)
+        .arg("-c")
+        .arg(script)
+        .arg(env!("CARGO_BIN_EXE_imgbackup"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn target_out_of_space_is_exit_5_without_a_target() {
+    let d = tempdir();
+    let p = d.path();
+    data_image(p);
+    let before = sha256_file(&p.join("src.raw"));
+    for tgt in ["out.raw", "out.qcow2"] {
+        // 4 MiB limit, 32 MiB of data.
+        let o = run_with_file_limit(p, 4096, &["backup", "src.raw", tgt]);
+        let err = stderr(&o);
+        assert_eq!(code(&o), 5, "{tgt}: {err}");
+        assert!(
+            err.contains("File too large") && err.contains("cannot write the target"),
+            "{err}"
+        );
+        assert!(err.contains("hint:") && err.contains("full"), "{err}");
+        assert!(!p.join(tgt).exists(), "target left behind");
+        assert!(
+            !p.join(format!("{tgt}.partial")).exists(),
+            "partial left behind"
+        );
+    }
+    assert_eq!(sha256_file(&p.join("src.raw")), before);
+}
