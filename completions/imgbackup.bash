@@ -65,14 +65,14 @@ _imgbackup() {
             return 0
             ;;
         imgbackup__subcmd__backup)
-            opts="-q -v -h -V --sync --target-format --target-cluster-size --cluster-size --jobs --max-chunk --speed --timeout --force --keep-partial --dry-run --source-format --json --quiet --verbose --progress --help --version"
+            opts="-q -v -h -V --sync --target-format --target-cluster-size --cluster-size --jobs --max-chunk --speed --timeout --force --keep-partial --dry-run --source-format --guest --guest-overlay --on-cbw-error --cbw-timeout --verify --inject --json --quiet --verbose --progress --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
             case "${prev}" in
                 --sync)
-                    COMPREPLY=($(compgen -W "full" -- "${cur}"))
+                    COMPREPLY=($(compgen -W "full none" -- "${cur}"))
                     return 0
                     ;;
                 --target-format)
@@ -105,6 +105,26 @@ _imgbackup() {
                     ;;
                 --source-format)
                     COMPREPLY=($(compgen -W "raw qcow2" -- "${cur}"))
+                    return 0
+                    ;;
+                --guest)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --guest-overlay)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --on-cbw-error)
+                    COMPREPLY=($(compgen -W "break-guest-write break-snapshot" -- "${cur}"))
+                    return 0
+                    ;;
+                --cbw-timeout)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --inject)
+                    COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
                 --progress)

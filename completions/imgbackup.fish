@@ -37,8 +37,9 @@ complete -c imgbackup -n "__fish_imgbackup_needs_command" -f -a "backup" -d 'Mak
 complete -c imgbackup -n "__fish_imgbackup_needs_command" -f -a "info" -d 'Show format, sizes, allocation and backing chain of an image'
 complete -c imgbackup -n "__fish_imgbackup_needs_command" -f -a "generate-docs" -d 'Write the man pages and shell completions into DIR (man/ and completions/)'
 complete -c imgbackup -n "__fish_imgbackup_needs_command" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
-complete -c imgbackup -n "__fish_imgbackup_using_subcommand backup" -l sync -d 'What to copy' -r -f -a "full\t'Copy every cluster of the image'"
-complete -c imgbackup -n "__fish_imgbackup_using_subcommand backup" -l target-format -d 'Format of TARGET [default: qcow2 when TARGET ends in .qcow2, else raw]' -r -f -a "raw\t''
+complete -c imgbackup -n "__fish_imgbackup_using_subcommand backup" -l sync -d 'What to copy' -r -f -a "full\t'Copy every cluster of the image'
+none\t'Copy only what the guest is about to overwrite (fleecing; needs --guest with count= or duration=, and a qcow2 target backed by SOURCE)'"
+complete -c imgbackup -n "__fish_imgbackup_using_subcommand backup" -l target-format -d 'Format of TARGET [default: qcow2 when TARGET ends in .qcow2 or the sync mode needs qcow2 (none), else raw]' -r -f -a "raw\t''
 qcow2\t''"
 complete -c imgbackup -n "__fish_imgbackup_using_subcommand backup" -l target-cluster-size -d 'Cluster size of a new qcow2 TARGET' -r
 complete -c imgbackup -n "__fish_imgbackup_using_subcommand backup" -l cluster-size -d 'Backup granularity [default: max(64K, the target\'s cluster size)]' -r
@@ -48,6 +49,12 @@ complete -c imgbackup -n "__fish_imgbackup_using_subcommand backup" -l speed -d 
 complete -c imgbackup -n "__fish_imgbackup_using_subcommand backup" -l timeout -d 'Cancel the job after DUR (exit 9; no target is left behind)' -r
 complete -c imgbackup -n "__fish_imgbackup_using_subcommand backup" -l source-format -d 'Format of SOURCE; skips probing (probing reads the qcow2 magic, anything else is raw)' -r -f -a "raw\t''
 qcow2\t''"
+complete -c imgbackup -n "__fish_imgbackup_using_subcommand backup" -l guest -d 'Run a simulated guest that writes into the image while the backup runs (SPEC: iops=N,bs=SIZE|MIN-MAX,pattern=random|sequential|hotspot, threads=N,seed=N,count=N|duration=DUR,zero=PCT). Its writes land in an overlay; the source file is never changed' -r
+complete -c imgbackup -n "__fish_imgbackup_using_subcommand backup" -l guest-overlay -d 'Keep what the guest wrote as a qcow2 image backed by SOURCE' -r -F
+complete -c imgbackup -n "__fish_imgbackup_using_subcommand backup" -l on-cbw-error -d 'What a failed copy-before-write does: fail the guest write (the backup stays consistent), or let it through and fail the job. [default: break-guest-write]' -r -f -a "break-guest-write\t'The guest write fails; the backup stays consistent'
+break-snapshot\t'The guest write proceeds and the job fails'"
+complete -c imgbackup -n "__fish_imgbackup_using_subcommand backup" -l cbw-timeout -d 'The longest a guest write may wait for its copy-before-write; past it the copy counts as failed' -r
+complete -c imgbackup -n "__fish_imgbackup_using_subcommand backup" -l inject -d 'Fault injection for testing error handling, like QEMU\'s blkdebug (repeatable): NODE:OP:ERRNO[@WHERE][,once|,count=N|,prob=P,seed=S][,delay=DUR]. See imgbackup(1), FAULT INJECTION' -r
 complete -c imgbackup -n "__fish_imgbackup_using_subcommand backup" -l progress -d 'Progress display: a bar on a terminal (auto), always a bar, a plain line every few seconds (for logs and cron mail), or nothing' -r -f -a "auto\t'A bar when stderr is a terminal, nothing otherwise'
 bar\t'A bar on stderr'
 plain\t'A plain line on stderr every few seconds'
@@ -55,6 +62,7 @@ none\t'Nothing'"
 complete -c imgbackup -n "__fish_imgbackup_using_subcommand backup" -l force -d 'Replace an existing TARGET (only once the new backup is complete)'
 complete -c imgbackup -n "__fish_imgbackup_using_subcommand backup" -l keep-partial -d 'On failure, keep TARGET.partial instead of deleting it'
 complete -c imgbackup -n "__fish_imgbackup_using_subcommand backup" -l dry-run -d 'Print what would be copied and exit without writing anything'
+complete -c imgbackup -n "__fish_imgbackup_using_subcommand backup" -l verify -d 'After the job, re-read the backup (through its backing file) and check it equals SOURCE as it was at the start; a mismatch is exit 7 and leaves no TARGET'
 complete -c imgbackup -n "__fish_imgbackup_using_subcommand backup" -l json -d 'Print one JSON document on stdout (and nothing else there)'
 complete -c imgbackup -n "__fish_imgbackup_using_subcommand backup" -s q -l quiet -d 'Print nothing but errors'
 complete -c imgbackup -n "__fish_imgbackup_using_subcommand backup" -s v -l verbose -d 'Say more about what happens (repeat for more)'

@@ -76,6 +76,29 @@ pub enum BlockError {
     /// write into a new qcow2 file).
     #[error("{}: {detail}", path.display())]
     Unaligned { path: PathBuf, detail: String },
+    /// A failure injected by `--inject` (a fault-injection node).
+    #[error("{op} of {len} bytes at offset {offset} failed in {}: {} (injected by --inject {rule})", path.display(), io::Error::from_raw_os_error(*errno))]
+    Injected {
+        op: Op,
+        path: PathBuf,
+        offset: u64,
+        len: u64,
+        errno: i32,
+        rule: String,
+    },
+    /// A copy-before-write did not finish in time (`--cbw-timeout`).
+    #[error(
+        "copy-before-write of {len} bytes at offset {offset} timed out after {waited_ms} ms (--cbw-timeout)"
+    )]
+    CbwTimeout {
+        offset: u64,
+        len: u64,
+        waited_ms: u64,
+    },
+    /// A guest write was refused because its copy-before-write failed
+    /// (`--on-cbw-error break-guest-write`).
+    #[error("guest write at offset {offset} refused: its copy-before-write failed: {cause}")]
+    CbwFailed { offset: u64, cause: String },
     /// The operation was cancelled or timed out while it waited.
     #[error("{what} was cancelled")]
     Cancelled { what: String },
@@ -115,6 +138,8 @@ impl BlockError {
     pub fn errno(&self) -> Option<i32> {
         match self {
             BlockError::Io { source, .. } => source.raw_os_error(),
+            BlockError::Injected { errno, .. } => Some(*errno),
+            BlockError::CbwTimeout { .. } => Some(libc::ETIMEDOUT),
             _ => None,
         }
     }
@@ -125,6 +150,9 @@ impl BlockError {
             BlockError::Io { offset, .. } => Some(*offset),
             BlockError::Corrupt { offset, .. } => *offset,
             BlockError::OutOfRange { offset, .. } => Some(*offset),
+            BlockError::Injected { offset, .. } => Some(*offset),
+            BlockError::CbwTimeout { offset, .. } => Some(*offset),
+            BlockError::CbwFailed { offset, .. } => Some(*offset),
             _ => None,
         }
     }

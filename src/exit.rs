@@ -35,6 +35,12 @@ pub enum AppError {
     Usage(String),
     #[error("the job was {}", .0.describe())]
     Cancelled(Reason),
+    #[error("verification failed: {what} differs from {against} at offset {offset}")]
+    Mismatch {
+        what: String,
+        against: String,
+        offset: u64,
+    },
 }
 
 /// Walk the chain of `err` and pick the exit code of the first cause that
@@ -47,13 +53,14 @@ pub fn classify(err: &anyhow::Error) -> Exit {
                 AppError::Cancelled(Reason::Interrupt) => Exit::Interrupted,
                 AppError::Cancelled(Reason::Terminate) => Exit::Terminated,
                 AppError::Cancelled(Reason::Timeout) => Exit::Timeout,
+                AppError::Mismatch { .. } => Exit::Mismatch,
             };
         }
         if let Some(e) = cause.downcast_ref::<CopyError>() {
             return match e {
                 CopyError::Source(_) => Exit::SourceRead,
                 CopyError::Target(_) => Exit::TargetWrite,
-                CopyError::Cancelled => Exit::Failure,
+                CopyError::Cancelled | CopyError::Timeout { .. } => Exit::Failure,
             };
         }
     }
@@ -77,6 +84,10 @@ pub fn hint(err: &anyhow::Error) -> Option<String> {
                 "check the target's file system (permissions, space, health). No target was left behind.".into()
             })
         }
+        Exit::Mismatch => Some(
+            "the backup does not hold the image as it was at the start; it was not kept. Report this with the command line and the summary."
+                .into(),
+        ),
         Exit::Interrupted | Exit::Terminated | Exit::Timeout => {
             Some("the backup was cancelled cleanly; no target was left behind. Run it again to make a backup.".into())
         }

@@ -1,13 +1,26 @@
-//! `imgbackup backup SOURCE TARGET`.
+//! `imgbackup backup SOURCE TARGET`: build the graph, run the job, report.
+//!
+//! ```text
+//!  guest ──► copy-before-write ──► overlay (active disk) ──► source chain (read-only)
+//!                  │                      ▲                      [fault node]
+//!                  └──► block-copy ◄──────┘ job reads through the active disk
+//!                           │
+//!                           ▼
+//!                  [fault node] target (TARGET.partial)
+//! ```
 
 use crate::bitmap::Bits;
-use crate::cli::{BackupArgs, GlobalOpts, SyncMode};
+use crate::cli::{BackupArgs, GlobalOpts, ProgressMode, SyncMode};
 use crate::copy::{BlockCopy, Config, CopyError};
 use crate::error::{BlockError, Op};
 use crate::exit::{AppError, Exit};
+use crate::guest::{self, GuestReport, GuestSpec};
 use crate::job::cancel::Cancel;
-use crate::job::run_background;
+use crate::job::{outcome, run_background};
 use crate::log;
+use crate::node::cbw::{CbwNode, OnCbwError};
+use crate::node::fault::{FaultNode, Side};
+use crate::node::overlay::OverlayNode;
 use crate::node::probe::{Format, Image, open_image};
 use crate::node::qcow2::{CreateOptions, Qcow2Writer};
 use crate::node::raw::RawNode;
@@ -18,6 +31,7 @@ use anyhow::{Context, bail};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Instant, SystemTime};
 
 /// Default backup granularity.
@@ -36,6 +50,7 @@ pub struct Plan {
     pub cluster_size: u64,
     pub max_chunk: u64,
     pub jobs: usize,
+    pub on_cbw_error: OnCbwError,
 }
 
 /// The end-of-job summary (human on stderr, or the `--json` document).
@@ -53,16 +68,22 @@ pub struct Summary {
     pub cluster_size: u64,
     /// Bytes written to the target as data.
     pub bytes_copied: u64,
-    /// Bytes not written because they read as zeros (unallocated, zero
-    /// clusters, all-zero data).
+    /// Bytes not written as data because they read as zeros (unallocated,
+    /// zero clusters, all-zero data).
     pub bytes_skipped_zero: u64,
     pub copy_before_write_copies: u64,
+    pub copy_before_write_bytes: u64,
     pub retries: u64,
     pub ignored_ranges: Vec<[u64; 2]>,
     pub elapsed_seconds: f64,
     pub throughput_bytes_per_second: f64,
     pub started: String,
     pub finished: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guest: Option<GuestReport>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guest_overlay: Option<String>,
+    pub verified: bool,
 }
 
 fn usage(msg: String) -> anyhow::Error {
@@ -71,12 +92,32 @@ fn usage(msg: String) -> anyhow::Error {
 
 /// Turn the arguments into a plan, refusing inconsistent values (exit 2).
 pub fn plan(args: &BackupArgs) -> anyhow::Result<Plan> {
+    let needs_qcow2 = args.sync == SyncMode::None;
     let target_format = args.target_format.unwrap_or_else(|| {
         match args.target.extension().and_then(|e| e.to_str()) {
             Some(e) if e.eq_ignore_ascii_case("qcow2") => Format::Qcow2,
+            _ if needs_qcow2 => Format::Qcow2,
             _ => Format::Raw,
         }
     });
+    if needs_qcow2 && target_format != Format::Qcow2 {
+        return Err(usage(format!("--sync {} needs a qcow2 target", args.sync)));
+    }
+    if args.sync == SyncMode::None {
+        match &args.guest {
+            None => {
+                return Err(usage(
+                    "--sync none needs --guest: it copies only what a guest overwrites".into(),
+                ));
+            }
+            Some(g) if !g.is_bounded() => {
+                return Err(usage(
+                    "--sync none ends when the guest ends: give the --guest SPEC a count= or duration=".into(),
+                ));
+            }
+            _ => {}
+        }
+    }
     let target_cs = match target_format {
         Format::Qcow2 => args.target_cluster_size,
         Format::Raw => DEFAULT_CLUSTER,
@@ -102,6 +143,13 @@ pub fn plan(args: &BackupArgs) -> anyhow::Result<Plan> {
             .map(|n| n.get())
             .unwrap_or(1)
     });
+    if let (Some(o), Some(_)) = (&args.guest_overlay, &args.guest)
+        && (o == &args.target || o == &args.source)
+    {
+        return Err(usage(
+            "--guest-overlay must name a file other than SOURCE and TARGET".into(),
+        ));
+    }
     Ok(Plan {
         source: args.source.clone(),
         target: args.target.clone(),
@@ -111,25 +159,28 @@ pub fn plan(args: &BackupArgs) -> anyhow::Result<Plan> {
         cluster_size,
         max_chunk,
         jobs,
+        on_cbw_error: args.on_cbw_error.unwrap_or(OnCbwError::BreakGuestWrite),
     })
 }
 
-/// Refuse targets that would lose data or cannot be written.
-fn check_target(plan: &Plan, image: &Image, force: bool) -> anyhow::Result<()> {
-    let t = &plan.target;
-    let dir = match t.parent() {
+fn dir_of(p: &Path) -> PathBuf {
+    match p.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
-    };
-    if !dir.is_dir() {
+    }
+}
+
+/// Refuse an output path that would lose data or cannot be written.
+fn check_output(path: &Path, image: &Image, force: bool, what: &str) -> anyhow::Result<()> {
+    if !dir_of(path).is_dir() {
         bail!(
-            "the directory of the target {} does not exist; create it first",
-            t.display()
+            "the directory of the {what} {} does not exist; create it first",
+            path.display()
         );
     }
-    if let Ok(meta) = std::fs::metadata(t) {
+    if let Ok(meta) = std::fs::metadata(path) {
         if meta.is_dir() {
-            bail!("the target {} is a directory; name a file", t.display());
+            bail!("the {what} {} is a directory; name a file", path.display());
         }
         for layer in &image.layers {
             if let Ok(m) = std::fs::metadata(&layer.info.path)
@@ -137,20 +188,36 @@ fn check_target(plan: &Plan, image: &Image, force: bool) -> anyhow::Result<()> {
                 && m.ino() == meta.ino()
             {
                 bail!(
-                    "the target {} is the source image {} (or in its backing chain); refusing to overwrite it",
-                    t.display(),
+                    "the {what} {} is the source image {} (or in its backing chain); refusing to overwrite it",
+                    path.display(),
                     layer.info.path.display()
                 );
             }
         }
         if !force {
             bail!(
-                "the target {} already exists; pass --force to replace it (it is replaced only once the new backup is complete)",
-                t.display()
+                "the {what} {} already exists; pass --force to replace it (it is replaced only once the new file is complete)",
+                path.display()
             );
         }
     }
     Ok(())
+}
+
+/// The name a qcow2 written next to `at` uses for `source` as its backing
+/// file: the bare file name when both share a directory, else the absolute
+/// path.
+pub fn backing_name(at: &Path, source: &Path) -> anyhow::Result<String> {
+    let src = std::fs::canonicalize(source)
+        .with_context(|| format!("cannot resolve {}", source.display()))?;
+    let dir = std::fs::canonicalize(dir_of(at))
+        .with_context(|| format!("cannot resolve the directory of {}", at.display()))?;
+    let name = if src.parent() == Some(dir.as_path()) {
+        src.file_name().map(|n| n.to_string_lossy().into_owned())
+    } else {
+        None
+    };
+    Ok(name.unwrap_or_else(|| src.to_string_lossy().into_owned()))
 }
 
 /// The node a backup writes into, and how to complete it.
@@ -175,7 +242,7 @@ impl Target {
     }
 }
 
-/// Clusters and bytes a full backup reads: (data bytes, zero or unallocated bytes).
+/// Bytes a full backup reads: (data bytes, zero or unallocated bytes).
 fn dry_run_counts(node: &dyn BlockNode) -> anyhow::Result<(u64, u64)> {
     let (mut data, mut zero) = (0, 0);
     let size = node.size();
@@ -198,22 +265,98 @@ fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
 }
 
+/// Compare `got` with `want` over their whole size; the first differing
+/// offset, if any.
+pub fn first_difference(got: &dyn BlockNode, want: &dyn BlockNode) -> anyhow::Result<Option<u64>> {
+    if got.size() != want.size() {
+        return Ok(Some(got.size().min(want.size())));
+    }
+    let size = want.size();
+    let chunk = 4u64 << 20;
+    let (mut a, mut b) = (vec![0u8; chunk as usize], vec![0u8; chunk as usize]);
+    let mut pos = 0;
+    while pos < size {
+        let n = (size - pos).min(chunk) as usize;
+        got.read(pos, &mut a[..n])
+            .context("cannot read the backup")?;
+        want.read(pos, &mut b[..n]).map_err(CopyError::Source)?;
+        if a[..n] != b[..n] {
+            let i = a[..n]
+                .iter()
+                .zip(&b[..n])
+                .position(|(x, y)| x != y)
+                .unwrap_or(0);
+            return Ok(Some(pos + i as u64));
+        }
+        pos += n as u64;
+    }
+    Ok(None)
+}
+
+/// Write the guest overlay as a qcow2 backed by the source.
+fn export_overlay(
+    overlay: &OverlayNode,
+    file: &Path,
+    source: &Path,
+    source_format: Format,
+    cluster_size: u64,
+    keep_partial: bool,
+) -> anyhow::Result<()> {
+    let partial = Partial::new(file, keep_partial);
+    let w = Qcow2Writer::create(
+        partial.path(),
+        &CreateOptions {
+            size: overlay.size(),
+            cluster_size,
+            backing: Some((backing_name(file, source)?, source_format.to_string())),
+        },
+    )?;
+    let mut buf = vec![0u8; cluster_size as usize];
+    let mut last = u64::MAX;
+    for (s, e) in overlay.allocated_ranges() {
+        for c in s / cluster_size..e.div_ceil(cluster_size) {
+            if c == last {
+                continue;
+            }
+            last = c;
+            let off = c * cluster_size;
+            let n = (overlay.size() - off).min(cluster_size) as usize;
+            overlay.read(off, &mut buf[..n])?;
+            if crate::node::is_zero(&buf[..n]) {
+                w.write_zeroes(off, n as u64)?;
+            } else {
+                w.write(off, &buf[..n])?;
+            }
+        }
+    }
+    w.finish()?;
+    partial
+        .commit()
+        .with_context(|| format!("cannot rename the guest overlay to {}", file.display()))?;
+    Ok(())
+}
+
 pub fn run(args: &BackupArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
     let started = SystemTime::now();
     let t0 = Instant::now();
     let plan = plan(args)?;
     let image =
         open_image(&plan.source, args.source_format).context("cannot open the source image")?;
-    check_target(&plan, &image, args.force)?;
+    check_output(&plan.target, &image, args.force, "target")?;
+    if let Some(o) = &args.guest_overlay {
+        check_output(o, &image, args.force, "guest overlay")?;
+    }
     let size = image.node.size();
+    let source_format = image.layers[0].info.format;
     log::info(format!(
-        "source {} ({}, {} layer(s), {}), target {} ({}), cluster size {}, {} worker(s), requests up to {}",
+        "source {} ({}, {} layer(s), {}), target {} ({}), sync {}, cluster size {}, {} worker(s), requests up to {}",
         plan.source.display(),
-        image.layers[0].info.format,
+        source_format,
         image.layers.len(),
         human_bytes(size),
         plan.target.display(),
         plan.target_format,
+        plan.sync,
         human_bytes(plan.cluster_size),
         plan.jobs,
         human_bytes(plan.max_chunk)
@@ -233,16 +376,23 @@ pub fn run(args: &BackupArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
         bytes_copied: 0,
         bytes_skipped_zero: 0,
         copy_before_write_copies: 0,
+        copy_before_write_bytes: 0,
         retries: 0,
         ignored_ranges: Vec::new(),
         elapsed_seconds: 0.0,
         throughput_bytes_per_second: 0.0,
         started: rfc3339(started),
         finished: String::new(),
+        guest: None,
+        guest_overlay: None,
+        verified: false,
     };
 
     if args.dry_run {
-        let (data, zero) = dry_run_counts(image.node.as_ref())?;
+        let (data, zero) = match plan.sync {
+            SyncMode::Full => dry_run_counts(image.node.as_ref())?,
+            SyncMode::None => (0, 0),
+        };
         summary.bytes_copied = data;
         summary.bytes_skipped_zero = zero;
         summary.finished = rfc3339(SystemTime::now());
@@ -250,16 +400,23 @@ pub fn run(args: &BackupArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
         if g.json {
             print_json(&summary)?;
         } else if !g.quiet {
-            eprintln!(
-                "imgbackup: dry run: a full backup of {} into {} ({}) would read up to {} of data in {} clusters of {}; {} read as zeros and would not be written. Nothing was written.",
-                plan.source.display(),
-                plan.target.display(),
-                plan.target_format,
-                human_bytes(data),
-                data.div_ceil(plan.cluster_size),
-                human_bytes(plan.cluster_size),
-                human_bytes(zero)
-            );
+            match plan.sync {
+                SyncMode::Full => eprintln!(
+                    "imgbackup: dry run: a full backup of {} into {} ({}) would read up to {} of data in {} clusters of {}; {} read as zeros and would not be written. Nothing was written.",
+                    plan.source.display(),
+                    plan.target.display(),
+                    plan.target_format,
+                    human_bytes(data),
+                    data.div_ceil(plan.cluster_size),
+                    human_bytes(plan.cluster_size),
+                    human_bytes(zero)
+                ),
+                SyncMode::None => eprintln!(
+                    "imgbackup: dry run: a fleecing backup (sync none) of {} into {} would copy only the clusters the guest overwrites. Nothing was written.",
+                    plan.source.display(),
+                    plan.target.display()
+                ),
+            }
         }
         return Ok(Exit::Success);
     }
@@ -272,7 +429,29 @@ pub fn run(args: &BackupArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
         cancel.arm_timeout(t);
     }
 
+    // The graph.
+    let source: Arc<dyn BlockNode> =
+        FaultNode::wrap(image.node.clone(), &args.inject, Side::Source);
+    let overlay = match &args.guest {
+        Some(_) => Some(Arc::new(
+            OverlayNode::new(source.clone(), &dir_of(&plan.target))
+                .context("cannot create the guest overlay")?,
+        )),
+        None => None,
+    };
+    let active: Arc<dyn BlockNode> = match &overlay {
+        Some(o) => o.clone(),
+        None => source.clone(),
+    };
     let partial = Partial::new(&plan.target, args.keep_partial);
+    let backing = match plan.sync {
+        SyncMode::None => Some((
+            backing_name(&plan.target, &plan.source)?,
+            source_format.to_string(),
+        )),
+        SyncMode::Full => None,
+    };
+    let has_backing = backing.is_some();
     let target = match plan.target_format {
         Format::Raw => Target::Raw(Arc::new(
             RawNode::create(partial.path(), size).map_err(CopyError::Target)?,
@@ -283,42 +462,76 @@ pub fn run(args: &BackupArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
                 &CreateOptions {
                     size,
                     cluster_size: plan.target_cluster_size,
-                    backing: None,
+                    backing,
                 },
             )
             .map_err(CopyError::Target)?,
         )),
     };
-
+    let target_node = FaultNode::wrap(target.node(), &args.inject, Side::Target);
     let clusters = size.div_ceil(plan.cluster_size);
     let bc = Arc::new(BlockCopy::new(
-        image.node.clone(),
-        target.node(),
+        active.clone(),
+        target_node,
         Config {
             cluster_size: plan.cluster_size,
             max_chunk: plan.max_chunk,
-            write_zeroes: false,
+            write_zeroes: has_backing,
             speed: args.speed,
         },
         Bits::full(clusters),
         cancel.clone(),
         None,
     ));
+    let cbw = args.guest.as_ref().map(|_| {
+        Arc::new(CbwNode::new(
+            active.clone(),
+            bc.clone(),
+            plan.on_cbw_error,
+            args.cbw_timeout,
+        ))
+    });
+
     let counter_bc = bc.clone();
     let reporter = Reporter::start(
         g.progress,
-        g.quiet || g.json && g.progress == crate::cli::ProgressMode::Auto,
+        g.quiet || g.json && g.progress == ProgressMode::Auto,
         "backup",
         Arc::new(move || {
             let p = &counter_bc.progress;
             (
-                p.done.load(std::sync::atomic::Ordering::Relaxed),
-                p.total.load(std::sync::atomic::Ordering::Relaxed),
+                p.done.load(Ordering::Relaxed),
+                p.total.load(Ordering::Relaxed),
             )
         }),
     );
-    let result = run_background(&bc, plan.jobs, &cancel);
+
+    // Run: the background copy (unless sync none) and the guest side by side.
+    let stop_guest = AtomicBool::new(false);
+    let (result, guest_stats) = std::thread::scope(|s| {
+        let guest = match (&args.guest, &cbw) {
+            (Some(spec), Some(cbw)) => {
+                let spec: &GuestSpec = spec;
+                let cbw = cbw.clone();
+                let stop = &stop_guest;
+                let cancel = &cancel;
+                Some(s.spawn(move || guest::run(cbw.as_ref(), spec, stop, cancel)))
+            }
+            _ => None,
+        };
+        let result = match plan.sync {
+            SyncMode::Full => run_background(&bc, plan.jobs, &cancel),
+            SyncMode::None => Ok(()),
+        };
+        let bounded = args.guest.as_ref().is_some_and(|g| g.is_bounded());
+        if result.is_err() || !bounded {
+            stop_guest.store(true, Ordering::Relaxed);
+        }
+        let stats = guest.and_then(|h| h.join().ok());
+        (result, stats)
+    });
     reporter.finish();
+    let result = result.and_then(|_| outcome(&bc, &cancel));
     result.context("the backup failed")?;
 
     target
@@ -328,6 +541,24 @@ pub fn run(args: &BackupArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
     if let Some(reason) = cancel.reason() {
         return Err(AppError::Cancelled(reason).into());
     }
+
+    if args.verify {
+        let got = open_image(partial.path(), Some(plan.target_format))
+            .context("cannot open the backup to verify it")?;
+        if let Some(offset) = first_difference(got.node.as_ref(), image.node.as_ref())? {
+            return Err(AppError::Mismatch {
+                what: format!("the backup {}", plan.target.display()),
+                against: format!(
+                    "the source {} as it was at the start",
+                    plan.source.display()
+                ),
+                offset,
+            }
+            .into());
+        }
+        summary.verified = true;
+    }
+
     let final_path = partial.final_path().to_path_buf();
     partial
         .commit()
@@ -339,11 +570,25 @@ pub fn run(args: &BackupArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
             )
         })?;
 
+    if let (Some(o), Some(file)) = (&overlay, &args.guest_overlay) {
+        export_overlay(
+            o,
+            file,
+            &plan.source,
+            source_format,
+            65536,
+            args.keep_partial,
+        )
+        .with_context(|| format!("cannot write the guest overlay {}", file.display()))?;
+        summary.guest_overlay = Some(file.display().to_string());
+    }
+
     let p = &bc.progress;
-    let ord = std::sync::atomic::Ordering::Relaxed;
-    summary.bytes_copied = p.copied.load(ord);
-    summary.bytes_skipped_zero = p.zero.load(ord);
-    summary.copy_before_write_copies = p.cbw_copies.load(ord);
+    summary.bytes_copied = p.copied.load(Ordering::Relaxed);
+    summary.bytes_skipped_zero = p.zero.load(Ordering::Relaxed);
+    summary.copy_before_write_copies = p.cbw_copies.load(Ordering::Relaxed);
+    summary.copy_before_write_bytes = p.cbw_bytes.load(Ordering::Relaxed);
+    summary.guest = guest_stats.map(|s| s.report());
     summary.elapsed_seconds = t0.elapsed().as_secs_f64();
     summary.throughput_bytes_per_second = if summary.elapsed_seconds > 0.0 {
         (summary.bytes_copied + summary.bytes_skipped_zero) as f64 / summary.elapsed_seconds
@@ -354,25 +599,47 @@ pub fn run(args: &BackupArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
     if g.json {
         print_json(&summary)?;
     } else if !g.quiet {
-        print_human(&summary, &plan.target);
+        print_human(&summary);
     }
     Ok(Exit::Success)
 }
 
-fn print_human(s: &Summary, target: &Path) {
+fn print_human(s: &Summary) {
     eprintln!(
-        "imgbackup: backup {} -> {} ({}, sync full) complete",
+        "imgbackup: backup {} -> {} ({}, sync {}) complete{}",
         s.source,
-        target.display(),
-        s.target_format
+        s.target,
+        s.target_format,
+        s.sync,
+        if s.verified { ", verified" } else { "" }
     );
-    eprintln!("  copied:   {}", human_bytes(s.bytes_copied));
+    eprintln!("  copied:            {}", human_bytes(s.bytes_copied));
     eprintln!(
-        "  zero:     {} (not written)",
+        "  zero:              {} (not written as data)",
         human_bytes(s.bytes_skipped_zero)
     );
+    if let Some(g) = &s.guest {
+        eprintln!(
+            "  copy-before-write: {} copies, {}",
+            s.copy_before_write_copies,
+            human_bytes(s.copy_before_write_bytes)
+        );
+        eprintln!(
+            "  guest:             {} writes ({} zero), {}, {} failed; latency p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+            g.writes,
+            g.zero_writes,
+            human_bytes(g.bytes),
+            g.failed_writes,
+            g.latency_ms.p50,
+            g.latency_ms.p99,
+            g.latency_ms.max
+        );
+    }
+    if let Some(o) = &s.guest_overlay {
+        eprintln!("  guest overlay:     {o}");
+    }
     eprintln!(
-        "  elapsed:  {} ({}/s)",
+        "  elapsed:           {} ({}/s)",
         human_duration(s.elapsed_seconds),
         human_bytes(s.throughput_bytes_per_second as u64)
     );

@@ -58,6 +58,75 @@ A raw target is sparse: clusters that read as zeros are holes. A qcow2 target
 is a version 3 image with 16\-bit refcounts, written by imgbackup itself; it
 passes \fBqemu\-img check\fR. Zero and unallocated clusters of the source are
 left unallocated.
+.SH "COPY-BEFORE-WRITE AND THE SIMULATED GUEST"
+With \fB\-\-guest\fR SPEC a simulated guest writes while the backup runs.
+Its writes go through a copy\-before\-write filter into a writable overlay
+over the source (in memory for images up to 32 MiB, an unlinked sparse
+temporary file beside TARGET otherwise); the source file is never changed.
+The job reads through the overlay. Before a guest write reaches a cluster the
+job has not copied yet, the filter copies that cluster's old data to the
+target; a write to a cluster whose copy is in flight waits for it. No cluster
+is copied twice, and the backup equals the image as it was when the job
+started. Copy\-before\-write copies are not rate limited by \fB\-\-speed\fR,
+and the rate limit never holds a claim while it waits, so a guest write never
+waits for a throttled background copy.
+.PP
+SPEC is comma\-separated key=value: \fBiops\fR=N (total writes per second, 0
+as fast as possible; default 100), \fBbs\fR=SIZE or MIN\-MAX (default 4K),
+\fBpattern\fR=random|sequential|hotspot (default random; hotspot sends 80%
+of the writes into a tenth of the range), \fBthreads\fR=N (default 1),
+\fBseed\fR=N (default 1), \fBcount\fR=N or \fBduration\fR=DUR (default:
+until the background copy ends), \fBzero\fR=PCT (share of writes that write
+zeroes). The same SPEC gives the same writes: thread t of T writes only in its
+own stripe of the image with its own seeded generator. Offsets are aligned to
+512 bytes when every block size is a multiple of 512, and unaligned otherwise.
+.PP
+\fB\-\-on\-cbw\-error break\-guest\-write\fR (default) fails a guest write
+whose copy\-before\-write failed; the cluster stays to be copied by the job,
+and the backup stays consistent. \fBbreak\-snapshot\fR lets the write through
+and fails the job (no TARGET). \fB\-\-cbw\-timeout\fR DUR bounds how long a
+guest write waits for its copy. The summary reports the guest's writes,
+bytes, failed writes and write latency p50/p99/max, and the number of
+copy\-before\-write copies.
+.PP
+\fB\-\-sync none\fR (fleecing) copies nothing in the background: the target
+is a qcow2 whose backing file is SOURCE and receives only the
+copy\-before\-write copies; the job ends when the guest ends (the SPEC needs
+count= or duration=). Read through its backing file, the target is the source
+as it was at the start.
+.PP
+\fB\-\-verify\fR re\-reads the finished backup (through its backing file)
+before it is renamed into place and compares it with SOURCE as it was at the
+start; a difference is exit 7, names the first differing offset, and leaves no
+TARGET.
+.SH "FAULT INJECTION"
+\fB\-\-inject\fR RULE (repeatable) places a fault\-injection node under the
+source or the target, like QEMU's blkdebug. RULE is
+\fINODE\fB:\fIOP\fB:\fIERRNO\fR[\fB@\fIWHERE\fR][\fB,once\fR|\fB,count=\fIN\fR|\fB,prob=\fIP\fB,seed=\fIS\fR][\fB,delay=\fIDUR\fR]:
+.TP
+.I NODE
+\fBsource\fR or \fBtarget\fR.
+.TP
+.I OP
+\fBread\fR, \fBwrite\fR (writes and write\-zeroes) or \fBflush\fR.
+.TP
+.I ERRNO
+EIO, ENOSPC, EDQUOT, EROFS, EFBIG, EPERM, EACCES, EAGAIN, EBUSY, EINVAL,
+ENOMEM, ENXIO, ENODEV, ETIMEDOUT, ECONNRESET, ESTALE, or a number.
+.TP
+.I WHERE
+OFFSET or OFFSET\-END in bytes (SIZE units allowed): requests touching the
+range fail. \fBnth=\fIN\fR: requests of that kind from the N\-th on
+(counted from 1 for each rule). Without WHERE every request matches.
+.TP
+.B once, count=N, prob=P, seed=S, delay=DUR
+fail one matching request, at most N, or each with probability P from a
+generator seeded with S (repeatable runs); wait DUR before failing.
+.PP
+Only requests that do I/O count: unallocated and zero ranges are not read.
+With \fB\-\-jobs 1\fR and \fB\-\-max\-chunk\fR equal to the cluster size,
+requests happen in offset order, one cluster each, so a rule hits a
+predictable cluster. Example: \fB\-\-inject source:read:EIO@nth=2,once\fR.
 .SH NOTES
 Source images are opened read\-only and never changed. Formats are probed by
 their magic (qcow2, or else raw) unless \fB\-\-source\-format\fR is given.
@@ -73,6 +142,10 @@ file) is a source read error (exit 4); it is never read as zeros.
 .PP
 Sizes take the units K, M, G, T (powers of 1024); durations are humantime
 forms such as 500ms, 30s or 2h 5m; rates are sizes per second (100M).
+.SH ENVIRONMENT
+.TP
+.B IMGBACKUP_PROGRESS_INTERVAL
+Interval between \fB\-\-progress plain\fR lines, as a duration (default 5s).
 .SH EXAMPLES
 .TP
 Back up a qcow2 image into a sparse raw file:
@@ -80,6 +153,12 @@ Back up a qcow2 image into a sparse raw file:
 .TP
 From cron, with a log line every few seconds and a bounded run time:
 .B imgbackup backup \-\-progress plain \-\-timeout 2h /var/lib/vm/disk.qcow2 /backup/disk.qcow2
+.TP
+A backup while a simulated guest writes, checked afterwards:
+.B imgbackup backup \-\-guest iops=500,bs=4K,threads=2 \-\-verify disk.qcow2 backup.qcow2
+.TP
+Fleecing: keep only what the guest overwrites, over the unchanged source:
+.B imgbackup backup \-\-sync none \-\-guest duration=30s disk.qcow2 fleece.qcow2
 .TP
 Describe an image and its backing chain as JSON:
 .B imgbackup info \-\-json overlay.qcow2

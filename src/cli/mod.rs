@@ -4,6 +4,9 @@
 pub mod docs;
 pub mod parse;
 
+use crate::guest::{GuestSpec, parse_spec};
+use crate::node::cbw::OnCbwError;
+use crate::node::fault::{Rule, parse_rule};
 use crate::node::probe::Format;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use parse::{parse_cluster_size, parse_duration, parse_jobs, parse_nonzero_size, parse_rate};
@@ -69,7 +72,7 @@ pub enum ProgressMode {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Make a backup of SOURCE into TARGET.
-    Backup(BackupArgs),
+    Backup(Box<BackupArgs>),
     /// Show format, sizes, allocation and backing chain of an image.
     Info(InfoArgs),
     /// Write the man pages and shell completions into DIR (man/ and completions/).
@@ -86,6 +89,18 @@ pub enum Command {
 pub enum SyncMode {
     /// Copy every cluster of the image.
     Full,
+    /// Copy only what the guest is about to overwrite (fleecing; needs
+    /// --guest with count= or duration=, and a qcow2 target backed by SOURCE).
+    None,
+}
+
+impl std::fmt::Display for SyncMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SyncMode::Full => "full",
+            SyncMode::None => "none",
+        })
+    }
 }
 
 #[derive(Debug, Args)]
@@ -99,7 +114,8 @@ pub struct BackupArgs {
     /// What to copy.
     #[arg(long, value_enum, default_value_t = SyncMode::Full)]
     pub sync: SyncMode,
-    /// Format of TARGET [default: qcow2 when TARGET ends in .qcow2, else raw].
+    /// Format of TARGET [default: qcow2 when TARGET ends in .qcow2 or the
+    /// sync mode needs qcow2 (none), else raw].
     #[arg(long, value_enum, value_name = "FORMAT")]
     pub target_format: Option<Format>,
     /// Cluster size of a new qcow2 TARGET.
@@ -134,6 +150,34 @@ pub struct BackupArgs {
     /// anything else is raw).
     #[arg(long, value_enum, value_name = "FORMAT")]
     pub source_format: Option<Format>,
+    /// Run a simulated guest that writes into the image while the backup
+    /// runs (SPEC: iops=N,bs=SIZE|MIN-MAX,pattern=random|sequential|hotspot,
+    /// threads=N,seed=N,count=N|duration=DUR,zero=PCT). Its writes land in
+    /// an overlay; the source file is never changed.
+    #[arg(long, value_parser = parse_spec, value_name = "SPEC")]
+    pub guest: Option<GuestSpec>,
+    /// Keep what the guest wrote as a qcow2 image backed by SOURCE.
+    #[arg(long, value_name = "FILE", requires = "guest")]
+    pub guest_overlay: Option<PathBuf>,
+    /// What a failed copy-before-write does: fail the guest write (the
+    /// backup stays consistent), or let it through and fail the job.
+    /// [default: break-guest-write]
+    #[arg(long, value_enum, value_name = "POLICY", requires = "guest")]
+    pub on_cbw_error: Option<OnCbwError>,
+    /// The longest a guest write may wait for its copy-before-write; past
+    /// it the copy counts as failed.
+    #[arg(long, value_parser = parse_duration, value_name = "DUR", requires = "guest")]
+    pub cbw_timeout: Option<Duration>,
+    /// After the job, re-read the backup (through its backing file) and
+    /// check it equals SOURCE as it was at the start; a mismatch is exit 7
+    /// and leaves no TARGET.
+    #[arg(long)]
+    pub verify: bool,
+    /// Fault injection for testing error handling, like QEMU's blkdebug
+    /// (repeatable): NODE:OP:ERRNO[@WHERE][,once|,count=N|,prob=P,seed=S][,delay=DUR].
+    /// See imgbackup(1), FAULT INJECTION.
+    #[arg(long, value_parser = parse_rule, value_name = "RULE", hide_short_help = true)]
+    pub inject: Vec<Rule>,
 }
 
 #[derive(Debug, Args)]

@@ -34,6 +34,8 @@ pub enum CopyError {
     Target(#[source] BlockError),
     #[error("the copy was cancelled")]
     Cancelled,
+    #[error("copy-before-write did not finish within {waited:?} (--cbw-timeout)")]
+    Timeout { waited: std::time::Duration },
 }
 
 impl CopyError {
@@ -42,6 +44,7 @@ impl CopyError {
         match self {
             CopyError::Source(e) | CopyError::Target(e) => e.errno(),
             CopyError::Cancelled => None,
+            CopyError::Timeout { .. } => Some(libc::ETIMEDOUT),
         }
     }
 }
@@ -93,6 +96,30 @@ pub struct Config {
 struct Tally {
     copied: u64,
     zero: u64,
+    read: u64,
+}
+
+/// The context of one claimed copy.
+struct Ctx<'a> {
+    tally: &'a mut Tally,
+    /// (deadline, start) of a copy-before-write with `--cbw-timeout`.
+    deadline: Option<(std::time::Instant, std::time::Instant)>,
+}
+
+impl Ctx<'_> {
+    fn check(&self, cancel: &Cancel) -> Result<(), CopyError> {
+        if cancel.is_cancelled() {
+            return Err(CopyError::Cancelled);
+        }
+        if let Some((d, started)) = self.deadline
+            && std::time::Instant::now() >= d
+        {
+            return Err(CopyError::Timeout {
+                waited: started.elapsed(),
+            });
+        }
+        Ok(())
+    }
 }
 
 struct Inner {
@@ -114,6 +141,8 @@ pub struct BlockCopy {
     // behind a lock
     inner: Mutex<Inner>,
     changed: Condvar,
+    failure: Mutex<Option<CopyError>>,
+    failed: std::sync::atomic::AtomicBool,
     // atomic
     pub progress: Progress,
 }
@@ -159,12 +188,19 @@ impl BlockCopy {
                 cursor: 0,
             }),
             changed: Condvar::new(),
+            failure: Mutex::new(None),
+            failed: std::sync::atomic::AtomicBool::new(false),
             progress,
         }
     }
 
     pub fn cluster_size(&self) -> u64 {
         self.cfg.cluster_size
+    }
+
+    /// The largest claim, in bytes.
+    pub fn max_chunk(&self) -> u64 {
+        (self.cfg.max_chunk / self.cfg.cluster_size).max(1) * self.cfg.cluster_size
     }
 
     pub fn len(&self) -> u64 {
@@ -188,6 +224,27 @@ impl BlockCopy {
             Ok(g) => g,
             Err(p) => p.into_inner(),
         }
+    }
+
+    /// Fail the job with `err` (the first failure wins). Workers stop
+    /// claiming; a copy-before-write filter passes writes through.
+    pub fn fail(&self, err: CopyError) {
+        if let Ok(mut f) = self.failure.lock()
+            && f.is_none()
+        {
+            *f = Some(err);
+        }
+        self.failed.store(true, Ordering::SeqCst);
+        self.changed.notify_all();
+    }
+
+    pub fn failed(&self) -> bool {
+        self.failed.load(Ordering::SeqCst)
+    }
+
+    /// The failure recorded by [`BlockCopy::fail`], once.
+    pub fn take_failure(&self) -> Option<CopyError> {
+        self.failure.lock().ok().and_then(|mut f| f.take())
     }
 
     /// A copy of the copy bitmap (what is still to copy).
@@ -239,13 +296,18 @@ impl BlockCopy {
     /// that is still to copy is in the target before the caller overwrites
     /// it. Waits for copies in flight over the range, then claims and copies
     /// what is still marked. Returns the number of bytes this call copied.
+    /// A `deadline` bounds the wait and the copy (`--cbw-timeout`).
+    /// Copy-before-write is not rate limited.
     pub fn copy_before_write(
         &self,
         offset: u64,
         len: u64,
         buf: &mut Vec<u8>,
+        deadline: Option<std::time::Instant>,
     ) -> Result<u64, CopyError> {
         let cs = self.cfg.cluster_size;
+        let started = std::time::Instant::now();
+        let timed_out = || deadline.is_some_and(|d| std::time::Instant::now() >= d);
         let first = offset / cs;
         let last = (offset + len).div_ceil(cs);
         let mut copied = 0;
@@ -259,6 +321,11 @@ impl BlockCopy {
                     }
                     if self.cancel.is_cancelled() {
                         return Err(CopyError::Cancelled);
+                    }
+                    if timed_out() {
+                        return Err(CopyError::Timeout {
+                            waited: started.elapsed(),
+                        });
                     }
                     g = match self
                         .changed
@@ -287,7 +354,7 @@ impl BlockCopy {
                 return Ok(copied);
             }
             for (k, c) in claims.iter().enumerate() {
-                let res = self.copy_claimed(*c, buf);
+                let res = self.copy_claimed_with(*c, buf, deadline.map(|d| (d, started)));
                 self.release(*c, res.is_ok());
                 if let Err(e) = res {
                     for rest in &claims[k + 1..] {
@@ -306,29 +373,49 @@ impl BlockCopy {
 
     /// Copy a claimed range. The caller releases the claim afterwards.
     /// Progress is credited only for what completed.
-    pub fn copy_claimed(&self, claim: Claim, buf: &mut Vec<u8>) -> Result<(), CopyError> {
+    /// Returns the bytes read from the source (what a rate limit charges).
+    pub fn copy_claimed(&self, claim: Claim, buf: &mut Vec<u8>) -> Result<u64, CopyError> {
+        self.copy_claimed_with(claim, buf, None)
+    }
+
+    /// The rate limit of background copies (`--speed`), if any. Callers
+    /// reserve before they claim and refund what they did not read, so no
+    /// claim is held while waiting (a guest write never waits for a
+    /// throttled copy).
+    pub fn throttle(&self) -> Option<&Throttle> {
+        self.throttle.as_ref()
+    }
+
+    fn copy_claimed_with(
+        &self,
+        claim: Claim,
+        buf: &mut Vec<u8>,
+        deadline: Option<(std::time::Instant, std::time::Instant)>,
+    ) -> Result<u64, CopyError> {
         let mut tally = Tally::default();
-        self.copy_claimed_inner(claim, buf, &mut tally)?;
+        let mut ctx = Ctx {
+            tally: &mut tally,
+            deadline,
+        };
+        self.copy_claimed_inner(claim, buf, &mut ctx)?;
         let p = &self.progress;
         p.copied.fetch_add(tally.copied, Ordering::Relaxed);
         p.zero.fetch_add(tally.zero, Ordering::Relaxed);
         p.done
             .fetch_add(tally.copied + tally.zero, Ordering::Relaxed);
-        Ok(())
+        Ok(tally.read)
     }
 
     fn copy_claimed_inner(
         &self,
         claim: Claim,
         buf: &mut Vec<u8>,
-        tally: &mut Tally,
+        ctx: &mut Ctx<'_>,
     ) -> Result<(), CopyError> {
         let cs = self.cfg.cluster_size;
         let mut pos = claim.start;
         while pos < claim.end {
-            if self.cancel.is_cancelled() {
-                return Err(CopyError::Cancelled);
-            }
+            ctx.check(&self.cancel)?;
             let ext = self
                 .source
                 .block_status(pos, claim.end - pos)
@@ -340,7 +427,7 @@ impl BlockCopy {
                 ext_end / cs * cs
             };
             if ext.status != Status::Data && aligned_end > pos {
-                self.zero_range(pos, aligned_end, tally)?;
+                self.zero_range(pos, aligned_end, ctx.tally)?;
                 pos = aligned_end;
                 continue;
             }
@@ -348,7 +435,7 @@ impl BlockCopy {
             // clusters.
             let end = (ext_end.div_ceil(cs) * cs).min(claim.end);
             let end = end.max((pos + cs).min(claim.end));
-            self.copy_data(pos, end, buf, tally)?;
+            self.copy_data(pos, end, buf, ctx)?;
             pos = end;
         }
         Ok(())
@@ -372,7 +459,7 @@ impl BlockCopy {
         start: u64,
         end: u64,
         buf: &mut Vec<u8>,
-        tally: &mut Tally,
+        ctx: &mut Ctx<'_>,
     ) -> Result<(), CopyError> {
         let cs = self.cfg.cluster_size;
         let step = (self.cfg.max_chunk / cs).max(1) * cs;
@@ -383,12 +470,9 @@ impl BlockCopy {
                 buf.resize(n as usize, 0);
             }
             let data = &mut buf[..n as usize];
-            if let Some(t) = &self.throttle
-                && !self.cancel.sleep_until(t.reserve(n))
-            {
-                return Err(CopyError::Cancelled);
-            }
+            ctx.check(&self.cancel)?;
             self.source.read(pos, data).map_err(CopyError::Source)?;
+            ctx.tally.read += n;
             // Write runs of non-zero clusters; leave zero clusters out.
             let mut i = 0u64;
             while i < n {
@@ -409,12 +493,12 @@ impl BlockCopy {
                             .write_zeroes(pos + i, j - i)
                             .map_err(CopyError::Target)?;
                     }
-                    tally.zero += j - i;
+                    ctx.tally.zero += j - i;
                 } else {
                     self.target
                         .write(pos + i, piece)
                         .map_err(CopyError::Target)?;
-                    tally.copied += j - i;
+                    ctx.tally.copied += j - i;
                 }
                 if let Some(o) = &self.observer {
                     o.copied(pos + i, ChunkData::Bytes(piece));

@@ -31,6 +31,21 @@ impl Throttle {
         self.rate
     }
 
+    /// Give back `bytes` reserved but not used.
+    pub fn refund(&self, bytes: u64) {
+        if bytes == 0 {
+            return;
+        }
+        let cost = Duration::from_secs_f64(bytes as f64 / self.rate as f64);
+        let mut next = match self.next.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        if let Some(n) = *next {
+            *next = Some(n.checked_sub(cost).unwrap_or(n));
+        }
+    }
+
     /// Reserve `bytes`; returns the instant at which the caller may start.
     pub fn reserve(&self, bytes: u64) -> Instant {
         let now = Instant::now();

@@ -20,7 +20,10 @@
 //!   [`BlockError::ReadOnly`] on read-only nodes; `flush` makes every
 //!   completed write durable.
 
+pub mod cbw;
 pub mod chain;
+pub mod fault;
+pub mod overlay;
 pub mod probe;
 pub mod qcow2;
 pub mod raw;

@@ -3,6 +3,8 @@
 
 mod backup;
 mod bad_input;
+mod cbw;
+mod cbw_races;
 mod common;
 mod conformance;
 mod docs;

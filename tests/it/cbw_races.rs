@@ -1,0 +1,247 @@
+//! Deterministic copy-before-write races, with a pause node in the role of
+//! QEMU's blkdebug `suspend`: a read at a chosen offset blocks until the
+//! test releases it.
+
+use crate::common::*;
+use imgbackup::bitmap::Bits;
+use imgbackup::copy::{BlockCopy, Config};
+use imgbackup::error::Result;
+use imgbackup::job::cancel::Cancel;
+use imgbackup::node::cbw::{CbwNode, OnCbwError};
+use imgbackup::node::overlay::OverlayNode;
+use imgbackup::node::raw::RawNode;
+use imgbackup::node::{BlockNode, Extent};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+const CS: u64 = 65536;
+
+/// Blocks the first read touching `at` until released.
+struct PauseNode {
+    inner: Arc<dyn BlockNode>,
+    at: u64,
+    state: Mutex<(bool, bool, bool)>, // (armed, entered, released)
+    cv: Condvar,
+}
+
+impl PauseNode {
+    fn new(inner: Arc<dyn BlockNode>, at: u64) -> Arc<PauseNode> {
+        Arc::new(PauseNode {
+            inner,
+            at,
+            state: Mutex::new((true, false, false)),
+            cv: Condvar::new(),
+        })
+    }
+    fn wait_entered(&self) {
+        let mut s = self.state.lock().unwrap();
+        while !s.1 {
+            let (g, t) = self.cv.wait_timeout(s, Duration::from_secs(10)).unwrap();
+            assert!(!t.timed_out(), "the paused read never came");
+            s = g;
+        }
+    }
+    fn release(&self) {
+        self.state.lock().unwrap().2 = true;
+        self.cv.notify_all();
+    }
+}
+
+impl BlockNode for PauseNode {
+    fn path(&self) -> &Path {
+        self.inner.path()
+    }
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn cluster_size(&self) -> u64 {
+        self.inner.cluster_size()
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        if offset <= self.at && self.at < offset + buf.len() as u64 {
+            let mut s = self.state.lock().unwrap();
+            if s.0 {
+                s.0 = false;
+                s.1 = true;
+                self.cv.notify_all();
+                while !s.2 {
+                    s = self.cv.wait(s).unwrap();
+                }
+            }
+        }
+        self.inner.read(offset, buf)
+    }
+    fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
+        self.inner.block_status(offset, len)
+    }
+}
+
+/// Counts writes per cluster.
+struct CountingNode {
+    inner: Arc<dyn BlockNode>,
+    writes: Vec<AtomicU64>,
+}
+
+impl BlockNode for CountingNode {
+    fn path(&self) -> &Path {
+        self.inner.path()
+    }
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn cluster_size(&self) -> u64 {
+        self.inner.cluster_size()
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.inner.read(offset, buf)
+    }
+    fn write(&self, offset: u64, buf: &[u8]) -> Result<()> {
+        for c in offset / CS..(offset + buf.len() as u64).div_ceil(CS) {
+            self.writes[c as usize].fetch_add(1, Ordering::SeqCst);
+        }
+        self.inner.write(offset, buf)
+    }
+    fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
+        self.inner.block_status(offset, len)
+    }
+}
+
+struct Rig {
+    _dir: tempfile::TempDir,
+    pause: Arc<PauseNode>,
+    overlay: Arc<OverlayNode>,
+    target: Arc<CountingNode>,
+    bc: Arc<BlockCopy>,
+    cbw: Arc<CbwNode>,
+    original: Vec<u8>,
+}
+
+fn rig(pause_at: u64) -> Rig {
+    let d = tempdir();
+    let p = d.path();
+    qemu_img(p, &["create", "-f", "raw", "src.raw", "1M"]);
+    qemu_io(p, "raw", "src.raw", &["write -P 0x61 0 1M"]);
+    let original = std::fs::read(p.join("src.raw")).unwrap();
+    let src: Arc<dyn BlockNode> = Arc::new(RawNode::open(&p.join("src.raw")).unwrap());
+    let pause = PauseNode::new(src, pause_at);
+    let overlay = Arc::new(OverlayNode::new(pause.clone(), p).unwrap());
+    let raw: Arc<dyn BlockNode> = Arc::new(RawNode::create(&p.join("t.raw"), 1 << 20).unwrap());
+    let target = Arc::new(CountingNode {
+        inner: raw,
+        writes: (0..16).map(|_| AtomicU64::new(0)).collect(),
+    });
+    let bc = Arc::new(BlockCopy::new(
+        overlay.clone(),
+        target.clone(),
+        Config {
+            cluster_size: CS,
+            max_chunk: CS,
+            write_zeroes: false,
+            speed: None,
+        },
+        Bits::full(16),
+        Cancel::new(),
+        None,
+    ));
+    let cbw = Arc::new(CbwNode::new(
+        overlay.clone(),
+        bc.clone(),
+        OnCbwError::BreakGuestWrite,
+        None,
+    ));
+    Rig {
+        _dir: d,
+        pause,
+        overlay,
+        target,
+        bc,
+        cbw,
+        original,
+    }
+}
+
+#[test]
+fn guest_write_waits_for_the_jobs_copy_in_flight() {
+    let r = rig(0);
+    let done = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        // The job claims cluster 0 and blocks reading it.
+        let job = s.spawn(|| {
+            let c = r.bc.claim_next().unwrap();
+            assert_eq!(c.start, 0);
+            let mut buf = Vec::new();
+            let res = r.bc.copy_claimed(c, &mut buf);
+            r.bc.release(c, res.is_ok());
+            res.unwrap();
+        });
+        r.pause.wait_entered();
+        let guest = s.spawn(|| {
+            r.cbw.write(4096, &[0x7a; 8192]).unwrap();
+            done.store(true, Ordering::SeqCst);
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(
+            !done.load(Ordering::SeqCst),
+            "the guest write did not wait for the copy in flight"
+        );
+        r.pause.release();
+        job.join().unwrap();
+        guest.join().unwrap();
+    });
+    assert_eq!(
+        r.target.writes[0].load(Ordering::SeqCst),
+        1,
+        "cluster 0 copied twice"
+    );
+    assert_eq!(
+        r.bc.progress.cbw_copies.load(Ordering::SeqCst),
+        0,
+        "the guest copied a cluster in flight"
+    );
+    let mut got = vec![0u8; CS as usize];
+    r.target.read(0, &mut got).unwrap();
+    assert_eq!(got, r.original[..CS as usize], "target holds the old data");
+    let mut now = vec![0u8; 8192];
+    r.overlay.read(4096, &mut now).unwrap();
+    assert!(now.iter().all(|&b| b == 0x7a), "the guest write landed");
+}
+
+#[test]
+fn job_skips_a_cluster_whose_copy_before_write_is_in_flight() {
+    let r = rig(2 * CS);
+    let done = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        // The guest writes cluster 2; its copy-before-write blocks.
+        let g1 = s.spawn(|| r.cbw.write(2 * CS + 100, &[1; 300]).unwrap());
+        r.pause.wait_entered();
+        // A second guest write to the same cluster waits, copies nothing.
+        let g2 = s.spawn(|| {
+            r.cbw.write(2 * CS + 1000, &[2; 10]).unwrap();
+            done.store(true, Ordering::SeqCst);
+        });
+        // The job drains everything else meanwhile and never claims cluster 2.
+        let mut buf = Vec::new();
+        while let Some(c) = r.bc.claim_next() {
+            assert_ne!(c.start, 2 * CS, "the job claimed a cluster in flight");
+            r.bc.copy_claimed(c, &mut buf).unwrap();
+            r.bc.release(c, true);
+        }
+        assert!(
+            !done.load(Ordering::SeqCst),
+            "the second guest write did not wait"
+        );
+        r.pause.release();
+        g1.join().unwrap();
+        g2.join().unwrap();
+    });
+    for c in 0..16 {
+        assert_eq!(r.target.writes[c].load(Ordering::SeqCst), 1, "cluster {c}");
+    }
+    assert_eq!(r.bc.progress.cbw_copies.load(Ordering::SeqCst), 1);
+    assert_eq!(r.bc.bitmap().count(), 0);
+    let mut got = vec![0u8; 1 << 20];
+    r.target.read(0, &mut got).unwrap();
+    assert_eq!(got, r.original, "the target is the image as it was");
+}
