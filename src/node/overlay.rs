@@ -81,8 +81,23 @@ pub struct OverlayNode {
     size: u64,
     store: Store,
     // behind locks
-    allocated: RwLock<Bits>,
+    map: RwLock<GranuleMap>,
     locks: RangeLocks,
+}
+
+/// Which granules the overlay holds, and which of those read as zeros
+/// (written with write-zeroes; no bytes stored).
+struct GranuleMap {
+    allocated: Bits,
+    zero: Bits,
+}
+
+/// What the overlay holds for one granule.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Held {
+    Nothing,
+    Zero,
+    Data,
 }
 
 impl OverlayNode {
@@ -104,7 +119,10 @@ impl OverlayNode {
             path: PathBuf::from(path),
             size,
             store,
-            allocated: RwLock::new(Bits::new(size.div_ceil(GRANULE))),
+            map: RwLock::new(GranuleMap {
+                allocated: Bits::new(size.div_ceil(GRANULE)),
+                zero: Bits::new(size.div_ceil(GRANULE)),
+            }),
             locks: RangeLocks::default(),
             base,
         })
@@ -115,19 +133,45 @@ impl OverlayNode {
         &self.base
     }
 
-    fn is_allocated(&self, granule: u64) -> bool {
-        match self.allocated.read() {
-            Ok(b) => b.get(granule),
-            Err(p) => p.into_inner().get(granule),
+    fn map_read(&self) -> std::sync::RwLockReadGuard<'_, GranuleMap> {
+        match self.map.read() {
+            Ok(m) => m,
+            Err(p) => p.into_inner(),
         }
+    }
+
+    fn map_write(&self) -> std::sync::RwLockWriteGuard<'_, GranuleMap> {
+        match self.map.write() {
+            Ok(m) => m,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    fn held(&self, granule: u64) -> Held {
+        let m = self.map_read();
+        if !m.allocated.get(granule) {
+            Held::Nothing
+        } else if m.zero.get(granule) {
+            Held::Zero
+        } else {
+            Held::Data
+        }
+    }
+
+    /// The end of the run of granules from `pos` that hold the same as the
+    /// granule at `pos`, capped at `end`.
+    fn run_end(&self, pos: u64, end: u64) -> (Held, u64) {
+        let held = self.held(pos / GRANULE);
+        let mut next = ((pos / GRANULE + 1) * GRANULE).min(end);
+        while next < end && self.held(next / GRANULE) == held {
+            next = (next + GRANULE).min(end);
+        }
+        (held, next)
     }
 
     /// Runs of granules the overlay holds, as byte ranges.
     pub fn allocated_ranges(&self) -> Vec<(u64, u64)> {
-        let bits = match self.allocated.read() {
-            Ok(b) => b.clone(),
-            Err(p) => p.into_inner().clone(),
-        };
+        let bits = self.map_read().allocated.clone();
         bits.runs()
             .into_iter()
             .map(|(s, e)| (s * GRANULE, (e * GRANULE).min(self.size)))
@@ -200,6 +244,33 @@ impl OverlayNode {
         if len == 0 {
             return Ok(());
         }
+        if data.is_none() {
+            // Whole granules become zero granules; partial ones are written.
+            let end = offset + len;
+            let fs = offset.div_ceil(GRANULE) * GRANULE;
+            let fe = if end == self.size {
+                end
+            } else {
+                end / GRANULE * GRANULE
+            };
+            if fs < fe {
+                let zeros = vec![0u8; GRANULE as usize];
+                if offset < fs {
+                    self.put(offset, fs - offset, Some(&zeros[..(fs - offset) as usize]))?;
+                }
+                {
+                    let _guard = self.locks.lock(fs, fe.div_ceil(GRANULE) * GRANULE);
+                    let mut m = self.map_write();
+                    let (a, b) = (fs / GRANULE, fe.div_ceil(GRANULE));
+                    m.allocated.set_range(a, b);
+                    m.zero.set_range(a, b);
+                }
+                if fe < end {
+                    self.put(fe, end - fe, Some(&zeros[..(end - fe) as usize]))?;
+                }
+                return Ok(());
+            }
+        }
         let gs = offset / GRANULE * GRANULE;
         let ge = (offset + len).div_ceil(GRANULE) * GRANULE;
         let ge_c = ge.min(self.size);
@@ -224,11 +295,10 @@ impl OverlayNode {
             None => dst.fill(0),
         }
         self.store_write(gs, &span)?;
-        let mut bits = match self.allocated.write() {
-            Ok(b) => b,
-            Err(p) => p.into_inner(),
-        };
-        bits.set_range(gs / GRANULE, ge_c.div_ceil(GRANULE));
+        let mut m = self.map_write();
+        let (a, b) = (gs / GRANULE, ge_c.div_ceil(GRANULE));
+        m.allocated.set_range(a, b);
+        m.zero.clear_range(a, b);
         Ok(())
     }
 }
@@ -251,17 +321,12 @@ impl BlockNode for OverlayNode {
         let end = offset + buf.len() as u64;
         let mut pos = offset;
         while pos < end {
-            let g = pos / GRANULE;
-            let mine = self.is_allocated(g);
-            let mut next = ((g + 1) * GRANULE).min(end);
-            while next < end && self.is_allocated(next / GRANULE) == mine {
-                next = (next + GRANULE).min(end);
-            }
+            let (held, next) = self.run_end(pos, end);
             let out = &mut buf[(pos - offset) as usize..(next - offset) as usize];
-            if mine {
-                self.store_read(pos, out)?;
-            } else {
-                self.base.read(pos, out)?;
+            match held {
+                Held::Data => self.store_read(pos, out)?,
+                Held::Zero => out.fill(0),
+                Held::Nothing => self.base.read(pos, out)?,
             }
             pos = next;
         }
@@ -282,20 +347,17 @@ impl BlockNode for OverlayNode {
 
     fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
         check_range(&self.path, offset, len, self.size)?;
-        let end = offset + len;
-        let g = offset / GRANULE;
-        let mine = self.is_allocated(g);
-        let mut next = ((g + 1) * GRANULE).min(end);
-        while next < end && self.is_allocated(next / GRANULE) == mine {
-            next = (next + GRANULE).min(end);
-        }
-        if mine {
-            return Ok(Extent {
+        let (held, next) = self.run_end(offset, offset + len);
+        match held {
+            Held::Data => Ok(Extent {
                 status: Status::Data,
                 len: next - offset,
-            });
+            }),
+            Held::Zero => Ok(Extent {
+                status: Status::Zero,
+                len: next - offset,
+            }),
+            Held::Nothing => self.base.block_status(offset, next - offset),
         }
-        let ext = self.base.block_status(offset, next - offset)?;
-        Ok(ext)
     }
 }

@@ -303,3 +303,103 @@ fn qcow2_writer_with_backing_and_zero_clusters() {
     );
     assert!(got[4 * 65536..].iter().all(|&b| b == 0x31));
 }
+
+/// Unaligned writes (the overlay and the filter take any shape).
+fn conform_unaligned_writes(node: &dyn BlockNode, expect: &mut [u8]) {
+    let size = node.size();
+    let mut rng = Lcg(size ^ 0xabc);
+    for i in 0..60u64 {
+        let off = rng.next(size - 1);
+        let len = 1 + rng.next((size - off).min(70_000));
+        let data: Vec<u8> = (0..len).map(|k| ((k + i * 13) % 253) as u8 + 1).collect();
+        if i % 5 == 0 {
+            node.write_zeroes(off, len).unwrap();
+            expect[off as usize..(off + len) as usize].fill(0);
+        } else {
+            node.write(off, &data).unwrap();
+            expect[off as usize..(off + len) as usize].copy_from_slice(&data);
+        }
+    }
+    conform_read(node, expect);
+}
+
+#[test]
+fn overlay_nodes_in_memory_and_in_a_file() {
+    use imgbackup::node::overlay::{MEMORY_LIMIT, OverlayNode};
+    let d = tempdir();
+    let p = d.path();
+    for (name, size) in [("small.qcow2", "8M"), ("large.qcow2", "40M")] {
+        qemu_img(p, &["create", "-f", "qcow2", name, size]);
+        qemu_io(
+            p,
+            "qcow2",
+            name,
+            &[
+                "write -P 0x21 0 1M",
+                "write -P 0x22 5M 3M",
+                "write -z 7M 64k",
+            ],
+        );
+        let before = sha256_file(&p.join(name));
+        let mut expect = raw_content(p, name);
+        let img = open_image(&p.join(name), None).unwrap();
+        let ov = OverlayNode::new(img.node.clone(), p).unwrap();
+        assert_eq!(ov.size() <= MEMORY_LIMIT, name == "small.qcow2");
+        conform_read(&ov, &expect);
+        conform_unaligned_writes(&ov, &mut expect);
+        conform_write(&ov, &mut expect);
+        assert_eq!(sha256_file(&p.join(name)), before, "the base changed");
+    }
+}
+
+#[test]
+fn filter_and_fault_nodes() {
+    use imgbackup::bitmap::Bits;
+    use imgbackup::copy::{BlockCopy, Config};
+    use imgbackup::job::cancel::Cancel;
+    use imgbackup::node::cbw::{CbwNode, OnCbwError};
+    use imgbackup::node::fault::{FaultNode, Rule, Side};
+    use imgbackup::node::overlay::OverlayNode;
+    use std::sync::Arc;
+    let d = tempdir();
+    let p = d.path();
+    make_raw(p, "src.raw", "4M");
+    let mut expect = std::fs::read(p.join("src.raw")).unwrap();
+    let original = expect.clone();
+    let src: Arc<dyn BlockNode> = Arc::new(RawNode::open(&p.join("src.raw")).unwrap());
+    // A fault node whose rule never matches behaves like its child.
+    let rules: Vec<Rule> = vec!["source:read:EIO@100M".parse().unwrap()];
+    let faulty = FaultNode::wrap(src, &rules, Side::Source);
+    conform_read(faulty.as_ref(), &expect);
+    let ov: Arc<dyn BlockNode> = Arc::new(OverlayNode::new(faulty, p).unwrap());
+    let tgt: Arc<dyn BlockNode> = Arc::new(RawNode::create(&p.join("t.raw"), 4 << 20).unwrap());
+    let bc = Arc::new(BlockCopy::new(
+        ov.clone(),
+        tgt,
+        Config {
+            cluster_size: 65536,
+            max_chunk: 65536,
+            write_zeroes: false,
+            speed: None,
+        },
+        Bits::full(64),
+        Cancel::new(),
+        None,
+    ));
+    let cbw = CbwNode::new(ov, bc.clone(), OnCbwError::BreakGuestWrite, None);
+    conform_read(&cbw, &expect);
+    conform_unaligned_writes(&cbw, &mut expect);
+    // Whatever the guest wrote, the target got the old data first.
+    assert!(
+        bc.progress
+            .cbw_copies
+            .load(std::sync::atomic::Ordering::SeqCst)
+            > 0
+    );
+    let mut buf = Vec::new();
+    while let Some(c) = bc.claim_next() {
+        bc.copy_claimed(c, &mut buf).unwrap();
+        bc.release(c, true);
+    }
+    assert_eq!(std::fs::read(p.join("t.raw")).unwrap(), original);
+}
