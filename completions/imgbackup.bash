@@ -28,6 +28,12 @@ _imgbackup() {
             imgbackup,info)
                 cmd="imgbackup__subcmd__info"
                 ;;
+            imgbackup,restore)
+                cmd="imgbackup__subcmd__restore"
+                ;;
+            imgbackup,verify)
+                cmd="imgbackup__subcmd__verify"
+                ;;
             imgbackup__subcmd__help,backup)
                 cmd="imgbackup__subcmd__help__subcmd__backup"
                 ;;
@@ -40,6 +46,12 @@ _imgbackup() {
             imgbackup__subcmd__help,info)
                 cmd="imgbackup__subcmd__help__subcmd__info"
                 ;;
+            imgbackup__subcmd__help,restore)
+                cmd="imgbackup__subcmd__help__subcmd__restore"
+                ;;
+            imgbackup__subcmd__help,verify)
+                cmd="imgbackup__subcmd__help__subcmd__verify"
+                ;;
             *)
                 ;;
         esac
@@ -47,7 +59,7 @@ _imgbackup() {
 
     case "${cmd}" in
         imgbackup)
-            opts="-q -v -h -V --json --quiet --verbose --progress --help --version backup info generate-docs help"
+            opts="-q -v -h -V --json --quiet --verbose --progress --help --version backup verify restore info generate-docs help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -65,7 +77,7 @@ _imgbackup() {
             return 0
             ;;
         imgbackup__subcmd__backup)
-            opts="-q -v -h -V --sync --target-format --target-cluster-size --cluster-size --jobs --max-chunk --speed --timeout --force --keep-partial --dry-run --source-format --guest --guest-overlay --on-cbw-error --cbw-timeout --verify --inject --json --quiet --verbose --progress --help --version"
+            opts="-q -v -h -V --sync --target-format --target-cluster-size --cluster-size --jobs --max-chunk --speed --timeout --force --keep-partial --dry-run --source-format --guest --guest-overlay --on-cbw-error --cbw-timeout --verify --no-manifest --inject --json --quiet --verbose --progress --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -157,7 +169,7 @@ _imgbackup() {
             return 0
             ;;
         imgbackup__subcmd__help)
-            opts="backup info generate-docs help"
+            opts="backup verify restore info generate-docs help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -226,6 +238,34 @@ _imgbackup() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        imgbackup__subcmd__help__subcmd__restore)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        imgbackup__subcmd__help__subcmd__verify)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         imgbackup__subcmd__info)
             opts="-q -v -h -V --format --json --quiet --verbose --progress --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
@@ -235,6 +275,66 @@ _imgbackup() {
             case "${prev}" in
                 --format)
                     COMPREPLY=($(compgen -W "raw qcow2" -- "${cur}"))
+                    return 0
+                    ;;
+                --progress)
+                    COMPREPLY=($(compgen -W "auto bar plain none" -- "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        imgbackup__subcmd__restore)
+            opts="-q -v -h -V --format --cluster-size --no-verify --force --keep-partial --jobs --json --quiet --verbose --progress --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --format)
+                    COMPREPLY=($(compgen -W "raw qcow2" -- "${cur}"))
+                    return 0
+                    ;;
+                --cluster-size)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --jobs)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --progress)
+                    COMPREPLY=($(compgen -W "auto bar plain none" -- "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        imgbackup__subcmd__verify)
+            opts="-q -v -h -V --against --against-format --jobs --json --quiet --verbose --progress --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --against)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --against-format)
+                    COMPREPLY=($(compgen -W "raw qcow2" -- "${cur}"))
+                    return 0
+                    ;;
+                --jobs)
+                    COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
                 --progress)

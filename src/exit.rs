@@ -35,6 +35,8 @@ pub enum AppError {
     Usage(String),
     #[error("the job was {}", .0.describe())]
     Cancelled(Reason),
+    #[error("verification failed: {0}")]
+    Verify(String),
     #[error("verification failed: {what} differs from {against} at offset {offset}")]
     Mismatch {
         what: String,
@@ -46,14 +48,21 @@ pub enum AppError {
 /// Walk the chain of `err` and pick the exit code of the first cause that
 /// has one.
 pub fn classify(err: &anyhow::Error) -> Exit {
-    for cause in err.chain() {
+    // anyhow finds a context value at any layer; the chain below finds the
+    // error types.
+    let app = err.downcast_ref::<AppError>();
+    for cause in app
+        .map(|a| a as &(dyn std::error::Error + 'static))
+        .into_iter()
+        .chain(err.chain())
+    {
         if let Some(e) = cause.downcast_ref::<AppError>() {
             return match e {
                 AppError::Usage(_) => Exit::Usage,
                 AppError::Cancelled(Reason::Interrupt) => Exit::Interrupted,
                 AppError::Cancelled(Reason::Terminate) => Exit::Terminated,
                 AppError::Cancelled(Reason::Timeout) => Exit::Timeout,
-                AppError::Mismatch { .. } => Exit::Mismatch,
+                AppError::Mismatch { .. } | AppError::Verify(_) => Exit::Mismatch,
             };
         }
         if let Some(e) = cause.downcast_ref::<CopyError>() {
@@ -61,6 +70,8 @@ pub fn classify(err: &anyhow::Error) -> Exit {
                 CopyError::Source(_) => Exit::SourceRead,
                 CopyError::Target(_) => Exit::TargetWrite,
                 CopyError::Cancelled | CopyError::Timeout { .. } => Exit::Failure,
+                CopyError::Mismatch { .. } => Exit::Mismatch,
+                CopyError::Manifest(_) => Exit::TargetWrite,
             };
         }
     }
@@ -85,7 +96,7 @@ pub fn hint(err: &anyhow::Error) -> Option<String> {
             })
         }
         Exit::Mismatch => Some(
-            "the backup does not hold the image as it was at the start; it was not kept. Report this with the command line and the summary."
+            "the data does not match what was recorded; do not rely on this backup: make a new full backup (and check the storage it lives on)"
                 .into(),
         ),
         Exit::Interrupted | Exit::Terminated | Exit::Timeout => {

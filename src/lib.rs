@@ -21,6 +21,7 @@ pub mod exit;
 pub mod guest;
 pub mod job;
 pub mod log;
+pub mod manifest;
 pub mod node;
 pub mod report;
 pub mod stats;

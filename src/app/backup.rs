@@ -11,6 +11,7 @@
 
 use crate::bitmap::Bits;
 use crate::cli::{BackupArgs, GlobalOpts, ProgressMode, SyncMode};
+use crate::copy::ChunkObserver;
 use crate::copy::{BlockCopy, Config, CopyError};
 use crate::error::{BlockError, Op};
 use crate::exit::{AppError, Exit};
@@ -18,6 +19,7 @@ use crate::guest::{self, GuestReport, GuestSpec};
 use crate::job::cancel::Cancel;
 use crate::job::{outcome, run_background};
 use crate::log;
+use crate::manifest::{Geometry, ManifestFile, ManifestWriter, Meta, check_image, manifest_path};
 use crate::node::cbw::{CbwNode, OnCbwError};
 use crate::node::fault::{FaultNode, Side};
 use crate::node::overlay::OverlayNode;
@@ -84,6 +86,8 @@ pub struct Summary {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub guest_overlay: Option<String>,
     pub verified: bool,
+    /// Root digest of TARGET.manifest (absent with --no-manifest).
+    pub manifest_root_digest: Option<String>,
 }
 
 fn usage(msg: String) -> anyhow::Error {
@@ -163,7 +167,7 @@ pub fn plan(args: &BackupArgs) -> anyhow::Result<Plan> {
     })
 }
 
-fn dir_of(p: &Path) -> PathBuf {
+pub fn dir_of(p: &Path) -> PathBuf {
     match p.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
@@ -171,7 +175,7 @@ fn dir_of(p: &Path) -> PathBuf {
 }
 
 /// Refuse an output path that would lose data or cannot be written.
-fn check_output(path: &Path, image: &Image, force: bool, what: &str) -> anyhow::Result<()> {
+pub fn check_output(path: &Path, image: &Image, force: bool, what: &str) -> anyhow::Result<()> {
     if !dir_of(path).is_dir() {
         bail!(
             "the directory of the {what} {} does not exist; create it first",
@@ -386,6 +390,7 @@ pub fn run(args: &BackupArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
         guest: None,
         guest_overlay: None,
         verified: false,
+        manifest_root_digest: None,
     };
 
     if args.dry_run {
@@ -469,6 +474,18 @@ pub fn run(args: &BackupArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
         )),
     };
     let target_node = FaultNode::wrap(target.node(), &args.inject, Side::Target);
+    let geo = Geometry {
+        size,
+        chunk: crate::manifest::CHUNK_SIZE.min(plan.cluster_size),
+    };
+    let mpartial =
+        (!args.no_manifest).then(|| Partial::new(&manifest_path(&plan.target), args.keep_partial));
+    let mwriter = match &mpartial {
+        Some(mp) => Some(Arc::new(
+            ManifestWriter::create(mp.path(), geo).map_err(CopyError::Manifest)?,
+        )),
+        None => None,
+    };
     let clusters = size.div_ceil(plan.cluster_size);
     let bc = Arc::new(BlockCopy::new(
         active.clone(),
@@ -481,7 +498,7 @@ pub fn run(args: &BackupArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
         },
         Bits::full(clusters),
         cancel.clone(),
-        None,
+        mwriter.clone().map(|m| m as Arc<dyn ChunkObserver>),
     ));
     let cbw = args.guest.as_ref().map(|_| {
         Arc::new(CbwNode::new(
@@ -542,10 +559,50 @@ pub fn run(args: &BackupArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
         return Err(AppError::Cancelled(reason).into());
     }
 
+    if let Some(m) = &mwriter {
+        // Chunks the copy did not see (sync none) come from the image.
+        m.fill_from(image.node.as_ref(), plan.jobs)
+            .context("cannot compute the manifest")?;
+        let mut meta = Meta {
+            format_version: crate::manifest::VERSION,
+            virtual_size: size,
+            chunk_size: geo.chunk,
+            chunks: geo.chunks(),
+            root_digest: String::new(),
+            source: std::fs::canonicalize(&plan.source)
+                .unwrap_or_else(|_| plan.source.clone())
+                .display()
+                .to_string(),
+            source_format: source_format.to_string(),
+            target_format: plan.target_format.to_string(),
+            sync: plan.sync.to_string(),
+            bitmap: None,
+            parent: None,
+            started: summary.started.clone(),
+            finished: rfc3339(SystemTime::now()),
+            created_by: format!("imgbackup {}", env!("CARGO_PKG_VERSION")),
+            incomplete: Vec::new(),
+        };
+        m.finish(&mut meta).map_err(CopyError::Manifest)?;
+        summary.manifest_root_digest = Some(meta.root_digest);
+    }
+
     if args.verify {
         let got = open_image(partial.path(), Some(plan.target_format))
             .context("cannot open the backup to verify it")?;
-        if let Some(offset) = first_difference(got.node.as_ref(), image.node.as_ref())? {
+        if let Some(mp) = &mpartial {
+            let mf = ManifestFile::open(mp.path())?;
+            if let Some(d) = check_image(got.node.as_ref(), &mf, plan.jobs)? {
+                return Err(AppError::Verify(format!(
+                    "chunk {} at offset {} of the new backup does not match its manifest (expected sha256 {}, found {}); it was not kept",
+                    d.chunk, d.offset, d.expected, d.found
+                ))
+                .into());
+            }
+        }
+        if (args.guest.is_some() || mpartial.is_none())
+            && let Some(offset) = first_difference(got.node.as_ref(), image.node.as_ref())?
+        {
             return Err(AppError::Mismatch {
                 what: format!("the backup {}", plan.target.display()),
                 against: format!(
@@ -559,6 +616,14 @@ pub fn run(args: &BackupArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
         summary.verified = true;
     }
 
+    // The manifest first: a crash between the renames leaves a manifest
+    // without its backup, never a backup that looks whole without one.
+    if let Some(mp) = mpartial {
+        let mfinal = mp.final_path().to_path_buf();
+        mp.commit()
+            .map_err(CopyError::Manifest)
+            .with_context(|| format!("cannot rename the manifest to {}", mfinal.display()))?;
+    }
     let final_path = partial.final_path().to_path_buf();
     partial
         .commit()
@@ -637,6 +702,9 @@ fn print_human(s: &Summary) {
     }
     if let Some(o) = &s.guest_overlay {
         eprintln!("  guest overlay:     {o}");
+    }
+    if let Some(r) = &s.manifest_root_digest {
+        eprintln!("  manifest root:     {r}");
     }
     eprintln!(
         "  elapsed:           {} ({}/s)",

@@ -43,6 +43,15 @@ struct LayerDoc {
 }
 
 #[derive(serde::Serialize)]
+struct ManifestDoc {
+    path: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    meta: Option<crate::manifest::Meta>,
+}
+
+#[derive(serde::Serialize)]
 struct InfoDoc {
     image: String,
     format: String,
@@ -51,6 +60,9 @@ struct InfoDoc {
     disk_usage: u64,
     allocation: Allocation,
     backing_chain: Vec<LayerDoc>,
+    /// The manifest beside the image, when it is a backup.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    manifest: Option<ManifestDoc>,
 }
 
 pub fn run(args: &InfoArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
@@ -77,6 +89,7 @@ pub fn run(args: &InfoArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
         disk_usage: top.disk_usage,
         allocation: chain[0].allocation,
         backing_chain: chain,
+        manifest: manifest_doc(&args.image),
     };
     if g.json {
         print_json(&doc)?;
@@ -114,6 +127,56 @@ pub fn run(args: &InfoArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
             );
         }
     }
+    if let Some(m) = &doc.manifest {
+        match (&m.meta, &m.error) {
+            (Some(meta), _) => {
+                out += &format!("manifest:       {}\n", m.path);
+                out += &format!("  root digest:  {}\n", meta.root_digest);
+                out += &format!(
+                    "  sync mode:    {}{}\n",
+                    meta.sync,
+                    meta.bitmap
+                        .as_ref()
+                        .map(|b| format!(" (bitmap {b})"))
+                        .unwrap_or_default()
+                );
+                out += &format!("  source:       {} ({})\n", meta.source, meta.source_format);
+                match &meta.parent {
+                    Some(p) => {
+                        out += &format!("  parent:       {} (root {})\n", p.path, p.root_digest)
+                    }
+                    None => out += "  parent:       none (a full backup)\n",
+                }
+                out += &format!("  started:      {}\n", meta.started);
+                out += &format!("  finished:     {}\n", meta.finished);
+                out += &format!(
+                    "  chunks:       {} of {}\n",
+                    meta.chunks,
+                    human_bytes(meta.chunk_size)
+                );
+            }
+            (None, Some(e)) => out += &format!("manifest:       {} is unusable: {e}\n", m.path),
+            (None, None) => {}
+        }
+    }
     print!("{out}");
     Ok(Exit::Success)
+}
+
+fn manifest_doc(image: &std::path::Path) -> Option<ManifestDoc> {
+    use crate::manifest::{ManifestError, ManifestFile, manifest_path};
+    let p = manifest_path(image);
+    match ManifestFile::open(&p) {
+        Ok(m) => Some(ManifestDoc {
+            path: p.display().to_string(),
+            error: None,
+            meta: Some(m.meta),
+        }),
+        Err(ManifestError::Missing { .. }) => None,
+        Err(e) => Some(ManifestDoc {
+            path: p.display().to_string(),
+            error: Some(e.to_string()),
+            meta: None,
+        }),
+    }
 }

@@ -3,6 +3,8 @@
 
 pub mod backup;
 pub mod info;
+pub mod restore;
+pub mod verify;
 
 use crate::cli::{Cli, Command};
 use crate::exit::Exit;
@@ -17,6 +19,8 @@ pub fn run(cli: &Cli) -> anyhow::Result<Exit> {
     });
     match &cli.command {
         Command::Backup(a) => backup::run(a, g),
+        Command::Verify(a) => verify::run(a, g),
+        Command::Restore(a) => restore::run(a, g),
         Command::Info(a) => info::run(a, g),
         Command::GenerateDocs { dir } => {
             for p in crate::cli::docs::write_all(dir)? {
@@ -27,6 +31,13 @@ pub fn run(cli: &Cli) -> anyhow::Result<Exit> {
             Ok(Exit::Success)
         }
     }
+}
+
+/// The default number of workers.
+pub fn default_jobs() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
 }
 
 /// A JSON document describing a failure, for `--json`.

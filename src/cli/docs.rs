@@ -58,6 +58,24 @@ A raw target is sparse: clusters that read as zeros are holes. A qcow2 target
 is a version 3 image with 16\-bit refcounts, written by imgbackup itself; it
 passes \fBqemu\-img check\fR. Zero and unallocated clusters of the source are
 left unallocated.
+.TP
+.I TARGET.manifest
+What the backup holds, written beside it unless \fB\-\-no\-manifest\fR (as
+TARGET.manifest.partial, renamed just before TARGET). Format version 1,
+integers big\-endian: bytes 0\-7 the magic "IMGBKMAN"; 8\-11 the format
+version; 12\-15 the length L of the JSON metadata; 16\-23 the offset T of the
+digest table (16384); 24\-31 the number of chunks N; 32 onwards the JSON
+metadata, zero\-padded up to T; at T, N sha256 digests of 32 bytes, one per
+chunk of the whole point\-in\-time image in order (the last chunk may be
+short); then 32 bytes: the sha256 of every preceding byte of the file. The
+JSON metadata holds format_version, virtual_size, chunk_size (64 KiB, or the
+backup cluster size if smaller), chunks, root_digest (the sha256 over the N
+digests, in order, as hex), source, source_format, target_format, sync,
+bitmap, parent (path and root_digest of the backup an incremental builds on),
+started and finished (RFC 3339), created_by, and incomplete (byte ranges the
+backup does not hold). \fBimgbackup verify\fR recomputes every digest of the
+backup through its backing chain; \fBimgbackup restore\fR checks them while it
+writes. docs/manifest.md in the source tree has the same description.
 .SH "COPY-BEFORE-WRITE AND THE SIMULATED GUEST"
 With \fB\-\-guest\fR SPEC a simulated guest writes while the backup runs.
 Its writes go through a copy\-before\-write filter into a writable overlay

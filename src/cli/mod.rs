@@ -73,6 +73,10 @@ pub enum ProgressMode {
 pub enum Command {
     /// Make a backup of SOURCE into TARGET.
     Backup(Box<BackupArgs>),
+    /// Check a backup against its manifest (and, optionally, an image).
+    Verify(VerifyArgs),
+    /// Write the image a backup (and its chain) represents into OUTPUT.
+    Restore(RestoreArgs),
     /// Show format, sizes, allocation and backing chain of an image.
     Info(InfoArgs),
     /// Write the man pages and shell completions into DIR (man/ and completions/).
@@ -169,15 +173,63 @@ pub struct BackupArgs {
     #[arg(long, value_parser = parse_duration, value_name = "DUR", requires = "guest")]
     pub cbw_timeout: Option<Duration>,
     /// After the job, re-read the backup (through its backing file) and
-    /// check it equals SOURCE as it was at the start; a mismatch is exit 7
+    /// check it against the manifest; with --guest (or --no-manifest) also
+    /// check it equals SOURCE as it was at the start. A mismatch is exit 7
     /// and leaves no TARGET.
     #[arg(long)]
     pub verify: bool,
+    /// Do not write TARGET.manifest (the chunk digests that `verify` and
+    /// `restore` check).
+    #[arg(long)]
+    pub no_manifest: bool,
     /// Fault injection for testing error handling, like QEMU's blkdebug
     /// (repeatable): NODE:OP:ERRNO[@WHERE][,once|,count=N|,prob=P,seed=S][,delay=DUR].
     /// See imgbackup(1), FAULT INJECTION.
     #[arg(long, value_parser = parse_rule, value_name = "RULE", hide_short_help = true)]
     pub inject: Vec<Rule>,
+}
+
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// The backup (its manifest is BACKUP.manifest; its backing chain is
+    /// followed).
+    pub backup: PathBuf,
+    /// Also compare the backup's content with IMAGE.
+    #[arg(long, value_name = "IMAGE")]
+    pub against: Option<PathBuf>,
+    /// Format of IMAGE; skips probing.
+    #[arg(long, value_enum, value_name = "FORMAT", requires = "against")]
+    pub against_format: Option<Format>,
+    /// Number of hashing workers [default: the number of CPUs].
+    #[arg(long, value_parser = parse_jobs, value_name = "N")]
+    pub jobs: Option<usize>,
+}
+
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    /// The backup to restore (with its backing chain).
+    pub backup: PathBuf,
+    /// The image to write. It is written as OUTPUT.partial and renamed once
+    /// complete, flushed and checked.
+    pub output: PathBuf,
+    /// Format of OUTPUT [default: qcow2 when OUTPUT ends in .qcow2, else raw].
+    #[arg(long, value_enum, value_name = "FORMAT")]
+    pub format: Option<Format>,
+    /// Cluster size of a qcow2 OUTPUT.
+    #[arg(long, value_parser = parse_cluster_size, default_value = "64K", value_name = "SIZE")]
+    pub cluster_size: u64,
+    /// Do not check the data against the backup's manifest.
+    #[arg(long)]
+    pub no_verify: bool,
+    /// Replace an existing OUTPUT (only once the restored image is complete).
+    #[arg(long)]
+    pub force: bool,
+    /// On failure, keep OUTPUT.partial.
+    #[arg(long)]
+    pub keep_partial: bool,
+    /// Number of copy workers [default: the number of CPUs].
+    #[arg(long, value_parser = parse_jobs, value_name = "N")]
+    pub jobs: Option<usize>,
 }
 
 #[derive(Debug, Args)]

@@ -36,6 +36,14 @@ pub enum CopyError {
     Cancelled,
     #[error("copy-before-write did not finish within {waited:?} (--cbw-timeout)")]
     Timeout { waited: std::time::Duration },
+    #[error("chunk {chunk} at offset {offset} does not match the manifest ({detail})")]
+    Mismatch {
+        offset: u64,
+        chunk: u64,
+        detail: String,
+    },
+    #[error("cannot write the manifest")]
+    Manifest(#[source] std::io::Error),
 }
 
 impl CopyError {
@@ -45,6 +53,8 @@ impl CopyError {
             CopyError::Source(e) | CopyError::Target(e) => e.errno(),
             CopyError::Cancelled => None,
             CopyError::Timeout { .. } => Some(libc::ETIMEDOUT),
+            CopyError::Mismatch { .. } => None,
+            CopyError::Manifest(e) => e.raw_os_error(),
         }
     }
 }
@@ -58,9 +68,11 @@ pub enum ChunkData<'a> {
 }
 
 /// Sees every cluster-aligned range the copy completes, in any order and
-/// from any thread.
+/// from any thread: the bytes it read, or that it read as zeros without
+/// I/O. An error fails that copy (for example a digest mismatch while
+/// restoring).
 pub trait ChunkObserver: Send + Sync {
-    fn copied(&self, offset: u64, data: ChunkData<'_>);
+    fn copied(&self, offset: u64, data: ChunkData<'_>) -> Result<(), CopyError>;
 }
 
 /// Progress counters. Bytes unless noted.
@@ -448,7 +460,7 @@ impl BlockCopy {
                 .map_err(CopyError::Target)?;
         }
         if let Some(o) = &self.observer {
-            o.copied(start, ChunkData::Zeroes(end - start));
+            o.copied(start, ChunkData::Zeroes(end - start))?;
         }
         tally.zero += end - start;
         Ok(())
@@ -474,16 +486,12 @@ impl BlockCopy {
             self.source.read(pos, data).map_err(CopyError::Source)?;
             ctx.tally.read += n;
             // Write runs of non-zero clusters; leave zero clusters out.
+            let zeros: Vec<bool> = data.chunks(cs as usize).map(is_zero).collect();
             let mut i = 0u64;
             while i < n {
-                let zero_at = |k: u64| {
-                    let a = k as usize;
-                    let b = ((k + cs).min(n)) as usize;
-                    is_zero(&data[a..b])
-                };
-                let zero = zero_at(i);
+                let zero = zeros[(i / cs) as usize];
                 let mut j = (i + cs).min(n);
-                while j < n && zero_at(j) == zero {
+                while j < n && zeros[(j / cs) as usize] == zero {
                     j = (j + cs).min(n);
                 }
                 let piece = &data[i as usize..j as usize];
@@ -501,7 +509,12 @@ impl BlockCopy {
                     ctx.tally.copied += j - i;
                 }
                 if let Some(o) = &self.observer {
-                    o.copied(pos + i, ChunkData::Bytes(piece));
+                    let d = if zero {
+                        ChunkData::Zeroes(j - i)
+                    } else {
+                        ChunkData::Bytes(piece)
+                    };
+                    o.copied(pos + i, d)?;
                 }
                 i = j;
             }

@@ -141,7 +141,7 @@ fn guest_that_rewrites_everything_first_still_gives_the_start() {
             "--jobs",
             "1",
             "--speed",
-            "2M",
+            "1M",
             "--max-chunk",
             "64K",
             "--guest",

@@ -196,3 +196,23 @@ pub fn make_raw(dir: &Path, name: &str, size: &str) {
 pub fn parse_size(s: &str) -> u64 {
     imgbackup::cli::parse::parse_size(s).expect("size")
 }
+
+/// The root digest of an image computed independently of imgbackup: sha256
+/// over the sha256 of every `chunk`-byte piece of `qemu-img convert -O raw`.
+pub fn independent_root(dir: &Path, img: &str, chunk: usize) -> String {
+    let data = raw_content(dir, img);
+    let mut root = Sha256::new();
+    for piece in data.chunks(chunk) {
+        root.update(Sha256::digest(piece));
+    }
+    hex(&root.finalize())
+}
+
+/// Run imgbackup with `--json` and parse the document (any exit code).
+pub fn json_run(dir: &Path, args: &[&str]) -> (i32, serde_json::Value, String) {
+    let mut a = vec!["--json"];
+    a.extend_from_slice(args);
+    let o = run_in(dir, &a);
+    let v = serde_json::from_slice(&o.stdout).unwrap_or(serde_json::Value::Null);
+    (code(&o), v, stderr(&o))
+}

@@ -8,5 +8,6 @@ mod cbw_races;
 mod common;
 mod conformance;
 mod docs;
+mod manifest;
 mod qcow2_matrix;
 mod signals;

@@ -1,0 +1,639 @@
+//! `TARGET.manifest`: what a backup holds, chunk by chunk.
+//!
+//! Layout (format version 1; integers big-endian):
+//!
+//! ```text
+//!      0   8  magic "IMGBKMAN"
+//!      8   4  format version (1)
+//!     12   4  length L of the JSON metadata
+//!     16   8  offset T of the digest table (16384)
+//!     24   8  number of chunks N
+//!     32   L  JSON metadata (UTF-8), zero padding up to T
+//!      T N*32 sha256 of each chunk of the point-in-time image, in order
+//! T+N*32  32  sha256 of every byte before it (the manifest's own checksum)
+//! ```
+//!
+//! The JSON metadata holds the virtual size, the chunk size, the root digest
+//! (sha256 over the N chunk digests, in order), the source, the sync mode,
+//! the bitmap, the parent backup and its root digest, and the start and end
+//! times (RFC 3339). Every chunk of the *whole* image has a digest, not only
+//! the copied ones; the last chunk may be shorter than the chunk size.
+//!
+//! Digests come from the data the copy already holds ([`ManifestWriter`] is a
+//! [`ChunkObserver`]); zero chunks hash without I/O (their digest is a
+//! constant); chunks the copy did not touch are filled afterwards, from a
+//! parent's manifest (incremental backups) or by reading the image.
+
+use crate::bitmap::Bits;
+use crate::copy::{ChunkData, ChunkObserver, CopyError};
+use crate::node::{BlockNode, Status};
+use sha2::{Digest, Sha256};
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+pub const MAGIC: &[u8; 8] = b"IMGBKMAN";
+pub const VERSION: u32 = 1;
+pub const TABLE_OFFSET: u64 = 16384;
+/// The chunk size of new manifests (smaller when the backup cluster is).
+pub const CHUNK_SIZE: u64 = 64 << 10;
+const MAX_META: usize = (TABLE_OFFSET - 32) as usize;
+
+pub type Sha = [u8; 32];
+
+/// `PATH.manifest`.
+pub fn manifest_path(target: &Path) -> PathBuf {
+    let mut s = target.as_os_str().to_owned();
+    s.push(".manifest");
+    PathBuf::from(s)
+}
+
+pub fn hex(d: &[u8]) -> String {
+    d.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The parent of an incremental backup.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Parent {
+    pub path: String,
+    pub root_digest: String,
+}
+
+/// The manifest's metadata (its JSON part).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Meta {
+    pub format_version: u32,
+    pub virtual_size: u64,
+    pub chunk_size: u64,
+    pub chunks: u64,
+    pub root_digest: String,
+    pub source: String,
+    pub source_format: String,
+    pub target_format: String,
+    pub sync: String,
+    pub bitmap: Option<String>,
+    pub parent: Option<Parent>,
+    pub started: String,
+    pub finished: String,
+    pub created_by: String,
+    /// Byte ranges the backup does not hold (skipped by an ignore policy);
+    /// their digests are of the point-in-time image all the same.
+    #[serde(default)]
+    pub incomplete: Vec<[u64; 2]>,
+}
+
+/// Errors reading a manifest.
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    #[error("{}: no manifest (the backup was made with --no-manifest, or by another tool)", path.display())]
+    Missing { path: PathBuf },
+    #[error("cannot read the manifest {}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{}: damaged manifest: {detail}", path.display())]
+    Damaged { path: PathBuf, detail: String },
+}
+
+/// sha256 of `len` zero bytes.
+pub fn zero_digest(len: u64) -> Sha {
+    let mut h = Sha256::new();
+    let z = [0u8; 8192];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(z.len() as u64) as usize;
+        h.update(&z[..n]);
+        left -= n as u64;
+    }
+    h.finalize().into()
+}
+
+pub fn digest(data: &[u8]) -> Sha {
+    Sha256::digest(data).into()
+}
+
+/// Chunk geometry of an image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Geometry {
+    pub size: u64,
+    pub chunk: u64,
+}
+
+impl Geometry {
+    pub fn chunks(&self) -> u64 {
+        self.size.div_ceil(self.chunk)
+    }
+
+    /// Length of chunk `i` (the last one may be short).
+    pub fn len(&self, i: u64) -> u64 {
+        (self.size - i * self.chunk).min(self.chunk)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.size == 0
+    }
+
+    /// Digests of a zero chunk: (full chunk, last chunk).
+    pub fn zero_digests(&self) -> (Sha, Sha) {
+        let last = if self.size == 0 {
+            0
+        } else {
+            self.len(self.chunks() - 1)
+        };
+        (zero_digest(self.chunk), zero_digest(last))
+    }
+}
+
+/// Builds `TARGET.manifest.partial` while the copy runs.
+pub struct ManifestWriter {
+    // set at creation
+    path: PathBuf,
+    file: File,
+    geo: Geometry,
+    zero: (Sha, Sha),
+    // behind a lock
+    have: Mutex<Bits>,
+}
+
+impl ManifestWriter {
+    pub fn create(path: &Path, geo: Geometry) -> io::Result<ManifestWriter> {
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)?;
+        file.set_len(TABLE_OFFSET + geo.chunks() * 32)?;
+        Ok(ManifestWriter {
+            path: path.to_path_buf(),
+            file,
+            zero: geo.zero_digests(),
+            geo,
+            have: Mutex::new(Bits::new(geo.chunks())),
+        })
+    }
+
+    pub fn geometry(&self) -> Geometry {
+        self.geo
+    }
+
+    fn zero_for(&self, i: u64) -> Sha {
+        if self.geo.len(i) == self.geo.chunk {
+            self.zero.0
+        } else {
+            self.zero.1
+        }
+    }
+
+    /// Record the digest of chunk `i`.
+    pub fn put(&self, i: u64, d: &Sha) -> io::Result<()> {
+        self.file.write_all_at(d, TABLE_OFFSET + i * 32)?;
+        if let Ok(mut h) = self.have.lock() {
+            h.set(i);
+        }
+        Ok(())
+    }
+
+    /// Record digests of consecutive chunks from `first`.
+    pub fn put_many(&self, first: u64, ds: &[Sha]) -> io::Result<()> {
+        let bytes: Vec<u8> = ds.iter().flatten().copied().collect();
+        self.file.write_all_at(&bytes, TABLE_OFFSET + first * 32)?;
+        if let Ok(mut h) = self.have.lock() {
+            h.set_range(first, first + ds.len() as u64);
+        }
+        Ok(())
+    }
+
+    /// Chunks without a digest yet.
+    pub fn missing(&self) -> Bits {
+        let have = match self.have.lock() {
+            Ok(h) => h.clone(),
+            Err(p) => p.into_inner().clone(),
+        };
+        let mut m = Bits::full(self.geo.chunks());
+        for (s, e) in have.runs() {
+            m.clear_range(s, e);
+        }
+        m
+    }
+
+    /// Fill missing digests by reading `image` (the point-in-time image).
+    pub fn fill_from(&self, image: &dyn BlockNode, jobs: usize) -> Result<(), CopyError> {
+        let runs = self.missing().runs();
+        let work: Vec<(u64, u64)> = runs
+            .iter()
+            .flat_map(|&(s, e)| (s..e).step_by(64).map(move |a| (a, (a + 64).min(e))))
+            .collect();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(jobs.max(1))
+            .build()
+            .map_err(|e| CopyError::Manifest(io::Error::other(e)))?;
+        pool.install(|| {
+            use rayon::prelude::*;
+            work.par_iter().try_for_each(|&(a, b)| {
+                let ds = digests_of(image, self.geo, a, b, &self.zero)?;
+                self.put_many(a, &ds).map_err(CopyError::Manifest)
+            })
+        })
+    }
+
+    /// Fill missing digests from a parent manifest (same geometry).
+    pub fn fill_from_parent(&self, parent: &ManifestFile) -> Result<(), CopyError> {
+        for (s, e) in self.missing().runs() {
+            let mut a = s;
+            while a < e {
+                let b = (a + 4096).min(e);
+                let ds = parent
+                    .digests(a, b)
+                    .map_err(|e| CopyError::Manifest(io::Error::other(e.to_string())))?;
+                self.put_many(a, &ds).map_err(CopyError::Manifest)?;
+                a = b;
+            }
+        }
+        Ok(())
+    }
+
+    /// Compute the root digest, write the metadata and the checksum, sync.
+    /// `meta.root_digest` is filled in; every chunk must have a digest.
+    pub fn finish(&self, meta: &mut Meta) -> io::Result<()> {
+        if self.missing().count() > 0 {
+            return Err(io::Error::other(
+                "internal error: the manifest lacks digests",
+            ));
+        }
+        let n = self.geo.chunks();
+        let mut root = Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let table_len = n * 32;
+        let mut pos = 0;
+        while pos < table_len {
+            let k = (table_len - pos).min(buf.len() as u64) as usize;
+            self.file.read_exact_at(&mut buf[..k], TABLE_OFFSET + pos)?;
+            root.update(&buf[..k]);
+            pos += k as u64;
+        }
+        meta.root_digest = hex(&root.finalize());
+        meta.chunk_size = self.geo.chunk;
+        meta.chunks = n;
+        meta.virtual_size = self.geo.size;
+        meta.format_version = VERSION;
+        let json = serde_json::to_vec(meta).map_err(io::Error::other)?;
+        if json.len() > MAX_META {
+            return Err(io::Error::other(
+                "manifest metadata too long (source path?)",
+            ));
+        }
+        let mut head = vec![0u8; TABLE_OFFSET as usize];
+        head[0..8].copy_from_slice(MAGIC);
+        head[8..12].copy_from_slice(&VERSION.to_be_bytes());
+        head[12..16].copy_from_slice(&(json.len() as u32).to_be_bytes());
+        head[16..24].copy_from_slice(&TABLE_OFFSET.to_be_bytes());
+        head[24..32].copy_from_slice(&n.to_be_bytes());
+        head[32..32 + json.len()].copy_from_slice(&json);
+        self.file.write_all_at(&head, 0)?;
+        // The checksum over everything before it.
+        let mut sum = Sha256::new();
+        sum.update(&head);
+        let mut pos = 0;
+        while pos < table_len {
+            let k = (table_len - pos).min(buf.len() as u64) as usize;
+            self.file.read_exact_at(&mut buf[..k], TABLE_OFFSET + pos)?;
+            sum.update(&buf[..k]);
+            pos += k as u64;
+        }
+        let sum: Sha = sum.finalize().into();
+        self.file.write_all_at(&sum, TABLE_OFFSET + table_len)?;
+        self.file.sync_all()
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl ChunkObserver for ManifestWriter {
+    fn copied(&self, offset: u64, data: ChunkData<'_>) -> Result<(), CopyError> {
+        let c = self.geo.chunk;
+        let first = offset / c;
+        match data {
+            ChunkData::Zeroes(len) => {
+                let last = (offset + len).div_ceil(c);
+                let ds: Vec<Sha> = (first..last).map(|i| self.zero_for(i)).collect();
+                self.put_many(first, &ds).map_err(CopyError::Manifest)
+            }
+            ChunkData::Bytes(buf) => {
+                let ds: Vec<Sha> = buf.chunks(c as usize).map(digest).collect();
+                self.put_many(first, &ds).map_err(CopyError::Manifest)
+            }
+        }
+    }
+}
+
+/// Digests of chunks `[a, b)` of `image`, reading only what holds data.
+pub fn digests_of(
+    image: &dyn BlockNode,
+    geo: Geometry,
+    a: u64,
+    b: u64,
+    zero: &(Sha, Sha),
+) -> Result<Vec<Sha>, CopyError> {
+    let start = a * geo.chunk;
+    let end = (b * geo.chunk).min(geo.size);
+    let mut out = Vec::with_capacity((b - a) as usize);
+    let mut buf = vec![0u8; geo.chunk as usize];
+    let mut pos = start;
+    while pos < end {
+        let ext = image
+            .block_status(pos, end - pos)
+            .map_err(CopyError::Source)?;
+        let ext_end = pos + ext.len;
+        // Whole chunks inside a zero extent need no I/O.
+        if ext.status != Status::Data {
+            let zend = if ext_end == end {
+                end
+            } else {
+                ext_end / geo.chunk * geo.chunk
+            };
+            if zend > pos {
+                while pos < zend {
+                    let i = pos / geo.chunk;
+                    out.push(if geo.len(i) == geo.chunk {
+                        zero.0
+                    } else {
+                        zero.1
+                    });
+                    pos += geo.len(i);
+                }
+                continue;
+            }
+        }
+        let i = pos / geo.chunk;
+        let n = geo.len(i) as usize;
+        image.read(pos, &mut buf[..n]).map_err(CopyError::Source)?;
+        out.push(digest(&buf[..n]));
+        pos += n as u64;
+    }
+    Ok(out)
+}
+
+/// A manifest on disk, validated; digests are read on demand.
+pub struct ManifestFile {
+    pub path: PathBuf,
+    pub meta: Meta,
+    file: File,
+}
+
+impl ManifestFile {
+    /// Open and validate `path` (its checksum, header and metadata).
+    pub fn open(path: &Path) -> Result<ManifestFile, ManifestError> {
+        let file = match File::open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(ManifestError::Missing {
+                    path: path.to_path_buf(),
+                });
+            }
+            Err(e) => {
+                return Err(ManifestError::Io {
+                    path: path.to_path_buf(),
+                    source: e,
+                });
+            }
+        };
+        let ioerr = |e| ManifestError::Io {
+            path: path.to_path_buf(),
+            source: e,
+        };
+        let damaged = |d: &str| ManifestError::Damaged {
+            path: path.to_path_buf(),
+            detail: d.to_string(),
+        };
+        let len = file.metadata().map_err(ioerr)?.len();
+        if len < TABLE_OFFSET + 32 {
+            return Err(damaged("too short"));
+        }
+        let mut head = vec![0u8; TABLE_OFFSET as usize];
+        file.read_exact_at(&mut head, 0).map_err(ioerr)?;
+        if &head[0..8] != MAGIC {
+            return Err(damaged("bad magic (not an imgbackup manifest)"));
+        }
+        let version = u32::from_be_bytes([head[8], head[9], head[10], head[11]]);
+        if version != VERSION {
+            return Err(damaged(&format!(
+                "format version {version}, this imgbackup reads version {VERSION}"
+            )));
+        }
+        let jl = u32::from_be_bytes([head[12], head[13], head[14], head[15]]) as usize;
+        let mut w = [0u8; 8];
+        w.copy_from_slice(&head[16..24]);
+        let table = u64::from_be_bytes(w);
+        w.copy_from_slice(&head[24..32]);
+        let n = u64::from_be_bytes(w);
+        if jl > MAX_META || table != TABLE_OFFSET {
+            return Err(damaged("bad header"));
+        }
+        if n.checked_mul(32)
+            .and_then(|t| t.checked_add(TABLE_OFFSET + 32))
+            != Some(len)
+        {
+            return Err(damaged(&format!(
+                "{n} chunks do not fit a file of {len} bytes (truncated?)"
+            )));
+        }
+        // Checksum.
+        let mut sum = Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut pos = 0;
+        let body = len - 32;
+        while pos < body {
+            let k = (body - pos).min(buf.len() as u64) as usize;
+            file.read_exact_at(&mut buf[..k], pos).map_err(ioerr)?;
+            sum.update(&buf[..k]);
+            pos += k as u64;
+        }
+        let mut want = [0u8; 32];
+        file.read_exact_at(&mut want, body).map_err(ioerr)?;
+        if sum.finalize().as_slice() != want {
+            return Err(damaged("checksum mismatch: the manifest file is corrupted"));
+        }
+        let meta: Meta = serde_json::from_slice(&head[32..32 + jl])
+            .map_err(|e| damaged(&format!("metadata: {e}")))?;
+        if meta.chunks != n
+            || meta.chunk_size == 0
+            || !meta.chunk_size.is_power_of_two()
+            || meta.virtual_size.div_ceil(meta.chunk_size) != n
+        {
+            return Err(damaged("metadata does not match the digest table"));
+        }
+        Ok(ManifestFile {
+            path: path.to_path_buf(),
+            meta,
+            file,
+        })
+    }
+
+    pub fn geometry(&self) -> Geometry {
+        Geometry {
+            size: self.meta.virtual_size,
+            chunk: self.meta.chunk_size,
+        }
+    }
+
+    /// Digests of chunks `[a, b)`.
+    pub fn digests(&self, a: u64, b: u64) -> Result<Vec<Sha>, ManifestError> {
+        let b = b.min(self.meta.chunks);
+        if a >= b {
+            return Ok(Vec::new());
+        }
+        let mut raw = vec![0u8; ((b - a) * 32) as usize];
+        self.file
+            .read_exact_at(&mut raw, TABLE_OFFSET + a * 32)
+            .map_err(|e| ManifestError::Io {
+                path: self.path.clone(),
+                source: e,
+            })?;
+        Ok(raw
+            .chunks_exact(32)
+            .map(|c| {
+                let mut d = [0u8; 32];
+                d.copy_from_slice(c);
+                d
+            })
+            .collect())
+    }
+}
+
+/// Checks copied data against a manifest (restore).
+pub struct ManifestChecker {
+    manifest: ManifestFile,
+    zero: (Sha, Sha),
+}
+
+impl ManifestChecker {
+    pub fn new(manifest: ManifestFile) -> ManifestChecker {
+        let zero = manifest.geometry().zero_digests();
+        ManifestChecker { manifest, zero }
+    }
+
+    fn check(&self, first: u64, got: &[Sha]) -> Result<(), CopyError> {
+        let want = self
+            .manifest
+            .digests(first, first + got.len() as u64)
+            .map_err(|e| CopyError::Manifest(io::Error::other(e.to_string())))?;
+        for (k, (g, w)) in got.iter().zip(&want).enumerate() {
+            if g != w {
+                let i = first + k as u64;
+                return Err(CopyError::Mismatch {
+                    offset: i * self.manifest.meta.chunk_size,
+                    chunk: i,
+                    detail: format!("expected {}, read {}", hex(w), hex(g)),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+impl ChunkObserver for ManifestChecker {
+    fn copied(&self, offset: u64, data: ChunkData<'_>) -> Result<(), CopyError> {
+        let geo = self.manifest.geometry();
+        let first = offset / geo.chunk;
+        let got: Vec<Sha> = match data {
+            ChunkData::Zeroes(len) => (first..(offset + len).div_ceil(geo.chunk))
+                .map(|i| {
+                    if geo.len(i) == geo.chunk {
+                        self.zero.0
+                    } else {
+                        self.zero.1
+                    }
+                })
+                .collect(),
+            ChunkData::Bytes(buf) => buf.chunks(geo.chunk as usize).map(digest).collect(),
+        };
+        self.check(first, &got)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn geometry_and_zero_digests() {
+        let g = Geometry {
+            size: 65536 * 3 + 512,
+            chunk: 65536,
+        };
+        assert_eq!(g.chunks(), 4);
+        assert_eq!(g.len(3), 512);
+        let (full, last) = g.zero_digests();
+        assert_eq!(full, digest(&vec![0u8; 65536]));
+        assert_eq!(last, digest(&[0u8; 512]));
+    }
+}
+
+/// The first chunk whose digest differs, when checking an image against a
+/// manifest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Difference {
+    pub chunk: u64,
+    pub offset: u64,
+    pub expected: String,
+    pub found: String,
+}
+
+/// Recompute every chunk digest of `image` in parallel and compare with
+/// `manifest`. Returns the first (lowest) differing chunk.
+pub fn check_image(
+    image: &dyn BlockNode,
+    manifest: &ManifestFile,
+    jobs: usize,
+) -> Result<Option<Difference>, CopyError> {
+    use rayon::prelude::*;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let geo = manifest.geometry();
+    let zero = geo.zero_digests();
+    let n = geo.chunks();
+    let first_bad = AtomicU64::new(u64::MAX);
+    let found: Mutex<Option<Difference>> = Mutex::new(None);
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(jobs.max(1))
+        .build()
+        .map_err(|e| CopyError::Manifest(io::Error::other(e)))?;
+    let step = 64;
+    let batches: Vec<u64> = (0..n).step_by(step as usize).collect();
+    pool.install(|| {
+        batches
+            .par_iter()
+            .try_for_each(|&a| -> Result<(), CopyError> {
+                if a > first_bad.load(Ordering::Relaxed) {
+                    return Ok(());
+                }
+                let b = (a + step).min(n);
+                let got = digests_of(image, geo, a, b, &zero)?;
+                let want = manifest
+                    .digests(a, b)
+                    .map_err(|e| CopyError::Manifest(io::Error::other(e.to_string())))?;
+                if let Some(k) = got.iter().zip(&want).position(|(g, w)| g != w) {
+                    let i = a + k as u64;
+                    if first_bad.fetch_min(i, Ordering::SeqCst) > i
+                        && let Ok(mut f) = found.lock()
+                        && f.as_ref().is_none_or(|d| d.chunk > i)
+                    {
+                        *f = Some(Difference {
+                            chunk: i,
+                            offset: i * geo.chunk,
+                            expected: hex(&want[k]),
+                            found: hex(&got[k]),
+                        });
+                    }
+                }
+                Ok(())
+            })
+    })?;
+    Ok(found.into_inner().unwrap_or_else(|p| p.into_inner()))
+}

@@ -1,0 +1,312 @@
+//! Manifests, verify and restore.
+
+use crate::common::*;
+use std::path::Path;
+
+fn source(p: &Path) {
+    make_qcow2(p, "src.qcow2", "");
+}
+
+fn backup(p: &Path, args: &[&str]) -> serde_json::Value {
+    let mut a = vec!["backup"];
+    a.extend_from_slice(args);
+    let (rc, doc, err) = json_run(p, &a);
+    assert_eq!(rc, 0, "{a:?}: {err}");
+    doc
+}
+
+#[test]
+fn root_digest_matches_an_independent_computation() {
+    let d = tempdir();
+    let p = d.path();
+    source(p);
+    let doc = backup(p, &["src.qcow2", "b.qcow2"]);
+    let want = independent_root(p, "src.qcow2", 65536);
+    assert_eq!(doc["manifest_root_digest"], want.as_str());
+    let (rc, info, _) = json_run(p, &["info", "b.qcow2"]);
+    assert_eq!(rc, 0);
+    let m = &info["manifest"];
+    assert_eq!(m["root_digest"], want.as_str());
+    assert_eq!(m["sync"], "full");
+    assert_eq!(m["chunk_size"], 65536);
+    assert_eq!(m["virtual_size"], 16 << 20);
+    assert!(m["parent"].is_null());
+    assert!(
+        m["started"].as_str().unwrap().ends_with('Z')
+            && m["finished"].as_str().unwrap().contains('T')
+    );
+    assert!(m["source"].as_str().unwrap().ends_with("src.qcow2"));
+    // A 1000-byte-odd size (last chunk short) and a shorter chunk size.
+    qemu_img(p, &["create", "-f", "raw", "odd.raw", "1000K"]);
+    qemu_io(p, "raw", "odd.raw", &["write -P 0x5 10k 900k"]);
+    let doc = backup(
+        p,
+        &[
+            "--cluster-size",
+            "4K",
+            "--target-cluster-size",
+            "4K",
+            "odd.raw",
+            "odd.qcow2",
+        ],
+    );
+    assert_eq!(
+        doc["manifest_root_digest"],
+        independent_root(p, "odd.raw", 4096).as_str()
+    );
+}
+
+#[test]
+fn root_digest_does_not_depend_on_jobs_chunks_or_format() {
+    let d = tempdir();
+    let p = d.path();
+    source(p);
+    let mut roots = Vec::new();
+    for (i, extra) in [
+        vec!["--jobs", "1"],
+        vec!["--jobs", "4", "--max-chunk", "64K"],
+        vec!["--jobs", "3", "--max-chunk", "8M"],
+        vec!["--target-format", "raw"],
+        vec!["--target-cluster-size", "2M"],
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let t = format!("b{i}.qcow2");
+        let mut args = extra.clone();
+        args.extend(["src.qcow2", t.as_str()]);
+        let doc = backup(p, &args);
+        roots.push(doc["manifest_root_digest"].as_str().unwrap().to_string());
+    }
+    assert!(roots.windows(2).all(|w| w[0] == w[1]), "{roots:?}");
+    // And the same content in a raw source.
+    qemu_img(p, &["convert", "-O", "raw", "src.qcow2", "src.raw"]);
+    let doc = backup(p, &["src.raw", "r.raw"]);
+    assert_eq!(doc["manifest_root_digest"].as_str().unwrap(), roots[0]);
+}
+
+#[test]
+fn verify_accepts_a_whole_backup_and_compares_against_an_image() {
+    let d = tempdir();
+    let p = d.path();
+    source(p);
+    backup(p, &["src.qcow2", "b.qcow2"]);
+    let (rc, doc, err) = json_run(p, &["verify", "b.qcow2", "--against", "src.qcow2"]);
+    assert_eq!(rc, 0, "{err}");
+    assert_eq!(doc["ok"], true);
+    assert_eq!(doc["chunks"], 256);
+    // --against a different image is a mismatch at the first differing byte.
+    qemu_img(p, &["convert", "-O", "raw", "src.qcow2", "other.raw"]);
+    qemu_io(p, "raw", "other.raw", &["write -P 0x99 5000000 1"]);
+    let o = run_in(p, &["verify", "b.qcow2", "--against", "other.raw"]);
+    assert_eq!(code(&o), 7, "{}", stderr(&o));
+    assert!(stderr(&o).contains("offset 5000000"), "{}", stderr(&o));
+}
+
+/// Flip one byte of `file` at `at`.
+fn flip(path: &Path, at: u64) {
+    let mut b = std::fs::read(path).unwrap();
+    b[at as usize] ^= 0x40;
+    std::fs::write(path, &b).unwrap();
+}
+
+#[test]
+fn a_flipped_byte_in_a_raw_target_is_found() {
+    let d = tempdir();
+    let p = d.path();
+    source(p);
+    backup(p, &["src.qcow2", "b.raw"]);
+    for at in [
+        0u64,
+        12345 + 100,
+        (5 << 20) + 65535,
+        (15 << 20) + 777_000,
+        (9 << 20) + 3,
+    ] {
+        let name = format!("f{at}.raw");
+        std::fs::copy(p.join("b.raw"), p.join(&name)).unwrap();
+        std::fs::copy(p.join("b.raw.manifest"), p.join(format!("{name}.manifest"))).unwrap();
+        flip(&p.join(&name), at);
+        let o = run_in(p, &["verify", &name]);
+        assert_eq!(code(&o), 7, "{at}: {}", stderr(&o));
+        let chunk = at / 65536;
+        let want = format!("chunk {chunk} at offset {}", chunk * 65536);
+        assert!(stderr(&o).contains(&want), "{at}: {}", stderr(&o));
+    }
+}
+
+#[test]
+fn a_flipped_byte_in_a_qcow2_data_cluster_is_found() {
+    let d = tempdir();
+    let p = d.path();
+    source(p);
+    backup(p, &["src.qcow2", "b.qcow2"]);
+    // The host offset of guest offset 15M + 64K (a data cluster), from qemu-img map.
+    let map = map_json(p, "b.qcow2");
+    let guest = (15u64 << 20) + 65536;
+    let e = map
+        .iter()
+        .find(|e| {
+            let s = e["start"].as_u64().unwrap();
+            s <= guest && guest < s + e["length"].as_u64().unwrap() && e["data"] == true
+        })
+        .expect("mapped");
+    let host = e["offset"].as_u64().unwrap() + (guest - e["start"].as_u64().unwrap()) + 4321;
+    flip(&p.join("b.qcow2"), host);
+    check_clean(p, "b.qcow2");
+    let o = run_in(p, &["verify", "b.qcow2"]);
+    assert_eq!(code(&o), 7, "{}", stderr(&o));
+    let chunk = guest / 65536;
+    assert!(
+        stderr(&o).contains(&format!("chunk {chunk} at offset {guest}")),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn truncated_target_damaged_or_missing_manifest() {
+    let d = tempdir();
+    let p = d.path();
+    source(p);
+    backup(p, &["src.qcow2", "b.raw"]);
+    backup(p, &["src.qcow2", "q.qcow2"]);
+    // Truncated raw.
+    std::fs::copy(p.join("b.raw"), p.join("t.raw")).unwrap();
+    std::fs::copy(p.join("b.raw.manifest"), p.join("t.raw.manifest")).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(p.join("t.raw"))
+        .unwrap()
+        .set_len(10 << 20)
+        .unwrap();
+    let o = run_in(p, &["verify", "t.raw"]);
+    assert_eq!(code(&o), 7, "{}", stderr(&o));
+    assert!(stderr(&o).contains("truncated"), "{}", stderr(&o));
+    // Truncated qcow2: its data clusters are gone.
+    std::fs::copy(p.join("q.qcow2"), p.join("tq.qcow2")).unwrap();
+    std::fs::copy(p.join("q.qcow2.manifest"), p.join("tq.qcow2.manifest")).unwrap();
+    let len = std::fs::metadata(p.join("tq.qcow2")).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(p.join("tq.qcow2"))
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    let o = run_in(p, &["verify", "tq.qcow2"]);
+    assert_ne!(code(&o), 0, "{}", stderr(&o));
+    assert!(!stderr(&o).contains("panicked"));
+    // A damaged manifest.
+    std::fs::copy(p.join("b.raw"), p.join("m.raw")).unwrap();
+    std::fs::copy(p.join("b.raw.manifest"), p.join("m.raw.manifest")).unwrap();
+    flip(&p.join("m.raw.manifest"), 16384 + 40);
+    let o = run_in(p, &["verify", "m.raw"]);
+    assert_eq!(code(&o), 7, "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("damaged") && stderr(&o).contains("checksum"),
+        "{}",
+        stderr(&o)
+    );
+    // No manifest at all.
+    std::fs::copy(p.join("b.raw"), p.join("n.raw")).unwrap();
+    let o = run_in(p, &["verify", "n.raw"]);
+    assert_eq!(code(&o), 1, "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("no manifest") && stderr(&o).contains("n.raw.manifest"),
+        "{}",
+        stderr(&o)
+    );
+    // --no-manifest writes none.
+    let doc = backup(p, &["--no-manifest", "src.qcow2", "nm.raw"]);
+    assert!(doc["manifest_root_digest"].is_null());
+    assert!(!p.join("nm.raw.manifest").exists());
+}
+
+#[test]
+fn restore_equals_the_source_and_stays_sparse() {
+    let d = tempdir();
+    let p = d.path();
+    qemu_img(p, &["create", "-f", "raw", "sparse.raw", "256M"]);
+    qemu_io(
+        p,
+        "raw",
+        "sparse.raw",
+        &[
+            "write -P 0x1 0 1M",
+            "write -P 0x2 100M 2M",
+            "write -P 0x3 255M 1M",
+        ],
+    );
+    for (tgt, out) in [
+        ("b.raw", "r1.raw"),
+        ("b.qcow2", "r2.raw"),
+        ("b.qcow2", "r3.qcow2"),
+        ("b.raw", "r4.qcow2"),
+    ] {
+        if !p.join(tgt).exists() {
+            backup(p, &["sparse.raw", tgt]);
+        }
+        let (rc, doc, err) = json_run(p, &["restore", tgt, out]);
+        assert_eq!(rc, 0, "{err}");
+        assert_eq!(doc["verified"], true);
+        assert!(identical(p, "sparse.raw", out), "{tgt} -> {out}");
+        if out.ends_with(".raw") {
+            assert!(disk_usage(&p.join(out)) < 16 << 20, "{out} not sparse");
+        } else {
+            check_clean(p, out);
+        }
+    }
+    // An existing output needs --force.
+    let o = run_in(p, &["restore", "b.raw", "r1.raw"]);
+    assert_eq!(code(&o), 1);
+}
+
+#[test]
+fn restore_refuses_damaged_data_and_leaves_no_output() {
+    let d = tempdir();
+    let p = d.path();
+    source(p);
+    backup(p, &["src.qcow2", "b.raw"]);
+    flip(&p.join("b.raw"), (5 << 20) + 10);
+    let o = run_in(p, &["restore", "b.raw", "out.raw"]);
+    assert_eq!(code(&o), 7, "{}", stderr(&o));
+    assert!(stderr(&o).contains("offset 5242880"), "{}", stderr(&o));
+    assert!(!p.join("out.raw").exists() && !p.join("out.raw.partial").exists());
+    // Without a manifest: refused unless --no-verify.
+    std::fs::remove_file(p.join("b.raw.manifest")).unwrap();
+    let o = run_in(p, &["restore", "b.raw", "out.raw"]);
+    assert_eq!(code(&o), 1, "{}", stderr(&o));
+    assert!(stderr(&o).contains("--no-verify"), "{}", stderr(&o));
+    let o = run_in(p, &["restore", "--no-verify", "b.raw", "out.raw"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert!(identical(p, "b.raw", "out.raw"));
+}
+
+#[test]
+fn backup_verify_uses_the_manifest() {
+    let d = tempdir();
+    let p = d.path();
+    source(p);
+    let doc = backup(p, &["--verify", "src.qcow2", "b.qcow2"]);
+    assert_eq!(doc["verified"], true);
+    let doc = backup(
+        p,
+        &[
+            "--verify",
+            "--sync",
+            "none",
+            "--guest",
+            "iops=0,count=100",
+            "src.qcow2",
+            "f.qcow2",
+        ],
+    );
+    assert_eq!(doc["verified"], true);
+    // A fleecing target's manifest covers the whole image.
+    assert_eq!(
+        doc["manifest_root_digest"],
+        independent_root(p, "src.qcow2", 65536).as_str()
+    );
+    let (rc, _, err) = json_run(p, &["verify", "f.qcow2"]);
+    assert_eq!(rc, 0, "{err}");
+}
