@@ -111,6 +111,23 @@ pub fn check_range(path: &Path, offset: u64, len: u64, size: u64) -> Result<()> 
     }
 }
 
+/// Start writing back `[offset, offset+len)` of `file` without waiting for
+/// it, so the device works while the copy goes on and the final flush only
+/// waits for the tail. Failures are ignored here: the final flush reports
+/// them.
+pub fn start_writeback(file: &std::fs::File, offset: u64, len: u64) {
+    use std::os::unix::io::AsRawFd;
+    // SAFETY: plain syscall on an open descriptor; no memory is passed.
+    unsafe {
+        libc::sync_file_range(
+            file.as_raw_fd(),
+            offset as libc::off64_t,
+            len as libc::off64_t,
+            libc::SYNC_FILE_RANGE_WRITE,
+        );
+    }
+}
+
 /// True when every byte of `buf` is zero. Word-at-a-time; costs far less
 /// than the copy it saves.
 pub fn is_zero(buf: &[u8]) -> bool {

@@ -167,7 +167,9 @@ impl BlockNode for RawNode {
         check_range(&self.path, offset, buf.len() as u64, self.size)?;
         self.file
             .write_all_at(buf, offset)
-            .map_err(|e| BlockError::io(Op::Write, &self.path, offset, buf.len() as u64, e))
+            .map_err(|e| BlockError::io(Op::Write, &self.path, offset, buf.len() as u64, e))?;
+        super::start_writeback(&self.file, offset, buf.len() as u64);
+        Ok(())
     }
 
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {

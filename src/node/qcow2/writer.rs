@@ -480,6 +480,7 @@ impl Qcow2Writer {
             self.file
                 .write_all_at(&data[..whole], host)
                 .map_err(|e| werr(host, whole, e))?;
+            crate::node::start_writeback(&self.file, host, whole as u64);
         }
         if whole < data.len() {
             let mut last = vec![0u8; cs];
