@@ -77,7 +77,7 @@ _imgbackup() {
             return 0
             ;;
         imgbackup__subcmd__backup)
-            opts="-q -v -h -V --sync --target-format --target-cluster-size --cluster-size --jobs --max-chunk --speed --timeout --force --keep-partial --dry-run --source-format --guest --guest-overlay --on-cbw-error --cbw-timeout --verify --no-manifest --inject --json --quiet --verbose --progress --help --version"
+            opts="-q -v -h -V --sync --target-format --target-cluster-size --cluster-size --jobs --max-chunk --speed --timeout --force --keep-partial --dry-run --source-format --guest --guest-overlay --on-cbw-error --cbw-timeout --verify --on-source-error --on-target-error --retries --retry-delay --retry-max-delay --force-share --wait-lock --no-manifest --inject --json --quiet --verbose --progress --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -132,6 +132,30 @@ _imgbackup() {
                     return 0
                     ;;
                 --cbw-timeout)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --on-source-error)
+                    COMPREPLY=($(compgen -W "report ignore retry enospc" -- "${cur}"))
+                    return 0
+                    ;;
+                --on-target-error)
+                    COMPREPLY=($(compgen -W "report ignore retry enospc" -- "${cur}"))
+                    return 0
+                    ;;
+                --retries)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --retry-delay)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --retry-max-delay)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --wait-lock)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -56,6 +56,18 @@ complete -c imgbackup -n "__fish_imgbackup_using_subcommand backup" -l guest-ove
 complete -c imgbackup -n "__fish_imgbackup_using_subcommand backup" -l on-cbw-error -d 'What a failed copy-before-write does: fail the guest write (the backup stays consistent), or let it through and fail the job. [default: break-guest-write]' -r -f -a "break-guest-write\t'The guest write fails; the backup stays consistent'
 break-snapshot\t'The guest write proceeds and the job fails'"
 complete -c imgbackup -n "__fish_imgbackup_using_subcommand backup" -l cbw-timeout -d 'The longest a guest write may wait for its copy-before-write; past it the copy counts as failed' -r
+complete -c imgbackup -n "__fish_imgbackup_using_subcommand backup" -l on-source-error -d 'What a failed read of SOURCE does: report (fail, exit 4), ignore (skip the cluster, leave it dirty, finish with exit 3), retry (up to --retries times), or enospc (retry only when the cause is ENOSPC/EDQUOT/EFBIG)' -r -f -a "report\t''
+ignore\t''
+retry\t''
+enospc\t''"
+complete -c imgbackup -n "__fish_imgbackup_using_subcommand backup" -l on-target-error -d 'What a failed write of TARGET does (as --on-source-error; report is exit 5)' -r -f -a "report\t''
+ignore\t''
+retry\t''
+enospc\t''"
+complete -c imgbackup -n "__fish_imgbackup_using_subcommand backup" -l retries -d 'Retries of a failed range under the retry and enospc policies' -r
+complete -c imgbackup -n "__fish_imgbackup_using_subcommand backup" -l retry-delay -d 'Wait before the first retry; doubled for each next one' -r
+complete -c imgbackup -n "__fish_imgbackup_using_subcommand backup" -l retry-max-delay -d 'The longest wait between retries' -r
+complete -c imgbackup -n "__fish_imgbackup_using_subcommand backup" -l wait-lock -d 'When the image is locked, wait up to DUR for the lock instead of failing at once (exit 8)' -r
 complete -c imgbackup -n "__fish_imgbackup_using_subcommand backup" -l inject -d 'Fault injection for testing error handling, like QEMU\'s blkdebug (repeatable): NODE:OP:ERRNO[@WHERE][,once|,count=N|,prob=P,seed=S][,delay=DUR]. See imgbackup(1), FAULT INJECTION' -r
 complete -c imgbackup -n "__fish_imgbackup_using_subcommand backup" -l progress -d 'Progress display: a bar on a terminal (auto), always a bar, a plain line every few seconds (for logs and cron mail), or nothing' -r -f -a "auto\t'A bar when stderr is a terminal, nothing otherwise'
 bar\t'A bar on stderr'
@@ -65,6 +77,7 @@ complete -c imgbackup -n "__fish_imgbackup_using_subcommand backup" -l force -d 
 complete -c imgbackup -n "__fish_imgbackup_using_subcommand backup" -l keep-partial -d 'On failure, keep TARGET.partial instead of deleting it'
 complete -c imgbackup -n "__fish_imgbackup_using_subcommand backup" -l dry-run -d 'Print what would be copied and exit without writing anything'
 complete -c imgbackup -n "__fish_imgbackup_using_subcommand backup" -l verify -d 'After the job, re-read the backup (through its backing file) and check it against the manifest; with --guest (or --no-manifest) also check it equals SOURCE as it was at the start. A mismatch is exit 7 and leaves no TARGET'
+complete -c imgbackup -n "__fish_imgbackup_using_subcommand backup" -l force-share -d 'Back up even if another process (such as a running QEMU) holds the image open for writing. The backup is then only as consistent as that writer lets it be'
 complete -c imgbackup -n "__fish_imgbackup_using_subcommand backup" -l no-manifest -d 'Do not write TARGET.manifest (the chunk digests that `verify` and `restore` check)'
 complete -c imgbackup -n "__fish_imgbackup_using_subcommand backup" -l json -d 'Print one JSON document on stdout (and nothing else there)'
 complete -c imgbackup -n "__fish_imgbackup_using_subcommand backup" -s q -l quiet -d 'Print nothing but errors'

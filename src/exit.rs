@@ -65,6 +65,12 @@ pub fn classify(err: &anyhow::Error) -> Exit {
                 AppError::Mismatch { .. } | AppError::Verify(_) => Exit::Mismatch,
             };
         }
+        if cause
+            .downcast_ref::<crate::lock::LockError>()
+            .is_some_and(|l| !matches!(l, crate::lock::LockError::Io { .. }))
+        {
+            return Exit::Locked;
+        }
         if let Some(e) = cause.downcast_ref::<CopyError>() {
             return match e {
                 CopyError::Source(_) => Exit::SourceRead,
@@ -97,6 +103,10 @@ pub fn hint(err: &anyhow::Error) -> Option<String> {
         }
         Exit::Mismatch => Some(
             "the data does not match what was recorded; do not rely on this backup: make a new full backup (and check the storage it lives on)"
+                .into(),
+        ),
+        Exit::Locked => Some(
+            "wait for the other process to finish (or pass --wait-lock DUR); for a running VM, back it up through QEMU or pass --force-share"
                 .into(),
         ),
         Exit::Interrupted | Exit::Terminated | Exit::Timeout => {

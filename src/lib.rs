@@ -20,6 +20,7 @@ pub mod error;
 pub mod exit;
 pub mod guest;
 pub mod job;
+pub mod lock;
 pub mod log;
 pub mod manifest;
 pub mod node;

@@ -223,7 +223,31 @@ impl ManifestWriter {
 
     /// Fill missing digests by reading `image` (the point-in-time image).
     pub fn fill_from(&self, image: &dyn BlockNode, jobs: usize) -> Result<(), CopyError> {
-        let runs = self.missing().runs();
+        self.fill_runs(image, jobs, self.missing().runs())
+    }
+
+    /// Fill the digests of chunks that overlap the byte `ranges` from `node`
+    /// (what a backup holds where an ignore policy skipped data).
+    pub fn fill_ranges_from(
+        &self,
+        node: &dyn BlockNode,
+        ranges: &[(u64, u64)],
+        jobs: usize,
+    ) -> Result<(), CopyError> {
+        let c = self.geo.chunk;
+        let runs: Vec<(u64, u64)> = ranges
+            .iter()
+            .map(|&(s, e)| (s / c, e.div_ceil(c)))
+            .collect();
+        self.fill_runs(node, jobs, runs)
+    }
+
+    fn fill_runs(
+        &self,
+        image: &dyn BlockNode,
+        jobs: usize,
+        runs: Vec<(u64, u64)>,
+    ) -> Result<(), CopyError> {
         let work: Vec<(u64, u64)> = runs
             .iter()
             .flat_map(|&(s, e)| (s..e).step_by(64).map(move |a| (a, (a + 64).min(e))))

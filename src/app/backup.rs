@@ -17,7 +17,9 @@ use crate::error::{BlockError, Op};
 use crate::exit::{AppError, Exit};
 use crate::guest::{self, GuestReport, GuestSpec};
 use crate::job::cancel::Cancel;
-use crate::job::{outcome, run_background};
+use crate::job::policy::Policies;
+use crate::job::{PolicyLog, outcome, run_background};
+use crate::lock::{Access, Locks};
 use crate::log;
 use crate::manifest::{Geometry, ManifestFile, ManifestWriter, Meta, check_image, manifest_path};
 use crate::node::cbw::{CbwNode, OnCbwError};
@@ -76,6 +78,8 @@ pub struct Summary {
     pub copy_before_write_copies: u64,
     pub copy_before_write_bytes: u64,
     pub retries: u64,
+    pub retry_events: Vec<crate::job::RetryEvent>,
+    /// Byte ranges `[start, end)` skipped by an ignore policy.
     pub ignored_ranges: Vec<[u64; 2]>,
     pub elapsed_seconds: f64,
     pub throughput_bytes_per_second: f64,
@@ -346,6 +350,16 @@ pub fn run(args: &BackupArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
     let plan = plan(args)?;
     let image =
         open_image(&plan.source, args.source_format).context("cannot open the source image")?;
+    let mut locks = Locks::new();
+    locks.exclusive(&plan.source, args.wait_lock)?;
+    for layer in &image.layers {
+        locks.qemu(
+            &layer.info.path,
+            Access::Read,
+            args.force_share,
+            args.wait_lock,
+        )?;
+    }
     check_output(&plan.target, &image, args.force, "target")?;
     if let Some(o) = &args.guest_overlay {
         check_output(o, &image, args.force, "guest overlay")?;
@@ -382,6 +396,7 @@ pub fn run(args: &BackupArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
         copy_before_write_copies: 0,
         copy_before_write_bytes: 0,
         retries: 0,
+        retry_events: Vec::new(),
         ignored_ranges: Vec::new(),
         elapsed_seconds: 0.0,
         throughput_bytes_per_second: 0.0,
@@ -523,6 +538,15 @@ pub fn run(args: &BackupArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
         }),
     );
 
+    let policies = Policies {
+        source: args.on_source_error,
+        target: args.on_target_error,
+        retries: args.retries,
+        delay: args.retry_delay,
+        max_delay: args.retry_max_delay,
+    };
+    let plog = PolicyLog::default();
+
     // Run: the background copy (unless sync none) and the guest side by side.
     let stop_guest = AtomicBool::new(false);
     let (result, guest_stats) = std::thread::scope(|s| {
@@ -537,7 +561,7 @@ pub fn run(args: &BackupArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
             _ => None,
         };
         let result = match plan.sync {
-            SyncMode::Full => run_background(&bc, plan.jobs, &cancel),
+            SyncMode::Full => run_background(&bc, plan.jobs, &cancel, &policies, &plog),
             SyncMode::None => Ok(()),
         };
         let bounded = args.guest.as_ref().is_some_and(|g| g.is_bounded());
@@ -551,6 +575,8 @@ pub fn run(args: &BackupArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
     let result = result.and_then(|_| outcome(&bc, &cancel));
     result.context("the backup failed")?;
 
+    // Flush through the graph first, so target flush faults are seen.
+    bc.flush_target().context("cannot flush the target")?;
     target
         .complete()
         .map_err(CopyError::Target)
@@ -559,8 +585,13 @@ pub fn run(args: &BackupArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
         return Err(AppError::Cancelled(reason).into());
     }
 
+    let skipped = plog.skipped_ranges();
     if let Some(m) = &mwriter {
-        // Chunks the copy did not see (sync none) come from the image.
+        // Where an ignore policy skipped data, the digests are of what the
+        // backup holds; chunks the copy did not see (sync none) come from
+        // the image.
+        m.fill_ranges_from(target.node().as_ref(), &skipped, plan.jobs)
+            .context("cannot compute the manifest")?;
         m.fill_from(image.node.as_ref(), plan.jobs)
             .context("cannot compute the manifest")?;
         let mut meta = Meta {
@@ -581,7 +612,7 @@ pub fn run(args: &BackupArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
             started: summary.started.clone(),
             finished: rfc3339(SystemTime::now()),
             created_by: format!("imgbackup {}", env!("CARGO_PKG_VERSION")),
-            incomplete: Vec::new(),
+            incomplete: skipped.iter().map(|&(s, e)| [s, e]).collect(),
         };
         m.finish(&mut meta).map_err(CopyError::Manifest)?;
         summary.manifest_root_digest = Some(meta.root_digest);
@@ -653,6 +684,19 @@ pub fn run(args: &BackupArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
     summary.bytes_skipped_zero = p.zero.load(Ordering::Relaxed);
     summary.copy_before_write_copies = p.cbw_copies.load(Ordering::Relaxed);
     summary.copy_before_write_bytes = p.cbw_bytes.load(Ordering::Relaxed);
+    summary.retries = p.retries.load(Ordering::Relaxed);
+    summary.retry_events = match plog.retries.lock() {
+        Ok(r) => r.clone(),
+        Err(e) => e.into_inner().clone(),
+    };
+    summary.ignored_ranges = skipped.iter().map(|&(s, e)| [s, e]).collect();
+    let exit = if skipped.is_empty() {
+        Exit::Success
+    } else {
+        Exit::Skipped
+    };
+    summary.exit_code = exit.code();
+    summary.ok = exit == Exit::Success;
     summary.guest = guest_stats.map(|s| s.report());
     summary.elapsed_seconds = t0.elapsed().as_secs_f64();
     summary.throughput_bytes_per_second = if summary.elapsed_seconds > 0.0 {
@@ -666,19 +710,48 @@ pub fn run(args: &BackupArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
     } else if !g.quiet {
         print_human(&summary);
     }
-    Ok(Exit::Success)
+    if exit == Exit::Skipped {
+        eprintln!(
+            "imgbackup: warning: the backup is incomplete: {} range(s) were skipped by an ignore policy (they stay to be copied): {}",
+            skipped.len(),
+            skipped
+                .iter()
+                .map(|(s, e)| format!("{s}-{e}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    Ok(exit)
 }
 
 fn print_human(s: &Summary) {
     eprintln!(
-        "imgbackup: backup {} -> {} ({}, sync {}) complete{}",
+        "imgbackup: backup {} -> {} ({}, sync {}) {}{}",
         s.source,
         s.target,
         s.target_format,
         s.sync,
+        if s.ignored_ranges.is_empty() {
+            "complete"
+        } else {
+            "finished with skipped ranges"
+        },
         if s.verified { ", verified" } else { "" }
     );
     eprintln!("  copied:            {}", human_bytes(s.bytes_copied));
+    if s.retries > 0 {
+        eprintln!("  retries:           {}", s.retries);
+    }
+    if !s.ignored_ranges.is_empty() {
+        eprintln!(
+            "  skipped:           {} (ignored errors)",
+            s.ignored_ranges
+                .iter()
+                .map(|r| format!("{}-{}", r[0], r[1]))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
     eprintln!(
         "  zero:              {} (not written as data)",
         human_bytes(s.bytes_skipped_zero)

@@ -8,7 +8,8 @@ use crate::cli::{GlobalOpts, ProgressMode, RestoreArgs};
 use crate::copy::{BlockCopy, ChunkObserver, Config, CopyError};
 use crate::exit::{AppError, Exit};
 use crate::job::cancel::Cancel;
-use crate::job::run_background;
+use crate::job::policy::Policies;
+use crate::job::{PolicyLog, run_background};
 use crate::manifest::{ManifestChecker, ManifestError, ManifestFile, manifest_path};
 use crate::node::BlockNode;
 use crate::node::probe::{Format, open_image};
@@ -145,7 +146,13 @@ pub fn run(args: &RestoreArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
             )
         }),
     );
-    let res = run_background(&bc, args.jobs.unwrap_or_else(default_jobs), &cancel);
+    let res = run_background(
+        &bc,
+        args.jobs.unwrap_or_else(default_jobs),
+        &cancel,
+        &Policies::default(),
+        &PolicyLog::default(),
+    );
     reporter.finish();
     res.context("the restore failed")?;
     match &writer {

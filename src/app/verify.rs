@@ -22,6 +22,8 @@ struct VerifyDoc {
     chunk_size: u64,
     against: Option<String>,
     elapsed_seconds: f64,
+    /// Ranges the backup does not hold (skipped when it was made).
+    incomplete: Vec<[u64; 2]>,
 }
 
 pub fn run(args: &VerifyArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
@@ -93,6 +95,17 @@ pub fn run(args: &VerifyArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
         chunk_size: manifest.meta.chunk_size,
         against: args.against.as_ref().map(|p| p.display().to_string()),
         elapsed_seconds: t0.elapsed().as_secs_f64(),
+        incomplete: manifest.meta.incomplete.clone(),
+    };
+    let exit = if doc.incomplete.is_empty() {
+        Exit::Success
+    } else {
+        Exit::Skipped
+    };
+    let doc = VerifyDoc {
+        ok: exit == Exit::Success,
+        exit_code: exit.code(),
+        ..doc
     };
     if g.json {
         print_json(&doc)?;
@@ -108,5 +121,16 @@ pub fn run(args: &VerifyArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
                 .unwrap_or_default()
         );
     }
-    Ok(Exit::Success)
+    if exit == Exit::Skipped {
+        eprintln!(
+            "imgbackup: warning: {} is incomplete: these ranges were skipped when it was made (ignore policy): {}",
+            doc.backup,
+            doc.incomplete
+                .iter()
+                .map(|r| format!("{}-{}", r[0], r[1]))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    Ok(exit)
 }

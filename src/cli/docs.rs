@@ -117,6 +117,34 @@ as it was at the start.
 before it is renamed into place and compares it with SOURCE as it was at the
 start; a difference is exit 7, names the first differing offset, and leaves no
 TARGET.
+.SH "ERROR POLICIES"
+\fB\-\-on\-source\-error\fR and \fB\-\-on\-target\-error\fR decide what a failed
+copy does. \fBreport\fR (default) fails the job: exit 4 for the source, 5 for
+the target, and no TARGET is left. \fBignore\fR skips the clusters that fail
+(a failing request is retried cluster by cluster to find them): they keep
+their copy bit (and stay dirty in a bitmap), get no progress credit, are
+listed in the summary and in the manifest's \fIincomplete\fR ranges, and the
+job finishes with exit 3; \fBverify\fR then exits 3 as well.
+\fBretry\fR tries the range again up to \fB\-\-retries\fR N times (default
+3), waiting \fB\-\-retry\-delay\fR (default 1s) and doubling up to
+\fB\-\-retry\-max\-delay\fR (default 1m), then reports; every retry is logged
+on stderr with its cause and listed in the JSON summary (retry_events).
+\fBenospc\fR retries like retry only when the cause is ENOSPC, EDQUOT or EFBIG
+(a full file system or quota, a file size limit) and reports anything else at
+once. A failed range always gets its copy bit back, so a copy\-before\-write or
+a retry can copy it later.
+.SH LOCKING
+A backup takes an exclusive \fBflock\fR(2) on the source image: a second
+imgbackup working on the same image (or its bitmaps) exits 8 at once, or
+waits with \fB\-\-wait\-lock\fR DUR. It also honours QEMU's image locking
+like qemu\-img: it takes QEMU's OFD read locks on every layer (byte 100,
+consistent read, and byte 201, write not shared) and refuses, with exit 8, an
+image that another process such as a running QEMU holds open for writing
+(byte 101). While imgbackup runs, a QEMU cannot open the image for writing;
+read\-only inspection such as \fBqemu\-img info\fR still works, as it does
+while qemu\-img reads an image. \fB\-\-force\-share\fR takes and checks no QEMU
+lock (like \fBqemu\-img \-U\fR); the backup is then only as consistent as the
+other writer allows.
 .SH "FAULT INJECTION"
 \fB\-\-inject\fR RULE (repeatable) places a fault\-injection node under the
 source or the target, like QEMU's blkdebug. RULE is

@@ -5,6 +5,7 @@ pub mod docs;
 pub mod parse;
 
 use crate::guest::{GuestSpec, parse_spec};
+use crate::job::policy::ErrorPolicy;
 use crate::node::cbw::OnCbwError;
 use crate::node::fault::{Rule, parse_rule};
 use crate::node::probe::Format;
@@ -178,6 +179,34 @@ pub struct BackupArgs {
     /// and leaves no TARGET.
     #[arg(long)]
     pub verify: bool,
+    /// What a failed read of SOURCE does: report (fail, exit 4), ignore
+    /// (skip the cluster, leave it dirty, finish with exit 3), retry (up to
+    /// --retries times), or enospc (retry only when the cause is
+    /// ENOSPC/EDQUOT/EFBIG).
+    #[arg(long, value_enum, value_name = "POLICY", default_value_t = ErrorPolicy::Report)]
+    pub on_source_error: ErrorPolicy,
+    /// What a failed write of TARGET does (as --on-source-error; report is
+    /// exit 5).
+    #[arg(long, value_enum, value_name = "POLICY", default_value_t = ErrorPolicy::Report)]
+    pub on_target_error: ErrorPolicy,
+    /// Retries of a failed range under the retry and enospc policies.
+    #[arg(long, value_name = "N", default_value_t = 3)]
+    pub retries: u32,
+    /// Wait before the first retry; doubled for each next one.
+    #[arg(long, value_parser = parse_duration, value_name = "DUR", default_value = "1s")]
+    pub retry_delay: Duration,
+    /// The longest wait between retries.
+    #[arg(long, value_parser = parse_duration, value_name = "DUR", default_value = "1m")]
+    pub retry_max_delay: Duration,
+    /// Back up even if another process (such as a running QEMU) holds the
+    /// image open for writing. The backup is then only as consistent as
+    /// that writer lets it be.
+    #[arg(long)]
+    pub force_share: bool,
+    /// When the image is locked, wait up to DUR for the lock instead of
+    /// failing at once (exit 8).
+    #[arg(long, value_parser = parse_duration, value_name = "DUR")]
+    pub wait_lock: Option<Duration>,
     /// Do not write TARGET.manifest (the chunk digests that `verify` and
     /// `restore` check).
     #[arg(long)]

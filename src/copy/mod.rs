@@ -90,6 +90,8 @@ pub struct Progress {
     /// Copy-before-write operations (count) and their bytes.
     pub cbw_copies: AtomicU64,
     pub cbw_bytes: AtomicU64,
+    /// Retries of failed copies (error policies).
+    pub retries: AtomicU64,
 }
 
 /// Settings of a block-copy state.
@@ -304,6 +306,55 @@ impl BlockCopy {
         self.changed.notify_all();
     }
 
+    /// Claim every cluster of `[offset, offset+len)` that is still to copy,
+    /// after waiting for copies in flight over the range (which may copy
+    /// or give back some of it). `None` for `deadline` waits as long as it
+    /// takes; cancellation always ends the wait.
+    pub fn claim_range(
+        &self,
+        offset: u64,
+        len: u64,
+        deadline: Option<std::time::Instant>,
+    ) -> Result<Vec<Claim>, CopyError> {
+        let cs = self.cfg.cluster_size;
+        let started = std::time::Instant::now();
+        let first = offset / cs;
+        let last = (offset + len).div_ceil(cs);
+        let (s, e) = (first * cs, (last * cs).min(self.len));
+        let mut g = self.lock();
+        while g.inflight.iter().any(|&(a, b)| a < e && s < b) {
+            if self.cancel.is_cancelled() {
+                return Err(CopyError::Cancelled);
+            }
+            if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+                return Err(CopyError::Timeout {
+                    waited: started.elapsed(),
+                });
+            }
+            g = match self
+                .changed
+                .wait_timeout(g, std::time::Duration::from_millis(50))
+            {
+                Ok((g, _)) => g,
+                Err(p) => p.into_inner().0,
+            };
+        }
+        let mut claims = Vec::new();
+        let mut i = first;
+        while let Some(s) = g.bitmap.next_set(i).filter(|&s| s < last) {
+            let e = g.bitmap.next_clear(s).unwrap_or(g.bitmap.len()).min(last);
+            g.bitmap.clear_range(s, e);
+            let c = Claim {
+                start: s * cs,
+                end: (e * cs).min(self.len),
+            };
+            g.inflight.push((c.start, c.end));
+            claims.push(c);
+            i = e;
+        }
+        Ok(claims)
+    }
+
     /// Copy-before-write: make sure every cluster of `[offset, offset+len)`
     /// that is still to copy is in the target before the caller overwrites
     /// it. Waits for copies in flight over the range, then claims and copies
@@ -317,51 +368,10 @@ impl BlockCopy {
         buf: &mut Vec<u8>,
         deadline: Option<std::time::Instant>,
     ) -> Result<u64, CopyError> {
-        let cs = self.cfg.cluster_size;
         let started = std::time::Instant::now();
-        let timed_out = || deadline.is_some_and(|d| std::time::Instant::now() >= d);
-        let first = offset / cs;
-        let last = (offset + len).div_ceil(cs);
         let mut copied = 0;
         loop {
-            let claims = {
-                let mut g = self.lock();
-                loop {
-                    let (s, e) = (first * cs, (last * cs).min(self.len));
-                    if !g.inflight.iter().any(|&(a, b)| a < e && s < b) {
-                        break;
-                    }
-                    if self.cancel.is_cancelled() {
-                        return Err(CopyError::Cancelled);
-                    }
-                    if timed_out() {
-                        return Err(CopyError::Timeout {
-                            waited: started.elapsed(),
-                        });
-                    }
-                    g = match self
-                        .changed
-                        .wait_timeout(g, std::time::Duration::from_millis(50))
-                    {
-                        Ok((g, _)) => g,
-                        Err(p) => p.into_inner().0,
-                    };
-                }
-                let mut claims = Vec::new();
-                let mut i = first;
-                while let Some(s) = g.bitmap.next_set(i).filter(|&s| s < last) {
-                    let e = g.bitmap.next_clear(s).unwrap_or(g.bitmap.len()).min(last);
-                    g.bitmap.clear_range(s, e);
-                    let c = Claim {
-                        start: s * cs,
-                        end: (e * cs).min(self.len),
-                    };
-                    g.inflight.push((c.start, c.end));
-                    claims.push(c);
-                    i = e;
-                }
-                claims
-            };
+            let claims = self.claim_range(offset, len, deadline)?;
             if claims.is_empty() {
                 return Ok(copied);
             }

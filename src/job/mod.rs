@@ -1,17 +1,67 @@
-//! The backup job: workers that drain the copy bitmap in offset order,
-//! cancellation, and the job's outcome.
+//! The backup job: workers that drain the copy bitmap in offset order under
+//! the error policies, cancellation, and the job's outcome.
 
 pub mod cancel;
+pub mod policy;
 
-use crate::copy::{BlockCopy, CopyError};
+use crate::copy::{BlockCopy, Claim, CopyError};
 use crate::exit::AppError;
+use crate::log;
 use cancel::Cancel;
+use policy::{Decision, Policies};
+use std::sync::Mutex;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+/// One retry, for the summary.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RetryEvent {
+    pub offset: u64,
+    pub length: u64,
+    pub attempt: u32,
+    pub delay_ms: u64,
+    pub cause: String,
+}
+
+/// What the error policies did.
+#[derive(Debug, Default)]
+pub struct PolicyLog {
+    /// Byte ranges skipped by `ignore` (sorted, merged at the end).
+    pub skipped: Mutex<Vec<(u64, u64)>>,
+    /// The first retries (at most 1000 are kept).
+    pub retries: Mutex<Vec<RetryEvent>>,
+}
+
+impl PolicyLog {
+    /// Skipped ranges, sorted and merged.
+    pub fn skipped_ranges(&self) -> Vec<(u64, u64)> {
+        let mut v = match self.skipped.lock() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        };
+        v.sort_unstable();
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        for (s, e) in v {
+            match out.last_mut() {
+                Some(last) if last.1 >= s => last.1 = last.1.max(e),
+                _ => out.push((s, e)),
+            }
+        }
+        out
+    }
+}
 
 /// Run the background copy of `bc` on `jobs` workers until the copy bitmap
 /// is drained, a failure stops it ([`BlockCopy::fail`], from a worker or
 /// from the copy-before-write filter), or it is cancelled. In-flight copies
 /// always finish (drain) before this returns.
-pub fn run_background(bc: &BlockCopy, jobs: usize, cancel: &Cancel) -> anyhow::Result<()> {
+pub fn run_background(
+    bc: &BlockCopy,
+    jobs: usize,
+    cancel: &Cancel,
+    policies: &Policies,
+    plog: &PolicyLog,
+) -> anyhow::Result<()> {
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(jobs)
         .thread_name(|i| format!("imgbackup-copy-{i}"))
@@ -35,24 +85,123 @@ pub fn run_background(bc: &BlockCopy, jobs: usize, cancel: &Cancel) -> anyhow::R
                         }
                         break;
                     };
-                    let res = bc.copy_claimed(claim, &mut buf);
-                    bc.release(claim, res.is_ok());
-                    match res {
-                        Ok(read) => {
-                            if let Some(t) = bc.throttle() {
-                                t.refund(chunk.saturating_sub(read));
-                            }
-                        }
-                        Err(e) => {
-                            bc.fail(e);
-                            break;
-                        }
+                    let read = handle_claim(bc, claim, &mut buf, cancel, policies, plog);
+                    if let Some(t) = bc.throttle() {
+                        t.refund(chunk.saturating_sub(read));
                     }
                 }
             });
         }
     });
     outcome(bc, cancel)
+}
+
+/// Copy one claim under the error policies. Returns the bytes read.
+fn handle_claim(
+    bc: &BlockCopy,
+    claim: Claim,
+    buf: &mut Vec<u8>,
+    cancel: &Cancel,
+    policies: &Policies,
+    plog: &PolicyLog,
+) -> u64 {
+    let cs = bc.cluster_size();
+    let mut read = 0;
+    let mut attempt = 0u32;
+    let mut pending = vec![claim];
+    while let Some(c) = pending.pop() {
+        let res = bc.copy_claimed(c, buf);
+        bc.release(c, res.is_ok());
+        let err = match res {
+            Ok(n) => {
+                read += n;
+                continue;
+            }
+            Err(e) => e,
+        };
+        if cancel.is_cancelled() || bc.failed() {
+            if !matches!(err, CopyError::Cancelled) {
+                bc.fail(err);
+            }
+            return read;
+        }
+        match policies.decide(&err, attempt) {
+            Decision::Fail => {
+                bc.fail(err);
+                return read;
+            }
+            Decision::RetryAfter(delay) => {
+                attempt += 1;
+                bc.progress.retries.fetch_add(1, Ordering::Relaxed);
+                let cause = crate::node::cbw::error_chain(&err);
+                log::warn(format!(
+                    "retry {attempt}/{} of {} bytes at offset {} in {}: {cause}",
+                    policies.retries,
+                    c.end - c.start,
+                    c.start,
+                    humantime::format_duration(delay)
+                ));
+                if let Ok(mut r) = plog.retries.lock()
+                    && r.len() < 1000
+                {
+                    r.push(RetryEvent {
+                        offset: c.start,
+                        length: c.end - c.start,
+                        attempt,
+                        delay_ms: delay.as_millis() as u64,
+                        cause,
+                    });
+                }
+                if !cancel.sleep_until(Instant::now() + delay) {
+                    return read;
+                }
+                match bc.claim_range(c.start, c.end - c.start, None) {
+                    Ok(again) => pending.extend(again.into_iter().rev()),
+                    Err(e) => {
+                        bc.fail(e);
+                        return read;
+                    }
+                }
+            }
+            Decision::Ignore => {
+                if c.end - c.start > cs {
+                    // Find the clusters that fail: copy them one by one.
+                    match bc.claim_range(c.start, c.end - c.start, None) {
+                        Ok(again) => {
+                            for a in again.into_iter().rev() {
+                                let mut k = a.end;
+                                let mut singles = Vec::new();
+                                while k > a.start {
+                                    let s = (k - 1) / cs * cs;
+                                    singles.push(Claim {
+                                        start: s.max(a.start),
+                                        end: k,
+                                    });
+                                    k = s.max(a.start);
+                                }
+                                pending.extend(singles);
+                            }
+                        }
+                        Err(e) => {
+                            bc.fail(e);
+                            return read;
+                        }
+                    }
+                } else {
+                    log::warn(format!(
+                        "skipping {} bytes at offset {} (ignore policy): {}",
+                        c.end - c.start,
+                        c.start,
+                        crate::node::cbw::error_chain(&err)
+                    ));
+                    if let Ok(mut s) = plog.skipped.lock() {
+                        s.push((c.start, c.end));
+                    }
+                }
+            }
+        }
+    }
+    read
 }
 
 /// The job's result once its workers (and guest) have stopped.

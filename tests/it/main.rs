@@ -8,6 +8,7 @@ mod cbw_races;
 mod common;
 mod conformance;
 mod docs;
+mod failures;
 mod manifest;
 mod qcow2_matrix;
 mod signals;
