@@ -19,8 +19,14 @@ _imgbackup() {
             imgbackup,backup)
                 cmd="imgbackup__subcmd__backup"
                 ;;
+            imgbackup,bitmap)
+                cmd="imgbackup__subcmd__bitmap"
+                ;;
             imgbackup,generate-docs)
                 cmd="imgbackup__subcmd__generate__subcmd__docs"
+                ;;
+            imgbackup,guest)
+                cmd="imgbackup__subcmd__guest"
                 ;;
             imgbackup,help)
                 cmd="imgbackup__subcmd__help"
@@ -34,11 +40,83 @@ _imgbackup() {
             imgbackup,verify)
                 cmd="imgbackup__subcmd__verify"
                 ;;
+            imgbackup__subcmd__bitmap,add)
+                cmd="imgbackup__subcmd__bitmap__subcmd__add"
+                ;;
+            imgbackup__subcmd__bitmap,clear)
+                cmd="imgbackup__subcmd__bitmap__subcmd__clear"
+                ;;
+            imgbackup__subcmd__bitmap,disable)
+                cmd="imgbackup__subcmd__bitmap__subcmd__disable"
+                ;;
+            imgbackup__subcmd__bitmap,enable)
+                cmd="imgbackup__subcmd__bitmap__subcmd__enable"
+                ;;
+            imgbackup__subcmd__bitmap,help)
+                cmd="imgbackup__subcmd__bitmap__subcmd__help"
+                ;;
+            imgbackup__subcmd__bitmap,import)
+                cmd="imgbackup__subcmd__bitmap__subcmd__import"
+                ;;
+            imgbackup__subcmd__bitmap,list)
+                cmd="imgbackup__subcmd__bitmap__subcmd__list"
+                ;;
+            imgbackup__subcmd__bitmap,merge)
+                cmd="imgbackup__subcmd__bitmap__subcmd__merge"
+                ;;
+            imgbackup__subcmd__bitmap,rebuild)
+                cmd="imgbackup__subcmd__bitmap__subcmd__rebuild"
+                ;;
+            imgbackup__subcmd__bitmap,remove)
+                cmd="imgbackup__subcmd__bitmap__subcmd__remove"
+                ;;
+            imgbackup__subcmd__bitmap,show)
+                cmd="imgbackup__subcmd__bitmap__subcmd__show"
+                ;;
+            imgbackup__subcmd__bitmap__subcmd__help,add)
+                cmd="imgbackup__subcmd__bitmap__subcmd__help__subcmd__add"
+                ;;
+            imgbackup__subcmd__bitmap__subcmd__help,clear)
+                cmd="imgbackup__subcmd__bitmap__subcmd__help__subcmd__clear"
+                ;;
+            imgbackup__subcmd__bitmap__subcmd__help,disable)
+                cmd="imgbackup__subcmd__bitmap__subcmd__help__subcmd__disable"
+                ;;
+            imgbackup__subcmd__bitmap__subcmd__help,enable)
+                cmd="imgbackup__subcmd__bitmap__subcmd__help__subcmd__enable"
+                ;;
+            imgbackup__subcmd__bitmap__subcmd__help,help)
+                cmd="imgbackup__subcmd__bitmap__subcmd__help__subcmd__help"
+                ;;
+            imgbackup__subcmd__bitmap__subcmd__help,import)
+                cmd="imgbackup__subcmd__bitmap__subcmd__help__subcmd__import"
+                ;;
+            imgbackup__subcmd__bitmap__subcmd__help,list)
+                cmd="imgbackup__subcmd__bitmap__subcmd__help__subcmd__list"
+                ;;
+            imgbackup__subcmd__bitmap__subcmd__help,merge)
+                cmd="imgbackup__subcmd__bitmap__subcmd__help__subcmd__merge"
+                ;;
+            imgbackup__subcmd__bitmap__subcmd__help,rebuild)
+                cmd="imgbackup__subcmd__bitmap__subcmd__help__subcmd__rebuild"
+                ;;
+            imgbackup__subcmd__bitmap__subcmd__help,remove)
+                cmd="imgbackup__subcmd__bitmap__subcmd__help__subcmd__remove"
+                ;;
+            imgbackup__subcmd__bitmap__subcmd__help,show)
+                cmd="imgbackup__subcmd__bitmap__subcmd__help__subcmd__show"
+                ;;
             imgbackup__subcmd__help,backup)
                 cmd="imgbackup__subcmd__help__subcmd__backup"
                 ;;
+            imgbackup__subcmd__help,bitmap)
+                cmd="imgbackup__subcmd__help__subcmd__bitmap"
+                ;;
             imgbackup__subcmd__help,generate-docs)
                 cmd="imgbackup__subcmd__help__subcmd__generate__subcmd__docs"
+                ;;
+            imgbackup__subcmd__help,guest)
+                cmd="imgbackup__subcmd__help__subcmd__guest"
                 ;;
             imgbackup__subcmd__help,help)
                 cmd="imgbackup__subcmd__help__subcmd__help"
@@ -52,6 +130,36 @@ _imgbackup() {
             imgbackup__subcmd__help,verify)
                 cmd="imgbackup__subcmd__help__subcmd__verify"
                 ;;
+            imgbackup__subcmd__help__subcmd__bitmap,add)
+                cmd="imgbackup__subcmd__help__subcmd__bitmap__subcmd__add"
+                ;;
+            imgbackup__subcmd__help__subcmd__bitmap,clear)
+                cmd="imgbackup__subcmd__help__subcmd__bitmap__subcmd__clear"
+                ;;
+            imgbackup__subcmd__help__subcmd__bitmap,disable)
+                cmd="imgbackup__subcmd__help__subcmd__bitmap__subcmd__disable"
+                ;;
+            imgbackup__subcmd__help__subcmd__bitmap,enable)
+                cmd="imgbackup__subcmd__help__subcmd__bitmap__subcmd__enable"
+                ;;
+            imgbackup__subcmd__help__subcmd__bitmap,import)
+                cmd="imgbackup__subcmd__help__subcmd__bitmap__subcmd__import"
+                ;;
+            imgbackup__subcmd__help__subcmd__bitmap,list)
+                cmd="imgbackup__subcmd__help__subcmd__bitmap__subcmd__list"
+                ;;
+            imgbackup__subcmd__help__subcmd__bitmap,merge)
+                cmd="imgbackup__subcmd__help__subcmd__bitmap__subcmd__merge"
+                ;;
+            imgbackup__subcmd__help__subcmd__bitmap,rebuild)
+                cmd="imgbackup__subcmd__help__subcmd__bitmap__subcmd__rebuild"
+                ;;
+            imgbackup__subcmd__help__subcmd__bitmap,remove)
+                cmd="imgbackup__subcmd__help__subcmd__bitmap__subcmd__remove"
+                ;;
+            imgbackup__subcmd__help__subcmd__bitmap,show)
+                cmd="imgbackup__subcmd__help__subcmd__bitmap__subcmd__show"
+                ;;
             *)
                 ;;
         esac
@@ -59,7 +167,7 @@ _imgbackup() {
 
     case "${cmd}" in
         imgbackup)
-            opts="-q -v -h -V --json --quiet --verbose --progress --help --version backup verify restore info generate-docs help"
+            opts="-q -v -h -V --json --quiet --verbose --progress --help --version backup verify restore info bitmap guest generate-docs help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -77,14 +185,26 @@ _imgbackup() {
             return 0
             ;;
         imgbackup__subcmd__backup)
-            opts="-q -v -h -V --sync --target-format --target-cluster-size --cluster-size --jobs --max-chunk --speed --timeout --force --keep-partial --dry-run --source-format --guest --guest-overlay --on-cbw-error --cbw-timeout --verify --on-source-error --on-target-error --retries --retry-delay --retry-max-delay --force-share --wait-lock --no-manifest --inject --json --quiet --verbose --progress --help --version"
+            opts="-q -v -h -V --sync --bitmap --bitmap-mode --backing --no-backing --target-format --target-cluster-size --cluster-size --jobs --max-chunk --speed --timeout --force --keep-partial --dry-run --source-format --guest --guest-overlay --on-cbw-error --cbw-timeout --verify --on-source-error --on-target-error --retries --retry-delay --retry-max-delay --force-share --wait-lock --no-manifest --inject --json --quiet --verbose --progress --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
             case "${prev}" in
                 --sync)
-                    COMPREPLY=($(compgen -W "full none" -- "${cur}"))
+                    COMPREPLY=($(compgen -W "full top incremental bitmap none" -- "${cur}"))
+                    return 0
+                    ;;
+                --bitmap)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --bitmap-mode)
+                    COMPREPLY=($(compgen -W "on-success always never" -- "${cur}"))
+                    return 0
+                    ;;
+                --backing)
+                    COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
                 --target-format)
@@ -174,6 +294,424 @@ _imgbackup() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        imgbackup__subcmd__bitmap)
+            opts="-q -v -h -V --json --quiet --verbose --progress --help --version add remove clear enable disable list show merge import rebuild help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --progress)
+                    COMPREPLY=($(compgen -W "auto bar plain none" -- "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        imgbackup__subcmd__bitmap__subcmd__add)
+            opts="-q -v -h -V --granularity --disabled --wait-lock --json --quiet --verbose --progress --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --granularity)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --wait-lock)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --progress)
+                    COMPREPLY=($(compgen -W "auto bar plain none" -- "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        imgbackup__subcmd__bitmap__subcmd__clear)
+            opts="-q -v -h -V --wait-lock --json --quiet --verbose --progress --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --wait-lock)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --progress)
+                    COMPREPLY=($(compgen -W "auto bar plain none" -- "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        imgbackup__subcmd__bitmap__subcmd__disable)
+            opts="-q -v -h -V --wait-lock --json --quiet --verbose --progress --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --wait-lock)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --progress)
+                    COMPREPLY=($(compgen -W "auto bar plain none" -- "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        imgbackup__subcmd__bitmap__subcmd__enable)
+            opts="-q -v -h -V --wait-lock --json --quiet --verbose --progress --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --wait-lock)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --progress)
+                    COMPREPLY=($(compgen -W "auto bar plain none" -- "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        imgbackup__subcmd__bitmap__subcmd__help)
+            opts="add remove clear enable disable list show merge import rebuild help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        imgbackup__subcmd__bitmap__subcmd__help__subcmd__add)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        imgbackup__subcmd__bitmap__subcmd__help__subcmd__clear)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        imgbackup__subcmd__bitmap__subcmd__help__subcmd__disable)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        imgbackup__subcmd__bitmap__subcmd__help__subcmd__enable)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        imgbackup__subcmd__bitmap__subcmd__help__subcmd__help)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        imgbackup__subcmd__bitmap__subcmd__help__subcmd__import)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        imgbackup__subcmd__bitmap__subcmd__help__subcmd__list)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        imgbackup__subcmd__bitmap__subcmd__help__subcmd__merge)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        imgbackup__subcmd__bitmap__subcmd__help__subcmd__rebuild)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        imgbackup__subcmd__bitmap__subcmd__help__subcmd__remove)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        imgbackup__subcmd__bitmap__subcmd__help__subcmd__show)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        imgbackup__subcmd__bitmap__subcmd__import)
+            opts="-q -v -h -V --as --force --wait-lock --json --quiet --verbose --progress --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --as)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --wait-lock)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --progress)
+                    COMPREPLY=($(compgen -W "auto bar plain none" -- "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        imgbackup__subcmd__bitmap__subcmd__list)
+            opts="-q -v -h -V --json --quiet --verbose --progress --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --progress)
+                    COMPREPLY=($(compgen -W "auto bar plain none" -- "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        imgbackup__subcmd__bitmap__subcmd__merge)
+            opts="-q -v -h -V --into --wait-lock --json --quiet --verbose --progress --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --into)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --wait-lock)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --progress)
+                    COMPREPLY=($(compgen -W "auto bar plain none" -- "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        imgbackup__subcmd__bitmap__subcmd__rebuild)
+            opts="-q -v -h -V --against --granularity --wait-lock --json --quiet --verbose --progress --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --against)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --granularity)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --wait-lock)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --progress)
+                    COMPREPLY=($(compgen -W "auto bar plain none" -- "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        imgbackup__subcmd__bitmap__subcmd__remove)
+            opts="-q -v -h -V --wait-lock --json --quiet --verbose --progress --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --wait-lock)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --progress)
+                    COMPREPLY=($(compgen -W "auto bar plain none" -- "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        imgbackup__subcmd__bitmap__subcmd__show)
+            opts="-q -v -h -V --json --quiet --verbose --progress --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --progress)
+                    COMPREPLY=($(compgen -W "auto bar plain none" -- "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         imgbackup__subcmd__generate__subcmd__docs)
             opts="-q -v -h -V --json --quiet --verbose --progress --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
@@ -192,8 +730,34 @@ _imgbackup() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        imgbackup__subcmd__guest)
+            opts="-q -v -h -V --format --wait-lock --json --quiet --verbose --progress --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --format)
+                    COMPREPLY=($(compgen -W "raw qcow2" -- "${cur}"))
+                    return 0
+                    ;;
+                --wait-lock)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --progress)
+                    COMPREPLY=($(compgen -W "auto bar plain none" -- "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         imgbackup__subcmd__help)
-            opts="backup verify restore info generate-docs help"
+            opts="backup verify restore info bitmap guest generate-docs help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -220,7 +784,175 @@ _imgbackup() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        imgbackup__subcmd__help__subcmd__bitmap)
+            opts="add remove clear enable disable list show merge import rebuild"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        imgbackup__subcmd__help__subcmd__bitmap__subcmd__add)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        imgbackup__subcmd__help__subcmd__bitmap__subcmd__clear)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        imgbackup__subcmd__help__subcmd__bitmap__subcmd__disable)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        imgbackup__subcmd__help__subcmd__bitmap__subcmd__enable)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        imgbackup__subcmd__help__subcmd__bitmap__subcmd__import)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        imgbackup__subcmd__help__subcmd__bitmap__subcmd__list)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        imgbackup__subcmd__help__subcmd__bitmap__subcmd__merge)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        imgbackup__subcmd__help__subcmd__bitmap__subcmd__rebuild)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        imgbackup__subcmd__help__subcmd__bitmap__subcmd__remove)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        imgbackup__subcmd__help__subcmd__bitmap__subcmd__show)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         imgbackup__subcmd__help__subcmd__generate__subcmd__docs)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        imgbackup__subcmd__help__subcmd__guest)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )

@@ -65,6 +65,16 @@ pub fn classify(err: &anyhow::Error) -> Exit {
                 AppError::Mismatch { .. } | AppError::Verify(_) => Exit::Mismatch,
             };
         }
+        if let Some(b) = cause.downcast_ref::<crate::bitmap::BitmapError>() {
+            use crate::bitmap::BitmapError as B;
+            match b {
+                B::Missing { .. } | B::Inconsistent { .. } | B::Damaged { .. } => {
+                    return Exit::Bitmap;
+                }
+                B::BadName(_) => return Exit::Usage,
+                B::Exists { .. } | B::Io { .. } => {}
+            }
+        }
         if cause
             .downcast_ref::<crate::lock::LockError>()
             .is_some_and(|l| !matches!(l, crate::lock::LockError::Io { .. }))
@@ -103,6 +113,10 @@ pub fn hint(err: &anyhow::Error) -> Option<String> {
         }
         Exit::Mismatch => Some(
             "the data does not match what was recorded; do not rely on this backup: make a new full backup (and check the storage it lives on)"
+                .into(),
+        ),
+        Exit::Bitmap => Some(
+            "an inconsistent or stale bitmap is never trusted: run `imgbackup bitmap rebuild IMAGE NAME --against LAST_BACKUP` to mark what changed since that backup, or make a full backup with `--bitmap NAME` to start a new chain"
                 .into(),
         ),
         Exit::Locked => Some(

@@ -661,3 +661,61 @@ pub fn check_image(
     })?;
     Ok(found.into_inner().unwrap_or_else(|p| p.into_inner()))
 }
+
+/// Chunks of `image` whose digest differs from `manifest` (same geometry),
+/// computed in parallel.
+pub fn differing_chunks(
+    image: &dyn BlockNode,
+    manifest: &ManifestFile,
+    jobs: usize,
+) -> Result<Bits, CopyError> {
+    use rayon::prelude::*;
+    let geo = manifest.geometry();
+    let zero = geo.zero_digests();
+    let n = geo.chunks();
+    let out = Mutex::new(Bits::new(n));
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(jobs.max(1))
+        .build()
+        .map_err(|e| CopyError::Manifest(io::Error::other(e)))?;
+    let batches: Vec<u64> = (0..n).step_by(64).collect();
+    pool.install(|| {
+        batches
+            .par_iter()
+            .try_for_each(|&a| -> Result<(), CopyError> {
+                let b = (a + 64).min(n);
+                let got = digests_of(image, geo, a, b, &zero)?;
+                let want = manifest
+                    .digests(a, b)
+                    .map_err(|e| CopyError::Manifest(io::Error::other(e.to_string())))?;
+                let diff: Vec<u64> = got
+                    .iter()
+                    .zip(&want)
+                    .enumerate()
+                    .filter(|(_, (g, w))| g != w)
+                    .map(|(k, _)| a + k as u64)
+                    .collect();
+                if !diff.is_empty()
+                    && let Ok(mut o) = out.lock()
+                {
+                    for i in diff {
+                        o.set(i);
+                    }
+                }
+                Ok(())
+            })
+    })?;
+    Ok(out.into_inner().unwrap_or_else(|p| p.into_inner()))
+}
+
+/// Parse a hex digest.
+pub fn unhex(s: &str) -> Option<Sha> {
+    if s.len() != 64 {
+        return None;
+    }
+    let mut d = [0u8; 32];
+    for (i, b) in d.iter_mut().enumerate() {
+        *b = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(d)
+}

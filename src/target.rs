@@ -43,6 +43,11 @@ impl Partial {
         &self.final_path
     }
 
+    /// Keep the partial file even if the job fails.
+    pub fn keep(&mut self) {
+        self.keep_on_failure = true;
+    }
+
     /// Rename to the final name and sync the directory. The caller has
     /// flushed the file.
     pub fn commit(mut self) -> io::Result<()> {

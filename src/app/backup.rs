@@ -10,7 +10,9 @@
 //! ```
 
 use crate::bitmap::Bits;
-use crate::cli::{BackupArgs, GlobalOpts, ProgressMode, SyncMode};
+use crate::bitmap::file::Anchor;
+use crate::bitmap::{Bitmap, BitmapError, Identity};
+use crate::cli::{BackupArgs, BitmapMode, GlobalOpts, ProgressMode, SyncMode};
 use crate::copy::ChunkObserver;
 use crate::copy::{BlockCopy, Config, CopyError};
 use crate::error::{BlockError, Op};
@@ -18,10 +20,13 @@ use crate::exit::{AppError, Exit};
 use crate::guest::{self, GuestReport, GuestSpec};
 use crate::job::cancel::Cancel;
 use crate::job::policy::Policies;
+use crate::job::sync_bitmap::{Marking, SyncBitmap};
 use crate::job::{PolicyLog, outcome, run_background};
 use crate::lock::{Access, Locks};
 use crate::log;
-use crate::manifest::{Geometry, ManifestFile, ManifestWriter, Meta, check_image, manifest_path};
+use crate::manifest::{
+    Geometry, ManifestFile, ManifestWriter, Meta, Parent, check_image, manifest_path, unhex,
+};
 use crate::node::cbw::{CbwNode, OnCbwError};
 use crate::node::fault::{FaultNode, Side};
 use crate::node::overlay::OverlayNode;
@@ -55,6 +60,7 @@ pub struct Plan {
     pub max_chunk: u64,
     pub jobs: usize,
     pub on_cbw_error: OnCbwError,
+    pub bitmap_mode: BitmapMode,
 }
 
 /// The end-of-job summary (human on stderr, or the `--json` document).
@@ -92,6 +98,21 @@ pub struct Summary {
     pub verified: bool,
     /// Root digest of TARGET.manifest (absent with --no-manifest).
     pub manifest_root_digest: Option<String>,
+    /// The backing file written into TARGET.
+    pub backing: Option<String>,
+    /// The bitmap's state after the job.
+    pub bitmap: Option<BitmapReport>,
+}
+
+/// The bitmap's state after a job.
+#[derive(Debug, serde::Serialize)]
+pub struct BitmapReport {
+    pub name: String,
+    pub mode: BitmapMode,
+    pub granularity: u64,
+    pub dirty_bytes: u64,
+    pub dirty_granules: u64,
+    pub anchored_backup: Option<String>,
 }
 
 fn usage(msg: String) -> anyhow::Error {
@@ -100,7 +121,10 @@ fn usage(msg: String) -> anyhow::Error {
 
 /// Turn the arguments into a plan, refusing inconsistent values (exit 2).
 pub fn plan(args: &BackupArgs) -> anyhow::Result<Plan> {
-    let needs_qcow2 = args.sync == SyncMode::None;
+    let needs_qcow2 = matches!(
+        args.sync,
+        SyncMode::None | SyncMode::Top | SyncMode::Incremental | SyncMode::Bitmap
+    );
     let target_format = args.target_format.unwrap_or_else(|| {
         match args.target.extension().and_then(|e| e.to_str()) {
             Some(e) if e.eq_ignore_ascii_case("qcow2") => Format::Qcow2,
@@ -110,6 +134,27 @@ pub fn plan(args: &BackupArgs) -> anyhow::Result<Plan> {
     });
     if needs_qcow2 && target_format != Format::Qcow2 {
         return Err(usage(format!("--sync {} needs a qcow2 target", args.sync)));
+    }
+    match (args.sync, &args.bitmap) {
+        (SyncMode::Incremental | SyncMode::Bitmap, None) => {
+            return Err(usage(format!("--sync {} needs --bitmap NAME", args.sync)));
+        }
+        (SyncMode::None, Some(_)) => {
+            return Err(usage("--sync none takes no --bitmap".into()));
+        }
+        _ => {}
+    }
+    if args.sync == SyncMode::Incremental
+        && args.bitmap_mode.is_some_and(|m| m != BitmapMode::OnSuccess)
+    {
+        return Err(usage(
+            "--sync incremental always uses --bitmap-mode on-success; use --sync bitmap for another mode".into(),
+        ));
+    }
+    if (args.backing.is_some() || args.no_backing) && target_format != Format::Qcow2 {
+        return Err(usage(
+            "--backing and --no-backing need a qcow2 target".into(),
+        ));
     }
     if args.sync == SyncMode::None {
         match &args.guest {
@@ -168,6 +213,7 @@ pub fn plan(args: &BackupArgs) -> anyhow::Result<Plan> {
         max_chunk,
         jobs,
         on_cbw_error: args.on_cbw_error.unwrap_or(OnCbwError::BreakGuestWrite),
+        bitmap_mode: args.bitmap_mode.unwrap_or(BitmapMode::OnSuccess),
     })
 }
 
@@ -250,23 +296,116 @@ impl Target {
     }
 }
 
-/// Bytes a full backup reads: (data bytes, zero or unallocated bytes).
-fn dry_run_counts(node: &dyn BlockNode) -> anyhow::Result<(u64, u64)> {
+/// Bytes a backup of the clusters in `bits` reads: (data bytes, zero or
+/// unallocated bytes).
+fn dry_run_counts(node: &dyn BlockNode, bits: &Bits, cluster: u64) -> anyhow::Result<(u64, u64)> {
     let (mut data, mut zero) = (0, 0);
     let size = node.size();
+    for (s, e) in bits.runs() {
+        let mut pos = s * cluster;
+        let end = (e * cluster).min(size);
+        while pos < end {
+            let ext = node
+                .block_status(pos, end - pos)
+                .map_err(CopyError::Source)?;
+            if ext.status == Status::Data {
+                data += ext.len;
+            } else {
+                zero += ext.len;
+            }
+            pos += ext.len;
+        }
+    }
+    Ok((data, zero))
+}
+
+/// Clusters allocated (data or zero) in the top layer.
+fn top_clusters(top: &dyn BlockNode, cluster: u64) -> anyhow::Result<Bits> {
+    let size = top.size();
+    let mut bits = Bits::new(size.div_ceil(cluster));
     let mut pos = 0;
     while pos < size {
-        let ext = node
+        let ext = top
             .block_status(pos, size - pos)
             .map_err(CopyError::Source)?;
-        if ext.status == Status::Data {
-            data += ext.len;
-        } else {
-            zero += ext.len;
+        if ext.status != Status::Unallocated {
+            bits.set_range(pos / cluster, (pos + ext.len).div_ceil(cluster));
         }
         pos += ext.len;
     }
-    Ok((data, zero))
+    Ok(bits)
+}
+
+/// The bitmap a job uses or (re)anchors, checked for the sync mode.
+fn job_bitmap(
+    name: &str,
+    sync: SyncMode,
+    source: &Path,
+    size: u64,
+    identity: &Identity,
+) -> Result<Bitmap, BitmapError> {
+    match sync {
+        SyncMode::Incremental | SyncMode::Bitmap => {
+            let b = Bitmap::load(source, name)?;
+            if let Some(reason) = b.inconsistency(size, identity) {
+                return Err(BitmapError::Inconsistent {
+                    name: name.to_string(),
+                    image: source.to_path_buf(),
+                    reason,
+                });
+            }
+            Ok(b)
+        }
+        _ => match Bitmap::load(source, name) {
+            Ok(b) if b.image_size == size => Ok(b),
+            Ok(_) | Err(BitmapError::Missing { .. }) => Ok(Bitmap::new(
+                name,
+                crate::bitmap::file::DEFAULT_GRANULARITY,
+                size,
+                *identity,
+            )),
+            Err(e @ (BitmapError::Damaged { .. } | BitmapError::Inconsistent { .. })) => {
+                log::warn(format!("{e}; this backup starts it afresh"));
+                Ok(Bitmap::new(
+                    name,
+                    crate::bitmap::file::DEFAULT_GRANULARITY,
+                    size,
+                    *identity,
+                ))
+            }
+            Err(e) => Err(e),
+        },
+    }
+}
+
+/// The backup an incremental builds on: the bitmap's anchor, checked.
+fn anchored_backup(bitmap: &Bitmap, source: &Path) -> Result<PathBuf, BitmapError> {
+    let bad = |reason: String| BitmapError::Inconsistent {
+        name: bitmap.name.clone(),
+        image: source.to_path_buf(),
+        reason,
+    };
+    let Some(a) = &bitmap.anchor else {
+        return Err(bad(
+            "it is not anchored to a backup; make a full backup with --bitmap first, or name the parent with --backing FILE".into(),
+        ));
+    };
+    if !a.path.exists() {
+        return Err(bad(format!(
+            "the backup it is anchored to, {}, is gone; pass --backing FILE, or make a full backup",
+            a.path.display()
+        )));
+    }
+    if a.root != [0; 32]
+        && let Ok(m) = ManifestFile::open(&manifest_path(&a.path))
+        && unhex(&m.meta.root_digest) != Some(a.root)
+    {
+        return Err(bad(format!(
+            "the backup it is anchored to, {}, was replaced since (its manifest root differs)",
+            a.path.display()
+        )));
+    }
+    Ok(a.path.clone())
 }
 
 fn rfc3339(t: SystemTime) -> String {
@@ -366,16 +505,90 @@ pub fn run(args: &BackupArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
     }
     let size = image.node.size();
     let source_format = image.layers[0].info.format;
+    let identity = Identity::of(&plan.source)
+        .with_context(|| format!("cannot stat {}", plan.source.display()))?;
+
+    // The bitmap, and what to copy.
+    let bitmap = match &args.bitmap {
+        Some(name) => Some(job_bitmap(name, plan.sync, &plan.source, size, &identity)?),
+        None => None,
+    };
+    let cs = plan.cluster_size;
+    let clusters = size.div_ceil(cs);
+    let copy_bits = match plan.sync {
+        SyncMode::Full | SyncMode::None => Bits::full(clusters),
+        SyncMode::Top => top_clusters(image.top().as_ref(), cs)?,
+        SyncMode::Incremental | SyncMode::Bitmap => {
+            let mut bits = Bits::new(clusters);
+            for (s, e) in bitmap
+                .as_ref()
+                .map(|b| b.dirty_ranges())
+                .unwrap_or_default()
+            {
+                bits.set_range(s / cs, e.div_ceil(cs));
+            }
+            bits
+        }
+    };
+
+    // The target's backing file, and the parent manifest to reuse.
+    let backing_path: Option<PathBuf> = if args.no_backing {
+        None
+    } else if let Some(b) = &args.backing {
+        if !b.is_file() {
+            bail!("the backing file {} does not exist", b.display());
+        }
+        Some(b.clone())
+    } else {
+        match plan.sync {
+            SyncMode::Full => None,
+            SyncMode::None => Some(plan.source.clone()),
+            SyncMode::Top => image.layers.get(1).map(|l| l.info.path.clone()),
+            SyncMode::Incremental | SyncMode::Bitmap => match &bitmap {
+                Some(b) => Some(anchored_backup(b, &plan.source)?),
+                None => None,
+            },
+        }
+    };
+    let backing = match &backing_path {
+        Some(p) => {
+            let fmt = crate::node::probe::probe(p)
+                .with_context(|| format!("cannot open the backing file {}", p.display()))?;
+            Some((backing_name(&plan.target, p)?, fmt.to_string()))
+        }
+        None => None,
+    };
+    let geo = Geometry {
+        size,
+        chunk: crate::manifest::CHUNK_SIZE.min(cs),
+    };
+    let parent = match (&backing_path, plan.sync) {
+        (Some(p), SyncMode::Incremental | SyncMode::Bitmap) => {
+            ManifestFile::open(&manifest_path(p))
+                .ok()
+                .filter(|m| m.geometry() == geo)
+        }
+        _ => None,
+    };
+
     log::info(format!(
-        "source {} ({}, {} layer(s), {}), target {} ({}), sync {}, cluster size {}, {} worker(s), requests up to {}",
+        "source {} ({}, {} layer(s), {}), target {} ({}{}), sync {}{}, cluster size {}, {} worker(s), requests up to {}",
         plan.source.display(),
         source_format,
         image.layers.len(),
         human_bytes(size),
         plan.target.display(),
         plan.target_format,
+        backing
+            .as_ref()
+            .map(|(n, _)| format!(", backing {n}"))
+            .unwrap_or_default(),
         plan.sync,
-        human_bytes(plan.cluster_size),
+        bitmap
+            .as_ref()
+            .map(|b| format!(", bitmap {} ({})", b.name, plan.bitmap_mode))
+            .unwrap_or_default(),
+        human_bytes(cs),
         plan.jobs,
         human_bytes(plan.max_chunk)
     ));
@@ -390,7 +603,7 @@ pub fn run(args: &BackupArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
         sync: plan.sync,
         dry_run: args.dry_run,
         virtual_size: size,
-        cluster_size: plan.cluster_size,
+        cluster_size: cs,
         bytes_copied: 0,
         bytes_skipped_zero: 0,
         copy_before_write_copies: 0,
@@ -406,12 +619,14 @@ pub fn run(args: &BackupArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
         guest_overlay: None,
         verified: false,
         manifest_root_digest: None,
+        backing: backing.as_ref().map(|(n, _)| n.clone()),
+        bitmap: None,
     };
 
     if args.dry_run {
         let (data, zero) = match plan.sync {
-            SyncMode::Full => dry_run_counts(image.node.as_ref())?,
             SyncMode::None => (0, 0),
+            _ => dry_run_counts(image.node.as_ref(), &copy_bits, cs)?,
         };
         summary.bytes_copied = data;
         summary.bytes_skipped_zero = zero;
@@ -421,20 +636,21 @@ pub fn run(args: &BackupArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
             print_json(&summary)?;
         } else if !g.quiet {
             match plan.sync {
-                SyncMode::Full => eprintln!(
-                    "imgbackup: dry run: a full backup of {} into {} ({}) would read up to {} of data in {} clusters of {}; {} read as zeros and would not be written. Nothing was written.",
-                    plan.source.display(),
-                    plan.target.display(),
-                    plan.target_format,
-                    human_bytes(data),
-                    data.div_ceil(plan.cluster_size),
-                    human_bytes(plan.cluster_size),
-                    human_bytes(zero)
-                ),
                 SyncMode::None => eprintln!(
                     "imgbackup: dry run: a fleecing backup (sync none) of {} into {} would copy only the clusters the guest overwrites. Nothing was written.",
                     plan.source.display(),
                     plan.target.display()
+                ),
+                _ => eprintln!(
+                    "imgbackup: dry run: a {} backup of {} into {} ({}) would read up to {} of data in {} clusters of {}; {} read as zeros and would not be written as data. Nothing was written.",
+                    plan.sync,
+                    plan.source.display(),
+                    plan.target.display(),
+                    plan.target_format,
+                    human_bytes(data),
+                    copy_bits.count(),
+                    human_bytes(cs),
+                    human_bytes(zero)
                 ),
             }
         }
@@ -448,6 +664,18 @@ pub fn run(args: &BackupArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
     if let Some(t) = args.timeout {
         cancel.arm_timeout(t);
     }
+
+    // From here on the bitmap is frozen and in use; dropping the job's
+    // bitmap on any failure merges the successor back.
+    let sync_bitmap = match bitmap {
+        Some(b) => Some(Arc::new(SyncBitmap::start(
+            &plan.source,
+            b,
+            plan.bitmap_mode,
+            identity,
+        )?)),
+        None => None,
+    };
 
     // The graph.
     let source: Arc<dyn BlockNode> =
@@ -463,14 +691,7 @@ pub fn run(args: &BackupArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
         Some(o) => o.clone(),
         None => source.clone(),
     };
-    let partial = Partial::new(&plan.target, args.keep_partial);
-    let backing = match plan.sync {
-        SyncMode::None => Some((
-            backing_name(&plan.target, &plan.source)?,
-            source_format.to_string(),
-        )),
-        SyncMode::Full => None,
-    };
+    let mut partial = Partial::new(&plan.target, args.keep_partial);
     let has_backing = backing.is_some();
     let target = match plan.target_format {
         Format::Raw => Target::Raw(Arc::new(
@@ -489,10 +710,6 @@ pub fn run(args: &BackupArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
         )),
     };
     let target_node = FaultNode::wrap(target.node(), &args.inject, Side::Target);
-    let geo = Geometry {
-        size,
-        chunk: crate::manifest::CHUNK_SIZE.min(plan.cluster_size),
-    };
     let mpartial =
         (!args.no_manifest).then(|| Partial::new(&manifest_path(&plan.target), args.keep_partial));
     let mwriter = match &mpartial {
@@ -501,27 +718,33 @@ pub fn run(args: &BackupArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
         )),
         None => None,
     };
-    let clusters = size.div_ceil(plan.cluster_size);
     let bc = Arc::new(BlockCopy::new(
         active.clone(),
         target_node,
         Config {
-            cluster_size: plan.cluster_size,
+            cluster_size: cs,
             max_chunk: plan.max_chunk,
             write_zeroes: has_backing,
             speed: args.speed,
         },
-        Bits::full(clusters),
+        copy_bits,
         cancel.clone(),
         mwriter.clone().map(|m| m as Arc<dyn ChunkObserver>),
     ));
-    let cbw = args.guest.as_ref().map(|_| {
-        Arc::new(CbwNode::new(
+    if let Some(sb) = &sync_bitmap {
+        sb.attach(bc.clone());
+    }
+    let guest_node: Option<Arc<dyn BlockNode>> = args.guest.as_ref().map(|_| {
+        let cbw: Arc<dyn BlockNode> = Arc::new(CbwNode::new(
             active.clone(),
             bc.clone(),
             plan.on_cbw_error,
             args.cbw_timeout,
-        ))
+        ));
+        match &sync_bitmap {
+            Some(sb) => Arc::new(Marking::new(cbw, sb.clone())) as Arc<dyn BlockNode>,
+            None => cbw,
+        }
     });
 
     let counter_bc = bc.clone();
@@ -550,19 +773,19 @@ pub fn run(args: &BackupArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
     // Run: the background copy (unless sync none) and the guest side by side.
     let stop_guest = AtomicBool::new(false);
     let (result, guest_stats) = std::thread::scope(|s| {
-        let guest = match (&args.guest, &cbw) {
-            (Some(spec), Some(cbw)) => {
+        let guest = match (&args.guest, &guest_node) {
+            (Some(spec), Some(node)) => {
                 let spec: &GuestSpec = spec;
-                let cbw = cbw.clone();
+                let node = node.clone();
                 let stop = &stop_guest;
                 let cancel = &cancel;
-                Some(s.spawn(move || guest::run(cbw.as_ref(), spec, stop, cancel)))
+                Some(s.spawn(move || guest::run(node.as_ref(), spec, stop, cancel)))
             }
             _ => None,
         };
         let result = match plan.sync {
-            SyncMode::Full => run_background(&bc, plan.jobs, &cancel, &policies, &plog),
             SyncMode::None => Ok(()),
+            _ => run_background(&bc, plan.jobs, &cancel, &policies, &plog),
         };
         let bounded = args.guest.as_ref().is_some_and(|g| g.is_bounded());
         if result.is_err() || !bounded {
@@ -572,11 +795,23 @@ pub fn run(args: &BackupArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
         (result, stats)
     });
     reporter.finish();
-    let result = result.and_then(|_| outcome(&bc, &cancel));
-    result.context("the backup failed")?;
+    let result = result
+        .and_then(|_| outcome(&bc, &cancel))
+        .and_then(|_| bc.flush_target().map_err(anyhow::Error::from));
+    if let Err(e) = result {
+        if plan.bitmap_mode == BitmapMode::Always && sync_bitmap.is_some() {
+            // The bitmap forgets what was copied: keep what was copied.
+            if target.complete().is_ok() {
+                partial.keep();
+                log::warn(format!(
+                    "--bitmap-mode always: the bitmap no longer marks the clusters copied before the failure; they are kept in {}",
+                    partial.path().display()
+                ));
+            }
+        }
+        return Err(e.context("the backup failed"));
+    }
 
-    // Flush through the graph first, so target flush faults are seen.
-    bc.flush_target().context("cannot flush the target")?;
     target
         .complete()
         .map_err(CopyError::Target)
@@ -588,10 +823,17 @@ pub fn run(args: &BackupArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
     let skipped = plog.skipped_ranges();
     if let Some(m) = &mwriter {
         // Where an ignore policy skipped data, the digests are of what the
-        // backup holds; chunks the copy did not see (sync none) come from
-        // the image.
-        m.fill_ranges_from(target.node().as_ref(), &skipped, plan.jobs)
+        // backup holds; clean chunks of an incremental come from its
+        // parent's manifest; chunks the copy did not see otherwise (top,
+        // none) come from the image.
+        let target_chain = open_image(partial.path(), Some(plan.target_format))
+            .context("cannot open the new backup")?;
+        m.fill_ranges_from(target_chain.node.as_ref(), &skipped, plan.jobs)
             .context("cannot compute the manifest")?;
+        if let Some(p) = &parent {
+            m.fill_from_parent(p)
+                .context("cannot compute the manifest")?;
+        }
         m.fill_from(image.node.as_ref(), plan.jobs)
             .context("cannot compute the manifest")?;
         let mut meta = Meta {
@@ -600,15 +842,20 @@ pub fn run(args: &BackupArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
             chunk_size: geo.chunk,
             chunks: geo.chunks(),
             root_digest: String::new(),
-            source: std::fs::canonicalize(&plan.source)
-                .unwrap_or_else(|_| plan.source.clone())
+            source: crate::app::bitmap::canonical(&plan.source)
                 .display()
                 .to_string(),
             source_format: source_format.to_string(),
             target_format: plan.target_format.to_string(),
             sync: plan.sync.to_string(),
-            bitmap: None,
-            parent: None,
+            bitmap: args.bitmap.clone(),
+            parent: match (&parent, &backing_path) {
+                (Some(pm), Some(bp)) => Some(Parent {
+                    path: crate::app::bitmap::canonical(bp).display().to_string(),
+                    root_digest: pm.meta.root_digest.clone(),
+                }),
+                _ => None,
+            },
             started: summary.started.clone(),
             finished: rfc3339(SystemTime::now()),
             created_by: format!("imgbackup {}", env!("CARGO_PKG_VERSION")),
@@ -666,6 +913,29 @@ pub fn run(args: &BackupArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
             )
         })?;
 
+    if let Some(sb) = &sync_bitmap {
+        let root = summary
+            .manifest_root_digest
+            .as_deref()
+            .and_then(unhex)
+            .unwrap_or([0; 32]);
+        let b = sb.finish(
+            true,
+            Some(Anchor {
+                path: crate::app::bitmap::canonical(&final_path),
+                root,
+            }),
+        )?;
+        summary.bitmap = Some(BitmapReport {
+            name: b.name.clone(),
+            mode: plan.bitmap_mode,
+            granularity: b.granularity,
+            dirty_bytes: b.dirty_bytes(),
+            dirty_granules: b.bits.count(),
+            anchored_backup: b.anchor.as_ref().map(|a| a.path.display().to_string()),
+        });
+    }
+
     if let (Some(o), Some(file)) = (&overlay, &args.guest_overlay) {
         export_overlay(
             o,
@@ -721,6 +991,7 @@ pub fn run(args: &BackupArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
                 .join(", ")
         );
     }
+    drop(locks);
     Ok(exit)
 }
 
@@ -778,6 +1049,21 @@ fn print_human(s: &Summary) {
     }
     if let Some(r) = &s.manifest_root_digest {
         eprintln!("  manifest root:     {r}");
+    }
+    if let Some(b) = &s.backing {
+        eprintln!("  backing file:      {b}");
+    }
+    if let Some(b) = &s.bitmap {
+        eprintln!(
+            "  bitmap:            {} ({}): {} dirty{}",
+            b.name,
+            b.mode,
+            human_bytes(b.dirty_bytes),
+            b.anchored_backup
+                .as_ref()
+                .map(|a| format!(", anchored to {a}"))
+                .unwrap_or_default()
+        );
     }
     eprintln!(
         "  elapsed:           {} ({}/s)",

@@ -60,6 +60,8 @@ struct InfoDoc {
     disk_usage: u64,
     allocation: Allocation,
     backing_chain: Vec<LayerDoc>,
+    /// The dirty bitmaps beside the image.
+    bitmaps: Vec<crate::app::bitmap::BitmapDoc>,
     /// The manifest beside the image, when it is a backup.
     #[serde(skip_serializing_if = "Option::is_none")]
     manifest: Option<ManifestDoc>,
@@ -90,6 +92,18 @@ pub fn run(args: &InfoArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
         allocation: chain[0].allocation,
         backing_chain: chain,
         manifest: manifest_doc(&args.image),
+        bitmaps: {
+            let id = crate::bitmap::Identity::of(&args.image).ok();
+            crate::bitmap::file::list_names(&args.image)
+                .unwrap_or_default()
+                .iter()
+                .filter_map(|n| {
+                    id.as_ref().map(|id| {
+                        crate::app::bitmap::describe(&args.image, n, top.virtual_size, id, false)
+                    })
+                })
+                .collect()
+        },
     };
     if g.json {
         print_json(&doc)?;
@@ -126,6 +140,27 @@ pub fn run(args: &InfoArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
                 human_bytes(l.allocation.data)
             );
         }
+    }
+    for b in &doc.bitmaps {
+        out += &format!(
+            "bitmap:         {}: {}, {} dirty, {}{}{}\n",
+            b.name,
+            if b.enabled { "enabled" } else { "disabled" },
+            human_bytes(b.dirty_bytes),
+            if b.consistent {
+                "consistent"
+            } else {
+                "INCONSISTENT"
+            },
+            b.inconsistent_because
+                .as_ref()
+                .map(|r| format!(" ({r})"))
+                .unwrap_or_default(),
+            b.anchored_backup
+                .as_ref()
+                .map(|a| format!(", anchored to {}", a.path))
+                .unwrap_or_default()
+        );
     }
     if let Some(m) = &doc.manifest {
         match (&m.meta, &m.error) {

@@ -2,6 +2,8 @@
 //! `--json`, `--quiet` and the progress display.
 
 pub mod backup;
+pub mod bitmap;
+pub mod guest;
 pub mod info;
 pub mod restore;
 pub mod verify;
@@ -22,6 +24,8 @@ pub fn run(cli: &Cli) -> anyhow::Result<Exit> {
         Command::Verify(a) => verify::run(a, g),
         Command::Restore(a) => restore::run(a, g),
         Command::Info(a) => info::run(a, g),
+        Command::Bitmap(c) => bitmap::run(c, g),
+        Command::Guest(a) => guest::run(a, g),
         Command::GenerateDocs { dir } => {
             for p in crate::cli::docs::write_all(dir)? {
                 if !g.quiet {

@@ -76,6 +76,26 @@ started and finished (RFC 3339), created_by, and incomplete (byte ranges the
 backup does not hold). \fBimgbackup verify\fR recomputes every digest of the
 backup through its backing chain; \fBimgbackup restore\fR checks them while it
 writes. docs/manifest.md in the source tree has the same description.
+.TP
+.I IMAGE.NAME.bitmap
+Dirty bitmap NAME of IMAGE, beside it. Version 1, integers big\-endian: bytes
+0\-7 the magic "IMGBKBMP"; 8\-11 the format version; 12\-15 flags (bit 0
+enabled, bit 1 in use); 16\-23 the granularity in bytes (a power of two,
+512 to 2G); 24\-31 the image's virtual size; 32\-71 the image's identity when
+the bitmap was last in sync with it: file size (32\-39), mtime seconds
+(40\-47), mtime nanoseconds (48\-51), reserved (52\-55), inode (56\-63),
+device (64\-71); 72\-75 the length A of the anchored backup's path; 76\-107
+that backup's manifest root digest; 108 onwards the path (A bytes), zero
+padding to a multiple of 8; then ceil(virtual size / granularity) bits, bit k
+of byte j standing for granule 8j+k; then the sha256 of every preceding byte.
+Files are replaced atomically (temporary file, fsync, rename, fsync of the
+directory). A bitmap is \fIinconsistent\fR when it is marked in use (a
+process working with it was killed), its checksum fails, it does not fit the
+image, or, when enabled, the image's identity differs from the recorded one
+(someone wrote the image without marking it). Incremental and bitmap backups
+refuse an inconsistent bitmap with exit 6; \fBbitmap rebuild\fR or a full
+backup with \fB\-\-bitmap\fR recovers. docs/bitmaps.md has the same
+description.
 .SH "COPY-BEFORE-WRITE AND THE SIMULATED GUEST"
 With \fB\-\-guest\fR SPEC a simulated guest writes while the backup runs.
 Its writes go through a copy\-before\-write filter into a writable overlay
@@ -117,6 +137,38 @@ as it was at the start.
 before it is renamed into place and compares it with SOURCE as it was at the
 start; a difference is exit 7, names the first differing offset, and leaves no
 TARGET.
+.SH "SYNC MODES AND BITMAPS"
+\fBfull\fR copies every cluster; \fBtop\fR only the clusters allocated in the
+top image of SOURCE's chain (the target, a qcow2, gets SOURCE's backing file
+as its own); \fBincremental\fR the clusters dirty in \fB\-\-bitmap\fR, into
+a qcow2 whose backing file is the backup the bitmap is anchored to (so
+\fBqemu\-img convert\fR of the newest backup restores the chain; a cluster
+that became zero is written as a zero cluster so it shadows the parent);
+\fBbitmap\fR the same with \fB\-\-bitmap\-mode\fR; \fBnone\fR see above.
+\fB\-\-backing\fR FILE and \fB\-\-no\-backing\fR override the backing file.
+With full and top, \fB\-\-bitmap\fR NAME (re)anchors the bitmap to the new
+backup: it is created if missing and cleared on success.
+.PP
+During a job the bitmap is frozen and marked in use on disk; writes made
+meanwhile (by \fB\-\-guest\fR) go to a successor. At the end, whatever
+happens, as in QEMU: if the job succeeded, or the mode is \fBalways\fR, and
+the mode is not \fBnever\fR, the bitmap becomes the successor plus every
+cluster the job did not copy (skipped by an ignore policy, or left when it
+failed); otherwise the successor is merged back into the bitmap. The in\-use
+flag is cleared either way. With \fBalways\fR a failed job keeps
+TARGET.partial, which holds the clusters the bitmap no longer marks. On
+success the bitmap is anchored to the new backup (path and manifest root
+digest), except with \fBnever\fR.
+.PP
+\fBimgbackup guest\fR IMAGE SPEC writes into a raw IMAGE itself, marking
+every enabled bitmap beside it (in use while it runs) and recording the
+image's new identity once the writes are flushed; a bitmap already
+inconsistent is marked but stays inconsistent. \fBbitmap import\fR reads a
+persistent bitmap QEMU keeps in a qcow2 image and refuses one QEMU marks in
+use, or an image whose autoclear bit says its bitmaps are stale (exit 6).
+\fBbitmap rebuild\fR IMAGE NAME \fB\-\-against\fR BACKUP marks dirty every
+chunk of IMAGE whose digest differs from BACKUP's manifest and anchors NAME to
+BACKUP.
 .SH "ERROR POLICIES"
 \fB\-\-on\-source\-error\fR and \fB\-\-on\-target\-error\fR decide what a failed
 copy does. \fBreport\fR (default) fails the job: exit 4 for the source, 5 for

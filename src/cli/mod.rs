@@ -80,6 +80,12 @@ pub enum Command {
     Restore(RestoreArgs),
     /// Show format, sizes, allocation and backing chain of an image.
     Info(InfoArgs),
+    /// Manage the dirty bitmaps kept beside an image.
+    #[command(subcommand)]
+    Bitmap(BitmapCommand),
+    /// Apply a simulated guest workload to IMAGE itself (in place), marking
+    /// every enabled bitmap beside it.
+    Guest(GuestArgs),
     /// Write the man pages and shell completions into DIR (man/ and completions/).
     #[command(hide = true)]
     GenerateDocs {
@@ -94,6 +100,14 @@ pub enum Command {
 pub enum SyncMode {
     /// Copy every cluster of the image.
     Full,
+    /// Copy only the clusters allocated in the top image of SOURCE's
+    /// backing chain (the target's backing file is SOURCE's backing file).
+    Top,
+    /// Copy the clusters dirty in --bitmap; clear them on success (bitmap
+    /// with --bitmap-mode on-success).
+    Incremental,
+    /// Copy the clusters dirty in --bitmap, with --bitmap-mode.
+    Bitmap,
     /// Copy only what the guest is about to overwrite (fleecing; needs
     /// --guest with count= or duration=, and a qcow2 target backed by SOURCE).
     None,
@@ -103,7 +117,32 @@ impl std::fmt::Display for SyncMode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             SyncMode::Full => "full",
+            SyncMode::Top => "top",
+            SyncMode::Incremental => "incremental",
+            SyncMode::Bitmap => "bitmap",
             SyncMode::None => "none",
+        })
+    }
+}
+
+/// What happens to the bitmap after a job (QEMU's bitmap sync modes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BitmapMode {
+    /// Clear what was copied only if the job succeeds.
+    OnSuccess,
+    /// Clear what was copied even if the job fails.
+    Always,
+    /// Leave the bitmap as it was (differential backups).
+    Never,
+}
+
+impl std::fmt::Display for BitmapMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            BitmapMode::OnSuccess => "on-success",
+            BitmapMode::Always => "always",
+            BitmapMode::Never => "never",
         })
     }
 }
@@ -119,8 +158,24 @@ pub struct BackupArgs {
     /// What to copy.
     #[arg(long, value_enum, default_value_t = SyncMode::Full)]
     pub sync: SyncMode,
+    /// The dirty bitmap beside SOURCE. With incremental and bitmap it
+    /// selects what to copy; with full and top it (re)anchors the bitmap to
+    /// this backup (created if missing, cleared on success).
+    #[arg(long, value_name = "NAME")]
+    pub bitmap: Option<String>,
+    /// What happens to the bitmap after the job [default: on-success].
+    #[arg(long, value_enum, value_name = "MODE", requires = "bitmap")]
+    pub bitmap_mode: Option<BitmapMode>,
+    /// Backing file written into a qcow2 TARGET [default: for incremental
+    /// and bitmap, the backup the bitmap is anchored to; for top, SOURCE's
+    /// backing file].
+    #[arg(long, value_name = "FILE", conflicts_with = "no_backing")]
+    pub backing: Option<PathBuf>,
+    /// Write no backing file into TARGET.
+    #[arg(long)]
+    pub no_backing: bool,
     /// Format of TARGET [default: qcow2 when TARGET ends in .qcow2 or the
-    /// sync mode needs qcow2 (none), else raw].
+    /// sync mode needs qcow2 (top, incremental, bitmap, none), else raw].
     #[arg(long, value_enum, value_name = "FORMAT")]
     pub target_format: Option<Format>,
     /// Cluster size of a new qcow2 TARGET.
@@ -259,6 +314,118 @@ pub struct RestoreArgs {
     /// Number of copy workers [default: the number of CPUs].
     #[arg(long, value_parser = parse_jobs, value_name = "N")]
     pub jobs: Option<usize>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BitmapCommand {
+    /// Create a bitmap (clean, recording the image as it is now).
+    Add {
+        image: PathBuf,
+        name: String,
+        /// Bytes per bit.
+        #[arg(long, value_parser = parse_cluster_size, default_value = "64K", value_name = "SIZE")]
+        granularity: u64,
+        /// Create it disabled (not marked by writes).
+        #[arg(long)]
+        disabled: bool,
+        #[command(flatten)]
+        lock: LockOpts,
+    },
+    /// Delete a bitmap.
+    Remove {
+        image: PathBuf,
+        name: String,
+        #[command(flatten)]
+        lock: LockOpts,
+    },
+    /// Mark every bit clean (the bitmap must be consistent).
+    Clear {
+        image: PathBuf,
+        name: String,
+        #[command(flatten)]
+        lock: LockOpts,
+    },
+    /// Let writes mark the bitmap again (from now on).
+    Enable {
+        image: PathBuf,
+        name: String,
+        #[command(flatten)]
+        lock: LockOpts,
+    },
+    /// Stop writes from marking the bitmap.
+    Disable {
+        image: PathBuf,
+        name: String,
+        #[command(flatten)]
+        lock: LockOpts,
+    },
+    /// List the bitmaps beside IMAGE.
+    List { image: PathBuf },
+    /// Show one bitmap: counts and dirty ranges.
+    Show { image: PathBuf, name: String },
+    /// Set in NAME every bit set in the SRC bitmaps.
+    Merge {
+        image: PathBuf,
+        #[arg(required = true, value_name = "SRC")]
+        sources: Vec<String>,
+        /// The bitmap to merge into (it must exist).
+        #[arg(long, value_name = "NAME")]
+        into: String,
+        #[command(flatten)]
+        lock: LockOpts,
+    },
+    /// Copy a persistent dirty bitmap that QEMU keeps inside the qcow2 IMAGE.
+    Import {
+        image: PathBuf,
+        /// The bitmap's name inside the qcow2 image.
+        qcow2_bitmap: String,
+        /// Name of the imported bitmap [default: its name in the image].
+        #[arg(long = "as", value_name = "NAME")]
+        as_name: Option<String>,
+        /// Replace an existing bitmap of that name.
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        lock: LockOpts,
+    },
+    /// Mark dirty every chunk of IMAGE that differs from BACKUP's manifest,
+    /// and anchor the bitmap to BACKUP: the way back after a bitmap went
+    /// stale.
+    Rebuild {
+        image: PathBuf,
+        name: String,
+        /// The backup to compare with (its manifest is read).
+        #[arg(long, value_name = "BACKUP")]
+        against: PathBuf,
+        /// Granularity if the bitmap has to be created.
+        #[arg(long, value_parser = parse_cluster_size, default_value = "64K", value_name = "SIZE")]
+        granularity: u64,
+        #[command(flatten)]
+        lock: LockOpts,
+    },
+}
+
+/// Locking options of commands that change an image or its bitmaps.
+#[derive(Debug, Clone, Args)]
+pub struct LockOpts {
+    /// When the image is locked, wait up to DUR for the lock instead of
+    /// failing at once (exit 8).
+    #[arg(long, value_parser = parse_duration, value_name = "DUR")]
+    pub wait_lock: Option<Duration>,
+}
+
+#[derive(Debug, Args)]
+pub struct GuestArgs {
+    /// The image to write into (raw).
+    pub image: PathBuf,
+    /// The workload (see backup --guest); it needs count= or duration=.
+    #[arg(value_parser = parse_spec)]
+    pub spec: GuestSpec,
+    /// Format of IMAGE; skips probing.
+    #[arg(long, value_enum, value_name = "FORMAT")]
+    pub format: Option<Format>,
+    #[command(flatten)]
+    pub lock: LockOpts,
 }
 
 #[derive(Debug, Args)]

@@ -3,6 +3,7 @@
 
 pub mod cancel;
 pub mod policy;
+pub mod sync_bitmap;
 
 use crate::copy::{BlockCopy, Claim, CopyError};
 use crate::exit::AppError;

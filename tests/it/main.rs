@@ -3,6 +3,7 @@
 
 mod backup;
 mod bad_input;
+mod bitmaps;
 mod cbw;
 mod cbw_races;
 mod common;

@@ -1,0 +1,414 @@
+//! `imgbackup bitmap ...`: the dirty bitmaps beside an image.
+
+use super::default_jobs;
+use crate::bitmap::file::{Anchor, check_name, list_names};
+use crate::bitmap::{Bitmap, BitmapError, Identity};
+use crate::cli::{BitmapCommand, GlobalOpts, LockOpts};
+use crate::exit::Exit;
+use crate::lock::Locks;
+use crate::manifest::{ManifestFile, differing_chunks, hex, manifest_path, unhex};
+use crate::node::probe::open_image;
+use crate::report::{human_bytes, print_json};
+use anyhow::Context;
+use std::path::{Path, PathBuf};
+
+/// What `list`, `show` and `info` say of a bitmap.
+#[derive(Debug, serde::Serialize)]
+pub struct BitmapDoc {
+    pub name: String,
+    pub granularity: u64,
+    pub enabled: bool,
+    pub in_use: bool,
+    pub dirty_bytes: u64,
+    pub dirty_granules: u64,
+    pub consistent: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub inconsistent_because: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub anchored_backup: Option<AnchorDoc>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dirty_ranges: Option<Vec<[u64; 2]>>,
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct AnchorDoc {
+    pub path: String,
+    pub root_digest: String,
+}
+
+/// Describe bitmap `name` of `image` (a damaged one is described as such).
+pub fn describe(
+    image: &Path,
+    name: &str,
+    size: u64,
+    identity: &Identity,
+    ranges: bool,
+) -> BitmapDoc {
+    match Bitmap::load(image, name) {
+        Ok(b) => {
+            let why = b.inconsistency(size, identity);
+            BitmapDoc {
+                name: name.to_string(),
+                granularity: b.granularity,
+                enabled: b.enabled,
+                in_use: b.in_use,
+                dirty_bytes: b.dirty_bytes(),
+                dirty_granules: b.bits.count(),
+                consistent: why.is_none(),
+                inconsistent_because: why,
+                anchored_backup: b.anchor.as_ref().map(|a| AnchorDoc {
+                    path: a.path.display().to_string(),
+                    root_digest: hex(&a.root),
+                }),
+                dirty_ranges: ranges
+                    .then(|| b.dirty_ranges().into_iter().map(|(s, e)| [s, e]).collect()),
+            }
+        }
+        Err(e) => BitmapDoc {
+            name: name.to_string(),
+            granularity: 0,
+            enabled: false,
+            in_use: false,
+            dirty_bytes: 0,
+            dirty_granules: 0,
+            consistent: false,
+            inconsistent_because: Some(e.to_string()),
+            anchored_backup: None,
+            dirty_ranges: None,
+        },
+    }
+}
+
+/// The image's virtual size and identity.
+fn image_facts(image: &Path) -> anyhow::Result<(u64, Identity)> {
+    let img = open_image(image, None).context("cannot open the image")?;
+    let id = Identity::of(image).with_context(|| format!("cannot stat {}", image.display()))?;
+    Ok((img.node.size(), id))
+}
+
+fn lock(image: &Path, l: &LockOpts) -> anyhow::Result<Locks> {
+    let mut locks = Locks::new();
+    locks.exclusive(image, l.wait_lock)?;
+    Ok(locks)
+}
+
+/// Load a bitmap that must be consistent with the image.
+fn load_consistent(
+    image: &Path,
+    name: &str,
+    size: u64,
+    id: &Identity,
+) -> Result<Bitmap, BitmapError> {
+    let b = Bitmap::load(image, name)?;
+    if let Some(reason) = b.inconsistency(size, id) {
+        return Err(BitmapError::Inconsistent {
+            name: name.to_string(),
+            image: image.to_path_buf(),
+            reason,
+        });
+    }
+    Ok(b)
+}
+
+fn done(g: &GlobalOpts, msg: String, doc: Option<BitmapDoc>) -> anyhow::Result<Exit> {
+    if g.json {
+        print_json(
+            &serde_json::json!({"ok": true, "exit_code": 0, "message": msg, "bitmap": doc}),
+        )?;
+    } else if !g.quiet {
+        eprintln!("imgbackup: {msg}");
+    }
+    Ok(Exit::Success)
+}
+
+pub fn run(cmd: &BitmapCommand, g: &GlobalOpts) -> anyhow::Result<Exit> {
+    match cmd {
+        BitmapCommand::Add {
+            image,
+            name,
+            granularity,
+            disabled,
+            lock: l,
+        } => {
+            check_name(name)?;
+            let _locks = lock(image, l)?;
+            let (size, id) = image_facts(image)?;
+            match Bitmap::load(image, name) {
+                Err(BitmapError::Missing { .. }) => {}
+                _ => {
+                    return Err(BitmapError::Exists {
+                        name: name.clone(),
+                        image: image.clone(),
+                    }
+                    .into());
+                }
+            }
+            let mut b = Bitmap::new(name, *granularity, size, id);
+            b.enabled = !disabled;
+            b.save(image)?;
+            done(
+                g,
+                format!(
+                    "added bitmap '{name}' to {} ({} granularity)",
+                    image.display(),
+                    human_bytes(*granularity)
+                ),
+                Some(describe(image, name, size, &id, false)),
+            )
+        }
+        BitmapCommand::Remove {
+            image,
+            name,
+            lock: l,
+        } => {
+            let _locks = lock(image, l)?;
+            Bitmap::remove(image, name)?;
+            done(
+                g,
+                format!("removed bitmap '{name}' of {}", image.display()),
+                None,
+            )
+        }
+        BitmapCommand::Clear {
+            image,
+            name,
+            lock: l,
+        } => {
+            let _locks = lock(image, l)?;
+            let (size, id) = image_facts(image)?;
+            let mut b = load_consistent(image, name, size, &id)?;
+            b.bits.clear_range(0, b.bits.len());
+            b.save(image)?;
+            done(
+                g,
+                format!("cleared bitmap '{name}' of {}", image.display()),
+                Some(describe(image, name, size, &id, false)),
+            )
+        }
+        BitmapCommand::Enable {
+            image,
+            name,
+            lock: l,
+        }
+        | BitmapCommand::Disable {
+            image,
+            name,
+            lock: l,
+        } => {
+            let enable = matches!(cmd, BitmapCommand::Enable { .. });
+            let _locks = lock(image, l)?;
+            let (size, id) = image_facts(image)?;
+            let mut b = Bitmap::load(image, name)?;
+            if b.in_use {
+                return Err(BitmapError::Inconsistent {
+                    name: name.clone(),
+                    image: image.clone(),
+                    reason: b.inconsistency(size, &id).unwrap_or_default(),
+                }
+                .into());
+            }
+            if enable && !b.enabled {
+                // It tracks writes from now on.
+                b.identity = id;
+            }
+            b.enabled = enable;
+            b.save(image)?;
+            done(
+                g,
+                format!(
+                    "{} bitmap '{name}' of {}",
+                    if enable { "enabled" } else { "disabled" },
+                    image.display()
+                ),
+                Some(describe(image, name, size, &id, false)),
+            )
+        }
+        BitmapCommand::List { image } => {
+            let (size, id) = image_facts(image)?;
+            let names = list_names(image)
+                .with_context(|| format!("cannot list the bitmaps of {}", image.display()))?;
+            let docs: Vec<BitmapDoc> = names
+                .iter()
+                .map(|n| describe(image, n, size, &id, false))
+                .collect();
+            if g.json {
+                print_json(
+                    &serde_json::json!({"image": image.display().to_string(), "bitmaps": docs}),
+                )?;
+            } else if docs.is_empty() {
+                println!("{} has no bitmaps", image.display());
+            } else {
+                for d in &docs {
+                    println!("{}", line(d));
+                }
+            }
+            Ok(Exit::Success)
+        }
+        BitmapCommand::Show { image, name } => {
+            let (size, id) = image_facts(image)?;
+            // A missing or damaged bitmap is an error here.
+            Bitmap::load(image, name)?;
+            let d = describe(image, name, size, &id, true);
+            if g.json {
+                print_json(&d)?;
+            } else {
+                println!("{}", line(&d));
+                for r in d.dirty_ranges.iter().flatten() {
+                    println!("  dirty {}-{} ({})", r[0], r[1], human_bytes(r[1] - r[0]));
+                }
+            }
+            Ok(Exit::Success)
+        }
+        BitmapCommand::Merge {
+            image,
+            sources,
+            into,
+            lock: l,
+        } => {
+            let _locks = lock(image, l)?;
+            let (size, id) = image_facts(image)?;
+            let mut target = load_consistent(image, into, size, &id)?;
+            for s in sources {
+                let src = Bitmap::load(image, s)?;
+                if src.in_use {
+                    return Err(BitmapError::Inconsistent {
+                        name: s.clone(),
+                        image: image.clone(),
+                        reason: src.inconsistency(size, &id).unwrap_or_default(),
+                    }
+                    .into());
+                }
+                if src.granularity != target.granularity || src.image_size != target.image_size {
+                    anyhow::bail!(
+                        "cannot merge bitmap '{s}' into '{into}': their granularity or image size differ ({} / {} bytes vs {} / {} bytes)",
+                        src.granularity,
+                        src.image_size,
+                        target.granularity,
+                        target.image_size
+                    );
+                }
+                target.bits.merge(&src.bits);
+            }
+            target.save(image)?;
+            done(
+                g,
+                format!(
+                    "merged {} into bitmap '{into}' of {}",
+                    sources.join(", "),
+                    image.display()
+                ),
+                Some(describe(image, into, size, &id, false)),
+            )
+        }
+        BitmapCommand::Import {
+            image,
+            qcow2_bitmap,
+            as_name,
+            force,
+            lock: l,
+        } => {
+            let name = as_name.clone().unwrap_or_else(|| qcow2_bitmap.clone());
+            check_name(&name)?;
+            let _locks = lock(image, l)?;
+            let (size, id) = image_facts(image)?;
+            if !force && Bitmap::load(image, &name).is_ok() {
+                return Err(BitmapError::Exists {
+                    name,
+                    image: image.clone(),
+                }
+                .into());
+            }
+            let q = crate::bitmap::qcow2::read_bitmap(image, qcow2_bitmap)?;
+            let mut b = Bitmap::new(&name, q.granularity, size, id);
+            b.enabled = q.enabled;
+            b.bits = q.bits;
+            b.save(image)?;
+            done(
+                g,
+                format!(
+                    "imported bitmap '{qcow2_bitmap}' of {} as '{name}': {} dirty",
+                    image.display(),
+                    human_bytes(b.dirty_bytes())
+                ),
+                Some(describe(image, &name, size, &id, false)),
+            )
+        }
+        BitmapCommand::Rebuild {
+            image,
+            name,
+            against,
+            granularity,
+            lock: l,
+        } => {
+            check_name(name)?;
+            let _locks = lock(image, l)?;
+            let (size, id) = image_facts(image)?;
+            let manifest = ManifestFile::open(&manifest_path(against))?;
+            if manifest.meta.virtual_size != size {
+                anyhow::bail!(
+                    "{} is {size} bytes but the backup {} is {}: it is not a backup of this image",
+                    image.display(),
+                    against.display(),
+                    manifest.meta.virtual_size
+                );
+            }
+            let img = open_image(image, None).context("cannot open the image")?;
+            let diff = differing_chunks(img.node.as_ref(), &manifest, default_jobs())?;
+            let mut b = match Bitmap::load(image, name) {
+                Ok(b) if b.image_size == size => b,
+                _ => Bitmap::new(name, *granularity, size, id),
+            };
+            b.bits.clear_range(0, b.bits.len());
+            let geo = manifest.geometry();
+            for (s, e) in diff.runs() {
+                b.mark(s * geo.chunk, (e * geo.chunk).min(size) - s * geo.chunk);
+            }
+            b.identity = id;
+            b.in_use = false;
+            b.anchor = Some(Anchor {
+                path: canonical(against),
+                root: unhex(&manifest.meta.root_digest).unwrap_or([0; 32]),
+            });
+            b.save(image)?;
+            done(
+                g,
+                format!(
+                    "rebuilt bitmap '{name}' of {} against {}: {} differ",
+                    image.display(),
+                    against.display(),
+                    human_bytes(b.dirty_bytes())
+                ),
+                Some(describe(image, name, size, &id, false)),
+            )
+        }
+    }
+}
+
+/// The absolute path of `p` (as given, if it cannot be resolved).
+pub fn canonical(p: &Path) -> PathBuf {
+    std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+fn line(d: &BitmapDoc) -> String {
+    let state = if d.consistent {
+        "consistent".to_string()
+    } else {
+        format!(
+            "INCONSISTENT: {}",
+            d.inconsistent_because.clone().unwrap_or_default()
+        )
+    };
+    format!(
+        "{}: granularity {}, {}, {} dirty ({} granules), {}{}",
+        d.name,
+        human_bytes(d.granularity),
+        if d.enabled { "enabled" } else { "disabled" },
+        human_bytes(d.dirty_bytes),
+        d.dirty_granules,
+        state,
+        d.anchored_backup
+            .as_ref()
+            .map(|a| format!(", anchored to {}", a.path))
+            .unwrap_or_default()
+    )
+}

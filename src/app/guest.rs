@@ -1,0 +1,204 @@
+//! `imgbackup guest IMAGE SPEC`: a simulated guest writing into the image
+//! itself, marking every enabled bitmap beside it.
+//!
+//! The enabled bitmaps are marked in use on disk while the guest runs; every
+//! write marks them (in memory) before it is issued; once the writes are
+//! flushed the image's new identity is recorded in the bitmaps that were
+//! consistent, and the bitmaps are saved with the in-use flag cleared. A
+//! bitmap that was already inconsistent is marked but stays inconsistent.
+//! Raw images only: imgbackup writes qcow2 files only when it creates them.
+
+use crate::bitmap::file::list_names;
+use crate::bitmap::{Bitmap, Identity};
+use crate::cli::{GlobalOpts, GuestArgs};
+use crate::error::{BlockError, Op, Result as BResult};
+use crate::exit::{AppError, Exit};
+use crate::guest;
+use crate::job::cancel::Cancel;
+use crate::lock::{Access, Locks};
+use crate::log;
+use crate::node::probe::{Format, open_image, probe};
+use crate::node::raw::RawNode;
+use crate::node::{BlockNode, Extent};
+use crate::report::{human_bytes, print_json};
+use anyhow::{Context, bail};
+use std::path::Path;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+
+/// Bitmaps being marked, and whether each was consistent when loaded.
+struct Tracked {
+    bitmaps: Mutex<Vec<(Bitmap, bool)>>,
+}
+
+struct MarkAll {
+    inner: Arc<dyn BlockNode>,
+    tracked: Arc<Tracked>,
+}
+
+impl MarkAll {
+    fn mark(&self, offset: u64, len: u64) {
+        if let Ok(mut v) = self.tracked.bitmaps.lock() {
+            for (b, _) in v.iter_mut() {
+                b.mark(offset, len);
+            }
+        }
+    }
+}
+
+impl BlockNode for MarkAll {
+    fn path(&self) -> &Path {
+        self.inner.path()
+    }
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn cluster_size(&self) -> u64 {
+        self.inner.cluster_size()
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) -> BResult<()> {
+        self.inner.read(offset, buf)
+    }
+    fn write(&self, offset: u64, buf: &[u8]) -> BResult<()> {
+        self.mark(offset, buf.len() as u64);
+        self.inner.write(offset, buf)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64) -> BResult<()> {
+        self.mark(offset, len);
+        self.inner.write_zeroes(offset, len)
+    }
+    fn discard(&self, offset: u64, len: u64) -> BResult<()> {
+        self.mark(offset, len);
+        self.inner.discard(offset, len)
+    }
+    fn flush(&self) -> BResult<()> {
+        self.inner.flush()
+    }
+    fn block_status(&self, offset: u64, len: u64) -> BResult<Extent> {
+        self.inner.block_status(offset, len)
+    }
+}
+
+pub fn run(args: &GuestArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
+    let image = &args.image;
+    if !args.spec.is_bounded() {
+        return Err(AppError::Usage(
+            "the guest SPEC needs count= or duration= (it writes into the image itself)".into(),
+        )
+        .into());
+    }
+    let format = match args.format {
+        Some(f) => f,
+        None => probe(image).context("cannot open the image")?,
+    };
+    if format != Format::Raw {
+        bail!(
+            "{}: guest writes into {format} images are not supported (imgbackup writes qcow2 files only when it creates them); use a raw image, or `backup --guest`, which writes into an overlay",
+            image.display()
+        );
+    }
+    let mut locks = Locks::new();
+    locks.exclusive(image, args.lock.wait_lock)?;
+    locks.qemu(image, Access::Write, false, args.lock.wait_lock)?;
+    let img = open_image(image, Some(format)).context("cannot open the image")?;
+    let size = img.node.size();
+    let before = Identity::of(image).with_context(|| format!("cannot stat {}", image.display()))?;
+
+    // The enabled bitmaps, marked in use while we write.
+    let mut tracked = Vec::new();
+    for name in list_names(image)
+        .with_context(|| format!("cannot list the bitmaps of {}", image.display()))?
+    {
+        match Bitmap::load(image, &name) {
+            Ok(b) if b.enabled => {
+                let consistent = b.inconsistency(size, &before).is_none();
+                if !consistent {
+                    log::warn(format!(
+                        "bitmap '{name}' of {} is already inconsistent; it is marked but stays inconsistent",
+                        image.display()
+                    ));
+                }
+                let mut b = b;
+                b.in_use = true;
+                b.save(image)?;
+                tracked.push((b, consistent));
+            }
+            Ok(_) => {}
+            Err(e) => log::warn(format!("skipping bitmap '{name}': {e}")),
+        }
+    }
+    let tracked = Arc::new(Tracked {
+        bitmaps: Mutex::new(tracked),
+    });
+
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(image)
+        .map_err(|e| BlockError::io(Op::Open, image, 0, 0, e))?;
+    let raw: Arc<dyn BlockNode> = Arc::new(RawNode::from_file(image, file, true)?);
+    let node = MarkAll {
+        inner: raw.clone(),
+        tracked: tracked.clone(),
+    };
+    let cancel = Cancel::new();
+    cancel
+        .install_signal_handlers()
+        .context("cannot install the signal handlers")?;
+    let stop = AtomicBool::new(false);
+    let stats = guest::run(&node, &args.spec, &stop, &cancel);
+    let flushed = raw.flush();
+    let after = Identity::of(image).with_context(|| format!("cannot stat {}", image.display()))?;
+
+    // Save the bitmaps: marked, in use cleared, the new identity recorded
+    // for those that were consistent.
+    let mut names = Vec::new();
+    let list = match tracked.bitmaps.lock() {
+        Ok(v) => v.clone(),
+        Err(p) => p.into_inner().clone(),
+    };
+    for (mut b, consistent) in list {
+        if consistent && flushed.is_ok() {
+            b.identity = after;
+        }
+        b.in_use = false;
+        b.save(image)?;
+        names.push(b.name.clone());
+    }
+    flushed.context("cannot flush the image")?;
+    if let Some(r) = cancel.reason() {
+        return Err(AppError::Cancelled(r).into());
+    }
+    let report = stats.report();
+    if g.json {
+        print_json(&serde_json::json!({
+            "ok": stats.failed == 0,
+            "exit_code": if stats.failed == 0 { 0 } else { 1 },
+            "command": "guest",
+            "image": image.display().to_string(),
+            "bitmaps_marked": names,
+            "guest": report,
+        }))?;
+    } else if !g.quiet {
+        eprintln!(
+            "imgbackup: guest wrote {} writes ({} zero), {} into {}; marked bitmaps: {}",
+            report.writes,
+            report.zero_writes,
+            human_bytes(report.bytes),
+            image.display(),
+            if names.is_empty() {
+                "none".to_string()
+            } else {
+                names.join(", ")
+            }
+        );
+    }
+    if stats.failed > 0 {
+        bail!(
+            "{} guest writes failed; first: {}",
+            stats.failed,
+            stats.first_error.unwrap_or_default()
+        );
+    }
+    Ok(Exit::Success)
+}

@@ -1,0 +1,184 @@
+//! A dirty bitmap during a job, with QEMU's successor semantics
+//! (block/backup.c `backup_cleanup_sync_bitmap`).
+//!
+//! When the job starts the bitmap is frozen and marked in use on disk;
+//! writes made meanwhile (the simulated guest) go to a *successor*. At the
+//! end, whatever happens:
+//!
+//! * if the job succeeded, or `--bitmap-mode always`, and the mode is not
+//!   `never`: the bitmap becomes the successor (the parent *abdicates*),
+//!   plus every cluster the job did not copy (skipped by an ignore policy,
+//!   or left when it failed);
+//! * otherwise the successor is merged back into the parent (*reclaim*):
+//!   the bitmap keeps all its bits plus the new writes.
+//!
+//! The in-use flag is cleared in both cases. A process killed outright
+//! leaves it set, and the next run refuses the bitmap (exit 6).
+
+use crate::bitmap::file::Anchor;
+use crate::bitmap::{Bitmap, BitmapError, Bits, Identity};
+use crate::cli::BitmapMode;
+use crate::copy::BlockCopy;
+use crate::error::Result;
+use crate::log;
+use crate::node::{BlockNode, Extent};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+/// The job's bitmap.
+pub struct SyncBitmap {
+    // set at start
+    image: PathBuf,
+    parent: Bitmap,
+    mode: BitmapMode,
+    start_identity: Identity,
+    // behind locks
+    successor: Mutex<Bits>,
+    copy: Mutex<Option<Arc<BlockCopy>>>,
+    done: Mutex<bool>,
+}
+
+impl SyncBitmap {
+    /// Freeze `bitmap` for a job on `image`: mark it in use on disk.
+    pub fn start(
+        image: &Path,
+        mut bitmap: Bitmap,
+        mode: BitmapMode,
+        start_identity: Identity,
+    ) -> Result<SyncBitmap, BitmapError> {
+        bitmap.in_use = true;
+        bitmap.save(image)?;
+        let successor = Bits::new(bitmap.bits.len());
+        Ok(SyncBitmap {
+            image: image.to_path_buf(),
+            parent: bitmap,
+            mode,
+            start_identity,
+            successor: Mutex::new(successor),
+            copy: Mutex::new(None),
+            done: Mutex::new(false),
+        })
+    }
+
+    pub fn bitmap(&self) -> &Bitmap {
+        &self.parent
+    }
+
+    /// The job's block-copy state, whose leftover bits count as not copied.
+    pub fn attach(&self, bc: Arc<BlockCopy>) {
+        if let Ok(mut c) = self.copy.lock() {
+            *c = Some(bc);
+        }
+    }
+
+    /// Record a write made during the job.
+    pub fn mark(&self, offset: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        let g = self.parent.granularity;
+        if let Ok(mut s) = self.successor.lock() {
+            s.set_range(offset / g, (offset + len).div_ceil(g));
+        }
+    }
+
+    /// Clusters the job did not copy, at the bitmap's granularity.
+    fn leftovers(&self) -> Bits {
+        let g = self.parent.granularity;
+        let mut out = Bits::new(self.parent.bits.len());
+        let bc = self.copy.lock().ok().and_then(|c| c.clone());
+        if let Some(bc) = bc {
+            let cs = bc.cluster_size();
+            for (s, e) in bc.bitmap().runs() {
+                out.set_range(s * cs / g, (e * cs).div_ceil(g));
+            }
+        }
+        out
+    }
+
+    /// End the job: `ok` is the job's success; `anchor` the new backup.
+    /// Returns the bitmap as saved.
+    pub fn finish(&self, ok: bool, anchor: Option<Anchor>) -> Result<Bitmap, BitmapError> {
+        let mut done = match self.done.lock() {
+            Ok(d) => d,
+            Err(p) => p.into_inner(),
+        };
+        let successor = match self.successor.lock() {
+            Ok(s) => s.clone(),
+            Err(p) => p.into_inner().clone(),
+        };
+        let sync = (ok || self.mode == BitmapMode::Always) && self.mode != BitmapMode::Never;
+        let mut b = self.parent.clone();
+        if sync {
+            b.bits = successor;
+            b.bits.merge(&self.leftovers());
+            if ok {
+                // This backup is the new reference point.
+                b.identity = self.start_identity;
+                if anchor.is_some() {
+                    b.anchor = anchor;
+                }
+            }
+        } else {
+            b.bits.merge(&successor);
+        }
+        b.in_use = false;
+        b.save(&self.image)?;
+        *done = true;
+        Ok(b)
+    }
+}
+
+impl Drop for SyncBitmap {
+    fn drop(&mut self) {
+        let done = self.done.lock().map(|d| *d).unwrap_or(true);
+        if !done && let Err(e) = self.finish(false, None) {
+            log::warn(format!("cannot restore bitmap '{}': {e}", self.parent.name));
+        }
+    }
+}
+
+/// A node that marks every write in a job's successor bitmap.
+pub struct Marking {
+    inner: Arc<dyn BlockNode>,
+    bitmap: Arc<SyncBitmap>,
+}
+
+impl Marking {
+    pub fn new(inner: Arc<dyn BlockNode>, bitmap: Arc<SyncBitmap>) -> Marking {
+        Marking { inner, bitmap }
+    }
+}
+
+impl BlockNode for Marking {
+    fn path(&self) -> &Path {
+        self.inner.path()
+    }
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn cluster_size(&self) -> u64 {
+        self.inner.cluster_size()
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.inner.read(offset, buf)
+    }
+    fn write(&self, offset: u64, buf: &[u8]) -> Result<()> {
+        self.bitmap.mark(offset, buf.len() as u64);
+        self.inner.write(offset, buf)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        self.bitmap.mark(offset, len);
+        self.inner.write_zeroes(offset, len)
+    }
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.bitmap.mark(offset, len);
+        self.inner.discard(offset, len)
+    }
+    fn flush(&self) -> Result<()> {
+        self.inner.flush()
+    }
+    fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
+        self.inner.block_status(offset, len)
+    }
+}
