@@ -84,6 +84,7 @@ bar\t'A bar on stderr'
 plain\t'A plain line on stderr every few seconds'
 none\t'Nothing'"
 complete -c imgbackup -n "__fish_imgbackup_using_subcommand backup" -l no-backing -d 'Write no backing file into TARGET'
+complete -c imgbackup -n "__fish_imgbackup_using_subcommand backup" -l compress -d 'Write compressed clusters (deflate, as QEMU\'s default zlib type) into a qcow2 TARGET; clusters that do not shrink are written as they are'
 complete -c imgbackup -n "__fish_imgbackup_using_subcommand backup" -l force -d 'Replace an existing TARGET (only once the new backup is complete)'
 complete -c imgbackup -n "__fish_imgbackup_using_subcommand backup" -l keep-partial -d 'On failure, keep TARGET.partial instead of deleting it'
 complete -c imgbackup -n "__fish_imgbackup_using_subcommand backup" -l dry-run -d 'Print what would be copied and exit without writing anything'

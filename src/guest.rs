@@ -361,7 +361,14 @@ pub fn run(
                         }
                     }
                     let Some(w) = plan.next_write() else { break };
-                    let t0 = Instant::now();
+                    // Paced writes count their latency from when they were
+                    // due (open loop), so a write that waits behind a slow
+                    // one shows it; unpaced ones from when they start.
+                    let t0 = if interval.is_zero() {
+                        Instant::now()
+                    } else {
+                        due
+                    };
                     let res: Result<(), BlockError> = if w.zero {
                         node.write_zeroes(w.offset, w.len)
                     } else {

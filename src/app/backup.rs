@@ -151,6 +151,9 @@ pub fn plan(args: &BackupArgs) -> anyhow::Result<Plan> {
             "--sync incremental always uses --bitmap-mode on-success; use --sync bitmap for another mode".into(),
         ));
     }
+    if args.compress && target_format != Format::Qcow2 {
+        return Err(usage("--compress needs a qcow2 target".into()));
+    }
     if (args.backing.is_some() || args.no_backing) && target_format != Format::Qcow2 {
         return Err(usage(
             "--backing and --no-backing need a qcow2 target".into(),
@@ -726,6 +729,7 @@ pub fn run(args: &BackupArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
             max_chunk: plan.max_chunk,
             write_zeroes: has_backing,
             speed: args.speed,
+            compress: args.compress,
         },
         copy_bits,
         cancel.clone(),

@@ -129,6 +129,7 @@ pub fn run(args: &RestoreArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
             max_chunk: (2 << 20u64).max(cluster),
             write_zeroes: false,
             speed: None,
+            compress: false,
         },
         Bits::full(size.div_ceil(cluster)),
         cancel.clone(),

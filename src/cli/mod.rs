@@ -184,6 +184,10 @@ pub struct BackupArgs {
     /// Backup granularity [default: max(64K, the target's cluster size)].
     #[arg(long, value_parser = parse_cluster_size, value_name = "SIZE")]
     pub cluster_size: Option<u64>,
+    /// Write compressed clusters (deflate, as QEMU's default zlib type) into
+    /// a qcow2 TARGET; clusters that do not shrink are written as they are.
+    #[arg(long)]
+    pub compress: bool,
     /// Number of copy workers [default: the number of CPUs].
     #[arg(long, value_parser = parse_jobs, value_name = "N")]
     pub jobs: Option<usize>,

@@ -103,6 +103,8 @@ pub struct Config {
     /// backing file): zeros must be written explicitly.
     pub write_zeroes: bool,
     pub speed: Option<u64>,
+    /// Write data compressed (a qcow2 target).
+    pub compress: bool,
 }
 
 /// What one claim did, credited to [`Progress`] only if it all succeeded.
@@ -513,9 +515,12 @@ impl BlockCopy {
                     }
                     ctx.tally.zero += j - i;
                 } else {
-                    self.target
-                        .write(pos + i, piece)
-                        .map_err(CopyError::Target)?;
+                    let res = if self.cfg.compress {
+                        self.target.write_compressed(pos + i, piece)
+                    } else {
+                        self.target.write(pos + i, piece)
+                    };
+                    res.map_err(CopyError::Target)?;
                     ctx.tally.copied += j - i;
                 }
                 if let Some(o) = &self.observer {

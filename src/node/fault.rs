@@ -306,6 +306,11 @@ impl BlockNode for FaultNode {
         self.inner.write(offset, buf)
     }
 
+    fn write_compressed(&self, offset: u64, buf: &[u8]) -> Result<()> {
+        self.check(FaultOp::Write, Op::Write, offset, buf.len() as u64)?;
+        self.inner.write_compressed(offset, buf)
+    }
+
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
         self.check(FaultOp::Write, Op::WriteZeroes, offset, len)?;
         self.inner.write_zeroes(offset, len)

@@ -73,6 +73,12 @@ pub trait BlockNode: Send + Sync {
         })
     }
 
+    /// Write `buf` at `offset` compressed, where the node can (a new qcow2
+    /// image); elsewhere this is a plain write.
+    fn write_compressed(&self, offset: u64, buf: &[u8]) -> Result<()> {
+        self.write(offset, buf)
+    }
+
     /// Make `[offset, offset + len)` read as zeros.
     fn write_zeroes(&self, _offset: u64, _len: u64) -> Result<()> {
         Err(BlockError::ReadOnly {

@@ -417,3 +417,55 @@ fn raw_with_odd_size_reads_like_qemu() {
     assert!(identical(p, "odd.raw", "odd-out.qcow2"));
     assert_eq!(info_json(p, "odd-out.qcow2")["virtual-size"], 1024);
 }
+
+#[test]
+fn compressed_targets_are_valid_and_exact() {
+    let d = tempdir();
+    let p = d.path();
+    // Compressible data, incompressible data, zeros, and an odd tail.
+    qemu_img(p, &["create", "-f", "raw", "src.raw", "8388608"]);
+    qemu_io(
+        p,
+        "raw",
+        "src.raw",
+        &["write -P 0x41 0 3M", "write -P 0x42 5M 64k"],
+    );
+    let noise: Vec<u8> = (0..(1u32 << 20))
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(p.join("src.raw"))
+            .unwrap();
+        f.write_all_at(&noise, 6 << 20).unwrap();
+    }
+    for (tgt, extra) in [
+        ("c.qcow2", vec![]),
+        (
+            "c4k.qcow2",
+            vec!["--target-cluster-size", "4K", "--cluster-size", "64K"],
+        ),
+        ("c2m.qcow2", vec!["--target-cluster-size", "2M"]),
+    ] {
+        let mut a = vec!["backup", "-q", "--compress"];
+        a.extend(extra);
+        a.extend(["src.raw", tgt]);
+        let o = run_in(p, &a);
+        assert_eq!(code(&o), 0, "{}", stderr(&o));
+        check_clean(p, tgt);
+        assert!(identical(p, "src.raw", tgt), "{tgt}");
+        let map = map_json(p, tgt);
+        assert!(
+            map.iter().any(|e| e["compressed"] == true),
+            "{tgt}: nothing compressed"
+        );
+        let o = run_in(p, &["verify", tgt]);
+        assert_eq!(code(&o), 0, "{}", stderr(&o));
+    }
+    // Much smaller than the data it holds.
+    assert!(std::fs::metadata(p.join("c.qcow2")).unwrap().len() < (1 << 20) + (512 << 10));
+    let o = run_in(p, &["backup", "--compress", "src.raw", "c.raw"]);
+    assert_eq!(code(&o), 2, "{}", stderr(&o));
+}

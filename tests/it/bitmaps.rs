@@ -639,7 +639,10 @@ fn import_a_qemu_bitmap_and_back_up_with_it() {
     // While QEMU opens the image, its autoclear bit may briefly be clear
     // (also refused); wait until it holds the bitmap in use.
     while t.elapsed() < Duration::from_secs(10) {
-        (rc, _, err) = json_run(p, &["bitmap", "import", "img.qcow2", "bm0", "--as", "again"]);
+        (rc, _, err) = json_run(
+            p,
+            &["bitmap", "import", "img.qcow2", "bm0", "--as", "again"],
+        );
         if rc == 0 {
             std::fs::remove_file(p.join("img.qcow2.again.bitmap")).ok();
         } else {

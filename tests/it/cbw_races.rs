@@ -140,6 +140,7 @@ fn rig(pause_at: u64) -> Rig {
             max_chunk: CS,
             write_zeroes: false,
             speed: None,
+            compress: false,
         },
         Bits::full(16),
         Cancel::new(),

@@ -381,6 +381,7 @@ fn filter_and_fault_nodes() {
             max_chunk: 65536,
             write_zeroes: false,
             speed: None,
+            compress: false,
         },
         Bits::full(64),
         Cancel::new(),

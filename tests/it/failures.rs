@@ -457,3 +457,113 @@ fn signals_at_random_moments_cancel_cleanly() {
     }
     assert_eq!(sha256_file(&p.join("src.raw")), before);
 }
+
+#[test]
+fn policies_and_the_bitmap_afterwards() {
+    let d = tempdir();
+    let p = d.path();
+    source(p);
+    let (rc, _, err) = json_run(p, &["backup", "--bitmap", "b0", "src.raw", "full.qcow2"]);
+    assert_eq!(rc, 0, "{err}");
+    let (rc, _, err) = json_run(p, &["guest", "src.raw", "iops=0,count=20,bs=64K,seed=11"]);
+    assert_eq!(rc, 0, "{err}");
+    let dirty = |p: &Path| -> (u64, Value) {
+        let (_, s, _) = json_run(p, &["bitmap", "show", "src.raw", "b0"]);
+        (
+            s["dirty_granules"].as_u64().unwrap(),
+            s["dirty_ranges"].clone(),
+        )
+    };
+    let (before, ranges) = dirty(p);
+    assert!(before > 2);
+    let second = ranges[1][0].as_u64().unwrap();
+    let inc = ["--sync", "incremental", "--bitmap", "b0"];
+    // (extra arguments, expected exit, expected dirty clusters afterwards)
+    let cases: Vec<(Vec<String>, i32, u64)> = vec![
+        (
+            vec!["--inject".into(), "source:read:EIO@nth=2".into()],
+            4,
+            before,
+        ),
+        (
+            vec!["--inject".into(), "target:write:EIO@nth=2".into()],
+            5,
+            before,
+        ),
+        (
+            vec![
+                "--on-target-error".into(),
+                "enospc".into(),
+                "--inject".into(),
+                "target:write:EIO@nth=2,once".into(),
+            ],
+            5,
+            before,
+        ),
+        (
+            vec![
+                "--on-source-error".into(),
+                "retry".into(),
+                "--inject".into(),
+                "source:read:EIO@nth=2,once".into(),
+            ],
+            0,
+            0,
+        ),
+        (
+            vec![
+                "--on-target-error".into(),
+                "enospc".into(),
+                "--inject".into(),
+                "target:write:ENOSPC@nth=2,once".into(),
+            ],
+            0,
+            0,
+        ),
+        (
+            vec![
+                "--on-target-error".into(),
+                "ignore".into(),
+                "--inject".into(),
+                format!("target:write:EIO@{second}"),
+            ],
+            3,
+            1,
+        ),
+    ];
+    for (i, (extra, want_rc, want_dirty)) in cases.into_iter().enumerate() {
+        // Each case starts from the same bitmap: rebuild it against the full backup.
+        let (rc, _, err) = json_run(
+            p,
+            &[
+                "bitmap",
+                "rebuild",
+                "src.raw",
+                "b0",
+                "--against",
+                "full.qcow2",
+            ],
+        );
+        assert_eq!(rc, 0, "{err}");
+        assert_eq!(dirty(p).0, before);
+        let tgt = format!("inc{i}.qcow2");
+        let mut a: Vec<&str> = inc.to_vec();
+        a.extend(extra.iter().map(String::as_str));
+        let (rc, doc, err) = run(p, &tgt, &a);
+        assert_eq!(rc, want_rc, "case {i} {extra:?}: {err}");
+        assert_eq!(
+            dirty(p).0,
+            want_dirty,
+            "case {i} {extra:?}: bitmap afterwards"
+        );
+        if want_rc == 4 || want_rc == 5 {
+            no_target(p, &tgt);
+        } else {
+            assert!(p.join(&tgt).exists());
+            if want_rc == 3 {
+                assert_eq!(doc["ignored_ranges"][0][0], second);
+                assert_eq!(dirty(p).1[0][0], second);
+            }
+        }
+    }
+}

@@ -26,6 +26,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 const OFLAG_COPIED: u64 = 1 << 63;
+const OFLAG_COMPRESSED: u64 = 1 << 62;
 const OFLAG_ZERO: u64 = 1;
 const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 const REFCOUNT_ORDER: u32 = 4; // 16-bit refcounts, as qemu-img creates them
@@ -52,6 +53,9 @@ pub struct Qcow2Writer {
     next_host: AtomicU64,
     l2: Vec<OnceLock<Box<[AtomicU64]>>>,
     free: Mutex<Vec<u64>>,
+    /// Where compressed clusters are packed: (start of the current host
+    /// cluster, bytes used in it).
+    pack: Mutex<(u64, u64)>,
     finished: AtomicBool,
 }
 
@@ -111,6 +115,7 @@ impl Qcow2Writer {
             next_host: AtomicU64::new(cs),
             l2,
             free: Mutex::new(Vec::new()),
+            pack: Mutex::new((0, 0)),
             finished: AtomicBool::new(false),
         })
     }
@@ -182,7 +187,7 @@ impl Qcow2Writer {
 
     fn data_host(entry: u64) -> Option<u64> {
         let h = entry & OFFSET_MASK;
-        if h != 0 && entry & OFLAG_ZERO == 0 {
+        if h != 0 && entry & (OFLAG_ZERO | OFLAG_COMPRESSED) == 0 {
             Some(h)
         } else {
             None
@@ -255,8 +260,13 @@ impl Qcow2Writer {
         for slot in self.l2.iter() {
             let Some(table) = slot.get() else { continue };
             for e in table.iter() {
-                if let Some(h) = Self::data_host(e.load(Ordering::Acquire)) {
+                let v = e.load(Ordering::Acquire);
+                if let Some(h) = Self::data_host(v) {
                     refs[(h / cs) as usize] += 1;
+                } else if let Some((off, end)) = self.compressed_range(v) {
+                    for c in off / cs..end.div_ceil(cs) {
+                        refs[c as usize] += 1;
+                    }
                 }
             }
         }
@@ -321,6 +331,86 @@ impl Qcow2Writer {
         Ok(())
     }
 
+    /// Bits of the host offset in a compressed-cluster descriptor.
+    fn compressed_offset_bits(&self) -> u32 {
+        62 - (self.cluster_bits - 8)
+    }
+
+    /// The host byte range `[start, end)` (whole sectors) of a compressed
+    /// cluster's descriptor.
+    fn compressed_range(&self, entry: u64) -> Option<(u64, u64)> {
+        if entry & OFLAG_COMPRESSED == 0 {
+            return None;
+        }
+        let x = self.compressed_offset_bits();
+        let desc = entry & !(OFLAG_COPIED | OFLAG_COMPRESSED);
+        let off = desc & ((1u64 << x) - 1);
+        let sectors = desc >> x;
+        Some((off, (off / 512 + sectors + 1) * 512))
+    }
+
+    /// Reserve `len` bytes for compressed data, packed into host clusters
+    /// (never across one).
+    fn pack(&self, len: u64) -> u64 {
+        let cs = self.cs();
+        let mut p = match self.pack.lock() {
+            Ok(g) => g,
+            Err(e) => e.into_inner(),
+        };
+        if p.0 == 0 || p.1 + len > cs {
+            *p = (self.alloc(1), 0);
+        }
+        let at = p.0 + p.1;
+        // The next piece starts on its own byte; keep sectors simple.
+        p.1 += len;
+        at
+    }
+
+    /// Write whole clusters at `offset` compressed (deflate, as QEMU's zlib
+    /// compression type); a cluster that does not shrink by a sector is
+    /// written as is.
+    fn compress_clusters(&self, offset: u64, buf: &[u8]) -> Result<()> {
+        self.check_open(Op::Write)?;
+        check_range(&self.path, offset, buf.len() as u64, self.size)?;
+        self.check_aligned(offset, buf.len() as u64)?;
+        let cs = self.cs() as usize;
+        let mut out = vec![0u8; cs];
+        for (i, piece) in buf.chunks(cs).enumerate() {
+            let at = offset + (i * cs) as u64;
+            let mut full;
+            let src = if piece.len() < cs {
+                full = vec![0u8; cs];
+                full[..piece.len()].copy_from_slice(piece);
+                &full[..]
+            } else {
+                full = Vec::new();
+                let _ = &full;
+                piece
+            };
+            let mut c =
+                flate2::Compress::new_with_window_bits(flate2::Compression::default(), false, 12);
+            let status = c.compress(src, &mut out[..cs - 512], flate2::FlushCompress::Finish);
+            let done = matches!(status, Ok(flate2::Status::StreamEnd));
+            if !done {
+                self.write(at, piece)?;
+                continue;
+            }
+            let len = c.total_out();
+            let host = self.pack(len);
+            self.file
+                .write_all_at(&out[..len as usize], host)
+                .map_err(|e| BlockError::io(Op::Write, &self.path, host, len, e))?;
+            let x = self.compressed_offset_bits();
+            let sectors = (host + len - 1) / 512 - host / 512;
+            let entry = OFLAG_COMPRESSED | (sectors << x) | host;
+            let old = self.entry(at / cs as u64).swap(entry, Ordering::AcqRel);
+            if let Some(h) = Self::data_host(old) {
+                self.release(h);
+            }
+        }
+        Ok(())
+    }
+
     /// Number of host bytes used by data clusters so far.
     pub fn data_bytes(&self) -> u64 {
         self.next_host.load(Ordering::Acquire) - self.cs()
@@ -348,14 +438,26 @@ impl BlockNode for Qcow2Writer {
         while pos < end {
             let n = ((pos / cs + 1) * cs).min(end) - pos;
             let out = &mut buf[(pos - offset) as usize..(pos - offset + n) as usize];
-            match Self::data_host(self.peek(pos / cs)) {
-                Some(h) => {
+            let entry = self.peek(pos / cs);
+            match (Self::data_host(entry), self.compressed_range(entry)) {
+                (Some(h), _) => {
                     let at = h + pos % cs;
                     self.file
                         .read_exact_at(out, at)
                         .map_err(|e| BlockError::io(Op::Read, &self.path, at, n, e))?;
                 }
-                None => out.fill(0),
+                (None, Some((start, end))) => {
+                    let mut comp = vec![0u8; (end - start) as usize];
+                    self.file
+                        .read_exact_at(&mut comp, start)
+                        .map_err(|e| BlockError::io(Op::Read, &self.path, start, end - start, e))?;
+                    let mut cluster = vec![0u8; cs as usize];
+                    let mut d = flate2::Decompress::new(false);
+                    let _ = d.decompress(&comp, &mut cluster, flate2::FlushDecompress::Finish);
+                    let o = (pos % cs) as usize;
+                    out.copy_from_slice(&cluster[o..o + n as usize]);
+                }
+                (None, None) => out.fill(0),
             }
             pos += n;
         }
@@ -407,6 +509,10 @@ impl BlockNode for Qcow2Writer {
         Ok(())
     }
 
+    fn write_compressed(&self, offset: u64, buf: &[u8]) -> Result<()> {
+        self.compress_clusters(offset, buf)
+    }
+
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
         self.check_open(Op::WriteZeroes)?;
         check_range(&self.path, offset, len, self.size)?;
@@ -447,7 +553,7 @@ impl BlockNode for Qcow2Writer {
         check_range(&self.path, offset, len, self.size)?;
         let cs = self.cs();
         let kind = |e: u64| {
-            if Self::data_host(e).is_some() {
+            if Self::data_host(e).is_some() || e & OFLAG_COMPRESSED != 0 {
                 Status::Data
             } else if e & OFLAG_ZERO != 0 {
                 Status::Zero
