@@ -185,7 +185,7 @@ _imgbackup() {
             return 0
             ;;
         imgbackup__subcmd__backup)
-            opts="-q -v -h -V --sync --bitmap --bitmap-mode --backing --no-backing --target-format --target-cluster-size --cluster-size --compress --jobs --max-chunk --speed --timeout --force --keep-partial --dry-run --source-format --guest --guest-overlay --on-cbw-error --cbw-timeout --verify --on-source-error --on-target-error --retries --retry-delay --retry-max-delay --force-share --wait-lock --no-manifest --inject --json --quiet --verbose --progress --help --version"
+            opts="-q -v -h -V --sync --bitmap --bitmap-mode --backing --no-backing --target-format --target-cluster-size --cluster-size --compress --jobs --max-chunk --speed --timeout --force --keep-partial --dry-run --source-format --guest --guest-overlay --on-cbw-error --cbw-timeout --cbw-cache --verify --on-source-error --on-target-error --retries --retry-delay --retry-max-delay --force-share --wait-lock --no-manifest --inject --json --quiet --verbose --progress --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -252,6 +252,10 @@ _imgbackup() {
                     return 0
                     ;;
                 --cbw-timeout)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --cbw-cache)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

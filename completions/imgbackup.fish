@@ -66,6 +66,7 @@ complete -c imgbackup -n "__fish_imgbackup_using_subcommand backup" -l guest-ove
 complete -c imgbackup -n "__fish_imgbackup_using_subcommand backup" -l on-cbw-error -d 'What a failed copy-before-write does: fail the guest write (the backup stays consistent), or let it through and fail the job. [default: break-guest-write]' -r -f -a "break-guest-write\t'The guest write fails; the backup stays consistent'
 break-snapshot\t'The guest write proceeds and the job fails'"
 complete -c imgbackup -n "__fish_imgbackup_using_subcommand backup" -l cbw-timeout -d 'The longest a guest write may wait for its copy-before-write; past it the copy counts as failed' -r
+complete -c imgbackup -n "__fish_imgbackup_using_subcommand backup" -l cbw-cache -d 'RAM for copy-before-write: a guest write waits only until the old data of its clusters is in this cache, which drains to the target in the background; when it is full, guest writes copy directly [default: 4M per worker; 0 disables]' -r
 complete -c imgbackup -n "__fish_imgbackup_using_subcommand backup" -l on-source-error -d 'What a failed read of SOURCE does: report (fail, exit 4), ignore (skip the cluster, leave it dirty, finish with exit 3), retry (up to --retries times), or enospc (retry only when the cause is ENOSPC/EDQUOT/EFBIG)' -r -f -a "report\t''
 ignore\t''
 retry\t''

@@ -21,7 +21,7 @@ use crate::guest::{self, GuestReport, GuestSpec};
 use crate::job::cancel::Cancel;
 use crate::job::policy::Policies;
 use crate::job::sync_bitmap::{Marking, SyncBitmap};
-use crate::job::{PolicyLog, outcome, run_background};
+use crate::job::{PolicyLog, outcome, run_background, run_drain};
 use crate::lock::{Access, Locks};
 use crate::log;
 use crate::manifest::{
@@ -45,6 +45,8 @@ use std::time::{Instant, SystemTime};
 
 /// Default backup granularity.
 pub const DEFAULT_CLUSTER: u64 = 64 << 10;
+/// Default copy-before-write cache per worker.
+pub const DEFAULT_CBW_CACHE_PER_WORKER: u64 = 4 << 20;
 /// Default request size.
 pub const DEFAULT_MAX_CHUNK: u64 = 2 << 20;
 
@@ -83,6 +85,8 @@ pub struct Summary {
     pub bytes_skipped_zero: u64,
     pub copy_before_write_copies: u64,
     pub copy_before_write_bytes: u64,
+    /// The most bytes the copy-before-write cache held at once.
+    pub cbw_cache_peak_bytes: u64,
     pub retries: u64,
     pub retry_events: Vec<crate::job::RetryEvent>,
     /// Byte ranges `[start, end)` skipped by an ignore policy.
@@ -611,6 +615,7 @@ pub fn run(args: &BackupArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
         bytes_skipped_zero: 0,
         copy_before_write_copies: 0,
         copy_before_write_bytes: 0,
+        cbw_cache_peak_bytes: 0,
         retries: 0,
         retry_events: Vec::new(),
         ignored_ranges: Vec::new(),
@@ -730,6 +735,11 @@ pub fn run(args: &BackupArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
             write_zeroes: has_backing,
             speed: args.speed,
             compress: args.compress,
+            cbw_cache: match (&args.guest, args.cbw_cache) {
+                (None, _) => 0,
+                (Some(_), Some(c)) => c,
+                (Some(_), None) => DEFAULT_CBW_CACHE_PER_WORKER * plan.jobs as u64,
+            },
         },
         copy_bits,
         cancel.clone(),
@@ -776,6 +786,7 @@ pub fn run(args: &BackupArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
 
     // Run: the background copy (unless sync none) and the guest side by side.
     let stop_guest = AtomicBool::new(false);
+    let stop_drain = AtomicBool::new(false);
     let (result, guest_stats) = std::thread::scope(|s| {
         let guest = match (&args.guest, &guest_node) {
             (Some(spec), Some(node)) => {
@@ -787,6 +798,7 @@ pub fn run(args: &BackupArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
             }
             _ => None,
         };
+        let drain = s.spawn(|| run_drain(&bc, &stop_drain, &cancel, &policies, &plog));
         let result = match plan.sync {
             SyncMode::None => Ok(()),
             _ => run_background(&bc, plan.jobs, &cancel, &policies, &plog),
@@ -796,6 +808,9 @@ pub fn run(args: &BackupArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
             stop_guest.store(true, Ordering::Relaxed);
         }
         let stats = guest.and_then(|h| h.join().ok());
+        // The cache drains once no guest can fill it any more.
+        stop_drain.store(true, Ordering::Relaxed);
+        let _ = drain.join();
         (result, stats)
     });
     reporter.finish();
@@ -959,6 +974,7 @@ pub fn run(args: &BackupArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
     summary.copy_before_write_copies = p.cbw_copies.load(Ordering::Relaxed);
     summary.copy_before_write_bytes = p.cbw_bytes.load(Ordering::Relaxed);
     summary.retries = p.retries.load(Ordering::Relaxed);
+    summary.cbw_cache_peak_bytes = bc.cache_peak();
     summary.retry_events = match plog.retries.lock() {
         Ok(r) => r.clone(),
         Err(e) => e.into_inner().clone(),
@@ -1033,9 +1049,10 @@ fn print_human(s: &Summary) {
     );
     if let Some(g) = &s.guest {
         eprintln!(
-            "  copy-before-write: {} copies, {}",
+            "  copy-before-write: {} copies, {} (cache peak {})",
             s.copy_before_write_copies,
-            human_bytes(s.copy_before_write_bytes)
+            human_bytes(s.copy_before_write_bytes),
+            human_bytes(s.cbw_cache_peak_bytes)
         );
         eprintln!(
             "  guest:             {} writes ({} zero), {}, {} failed; latency p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",

@@ -130,6 +130,7 @@ pub fn run(args: &RestoreArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
             write_zeroes: false,
             speed: None,
             compress: false,
+            cbw_cache: 0,
         },
         Bits::full(size.div_ceil(cluster)),
         cancel.clone(),

@@ -119,6 +119,15 @@ zeroes). The same SPEC gives the same writes: thread t of T writes only in its
 own stripe of the image with its own seeded generator. Offsets are aligned to
 512 bytes when every block size is a multiple of 512, and unaligned otherwise.
 .PP
+\fB\-\-cbw\-cache\fR SIZE (default 4 MiB per worker; 0 disables) lets a guest
+write wait only until the old data of its clusters is in RAM; the cache
+drains to the target in the background (writes first, under
+\fB\-\-on\-target\-error\fR) and the summary reports its peak use. When it is
+full, guest writes copy directly, as without it. A cached range is the only
+copy of the old data: if writing it fails for good, the job fails (or, with
+\fBignore\fR, the range is listed as skipped), whatever
+\fB\-\-on\-cbw\-error\fR says.
+.PP
 \fB\-\-on\-cbw\-error break\-guest\-write\fR (default) fails a guest write
 whose copy\-before\-write failed; the cluster stays to be copied by the job,
 and the backup stays consistent. \fBbreak\-snapshot\fR lets the write through

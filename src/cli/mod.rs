@@ -10,7 +10,9 @@ use crate::node::cbw::OnCbwError;
 use crate::node::fault::{Rule, parse_rule};
 use crate::node::probe::Format;
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use parse::{parse_cluster_size, parse_duration, parse_jobs, parse_nonzero_size, parse_rate};
+use parse::{
+    parse_cluster_size, parse_duration, parse_jobs, parse_nonzero_size, parse_rate, parse_size,
+};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -232,6 +234,12 @@ pub struct BackupArgs {
     /// it the copy counts as failed.
     #[arg(long, value_parser = parse_duration, value_name = "DUR", requires = "guest")]
     pub cbw_timeout: Option<Duration>,
+    /// RAM for copy-before-write: a guest write waits only until the old
+    /// data of its clusters is in this cache, which drains to the target in
+    /// the background; when it is full, guest writes copy directly
+    /// [default: 4M per worker; 0 disables].
+    #[arg(long, value_parser = parse_size, value_name = "SIZE", requires = "guest")]
+    pub cbw_cache: Option<u64>,
     /// After the job, re-read the backup (through its backing file) and
     /// check it against the manifest; with --guest (or --no-manifest) also
     /// check it equals SOURCE as it was at the start. A mismatch is exit 7

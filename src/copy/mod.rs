@@ -105,6 +105,8 @@ pub struct Config {
     pub speed: Option<u64>,
     /// Write data compressed (a qcow2 target).
     pub compress: bool,
+    /// Bytes of RAM for the copy-before-write cache (0: none).
+    pub cbw_cache: u64,
 }
 
 /// What one claim did, credited to [`Progress`] only if it all succeeded.
@@ -159,8 +161,29 @@ pub struct BlockCopy {
     changed: Condvar,
     failure: Mutex<Option<CopyError>>,
     failed: std::sync::atomic::AtomicBool,
+    cache: Option<CbwCache>,
+    /// Clusters given up on that must not be copied again (a cached
+    /// copy-before-write an ignore policy dropped: the source has changed).
+    lost: Mutex<Bits>,
     // atomic
     pub progress: Progress,
+}
+
+/// Old data a copy-before-write read into RAM, waiting to be written.
+struct Cached {
+    claim: Claim,
+    data: Vec<u8>,
+}
+
+/// The copy-before-write cache: a guest write waits only until the old data
+/// of its clusters is in RAM; a drain writes it to the target afterwards.
+/// Bounded; when full, guest writes copy synchronously as without it.
+struct CbwCache {
+    cap: u64,
+    // behind a lock
+    state: Mutex<(u64, std::collections::VecDeque<Cached>)>,
+    ready: Condvar,
+    peak: AtomicU64,
 }
 
 /// A claimed run of clusters `[start, end)` in bytes (end clamped to the
@@ -189,6 +212,12 @@ impl BlockCopy {
             .map(|&(s, e)| (e * cs).min(len) - s * cs)
             .sum::<u64>();
         let progress = Progress::default();
+        let cache = (cfg.cbw_cache > 0).then(|| CbwCache {
+            cap: cfg.cbw_cache,
+            state: Mutex::new((0, std::collections::VecDeque::new())),
+            ready: Condvar::new(),
+            peak: AtomicU64::new(0),
+        });
         progress.total.store(total, Ordering::Relaxed);
         BlockCopy {
             throttle: cfg.speed.map(Throttle::new),
@@ -206,6 +235,8 @@ impl BlockCopy {
             changed: Condvar::new(),
             failure: Mutex::new(None),
             failed: std::sync::atomic::AtomicBool::new(false),
+            cache,
+            lost: Mutex::new(Bits::new(0)),
             progress,
         }
     }
@@ -261,6 +292,18 @@ impl BlockCopy {
     /// The failure recorded by [`BlockCopy::fail`], once.
     pub fn take_failure(&self) -> Option<CopyError> {
         self.failure.lock().ok().and_then(|mut f| f.take())
+    }
+
+    /// What the job did not copy: the copy bitmap, plus clusters given up
+    /// on for good.
+    pub fn not_copied(&self) -> Bits {
+        let mut b = self.bitmap();
+        if let Ok(l) = self.lost.lock()
+            && !l.is_empty()
+        {
+            b.merge(&l);
+        }
+        b
     }
 
     /// A copy of the copy bitmap (what is still to copy).
@@ -378,6 +421,19 @@ impl BlockCopy {
                 return Ok(copied);
             }
             for (k, c) in claims.iter().enumerate() {
+                match self.cache_claim(*c) {
+                    Ok(true) => {
+                        copied += c.end - c.start;
+                        continue;
+                    }
+                    Ok(false) => {}
+                    Err(e) => {
+                        for rest in &claims[k + 1..] {
+                            self.release(*rest, false);
+                        }
+                        return Err(e);
+                    }
+                }
                 let res = self.copy_claimed_with(*c, buf, deadline.map(|d| (d, started)));
                 self.release(*c, res.is_ok());
                 if let Err(e) = res {
@@ -392,6 +448,148 @@ impl BlockCopy {
                     .fetch_add(c.end - c.start, Ordering::Relaxed);
                 copied += c.end - c.start;
             }
+        }
+    }
+
+    /// With the cache: read the old data of a claimed range into RAM and
+    /// settle the claim (its clusters are safe; nobody waits for them), or
+    /// return false (no cache, cache full, or nothing to read) so the
+    /// caller copies it directly. A failed read gives the claim back.
+    fn cache_claim(&self, c: Claim) -> Result<bool, CopyError> {
+        let Some(cache) = &self.cache else {
+            return Ok(false);
+        };
+        let len = c.end - c.start;
+        // Ranges without data copy without I/O: no need to cache them.
+        let ext = match self.source.block_status(c.start, len) {
+            Ok(e) => e,
+            Err(e) => {
+                self.release(c, false);
+                return Err(CopyError::Source(e));
+            }
+        };
+        if ext.status != Status::Data && ext.len == len {
+            return Ok(false);
+        }
+        {
+            let mut st = match cache.state.lock() {
+                Ok(g) => g,
+                Err(p) => p.into_inner(),
+            };
+            if st.0 + len > cache.cap {
+                return Ok(false);
+            }
+            st.0 += len;
+            cache.peak.fetch_max(st.0, Ordering::Relaxed);
+        }
+        let mut data = vec![0u8; len as usize];
+        if let Err(e) = self.source.read(c.start, &mut data) {
+            if let Ok(mut st) = cache.state.lock() {
+                st.0 -= len;
+            }
+            self.release(c, false);
+            return Err(CopyError::Source(e));
+        }
+        if let Ok(mut st) = cache.state.lock() {
+            st.1.push_back(Cached { claim: c, data });
+        }
+        cache.ready.notify_all();
+        // Settle: the clusters leave the in-flight list with their bits
+        // still clear; the job skips them and guest writes need not wait.
+        let mut g = self.lock();
+        if let Some(i) = g.inflight.iter().position(|&r| r == (c.start, c.end)) {
+            g.inflight.swap_remove(i);
+        }
+        drop(g);
+        self.changed.notify_all();
+        Ok(true)
+    }
+
+    /// True when the copy-before-write cache holds data to write.
+    pub fn cache_pending(&self) -> bool {
+        self.cache
+            .as_ref()
+            .is_some_and(|c| c.state.lock().map(|s| !s.1.is_empty()).unwrap_or(false))
+    }
+
+    /// The most bytes the cache held at once.
+    pub fn cache_peak(&self) -> u64 {
+        self.cache
+            .as_ref()
+            .map(|c| c.peak.load(Ordering::Relaxed))
+            .unwrap_or(0)
+    }
+
+    /// Take the oldest cached range, waiting up to `wait` for one.
+    fn cache_pop(&self, wait: std::time::Duration) -> Option<Cached> {
+        let cache = self.cache.as_ref()?;
+        let mut st = match cache.state.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        if st.1.is_empty() {
+            st = match cache.ready.wait_timeout(st, wait) {
+                Ok((g, _)) => g,
+                Err(p) => p.into_inner().0,
+            };
+        }
+        st.1.pop_front()
+    }
+
+    /// Write one cached range to the target. `Ok(false)` when there was
+    /// nothing to write within `wait`. A failure keeps the data cached (the
+    /// source may have changed since: the cache is the only copy) and is
+    /// returned with the range, for the error policy to decide.
+    pub fn drain_one(&self, wait: std::time::Duration) -> Result<bool, (Claim, CopyError)> {
+        let Some(c) = self.cache_pop(wait) else {
+            return Ok(false);
+        };
+        let mut tally = Tally::default();
+        match self.write_data(c.claim.start, &c.data, &mut tally) {
+            Ok(()) => {
+                let len = c.claim.end - c.claim.start;
+                if let Some(cache) = &self.cache
+                    && let Ok(mut st) = cache.state.lock()
+                {
+                    st.0 -= len;
+                }
+                let p = &self.progress;
+                p.copied.fetch_add(tally.copied, Ordering::Relaxed);
+                p.zero.fetch_add(tally.zero, Ordering::Relaxed);
+                p.done
+                    .fetch_add(tally.copied + tally.zero, Ordering::Relaxed);
+                p.cbw_copies.fetch_add(1, Ordering::Relaxed);
+                p.cbw_bytes.fetch_add(len, Ordering::Relaxed);
+                Ok(true)
+            }
+            Err(e) => {
+                let claim = c.claim;
+                if let Some(cache) = &self.cache
+                    && let Ok(mut st) = cache.state.lock()
+                {
+                    st.1.push_front(c);
+                }
+                Err((claim, e))
+            }
+        }
+    }
+
+    /// Drop a cached range the error policy gave up on (ignore): its bytes
+    /// are freed and the range counts as not copied.
+    pub fn cache_drop(&self, claim: Claim) {
+        let cs = self.cfg.cluster_size;
+        if let Ok(mut l) = self.lost.lock() {
+            if l.is_empty() {
+                *l = Bits::new(self.len.div_ceil(cs));
+            }
+            l.set_range(claim.start / cs, claim.end.div_ceil(cs));
+        }
+        if let Some(cache) = &self.cache
+            && let Ok(mut st) = cache.state.lock()
+            && let Some(i) = st.1.iter().position(|c| c.claim == claim)
+            && let Some(c) = st.1.remove(i)
+        {
+            st.0 -= c.claim.end - c.claim.start;
         }
     }
 
@@ -497,43 +695,54 @@ impl BlockCopy {
             ctx.check(&self.cancel)?;
             self.source.read(pos, data).map_err(CopyError::Source)?;
             ctx.tally.read += n;
-            // Write runs of non-zero clusters; leave zero clusters out.
-            let zeros: Vec<bool> = data.chunks(cs as usize).map(is_zero).collect();
-            let mut i = 0u64;
-            while i < n {
-                let zero = zeros[(i / cs) as usize];
-                let mut j = (i + cs).min(n);
-                while j < n && zeros[(j / cs) as usize] == zero {
-                    j = (j + cs).min(n);
-                }
-                let piece = &data[i as usize..j as usize];
-                if zero {
-                    if self.cfg.write_zeroes {
-                        self.target
-                            .write_zeroes(pos + i, j - i)
-                            .map_err(CopyError::Target)?;
-                    }
-                    ctx.tally.zero += j - i;
-                } else {
-                    let res = if self.cfg.compress {
-                        self.target.write_compressed(pos + i, piece)
-                    } else {
-                        self.target.write(pos + i, piece)
-                    };
-                    res.map_err(CopyError::Target)?;
-                    ctx.tally.copied += j - i;
-                }
-                if let Some(o) = &self.observer {
-                    let d = if zero {
-                        ChunkData::Zeroes(j - i)
-                    } else {
-                        ChunkData::Bytes(piece)
-                    };
-                    o.copied(pos + i, d)?;
-                }
-                i = j;
-            }
+            self.write_data(pos, data, ctx.tally)?;
             pos += n;
+        }
+        Ok(())
+    }
+
+    /// Write data the copy holds (read from the source, or from the
+    /// copy-before-write cache) to the target: runs of non-zero clusters as
+    /// data, zero clusters left out (or written as zeroes over a backing
+    /// file), every piece shown to the observer.
+    fn write_data(&self, pos: u64, data: &[u8], tally: &mut Tally) -> Result<(), CopyError> {
+        let cs = self.cfg.cluster_size;
+        let n = data.len() as u64;
+        // Write runs of non-zero clusters; leave zero clusters out.
+        let zeros: Vec<bool> = data.chunks(cs as usize).map(is_zero).collect();
+        let mut i = 0u64;
+        while i < n {
+            let zero = zeros[(i / cs) as usize];
+            let mut j = (i + cs).min(n);
+            while j < n && zeros[(j / cs) as usize] == zero {
+                j = (j + cs).min(n);
+            }
+            let piece = &data[i as usize..j as usize];
+            if zero {
+                if self.cfg.write_zeroes {
+                    self.target
+                        .write_zeroes(pos + i, j - i)
+                        .map_err(CopyError::Target)?;
+                }
+                tally.zero += j - i;
+            } else {
+                let res = if self.cfg.compress {
+                    self.target.write_compressed(pos + i, piece)
+                } else {
+                    self.target.write(pos + i, piece)
+                };
+                res.map_err(CopyError::Target)?;
+                tally.copied += j - i;
+            }
+            if let Some(o) = &self.observer {
+                let d = if zero {
+                    ChunkData::Zeroes(j - i)
+                } else {
+                    ChunkData::Bytes(piece)
+                };
+                o.copied(pos + i, d)?;
+            }
+            i = j;
         }
         Ok(())
     }

@@ -11,6 +11,7 @@ use crate::log;
 use cancel::Cancel;
 use policy::{Decision, Policies};
 use std::sync::Mutex;
+use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
@@ -203,6 +204,68 @@ fn handle_claim(
         }
     }
     read
+}
+
+/// Write the copy-before-write cache to the target until `stop` is set and
+/// the cache is empty, under the target's error policy. A range that cannot
+/// be written stays cached (the source may have changed: it is the only
+/// copy) until the policy gives up: then the job fails, or with `ignore`
+/// the range is listed as skipped.
+pub fn run_drain(
+    bc: &BlockCopy,
+    stop: &AtomicBool,
+    cancel: &Cancel,
+    policies: &Policies,
+    plog: &PolicyLog,
+) {
+    let mut attempts: std::collections::HashMap<u64, u32> = std::collections::HashMap::new();
+    while !cancel.is_cancelled() && !bc.failed() {
+        match bc.drain_one(std::time::Duration::from_millis(20)) {
+            Ok(true) => {}
+            Ok(false) => {
+                if stop.load(Ordering::Relaxed) && !bc.cache_pending() {
+                    return;
+                }
+            }
+            Err((claim, err)) => {
+                let attempt = attempts.entry(claim.start).or_insert(0);
+                match policies.decide(&err, *attempt) {
+                    Decision::Fail => {
+                        bc.fail(err);
+                        return;
+                    }
+                    Decision::Ignore => {
+                        bc.cache_drop(claim);
+                        log::warn(format!(
+                            "skipping {} bytes at offset {} (ignore policy): {}",
+                            claim.end - claim.start,
+                            claim.start,
+                            crate::node::cbw::error_chain(&err)
+                        ));
+                        if let Ok(mut s) = plog.skipped.lock() {
+                            s.push((claim.start, claim.end));
+                        }
+                    }
+                    Decision::RetryAfter(delay) => {
+                        *attempt += 1;
+                        bc.progress.retries.fetch_add(1, Ordering::Relaxed);
+                        log::warn(format!(
+                            "retry {}/{} of {} bytes at offset {} in {}: {}",
+                            attempt,
+                            policies.retries,
+                            claim.end - claim.start,
+                            claim.start,
+                            humantime::format_duration(delay),
+                            crate::node::cbw::error_chain(&err)
+                        ));
+                        if !cancel.sleep_until(Instant::now() + delay) {
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// The job's result once its workers (and guest) have stopped.

@@ -89,7 +89,7 @@ impl SyncBitmap {
         let bc = self.copy.lock().ok().and_then(|c| c.clone());
         if let Some(bc) = bc {
             let cs = bc.cluster_size();
-            for (s, e) in bc.bitmap().runs() {
+            for (s, e) in bc.not_copied().runs() {
                 out.set_range(s * cs / g, (e * cs).div_ceil(g));
             }
         }

@@ -237,6 +237,8 @@ fn failed_copy_before_write_breaks_the_guest_write_by_default() {
             "4M",
             "--guest",
             "iops=0,bs=4K,pattern=sequential,threads=2,count=2",
+            "--cbw-cache",
+            "0",
             "--inject",
             "target:write:EIO@4M,once",
             "--guest-overlay",
@@ -279,6 +281,8 @@ fn failed_copy_before_write_with_break_snapshot_fails_the_job() {
                 "4M",
                 "--guest",
                 "iops=0,bs=4K,pattern=sequential,threads=2,count=2",
+                "--cbw-cache",
+                "0",
                 "--on-cbw-error",
                 "break-snapshot",
                 "--inject",
@@ -308,6 +312,8 @@ fn cbw_timeout_bounds_the_guest_wait() {
             "64K",
             "--guest",
             "iops=0,bs=4K,pattern=sequential,threads=2,count=4",
+            "--cbw-cache",
+            "0",
             "--cbw-timeout",
             "50ms",
             "--inject",
@@ -462,4 +468,78 @@ fn first_difference_finds_the_offset() {
         imgbackup::app::backup::first_difference(&na, &na).unwrap(),
         None
     );
+}
+
+#[test]
+fn the_cbw_cache_keeps_the_point_in_time_and_its_bound() {
+    let d = tempdir();
+    let p = d.path();
+    source(p, "src.raw", 16);
+    // Small cache, a fast guest, a slow job: the cache fills and drains.
+    let doc = backup_json(
+        p,
+        &[
+            "--jobs",
+            "2",
+            "--speed",
+            "4M",
+            "--cbw-cache",
+            "512K",
+            "--guest",
+            "iops=0,threads=3,bs=4K-128K,count=400,seed=21",
+            "src.raw",
+            "t.qcow2",
+        ],
+    );
+    assert!(identical(p, "src.raw", "t.qcow2"));
+    let peak = doc["cbw_cache_peak_bytes"].as_u64().unwrap();
+    assert!(peak > 0 && peak <= 512 << 10, "peak {peak}");
+    assert!(doc["copy_before_write_copies"].as_u64().unwrap() > 0);
+    check_guest_report(&doc, 400);
+    // A transient target failure while draining is retried from the cache.
+    let doc = backup_json(
+        p,
+        &[
+            "--jobs",
+            "1",
+            "--speed",
+            "2M",
+            "--cbw-cache",
+            "8M",
+            "--on-target-error",
+            "retry",
+            "--retry-delay",
+            "10ms",
+            "--guest",
+            "iops=0,bs=64K,pattern=sequential,threads=2,count=8",
+            "--inject",
+            "target:write:EIO@8M,once",
+            "src.raw",
+            "t2.raw",
+        ],
+    );
+    assert_eq!(doc["retries"], 1, "{doc}");
+    assert_eq!(doc["guest"]["failed_writes"], 0);
+    assert!(identical(p, "src.raw", "t2.raw"));
+    // A permanent one fails the job: the cache held the only copy.
+    let o = run_in(
+        p,
+        &[
+            "backup",
+            "--jobs",
+            "1",
+            "--speed",
+            "2M",
+            "--cbw-cache",
+            "8M",
+            "--guest",
+            "iops=0,bs=64K,pattern=sequential,threads=2,count=8",
+            "--inject",
+            "target:write:EIO@8M",
+            "src.raw",
+            "t3.raw",
+        ],
+    );
+    assert_eq!(code(&o), 5, "{}", stderr(&o));
+    assert!(!p.join("t3.raw").exists() && !p.join("t3.raw.partial").exists());
 }

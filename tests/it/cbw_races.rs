@@ -141,6 +141,7 @@ fn rig(pause_at: u64) -> Rig {
             write_zeroes: false,
             speed: None,
             compress: false,
+            cbw_cache: 0,
         },
         Bits::full(16),
         Cancel::new(),

@@ -382,6 +382,7 @@ fn filter_and_fault_nodes() {
             write_zeroes: false,
             speed: None,
             compress: false,
+            cbw_cache: 0,
         },
         Bits::full(64),
         Cancel::new(),
