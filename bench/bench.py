@@ -1,20 +1,24 @@
 #!/usr/bin/env python3
-"""imgbackup benchmarks: each pair of commands runs alternately (A B A B ...)
-on the same images in one run, after a warm-up; medians and per-pair ratios.
+"""imgbackup benchmarks against qemu-img, cp and QEMU's backup job, in one run.
 
-    bench/bench.py [--images DIR] [--size 2G] [--runs 5] [--only NAME ...] [--out FILE]
+    cargo build --release
+    bench/bench.py [--images DIR] [--size 2G] [--runs 5] [--only NAME ...] [--out BENCHMARKS.md]
 
-Images come from ../shared/anchors/make_images.sh (made once into --images).
-Outputs are deleted before every timed run (untimed), so neither side pays
-for freeing the previous output. Wall time is measured around fork..reap;
-CPU and peak RSS (ru_maxrss, as /usr/bin/time -v reports it) come from the
-reaped child's rusage. Results are printed and, with --out, appended to a
-Markdown file.
+Images come from ../shared/anchors/make_images.sh (made once into --images):
+full.raw, sparse.qcow2 (25 %), top.qcow2 over base.raw (10 %), bitmap.qcow2
+with a persistent bitmap bm0 (5 % dirty). Each timing pair runs alternately
+(A B A B ...) after a warm-up, with outputs deleted (untimed) before every
+run; the table gives medians and the median of the per-pair ratios A/B.
+Wall time is measured around fork..reap; CPU and peak RSS (ru_maxrss, as
+/usr/bin/time -v reports it) come from the reaped child's rusage. Guest
+write latency (4 KiB random writes at 500/s during a full backup) is read
+from imgbackup's JSON summary and from the anchor's RESULT line. Results are
+printed and, with --out, appended to a Markdown file.
 """
 import argparse
+import json
 import os
 import shlex
-import shutil
 import statistics
 import subprocess
 import sys
@@ -24,19 +28,25 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 ANCHORS = os.path.join(os.path.dirname(REPO), "shared", "anchors")
 BIN = os.path.join(REPO, "target", "release", "imgbackup")
+QSD = os.path.join(ANCHORS, "qsd_backup.py")
 
 
-def run_once(cmd, cwd):
+def timed(cmd, cwd):
+    """Run cmd; wall, cpu and peak RSS from wait4."""
+    import tempfile
+    errf = tempfile.TemporaryFile()
     t0 = time.perf_counter()
-    p = subprocess.Popen(cmd, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.PIPE)
-    err = p.stderr.read()
+    p = subprocess.Popen(cmd, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=errf)
+    out = p.stdout.read()
     _, status, ru = os.wait4(p.pid, 0)
+    errf.seek(0)
+    err = errf.read()
     wall = time.perf_counter() - t0
     rc = os.waitstatus_to_exitcode(status)
     if rc != 0:
         sys.exit("command failed (%d): %s\n%s" % (rc, shlex.join(cmd), err.decode(errors="replace")))
-    return {"wall": wall, "cpu": ru.ru_utime + ru.ru_stime, "rss_mib": ru.ru_maxrss / 1024.0}
+    return {"wall": wall, "cpu": ru.ru_utime + ru.ru_stime, "rss_mib": ru.ru_maxrss / 1024.0,
+            "out": out.decode(errors="replace")}
 
 
 def clean(paths, cwd):
@@ -49,30 +59,97 @@ def clean(paths, cwd):
     subprocess.run(["sync"])
 
 
-def pairs(img):
-    b = BIN
+def pairs():
+    b, q = BIN, [sys.executable, QSD]
     return [
-        ("manifest-overhead",
-         "full raw->qcow2 with the manifest (A) vs --no-manifest (B)",
+        ("manifest-overhead", "full raw->qcow2 with the manifest (A) vs --no-manifest (B); target <= 1.15",
          [b, "backup", "-q", "full.raw", "out-a.qcow2"],
-         [b, "backup", "-q", "--no-manifest", "full.raw", "out-b.qcow2"],
-         ["out-a.qcow2", "out-b.qcow2"]),
-        ("full-vs-qemu-img",
-         "full raw->qcow2 (A) vs qemu-img convert -t writeback -O qcow2 (B)",
+         [b, "backup", "-q", "--no-manifest", "full.raw", "out-b.qcow2"], ["out-a.qcow2", "out-b.qcow2"], None),
+        ("full-vs-qemu-img", "full raw->qcow2 (A) vs qemu-img convert -t writeback -O qcow2 (B); target <= 0.8",
          [b, "backup", "-q", "full.raw", "out-a.qcow2"],
          ["qemu-img", "convert", "-t", "writeback", "-O", "qcow2", "full.raw", "out-b.qcow2"],
-         ["out-a.qcow2", "out-b.qcow2"]),
-        ("raw-vs-cp",
-         "full raw->raw (A) vs cp --sparse=always && sync (B)",
+         ["out-a.qcow2", "out-b.qcow2"], None),
+        ("full-vs-qemu-job", "full raw->qcow2 (A) vs QEMU's backup job, flushed target (B); target <= 0.6",
+         [b, "backup", "-q", "full.raw", "out-a.qcow2"],
+         q + ["-s", "full", "-O", "qcow2", "--target-cache", "writeback", "full.raw", "out-b.qcow2"],
+         ["out-a.qcow2", "out-b.qcow2"], None),
+        ("raw-vs-cp", "full raw->raw (A) vs cp --sparse=always && sync (B); target <= 1.1",
          [b, "backup", "-q", "full.raw", "out-a.raw"],
-         ["sh", "-c", "cp --sparse=always full.raw out-b.raw && sync out-b.raw"],
-         ["out-a.raw", "out-b.raw"]),
-        ("sparse-vs-full",
-         "sparse qcow2 (25 %) (A) vs full raw (B), both to qcow2",
+         ["sh", "-c", "cp --sparse=always full.raw out-b.raw && sync out-b.raw"], ["out-a.raw", "out-b.raw"], None),
+        ("sparse-vs-full", "sparse qcow2 25 % (A) vs full raw (B), both to qcow2; target <= 0.35",
          [b, "backup", "-q", "sparse.qcow2", "out-a.qcow2"],
-         [b, "backup", "-q", "full.raw", "out-b.qcow2"],
-         ["out-a.qcow2", "out-b.qcow2"]),
+         [b, "backup", "-q", "full.raw", "out-b.qcow2"], ["out-a.qcow2", "out-b.qcow2"], None),
+        ("top-vs-qemu-job", "sync top, 10 % (A) vs QEMU's backup job sync top (B)",
+         [b, "backup", "-q", "--sync", "top", "top.qcow2", "out-a.qcow2"],
+         q + ["-s", "top", "-O", "qcow2", "--target-cache", "writeback", "--target-backing", "base.raw",
+              "--target-backing-format", "raw", "top.qcow2", "out-b.qcow2"], ["out-a.qcow2", "out-b.qcow2"], None),
+        ("incremental-vs-full", "incremental 5 % (A) vs full backup of the same image (B); target <= 0.1",
+         [b, "backup", "-q", "--sync", "bitmap", "--bitmap", "bm0", "--bitmap-mode", "never",
+          "--backing", "bitmap-full.qcow2", "bitmap.qcow2", "out-a.qcow2"],
+         [b, "backup", "-q", "bitmap.qcow2", "out-b.qcow2"], ["out-a.qcow2", "out-b.qcow2"], "bitmap"),
+        ("incremental-vs-qemu-job", "incremental 5 % (A) vs QEMU's backup job sync bitmap (B)",
+         [b, "backup", "-q", "--sync", "bitmap", "--bitmap", "bm0", "--bitmap-mode", "never",
+          "--backing", "bitmap-full.qcow2", "bitmap.qcow2", "out-a.qcow2"],
+         q + ["-s", "bitmap", "--bitmap", "bm0", "--bitmap-mode", "never", "-O", "qcow2",
+              "--target-cache", "writeback", "bitmap.qcow2", "out-b.qcow2"], ["out-a.qcow2", "out-b.qcow2"], "bitmap"),
+        ("compress-vs-qemu-img", "--compress (A) vs qemu-img convert -c -m 8 -W (B); target <= 0.5",
+         [b, "backup", "-q", "--compress", "full.raw", "out-a.qcow2"],
+         ["qemu-img", "convert", "-c", "-m", "8", "-W", "-O", "qcow2", "full.raw", "out-b.qcow2"],
+         ["out-a.qcow2", "out-b.qcow2"], "size"),
     ]
+
+
+def setup_bitmap(images):
+    """A full backup of bitmap.qcow2 to be the incremental's backing file, and
+    its QEMU bitmap imported beside it (both untimed, once)."""
+    full = os.path.join(images, "bitmap-full.qcow2")
+    if not os.path.exists(full):
+        subprocess.run([BIN, "backup", "-q", "--no-manifest", "bitmap.qcow2", "bitmap-full.qcow2"], cwd=images, check=True)
+    if not os.path.exists(os.path.join(images, "bitmap.qcow2.bm0.bitmap")):
+        subprocess.run([BIN, "bitmap", "import", "-q", "bitmap.qcow2", "bm0"], cwd=images, check=True)
+
+
+def latency(images, runs):
+    """Guest 4 KiB random writes at 500/s during a full backup."""
+    rows = []
+    ours = {"p50": [], "p99": [], "wall": []}
+    for i in range(runs):
+        clean(["lat.qcow2"], images)
+        r = timed([BIN, "backup", "--json", "--guest", "iops=500,bs=4K,threads=1,seed=%d" % (i + 1),
+                   "full.raw", "lat.qcow2"], images)
+        doc = json.loads(r["out"])
+        ours["p50"].append(doc["guest"]["latency_ms"]["p50"])
+        ours["p99"].append(doc["guest"]["latency_ms"]["p99"])
+        ours["wall"].append(r["wall"])
+    clean(["lat.qcow2"], images)
+    rows.append(("imgbackup (--cbw-cache default)", ours))
+    ours0 = {"p50": [], "p99": [], "wall": []}
+    for i in range(runs):
+        clean(["lat.qcow2"], images)
+        r = timed([BIN, "backup", "--json", "--cbw-cache", "0", "--guest", "iops=500,bs=4K,threads=1,seed=%d" % (i + 1),
+                   "full.raw", "lat.qcow2"], images)
+        doc = json.loads(r["out"])
+        ours0["p50"].append(doc["guest"]["latency_ms"]["p50"])
+        ours0["p99"].append(doc["guest"]["latency_ms"]["p99"])
+        ours0["wall"].append(r["wall"])
+    clean(["lat.qcow2"], images)
+    rows.append(("imgbackup --cbw-cache 0", ours0))
+    for label, extra in (("QEMU backup job, defaults", []), ("QEMU backup job, --max-workers 4", ["--max-workers", "4"])):
+        res = {"p50": [], "p99": [], "wall": []}
+        for i in range(runs):
+            clean(["lat-q.qcow2"], images)
+            r = timed([sys.executable, QSD, "-s", "full", "-O", "qcow2", "--target-cache", "writeback",
+                       "--guest-writes", "100000", "--guest-iops", "500", "--guest-seed", str(i + 1)] + extra +
+                      ["full.raw", "lat-q.qcow2"], images)
+            line = [l for l in r["out"].splitlines() if l.startswith("RESULT ")][-1]
+            doc = json.loads(line[len("RESULT "):])
+            lat = doc.get("guest_lat_during_job") or {}
+            res["p50"].append((lat.get("p50_us") or 0) / 1000.0)
+            res["p99"].append((lat.get("p99_us") or 0) / 1000.0)
+            res["wall"].append(r["wall"])
+        clean(["lat-q.qcow2"], images)
+        rows.append((label, res))
+    return rows
 
 
 def main():
@@ -94,33 +171,60 @@ def main():
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    head = "## %s — %s, nproc %d, %s images, %d pairs after a warm-up\n" % (
+    head = "## %s — %s, nproc %d, %s images, %d pairs after a warm-up" % (
         time.strftime("%Y-%m-%d"), cpu, os.cpu_count(), a.size, a.runs)
-    lines = [head, "| pair | A median s | B median s | A/B median | A peak RSS MiB | B peak RSS MiB |",
+    lines = [head, "", "| pair | A median s | B median s | A/B median | A peak RSS MiB | B peak RSS MiB |",
              "| --- | --- | --- | --- | --- | --- |"]
     print(head)
-    for name, what, ca, cb, outs in pairs(a.images):
+    commands = []
+    for name, what, ca, cb, outs, extra in pairs():
         if a.only and name not in a.only:
             continue
+        if extra == "bitmap":
+            setup_bitmap(a.images)
+        runs = a.runs if extra != "size" else max(2, a.runs // 2)
         ra, rb, ratios = [], [], []
-        for i in range(a.runs + 1):
+        for i in range(runs + 1):
             clean(outs, a.images)
-            x = run_once(ca, a.images)
+            x = timed(ca, a.images)
+            sa = os.path.getsize(os.path.join(a.images, outs[0]))
+            clean(outs[:1], a.images)
+            y = timed(cb, a.images)
+            sb = os.path.getsize(os.path.join(a.images, outs[1]))
             clean(outs, a.images)
-            y = run_once(cb, a.images)
             if i == 0:
                 continue  # warm-up
             ra.append(x)
             rb.append(y)
             ratios.append(x["wall"] / y["wall"])
-        clean(outs, a.images)
         med = lambda rs, k: statistics.median(r[k] for r in rs)
         row = "| %s: %s | %.3f | %.3f | %.3f | %.1f | %.1f |" % (
             name, what, med(ra, "wall"), med(rb, "wall"), statistics.median(ratios),
             max(r["rss_mib"] for r in ra), max(r["rss_mib"] for r in rb))
-        print(row)
-        print("    A: %s\n    B: %s" % (shlex.join(ca), shlex.join(cb)))
+        if extra == "size":
+            row += " sizes A/B = %.3f |" % (sa / sb)
+        print(row, flush=True)
         lines.append(row)
+        commands.append("* %s: A `%s`; B `%s`" % (name, shlex.join(ca), shlex.join(cb)))
+    if not a.only or "latency" in a.only:
+        lines += ["", "Guest 4 KiB random writes at 500/s during a full raw->qcow2 backup (medians over %d runs):" % a.runs, "",
+                  "| backup | guest p50 ms | guest p99 ms | backup wall s |", "| --- | --- | --- | --- |"]
+        for label, res in latency(a.images, a.runs):
+            row = "| %s | %.2f | %.2f | %.2f |" % (label, statistics.median(res["p50"]), statistics.median(res["p99"]),
+                                                  statistics.median(res["wall"]))
+            print(row, flush=True)
+            lines.append(row)
+    if not a.only or "speed" in a.only:
+        clean(["spd.qcow2"], a.images)
+        rate = 256 << 20
+        r = timed([BIN, "backup", "--json", "--speed", str(rate), "full.raw", "spd.qcow2"], a.images)
+        doc = json.loads(r["out"])
+        got = doc["virtual_size"] / doc["elapsed_seconds"]
+        clean(["spd.qcow2"], a.images)
+        row = "--speed 256M on full.raw: %.1f MiB/s measured over the job, %.2f %% off" % (got / 2**20, abs(got - rate) * 100 / rate)
+        print(row)
+        lines += ["", row]
+    lines += ["", "Commands:", ""] + commands
     if a.out:
         with open(a.out, "a") as f:
             f.write("\n".join(lines) + "\n\n")

@@ -740,6 +740,7 @@ pub fn run(args: &BackupArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
                 (Some(_), Some(c)) => c,
                 (Some(_), None) => DEFAULT_CBW_CACHE_PER_WORKER * plan.jobs as u64,
             },
+            copy_range: true,
         },
         copy_bits,
         cancel.clone(),

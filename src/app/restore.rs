@@ -131,6 +131,7 @@ pub fn run(args: &RestoreArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
             speed: None,
             compress: false,
             cbw_cache: 0,
+            copy_range: false,
         },
         Bits::full(size.div_ceil(cluster)),
         cancel.clone(),

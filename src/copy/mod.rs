@@ -107,6 +107,10 @@ pub struct Config {
     pub compress: bool,
     /// Bytes of RAM for the copy-before-write cache (0: none).
     pub cbw_cache: u64,
+    /// Copy data between plain raw files inside the kernel
+    /// (`copy_file_range`) when nothing needs the bytes in memory (no
+    /// observer, no compression, zeros not written explicitly).
+    pub copy_range: bool,
 }
 
 /// What one claim did, credited to [`Progress`] only if it all succeeded.
@@ -657,7 +661,23 @@ impl BlockCopy {
             // clusters.
             let end = (ext_end.div_ceil(cs) * cs).min(claim.end);
             let end = end.max((pos + cs).min(claim.end));
-            self.copy_data(pos, end, buf, ctx)?;
+            if let Some((src, dst)) = self.kernel_copy() {
+                ctx.check(&self.cancel)?;
+                crate::node::copy_file_range(src, dst, pos, end - pos).map_err(|e| {
+                    CopyError::Target(crate::error::BlockError::io(
+                        crate::error::Op::Write,
+                        self.target.path(),
+                        pos,
+                        end - pos,
+                        e,
+                    ))
+                })?;
+                crate::node::start_writeback(dst, pos, end - pos);
+                ctx.tally.read += end - pos;
+                ctx.tally.copied += end - pos;
+            } else {
+                self.copy_data(pos, end, buf, ctx)?;
+            }
             pos = end;
         }
         Ok(())
@@ -745,6 +765,18 @@ impl BlockCopy {
             i = j;
         }
         Ok(())
+    }
+
+    /// The two files of a kernel copy, when it applies.
+    fn kernel_copy(&self) -> Option<(&std::fs::File, &std::fs::File)> {
+        if !self.cfg.copy_range
+            || self.observer.is_some()
+            || self.cfg.compress
+            || self.cfg.write_zeroes
+        {
+            return None;
+        }
+        Some((self.source.raw_file()?, self.target.raw_file()?))
     }
 
     /// Flush the target.

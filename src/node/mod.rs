@@ -102,6 +102,52 @@ pub trait BlockNode: Send + Sync {
 
     /// Status of a prefix of `[offset, offset + len)`, for this layer only.
     fn block_status(&self, offset: u64, len: u64) -> Result<Extent>;
+
+    /// The file behind a plain raw node, whose bytes are the node's bytes
+    /// (for `copy_file_range`); None for every other node.
+    fn raw_file(&self) -> Option<&std::fs::File> {
+        None
+    }
+}
+
+/// Copy `[offset, offset+len)` from one raw file to the same place in
+/// another inside the kernel (`copy_file_range`). Bytes past the end of the
+/// source file are not copied (the target reads them as zeros already).
+pub fn copy_file_range(
+    src: &std::fs::File,
+    dst: &std::fs::File,
+    offset: u64,
+    len: u64,
+) -> std::io::Result<()> {
+    use std::os::unix::io::AsRawFd;
+    let mut done = 0u64;
+    while done < len {
+        let mut off_in = (offset + done) as libc::loff_t;
+        let mut off_out = (offset + done) as libc::loff_t;
+        // SAFETY: both descriptors are open; the offsets are our locals.
+        let n = unsafe {
+            libc::copy_file_range(
+                src.as_raw_fd(),
+                &mut off_in,
+                dst.as_raw_fd(),
+                &mut off_out,
+                (len - done) as usize,
+                0,
+            )
+        };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            break; // end of the source file
+        }
+        done += n as u64;
+    }
+    Ok(())
 }
 
 /// Check that `[offset, offset + len)` lies inside a node of `size` bytes.

@@ -193,6 +193,10 @@ impl BlockNode for RawNode {
             .map_err(|e| BlockError::io(Op::Flush, &self.path, 0, self.size, e))
     }
 
+    fn raw_file(&self) -> Option<&File> {
+        Some(&self.file)
+    }
+
     fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
         check_range(&self.path, offset, len, self.size)?;
         let end = offset + len;

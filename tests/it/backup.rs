@@ -111,6 +111,14 @@ fn sparse_source_gives_sparse_targets() {
     assert_eq!(std::fs::metadata(p.join("t.raw")).unwrap().len(), 1 << 30);
     assert!(identical(p, "sparse.raw", "t.raw"));
 
+    // raw -> raw without a manifest copies inside the kernel; still sparse.
+    backup_ok(p, &["backup", "-q", "--no-manifest", "sparse.raw", "k.raw"]);
+    assert!(
+        disk_usage(&p.join("k.raw")) < 16 << 20,
+        "kernel-copied target not sparse"
+    );
+    assert!(identical(p, "sparse.raw", "k.raw"));
+
     backup_ok(p, &["backup", "-q", "sparse.raw", "t.qcow2"]);
     assert!(
         std::fs::metadata(p.join("t.qcow2")).unwrap().len() < 16 << 20,

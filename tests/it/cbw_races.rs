@@ -142,6 +142,7 @@ fn rig(pause_at: u64) -> Rig {
             speed: None,
             compress: false,
             cbw_cache: 0,
+            copy_range: false,
         },
         Bits::full(16),
         Cancel::new(),

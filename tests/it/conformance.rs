@@ -383,6 +383,7 @@ fn filter_and_fault_nodes() {
             speed: None,
             compress: false,
             cbw_cache: 0,
+            copy_range: false,
         },
         Bits::full(64),
         Cancel::new(),
