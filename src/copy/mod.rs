@@ -509,6 +509,11 @@ impl BlockCopy {
         Ok(true)
     }
 
+    /// True when the copy-before-write cache is on.
+    pub fn has_cache(&self) -> bool {
+        self.cache.is_some()
+    }
+
     /// True when the copy-before-write cache holds data to write.
     pub fn cache_pending(&self) -> bool {
         self.cache

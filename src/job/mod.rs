@@ -218,6 +218,9 @@ pub fn run_drain(
     policies: &Policies,
     plog: &PolicyLog,
 ) {
+    if !bc.has_cache() {
+        return;
+    }
     let mut attempts: std::collections::HashMap<u64, u32> = std::collections::HashMap::new();
     while !cancel.is_cancelled() && !bc.failed() {
         match bc.drain_one(std::time::Duration::from_millis(20)) {
