@@ -71,7 +71,7 @@ def pairs():
          ["out-a.qcow2", "out-b.qcow2"], None),
         ("full-vs-qemu-job", "full raw->qcow2 (A) vs QEMU's backup job, flushed target (B); target <= 0.6",
          [b, "backup", "-q", "full.raw", "out-a.qcow2"],
-         q + ["-s", "full", "-O", "qcow2", "--target-cache", "writeback", "full.raw", "out-b.qcow2"],
+         q + ["-f", "raw", "-s", "full", "-O", "qcow2", "--target-cache", "writeback", "full.raw", "out-b.qcow2"],
          ["out-a.qcow2", "out-b.qcow2"], None),
         ("raw-vs-cp", "full raw->raw (A) vs cp --sparse=always && sync (B); target <= 1.1",
          [b, "backup", "-q", "full.raw", "out-a.raw"],
@@ -81,17 +81,21 @@ def pairs():
          [b, "backup", "-q", "full.raw", "out-b.qcow2"], ["out-a.qcow2", "out-b.qcow2"], None),
         ("top-vs-qemu-job", "sync top, 10 % (A) vs QEMU's backup job sync top (B)",
          [b, "backup", "-q", "--sync", "top", "top.qcow2", "out-a.qcow2"],
-         q + ["-s", "top", "-O", "qcow2", "--target-cache", "writeback", "--target-backing", "base.raw",
+         q + ["-f", "qcow2", "-s", "top", "-O", "qcow2", "--target-cache", "writeback", "--target-backing", "base.raw",
+              "--target-backing-format", "raw", "top.qcow2", "out-b.qcow2"], ["out-a.qcow2", "out-b.qcow2"], None),
+        ("top-no-manifest-vs-qemu-job", "sync top, 10 %, --no-manifest (A) vs QEMU's backup job sync top (B)",
+         [b, "backup", "-q", "--no-manifest", "--sync", "top", "top.qcow2", "out-a.qcow2"],
+         q + ["-f", "qcow2", "-s", "top", "-O", "qcow2", "--target-cache", "writeback", "--target-backing", "base.raw",
               "--target-backing-format", "raw", "top.qcow2", "out-b.qcow2"], ["out-a.qcow2", "out-b.qcow2"], None),
         ("incremental-vs-full", "incremental 5 % (A) vs full backup of the same image (B); target <= 0.1",
          [b, "backup", "-q", "--sync", "bitmap", "--bitmap", "bm0", "--bitmap-mode", "never",
           "--backing", "bitmap-full.qcow2", "bitmap.qcow2", "out-a.qcow2"],
          [b, "backup", "-q", "bitmap.qcow2", "out-b.qcow2"], ["out-a.qcow2", "out-b.qcow2"], "bitmap"),
-        ("incremental-vs-qemu-job", "incremental 5 % (A) vs QEMU's backup job sync bitmap (B)",
-         [b, "backup", "-q", "--sync", "bitmap", "--bitmap", "bm0", "--bitmap-mode", "never",
-          "--backing", "bitmap-full.qcow2", "bitmap.qcow2", "out-a.qcow2"],
-         q + ["-s", "bitmap", "--bitmap", "bm0", "--bitmap-mode", "never", "-O", "qcow2",
-              "--target-cache", "writeback", "bitmap.qcow2", "out-b.qcow2"], ["out-a.qcow2", "out-b.qcow2"], "bitmap"),
+        ("incremental-vs-qemu-job", "incremental 5 % (A, re-importing the bitmap QEMU's run leaves stale) vs QEMU's backup job sync bitmap (B)",
+         ["sh", "-c", "%s bitmap import -q --force bitmap.qcow2 bm0 && %s backup -q --sync bitmap --bitmap bm0 "
+          "--bitmap-mode never --backing bitmap-full.qcow2 bitmap.qcow2 out-a.qcow2" % (b, b)],
+         q + ["-f", "qcow2", "-s", "bitmap", "--bitmap", "bm0", "--bitmap-mode", "never", "-O", "qcow2",
+              "--target-cache", "writeback", "--preserve-bitmap", "bitmap.qcow2", "out-b.qcow2"], ["out-a.qcow2", "out-b.qcow2"], "bitmap"),
         ("compress-vs-qemu-img", "--compress (A) vs qemu-img convert -c -m 8 -W (B); target <= 0.5",
          [b, "backup", "-q", "--compress", "full.raw", "out-a.qcow2"],
          ["qemu-img", "convert", "-c", "-m", "8", "-W", "-O", "qcow2", "full.raw", "out-b.qcow2"],
@@ -104,7 +108,7 @@ def setup_bitmap(images):
     its QEMU bitmap imported beside it (both untimed, once)."""
     full = os.path.join(images, "bitmap-full.qcow2")
     if not os.path.exists(full):
-        subprocess.run([BIN, "backup", "-q", "--no-manifest", "bitmap.qcow2", "bitmap-full.qcow2"], cwd=images, check=True)
+        subprocess.run([BIN, "backup", "-q", "bitmap.qcow2", "bitmap-full.qcow2"], cwd=images, check=True)
     if not os.path.exists(os.path.join(images, "bitmap.qcow2.bm0.bitmap")):
         subprocess.run([BIN, "bitmap", "import", "-q", "bitmap.qcow2", "bm0"], cwd=images, check=True)
 

@@ -163,7 +163,15 @@ impl BlockNode for RawNode {
                     Ok(0) => break,
                     Ok(n) => done += n,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(BlockError::io(Op::Read, &self.path, offset, head.len() as u64, e)),
+                    Err(e) => {
+                        return Err(BlockError::io(
+                            Op::Read,
+                            &self.path,
+                            offset,
+                            head.len() as u64,
+                            e,
+                        ));
+                    }
                 }
             }
             head[done..].fill(0);

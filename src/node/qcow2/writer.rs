@@ -387,15 +387,26 @@ impl Qcow2Writer {
                 let _ = &full;
                 piece
             };
-            let mut c =
-                flate2::Compress::new_with_window_bits(flate2::Compression::default(), false, 12);
-            let status = c.compress(src, &mut out[..cs - 512], flate2::FlushCompress::Finish);
-            let done = matches!(status, Ok(flate2::Status::StreamEnd));
-            if !done {
+            // A fast first pass spots incompressible clusters cheaply; the
+            // ones that do shrink are compressed again at the default level
+            // (what qemu-img uses), for the same size as its output.
+            let fits = |level: u32, out: &mut [u8]| {
+                let mut c = flate2::Compress::new_with_window_bits(
+                    flate2::Compression::new(level),
+                    false,
+                    12,
+                );
+                let status = c.compress(src, out, flate2::FlushCompress::Finish);
+                matches!(status, Ok(flate2::Status::StreamEnd)).then(|| c.total_out())
+            };
+            if fits(1, &mut out[..cs - 512]).is_none() {
                 self.write(at, piece)?;
                 continue;
             }
-            let len = c.total_out();
+            let Some(len) = fits(6, &mut out[..cs - 512]) else {
+                self.write(at, piece)?;
+                continue;
+            };
             let host = self.pack(len);
             self.file
                 .write_all_at(&out[..len as usize], host)
