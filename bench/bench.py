@@ -87,9 +87,9 @@ def pairs():
          [b, "backup", "-q", "--no-manifest", "--sync", "top", "top.qcow2", "out-a.qcow2"],
          q + ["-f", "qcow2", "-s", "top", "-O", "qcow2", "--target-cache", "writeback", "--target-backing", "base.raw",
               "--target-backing-format", "raw", "top.qcow2", "out-b.qcow2"], ["out-a.qcow2", "out-b.qcow2"], None),
-        ("incremental-vs-full", "incremental 5 % (A) vs full backup of the same image (B); target <= 0.1",
-         [b, "backup", "-q", "--sync", "bitmap", "--bitmap", "bm0", "--bitmap-mode", "never",
-          "--backing", "bitmap-full.qcow2", "bitmap.qcow2", "out-a.qcow2"],
+        ("incremental-vs-full", "incremental 5 % (A, bitmap imported afresh, ~1 ms) vs full backup of the same image (B); target <= 0.1",
+         ["sh", "-c", "%s bitmap import -q --force bitmap.qcow2 bm0 && %s backup -q --sync bitmap --bitmap bm0 "
+          "--bitmap-mode never --backing bitmap-full.qcow2 bitmap.qcow2 out-a.qcow2" % (b, b)],
          [b, "backup", "-q", "bitmap.qcow2", "out-b.qcow2"], ["out-a.qcow2", "out-b.qcow2"], "bitmap"),
         ("incremental-vs-qemu-job", "incremental 5 % (A, re-importing the bitmap QEMU's run leaves stale) vs QEMU's backup job sync bitmap (B)",
          ["sh", "-c", "%s bitmap import -q --force bitmap.qcow2 bm0 && %s backup -q --sync bitmap --bitmap bm0 "

@@ -118,7 +118,10 @@ fn raw_nodes() {
     let mut expect = vec![0u8; 4 << 20];
     conform_read(&w, &expect);
     conform_write(&w, &mut expect);
-    assert_eq!(std::fs::read(p.join("w.raw")).unwrap(), expect);
+    assert!(
+        std::fs::read(p.join("w.raw")).unwrap() == expect,
+        "w.raw differs"
+    );
 }
 
 #[test]
@@ -404,5 +407,9 @@ fn filter_and_fault_nodes() {
         bc.copy_claimed(c, &mut buf).unwrap();
         bc.release(c, true);
     }
-    assert_eq!(std::fs::read(p.join("t.raw")).unwrap(), original);
+    bc.flush_target().unwrap();
+    assert!(
+        std::fs::read(p.join("t.raw")).unwrap() == original,
+        "the target is not the original"
+    );
 }
