@@ -20,7 +20,7 @@ use crate::exit::{AppError, Exit};
 use crate::guest::{self, GuestReport, GuestSpec};
 use crate::job::cancel::Cancel;
 use crate::job::policy::Policies;
-use crate::job::sync_bitmap::{Marking, SyncBitmap};
+use crate::job::sync_bitmap::SyncBitmap;
 use crate::job::{PolicyLog, outcome, run_background, run_drain};
 use crate::lock::{Access, Locks};
 use crate::log;
@@ -29,6 +29,7 @@ use crate::manifest::{
 };
 use crate::node::cbw::{CbwNode, OnCbwError};
 use crate::node::fault::{FaultNode, Side};
+use crate::node::marking::MarkingNode;
 use crate::node::overlay::OverlayNode;
 use crate::node::probe::{Format, Image, open_image};
 use crate::node::qcow2::{CreateOptions, Qcow2Writer};
@@ -757,7 +758,7 @@ pub fn run(args: &BackupArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
             args.cbw_timeout,
         ));
         match &sync_bitmap {
-            Some(sb) => Arc::new(Marking::new(cbw, sb.clone())) as Arc<dyn BlockNode>,
+            Some(sb) => Arc::new(MarkingNode::new(cbw, sb.marker())) as Arc<dyn BlockNode>,
             None => cbw,
         }
     });

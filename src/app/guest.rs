@@ -11,73 +11,23 @@
 use crate::bitmap::file::list_names;
 use crate::bitmap::{Bitmap, Identity};
 use crate::cli::{GlobalOpts, GuestArgs};
-use crate::error::{BlockError, Op, Result as BResult};
+use crate::error::{BlockError, Op};
 use crate::exit::{AppError, Exit};
 use crate::guest;
 use crate::job::cancel::Cancel;
 use crate::lock::{Access, Locks};
 use crate::log;
+use crate::node::BlockNode;
+use crate::node::marking::MarkingNode;
 use crate::node::probe::{Format, open_image, probe};
 use crate::node::raw::RawNode;
-use crate::node::{BlockNode, Extent};
 use crate::report::{human_bytes, print_json};
 use anyhow::{Context, bail};
-use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 
 /// Bitmaps being marked, and whether each was consistent when loaded.
-struct Tracked {
-    bitmaps: Mutex<Vec<(Bitmap, bool)>>,
-}
-
-struct MarkAll {
-    inner: Arc<dyn BlockNode>,
-    tracked: Arc<Tracked>,
-}
-
-impl MarkAll {
-    fn mark(&self, offset: u64, len: u64) {
-        if let Ok(mut v) = self.tracked.bitmaps.lock() {
-            for (b, _) in v.iter_mut() {
-                b.mark(offset, len);
-            }
-        }
-    }
-}
-
-impl BlockNode for MarkAll {
-    fn path(&self) -> &Path {
-        self.inner.path()
-    }
-    fn size(&self) -> u64 {
-        self.inner.size()
-    }
-    fn cluster_size(&self) -> u64 {
-        self.inner.cluster_size()
-    }
-    fn read(&self, offset: u64, buf: &mut [u8]) -> BResult<()> {
-        self.inner.read(offset, buf)
-    }
-    fn write(&self, offset: u64, buf: &[u8]) -> BResult<()> {
-        self.mark(offset, buf.len() as u64);
-        self.inner.write(offset, buf)
-    }
-    fn write_zeroes(&self, offset: u64, len: u64) -> BResult<()> {
-        self.mark(offset, len);
-        self.inner.write_zeroes(offset, len)
-    }
-    fn discard(&self, offset: u64, len: u64) -> BResult<()> {
-        self.mark(offset, len);
-        self.inner.discard(offset, len)
-    }
-    fn flush(&self) -> BResult<()> {
-        self.inner.flush()
-    }
-    fn block_status(&self, offset: u64, len: u64) -> BResult<Extent> {
-        self.inner.block_status(offset, len)
-    }
-}
+type Tracked = Arc<Mutex<Vec<(Bitmap, bool)>>>;
 
 pub fn run(args: &GuestArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
     let image = &args.image;
@@ -127,9 +77,7 @@ pub fn run(args: &GuestArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
             Err(e) => log::warn(format!("skipping bitmap '{name}': {e}")),
         }
     }
-    let tracked = Arc::new(Tracked {
-        bitmaps: Mutex::new(tracked),
-    });
+    let tracked: Tracked = Arc::new(Mutex::new(tracked));
 
     let file = std::fs::OpenOptions::new()
         .read(true)
@@ -137,10 +85,17 @@ pub fn run(args: &GuestArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
         .open(image)
         .map_err(|e| BlockError::io(Op::Open, image, 0, 0, e))?;
     let raw: Arc<dyn BlockNode> = Arc::new(RawNode::from_file(image, file, true)?);
-    let node = MarkAll {
-        inner: raw.clone(),
-        tracked: tracked.clone(),
-    };
+    let marks = tracked.clone();
+    let node = MarkingNode::new(
+        raw.clone(),
+        Arc::new(move |offset, len| {
+            if let Ok(mut v) = marks.lock() {
+                for (b, _) in v.iter_mut() {
+                    b.mark(offset, len);
+                }
+            }
+        }),
+    );
     let cancel = Cancel::new();
     cancel
         .install_signal_handlers()
@@ -153,7 +108,7 @@ pub fn run(args: &GuestArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
     // Save the bitmaps: marked, in use cleared, the new identity recorded
     // for those that were consistent.
     let mut names = Vec::new();
-    let list = match tracked.bitmaps.lock() {
+    let list = match tracked.lock() {
         Ok(v) => v.clone(),
         Err(p) => p.into_inner().clone(),
     };

@@ -19,9 +19,8 @@ use crate::bitmap::file::Anchor;
 use crate::bitmap::{Bitmap, BitmapError, Bits, Identity};
 use crate::cli::BitmapMode;
 use crate::copy::BlockCopy;
-use crate::error::Result;
 use crate::log;
-use crate::node::{BlockNode, Extent};
+use crate::node::marking::Mark;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -82,6 +81,13 @@ impl SyncBitmap {
         }
     }
 
+    /// A [`Mark`] that records writes in the successor (for a
+    /// [`crate::node::marking::MarkingNode`] in front of the guest).
+    pub fn marker(self: &Arc<Self>) -> Mark {
+        let me = self.clone();
+        Arc::new(move |offset, len| me.mark(offset, len))
+    }
+
     /// Clusters the job did not copy, at the bitmap's granularity.
     fn leftovers(&self) -> Bits {
         let g = self.parent.granularity;
@@ -135,50 +141,5 @@ impl Drop for SyncBitmap {
         if !done && let Err(e) = self.finish(false, None) {
             log::warn(format!("cannot restore bitmap '{}': {e}", self.parent.name));
         }
-    }
-}
-
-/// A node that marks every write in a job's successor bitmap.
-pub struct Marking {
-    inner: Arc<dyn BlockNode>,
-    bitmap: Arc<SyncBitmap>,
-}
-
-impl Marking {
-    pub fn new(inner: Arc<dyn BlockNode>, bitmap: Arc<SyncBitmap>) -> Marking {
-        Marking { inner, bitmap }
-    }
-}
-
-impl BlockNode for Marking {
-    fn path(&self) -> &Path {
-        self.inner.path()
-    }
-    fn size(&self) -> u64 {
-        self.inner.size()
-    }
-    fn cluster_size(&self) -> u64 {
-        self.inner.cluster_size()
-    }
-    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        self.inner.read(offset, buf)
-    }
-    fn write(&self, offset: u64, buf: &[u8]) -> Result<()> {
-        self.bitmap.mark(offset, buf.len() as u64);
-        self.inner.write(offset, buf)
-    }
-    fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
-        self.bitmap.mark(offset, len);
-        self.inner.write_zeroes(offset, len)
-    }
-    fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        self.bitmap.mark(offset, len);
-        self.inner.discard(offset, len)
-    }
-    fn flush(&self) -> Result<()> {
-        self.inner.flush()
-    }
-    fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
-        self.inner.block_status(offset, len)
     }
 }
