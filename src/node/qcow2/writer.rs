@@ -377,14 +377,14 @@ impl Qcow2Writer {
         let mut out = vec![0u8; cs];
         for (i, piece) in buf.chunks(cs).enumerate() {
             let at = offset + (i * cs) as u64;
-            let mut full;
+            // The last cluster of an image may be short: compress it padded.
+            let padded;
             let src = if piece.len() < cs {
-                full = vec![0u8; cs];
-                full[..piece.len()].copy_from_slice(piece);
-                &full[..]
+                let mut p = vec![0u8; cs];
+                p[..piece.len()].copy_from_slice(piece);
+                padded = p;
+                &padded[..]
             } else {
-                full = Vec::new();
-                let _ = &full;
                 piece
             };
             // A fast first pass spots incompressible clusters cheaply; the
