@@ -9,6 +9,56 @@ use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
+/// What the file holds at `[offset, end)` (a prefix of it), from
+/// SEEK_DATA/SEEK_HOLE: data, or a hole (zeros). `file_len` is where the
+/// file ends. File systems without SEEK_DATA report all data.
+pub fn host_extent(file: &File, offset: u64, end: u64, file_len: u64) -> Extent {
+    let seek = |whence: libc::c_int| -> io::Result<u64> {
+        // SAFETY: lseek only moves the descriptor's position; every read and
+        // write here is positional (pread/pwrite), so that position is unused.
+        let r = unsafe { libc::lseek(file.as_raw_fd(), offset as libc::off_t, whence) };
+        if r < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(r as u64)
+        }
+    };
+    let len = end - offset;
+    if offset >= file_len {
+        return Extent {
+            status: Status::Zero,
+            len,
+        };
+    }
+    let data = match seek(libc::SEEK_DATA) {
+        Ok(d) => d,
+        // No data at or after offset: the rest is a hole.
+        Err(e) if e.raw_os_error() == Some(libc::ENXIO) => {
+            return Extent {
+                status: Status::Zero,
+                len,
+            };
+        }
+        Err(_) => {
+            return Extent {
+                status: Status::Data,
+                len,
+            };
+        }
+    };
+    if data > offset {
+        return Extent {
+            status: Status::Zero,
+            len: data.min(end) - offset,
+        };
+    }
+    let hole = seek(libc::SEEK_HOLE).unwrap_or(file_len).max(offset + 1);
+    Extent {
+        status: Status::Data,
+        len: hole.min(end) - offset,
+    }
+}
+
 /// The largest single `pwrite` to a raw file.
 const WRITE_PIECE: usize = 256 << 10;
 
@@ -123,17 +173,6 @@ impl RawNode {
                 Ok(())
             }
             _ => Err(BlockError::io(op, &self.path, offset, len, err)),
-        }
-    }
-
-    fn seek(&self, offset: u64, whence: libc::c_int) -> io::Result<u64> {
-        // SAFETY: lseek only moves the descriptor's position; every read and
-        // write here is positional (pread/pwrite), so that position is unused.
-        let r = unsafe { libc::lseek(self.file.as_raw_fd(), offset as libc::off_t, whence) };
-        if r < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(r as u64)
         }
     }
 }
@@ -251,34 +290,6 @@ impl BlockNode for RawNode {
                 len,
             });
         }
-        let data = match self.seek(offset, libc::SEEK_DATA) {
-            Ok(d) => d,
-            // No data at or after offset: the rest is a hole.
-            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => {
-                return Ok(Extent {
-                    status: Status::Zero,
-                    len,
-                });
-            }
-            // File systems without SEEK_DATA: everything is data.
-            Err(_) => {
-                return Ok(Extent {
-                    status: Status::Data,
-                    len,
-                });
-            }
-        };
-        if data > offset {
-            return Ok(Extent {
-                status: Status::Zero,
-                len: data.min(end) - offset,
-            });
-        }
-        let hole = self.seek(offset, libc::SEEK_HOLE).unwrap_or(self.file_len);
-        let hole = hole.max(offset + 1);
-        Ok(Extent {
-            status: Status::Data,
-            len: hole.min(end) - offset,
-        })
+        Ok(host_extent(&self.file, offset, end, self.file_len))
     }
 }

@@ -282,3 +282,37 @@ fn backing_without_a_format_is_probed() {
     );
     exact(p, "top.qcow2");
 }
+
+#[test]
+fn preallocated_clusters_never_written_cost_no_io() {
+    let d = tempdir();
+    let p = d.path();
+    qemu_img(
+        p,
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "preallocation=metadata",
+            "pre.qcow2",
+            "64M",
+        ],
+    );
+    qemu_io(
+        p,
+        "qcow2",
+        "pre.qcow2",
+        &["write -P 0x5 0 1M", "write -P 0x6 40M 64k"],
+    );
+    // Every cluster is allocated in qcow2 terms, but the host file has holes
+    // under the ones never written: a dry run sees only the written data.
+    let o = run_in(
+        p,
+        &["backup", "--dry-run", "--json", "pre.qcow2", "out.raw"],
+    );
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let doc: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(doc["bytes_copied"], (1 << 20) + 65536, "{doc}");
+    exact(p, "pre.qcow2");
+}

@@ -443,9 +443,33 @@ impl BlockNode for Qcow2Layer {
         let end = offset + len;
         let dev = self.take_dev()?;
         let result = (|| {
-            let status = self.map(&dev, offset)?.status();
-            let mut pos = (offset / cs + 1) * cs;
+            let first = self.map(&dev, offset)?;
             let limit = offset.saturating_add(MAX_STATUS_CLUSTERS * cs);
+            let mut pos = (offset / cs + 1) * cs;
+            if let Map::Data(host) = first {
+                // A run of host-contiguous data clusters; where the host file
+                // has a hole under it (preallocated, never written), it reads
+                // as zeros and needs no I/O.
+                let mut next = host + cs;
+                while pos < end && pos < limit {
+                    match self.map(&dev, pos)? {
+                        Map::Data(h) if h == next => {
+                            next += cs;
+                            pos += cs;
+                        }
+                        _ => break,
+                    }
+                }
+                let hs = host + offset % cs;
+                let he = hs + (pos.min(end) - offset);
+                return Ok(crate::node::raw::host_extent(
+                    &self.file,
+                    hs,
+                    he,
+                    self.file_len,
+                ));
+            }
+            let status = first.status();
             while pos < end && pos < limit {
                 if self.map(&dev, pos)?.status() != status {
                     break;
