@@ -156,6 +156,48 @@ def latency(images, runs):
     return rows
 
 
+def max_rss_kib(cmd, cwd):
+    r = subprocess.run(["/usr/bin/time", "-v"] + cmd, cwd=cwd, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.PIPE, text=True)
+    if r.returncode != 0:
+        sys.exit("command failed: %s\n%s" % (shlex.join(cmd), r.stderr))
+    for line in r.stderr.splitlines():
+        if "Maximum resident set size" in line:
+            return int(line.split(":")[1])
+    return 0
+
+
+def rss(images):
+    """Peak RSS for an 8 GiB fully written image and a 64 GiB sparse one
+    (1 GiB of data), made once with qemu-img/qemu-io (not in the pairs)."""
+    big = os.path.join(images, "rss8.raw")
+    if not os.path.exists(big):
+        subprocess.run(["qemu-img", "create", "-q", "-f", "raw", big, "8G"], check=True)
+        for i in range(8):
+            subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P %d %dG 1G" % (i + 1, i), big],
+                           check=True, stdout=subprocess.DEVNULL)
+    sparse = os.path.join(images, "rss64.qcow2")
+    if not os.path.exists(sparse):
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", sparse, "64G"], check=True)
+        subprocess.run(["qemu-io", "-f", "qcow2"] + sum((["-c", "write -P %d %dG 256M" % (i + 1, g)]
+                                                       for i, g in enumerate((0, 20, 40, 63))), []) + [sparse],
+                       check=True, stdout=subprocess.DEVNULL)
+    rows = []
+    for label, cmd, outs in (
+        ("8 GiB raw -> qcow2", [BIN, "backup", "-q", "rss8.raw", "rss-out.qcow2"], ["rss-out.qcow2"]),
+        ("8 GiB raw -> qcow2 with --guest iops=500", [BIN, "backup", "-q", "--guest", "iops=500", "rss8.raw", "rss-out.qcow2"], ["rss-out.qcow2"]),
+        ("64 GiB sparse qcow2 -> qcow2", [BIN, "backup", "-q", "rss64.qcow2", "rss-out.qcow2"], ["rss-out.qcow2"]),
+        ("64 GiB sparse qcow2 -> raw", [BIN, "backup", "-q", "rss64.qcow2", "rss-out.raw"], ["rss-out.raw"]),
+    ):
+        clean(outs, images)
+        kib = max_rss_kib(cmd, images)
+        clean(outs, images)
+        row = "* %s: peak RSS %.1f MiB (target <= 64 MiB)" % (label, kib / 1024.0)
+        print(row, flush=True)
+        rows.append(row)
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--images", default="/tmp/imgbackup-bench")
@@ -228,6 +270,8 @@ def main():
         row = "--speed 256M on full.raw: %.1f MiB/s measured over the job, %.2f %% off" % (got / 2**20, abs(got - rate) * 100 / rate)
         print(row)
         lines += ["", row]
+    if a.only and "rss" in a.only:
+        lines += ["", "Peak RSS (/usr/bin/time -v) for large images:", ""] + rss(a.images)
     lines += ["", "Commands:", ""] + commands
     if a.out:
         with open(a.out, "a") as f:
