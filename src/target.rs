@@ -2,10 +2,16 @@
 //! only when complete. A guard removes the partial file on failure (unless
 //! asked to keep it), so a file named TARGET always holds a whole backup.
 
+use crate::error::BlockError;
+use crate::node::BlockNode;
+use crate::node::probe::Format;
+use crate::node::qcow2::{CreateOptions, Qcow2Writer};
+use crate::node::raw::RawNode;
 use std::ffi::OsString;
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// The partial file of one output, removed on drop unless committed.
 #[derive(Debug)]
@@ -72,4 +78,50 @@ pub fn sync_dir(path: &Path) -> io::Result<()> {
         _ => Path::new("."),
     };
     File::open(dir)?.sync_all()
+}
+
+/// A new image being written (a backup target, a restored image): a
+/// sparse raw file or a qcow2 file by imgbackup's writer.
+pub enum Output {
+    Raw(Arc<RawNode>),
+    Qcow2(Arc<Qcow2Writer>),
+}
+
+impl Output {
+    /// Create `path` as a `format` image of `size` bytes; `cluster_size`
+    /// and `backing` (name, format) apply to qcow2.
+    pub fn create(
+        path: &Path,
+        format: Format,
+        size: u64,
+        cluster_size: u64,
+        backing: Option<(String, String)>,
+    ) -> Result<Output, BlockError> {
+        Ok(match format {
+            Format::Raw => Output::Raw(Arc::new(RawNode::create(path, size)?)),
+            Format::Qcow2 => Output::Qcow2(Arc::new(Qcow2Writer::create(
+                path,
+                &CreateOptions {
+                    size,
+                    cluster_size,
+                    backing,
+                },
+            )?)),
+        })
+    }
+
+    pub fn node(&self) -> Arc<dyn BlockNode> {
+        match self {
+            Output::Raw(n) => n.clone(),
+            Output::Qcow2(n) => n.clone(),
+        }
+    }
+
+    /// Make the image complete and durable (a qcow2 gets its metadata).
+    pub fn complete(&self) -> Result<(), BlockError> {
+        match self {
+            Output::Raw(n) => n.flush(),
+            Output::Qcow2(n) => n.finish(),
+        }
+    }
 }

@@ -31,12 +31,11 @@ use crate::node::cbw::{CbwNode, OnCbwError};
 use crate::node::fault::{FaultNode, Side};
 use crate::node::marking::MarkingNode;
 use crate::node::overlay::OverlayNode;
-use crate::node::probe::{Format, Image, open_image};
+use crate::node::probe::{Format, Image, format_for, open_image};
 use crate::node::qcow2::{CreateOptions, Qcow2Writer};
-use crate::node::raw::RawNode;
-use crate::node::{BlockNode, Status};
+use crate::node::{BlockNode, Status, for_each_extent};
 use crate::report::{Reporter, human_bytes, human_duration, print_json};
-use crate::target::Partial;
+use crate::target::{Output, Partial};
 use anyhow::{Context, bail};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -131,11 +130,14 @@ pub fn plan(args: &BackupArgs) -> anyhow::Result<Plan> {
         SyncMode::None | SyncMode::Top | SyncMode::Incremental | SyncMode::Bitmap
     );
     let target_format = args.target_format.unwrap_or_else(|| {
-        match args.target.extension().and_then(|e| e.to_str()) {
-            Some(e) if e.eq_ignore_ascii_case("qcow2") => Format::Qcow2,
-            _ if needs_qcow2 => Format::Qcow2,
-            _ => Format::Raw,
-        }
+        format_for(
+            &args.target,
+            if needs_qcow2 {
+                Format::Qcow2
+            } else {
+                Format::Raw
+            },
+        )
     });
     if needs_qcow2 && target_format != Format::Qcow2 {
         return Err(usage(format!("--sync {} needs a qcow2 target", args.sync)));
@@ -282,65 +284,33 @@ pub fn backing_name(at: &Path, source: &Path) -> anyhow::Result<String> {
     Ok(name.unwrap_or_else(|| src.to_string_lossy().into_owned()))
 }
 
-/// The node a backup writes into, and how to complete it.
-enum Target {
-    Raw(Arc<RawNode>),
-    Qcow2(Arc<Qcow2Writer>),
-}
-
-impl Target {
-    fn node(&self) -> Arc<dyn BlockNode> {
-        match self {
-            Target::Raw(n) => n.clone(),
-            Target::Qcow2(n) => n.clone(),
-        }
-    }
-
-    fn complete(&self) -> Result<(), BlockError> {
-        match self {
-            Target::Raw(n) => n.flush(),
-            Target::Qcow2(n) => n.finish(),
-        }
-    }
-}
-
 /// Bytes a backup of the clusters in `bits` reads: (data bytes, zero or
 /// unallocated bytes).
 fn dry_run_counts(node: &dyn BlockNode, bits: &Bits, cluster: u64) -> anyhow::Result<(u64, u64)> {
     let (mut data, mut zero) = (0, 0);
-    let size = node.size();
     for (s, e) in bits.runs() {
-        let mut pos = s * cluster;
-        let end = (e * cluster).min(size);
-        while pos < end {
-            let ext = node
-                .block_status(pos, end - pos)
-                .map_err(CopyError::Source)?;
+        let end = (e * cluster).min(node.size());
+        for_each_extent(node, s * cluster, end, |_, ext| {
             if ext.status == Status::Data {
                 data += ext.len;
             } else {
                 zero += ext.len;
             }
-            pos += ext.len;
-        }
+        })
+        .map_err(CopyError::Source)?;
     }
     Ok((data, zero))
 }
 
 /// Clusters allocated (data or zero) in the top layer.
 fn top_clusters(top: &dyn BlockNode, cluster: u64) -> anyhow::Result<Bits> {
-    let size = top.size();
-    let mut bits = Bits::new(size.div_ceil(cluster));
-    let mut pos = 0;
-    while pos < size {
-        let ext = top
-            .block_status(pos, size - pos)
-            .map_err(CopyError::Source)?;
+    let mut bits = Bits::new(top.size().div_ceil(cluster));
+    for_each_extent(top, 0, top.size(), |pos, ext| {
         if ext.status != Status::Unallocated {
             bits.set_range(pos / cluster, (pos + ext.len).div_ceil(cluster));
         }
-        pos += ext.len;
-    }
+    })
+    .map_err(CopyError::Source)?;
     Ok(bits)
 }
 
@@ -702,22 +672,14 @@ pub fn run(args: &BackupArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
     };
     let mut partial = Partial::new(&plan.target, args.keep_partial);
     let has_backing = backing.is_some();
-    let target = match plan.target_format {
-        Format::Raw => Target::Raw(Arc::new(
-            RawNode::create(partial.path(), size).map_err(CopyError::Target)?,
-        )),
-        Format::Qcow2 => Target::Qcow2(Arc::new(
-            Qcow2Writer::create(
-                partial.path(),
-                &CreateOptions {
-                    size,
-                    cluster_size: plan.target_cluster_size,
-                    backing,
-                },
-            )
-            .map_err(CopyError::Target)?,
-        )),
-    };
+    let target = Output::create(
+        partial.path(),
+        plan.target_format,
+        size,
+        plan.target_cluster_size,
+        backing,
+    )
+    .map_err(CopyError::Target)?;
     let target_node = FaultNode::wrap(target.node(), &args.inject, Side::Target);
     let mpartial =
         (!args.no_manifest).then(|| Partial::new(&manifest_path(&plan.target), args.keep_partial));

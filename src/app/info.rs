@@ -21,17 +21,11 @@ pub struct Allocation {
 /// Count what `node` (one layer) holds.
 pub fn allocation(node: &dyn BlockNode) -> crate::error::Result<Allocation> {
     let mut a = Allocation::default();
-    let size = node.size();
-    let mut pos = 0;
-    while pos < size {
-        let ext = node.block_status(pos, size - pos)?;
-        match ext.status {
-            Status::Data => a.data += ext.len,
-            Status::Zero => a.zero += ext.len,
-            Status::Unallocated => a.unallocated += ext.len,
-        }
-        pos += ext.len;
-    }
+    crate::node::for_each_extent(node, 0, node.size(), |_, ext| match ext.status {
+        Status::Data => a.data += ext.len,
+        Status::Zero => a.zero += ext.len,
+        Status::Unallocated => a.unallocated += ext.len,
+    })?;
     Ok(a)
 }
 

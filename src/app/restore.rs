@@ -11,12 +11,9 @@ use crate::job::cancel::Cancel;
 use crate::job::policy::Policies;
 use crate::job::{PolicyLog, run_background};
 use crate::manifest::{ManifestChecker, ManifestError, ManifestFile, manifest_path};
-use crate::node::BlockNode;
-use crate::node::probe::{Format, open_image};
-use crate::node::qcow2::{CreateOptions, Qcow2Writer};
-use crate::node::raw::RawNode;
+use crate::node::probe::{Format, format_for, open_image};
 use crate::report::{Reporter, human_bytes, human_duration, print_json};
-use crate::target::Partial;
+use crate::target::{Output, Partial};
 use anyhow::{Context, bail};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -42,12 +39,9 @@ pub fn run(args: &RestoreArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
     let t0 = Instant::now();
     let image = open_image(&args.backup, None).context("cannot open the backup")?;
     let size = image.node.size();
-    let format =
-        args.format
-            .unwrap_or_else(|| match args.output.extension().and_then(|e| e.to_str()) {
-                Some(e) if e.eq_ignore_ascii_case("qcow2") => Format::Qcow2,
-                _ => Format::Raw,
-            });
+    let format = args
+        .format
+        .unwrap_or_else(|| format_for(&args.output, Format::Raw));
     let manifest = if args.no_verify {
         None
     } else {
@@ -98,26 +92,9 @@ pub fn run(args: &RestoreArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
         .install_signal_handlers()
         .context("cannot install the signal handlers")?;
     let partial = Partial::new(&args.output, args.keep_partial);
-    let (node, writer): (Arc<dyn BlockNode>, Option<Arc<Qcow2Writer>>) = match format {
-        Format::Raw => (
-            Arc::new(RawNode::create(partial.path(), size).map_err(CopyError::Target)?),
-            None,
-        ),
-        Format::Qcow2 => {
-            let w = Arc::new(
-                Qcow2Writer::create(
-                    partial.path(),
-                    &CreateOptions {
-                        size,
-                        cluster_size: out_cs,
-                        backing: None,
-                    },
-                )
-                .map_err(CopyError::Target)?,
-            );
-            (w.clone(), Some(w))
-        }
-    };
+    let output =
+        Output::create(partial.path(), format, size, out_cs, None).map_err(CopyError::Target)?;
+    let node = output.node();
     let verified = manifest.is_some();
     let observer: Option<Arc<dyn ChunkObserver>> =
         manifest.map(|m| Arc::new(ManifestChecker::new(m)) as Arc<dyn ChunkObserver>);
@@ -158,12 +135,10 @@ pub fn run(args: &RestoreArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
     );
     reporter.finish();
     res.context("the restore failed")?;
-    match &writer {
-        Some(w) => w.finish(),
-        None => node.flush(),
-    }
-    .map_err(CopyError::Target)
-    .with_context(|| format!("cannot complete {}", partial.path().display()))?;
+    output
+        .complete()
+        .map_err(CopyError::Target)
+        .with_context(|| format!("cannot complete {}", partial.path().display()))?;
     if let Some(r) = cancel.reason() {
         return Err(AppError::Cancelled(r).into());
     }

@@ -151,6 +151,23 @@ pub fn copy_file_range(
     Ok(())
 }
 
+/// Walk `[start, end)` of `node` extent by extent, calling `f(offset,
+/// extent)` for each.
+pub fn for_each_extent(
+    node: &dyn BlockNode,
+    start: u64,
+    end: u64,
+    mut f: impl FnMut(u64, Extent),
+) -> Result<()> {
+    let mut pos = start;
+    while pos < end {
+        let ext = node.block_status(pos, end - pos)?;
+        f(pos, ext);
+        pos += ext.len;
+    }
+    Ok(())
+}
+
 /// Check that `[offset, offset + len)` lies inside a node of `size` bytes.
 pub fn check_range(path: &Path, offset: u64, len: u64, size: u64) -> Result<()> {
     match offset.checked_add(len) {

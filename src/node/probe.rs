@@ -32,6 +32,15 @@ impl std::fmt::Display for Format {
     }
 }
 
+/// The format of a new file named `path`: qcow2 when it ends in `.qcow2`,
+/// else `otherwise`.
+pub fn format_for(path: &Path, otherwise: Format) -> Format {
+    match path.extension().and_then(|e| e.to_str()) {
+        Some(e) if e.eq_ignore_ascii_case("qcow2") => Format::Qcow2,
+        _ => otherwise,
+    }
+}
+
 /// What `info` shows of one layer.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct LayerInfo {
