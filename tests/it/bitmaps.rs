@@ -253,10 +253,7 @@ fn a_damaged_or_abandoned_bitmap_is_refused() {
         ])
         .spawn()
         .unwrap();
-    let t = Instant::now();
-    while !p.join("inc.qcow2.partial").exists() && t.elapsed() < Duration::from_secs(10) {
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_for(&p.join("inc.qcow2.partial"));
     child.kill().unwrap();
     child.wait().unwrap();
     let (rc, _, err) = json_run(
@@ -337,10 +334,7 @@ fn cancelling_an_incremental_keeps_the_bitmap() {
             .spawn()
             .unwrap();
         std::thread::sleep(delay);
-        // SAFETY: signalling our own child.
-        unsafe {
-            libc::kill(child.id() as i32, sig);
-        }
+        signal(&child, sig);
         let o = child.wait_with_output().unwrap();
         let (_, show, _) = json_run(p, &["bitmap", "show", "disk.raw", "b0"]);
         assert_eq!(show["in_use"], false, "round {round}");
@@ -606,10 +600,7 @@ fn import_a_qemu_bitmap_and_back_up_with_it() {
         ])
         .spawn()
         .unwrap();
-    let t = Instant::now();
-    while !sock.exists() && t.elapsed() < Duration::from_secs(10) {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for(&sock);
     let opts = format!(
         "driver=nbd,server.type=unix,server.path={},x-dirty-bitmap=qemu:dirty-bitmap:bm0",
         sock.display()

@@ -216,3 +216,20 @@ pub fn json_run(dir: &Path, args: &[&str]) -> (i32, serde_json::Value, String) {
     let v = serde_json::from_slice(&o.stdout).unwrap_or(serde_json::Value::Null);
     (code(&o), v, stderr(&o))
 }
+
+/// Wait (up to 10 s) until `path` exists; a daemon's socket, a job's
+/// partial file.
+pub fn wait_for(path: &Path) {
+    let t = std::time::Instant::now();
+    while !path.exists() && t.elapsed() < std::time::Duration::from_secs(10) {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+/// Send `sig` to a child process.
+pub fn signal(child: &std::process::Child, sig: i32) {
+    // SAFETY: signalling a child process this test started.
+    unsafe {
+        libc::kill(child.id() as i32, sig);
+    }
+}

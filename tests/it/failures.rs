@@ -4,7 +4,7 @@
 use crate::common::*;
 use serde_json::Value;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const K64: u64 = 65536;
 
@@ -339,10 +339,7 @@ fn a_second_imgbackup_on_the_same_image_exits_8() {
         .args(["backup", "-q", "--speed", "4M", "src.raw", "a.raw"])
         .spawn()
         .unwrap();
-    let t = Instant::now();
-    while !p.join("a.raw.partial").exists() && t.elapsed() < Duration::from_secs(10) {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for(&p.join("a.raw.partial"));
     let o = run_in(p, &["backup", "src.raw", "b.raw"]);
     assert_eq!(code(&o), 8, "{}", stderr(&o));
     assert!(
@@ -391,10 +388,7 @@ fn an_image_a_qemu_holds_writable_exits_8_unless_force_share() {
         ])
         .spawn()
         .unwrap();
-    let t = Instant::now();
-    while !sock.exists() && t.elapsed() < Duration::from_secs(10) {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for(&sock);
     let o = run_in(p, &["backup", "src.raw", "a.raw"]);
     let o2 = run_in(p, &["backup", "-q", "--force-share", "src.raw", "b.raw"]);
     qsd.kill().ok();
@@ -441,10 +435,7 @@ fn signals_at_random_moments_cancel_cleanly() {
             .spawn()
             .unwrap();
         std::thread::sleep(delay);
-        // SAFETY: signalling our own child.
-        unsafe {
-            libc::kill(child.id() as i32, sig);
-        }
+        signal(&child, sig);
         let o = child.wait_with_output().unwrap();
         let rc = code(&o);
         if rc == 0 {

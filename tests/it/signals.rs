@@ -27,15 +27,9 @@ fn interrupt(sig: i32, tgt: &str, extra: &[&str]) -> (i32, String, tempfile::Tem
         .spawn()
         .unwrap();
     let partial = p.join(format!("{tgt}.partial"));
-    let t = Instant::now();
-    while !partial.exists() && t.elapsed() < Duration::from_secs(10) {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for(&partial);
     std::thread::sleep(Duration::from_millis(300));
-    // SAFETY: sending a signal to our own child process.
-    unsafe {
-        libc::kill(child.id() as i32, sig);
-    }
+    signal(&child, sig);
     let out = child.wait_with_output().unwrap();
     assert_eq!(sha256_file(&p.join("src.raw")), before, "source changed");
     (code(&out), stderr(&out), d)
