@@ -35,6 +35,50 @@ pub struct PolicyLog {
 }
 
 impl PolicyLog {
+    /// Count, log and record a retry of `c` after `err`.
+    fn retry(
+        &self,
+        bc: &BlockCopy,
+        c: Claim,
+        attempt: u32,
+        of: u32,
+        delay: std::time::Duration,
+        err: &CopyError,
+    ) {
+        bc.progress.retries.fetch_add(1, Ordering::Relaxed);
+        let cause = crate::node::cbw::error_chain(err);
+        log::warn(format!(
+            "retry {attempt}/{of} of {} bytes at offset {} in {}: {cause}",
+            c.end - c.start,
+            c.start,
+            humantime::format_duration(delay)
+        ));
+        if let Ok(mut r) = self.retries.lock()
+            && r.len() < 1000
+        {
+            r.push(RetryEvent {
+                offset: c.start,
+                length: c.end - c.start,
+                attempt,
+                delay_ms: delay.as_millis() as u64,
+                cause,
+            });
+        }
+    }
+
+    /// Log and record that `c` was skipped after `err` (ignore policy).
+    fn skip(&self, c: Claim, err: &CopyError) {
+        log::warn(format!(
+            "skipping {} bytes at offset {} (ignore policy): {}",
+            c.end - c.start,
+            c.start,
+            crate::node::cbw::error_chain(err)
+        ));
+        if let Ok(mut s) = self.skipped.lock() {
+            s.push((c.start, c.end));
+        }
+    }
+
     /// Skipped ranges, sorted and merged.
     pub fn skipped_ranges(&self) -> Vec<(u64, u64)> {
         let mut v = match self.skipped.lock() {
@@ -134,26 +178,7 @@ fn handle_claim(
             }
             Decision::RetryAfter(delay) => {
                 attempt += 1;
-                bc.progress.retries.fetch_add(1, Ordering::Relaxed);
-                let cause = crate::node::cbw::error_chain(&err);
-                log::warn(format!(
-                    "retry {attempt}/{} of {} bytes at offset {} in {}: {cause}",
-                    policies.retries,
-                    c.end - c.start,
-                    c.start,
-                    humantime::format_duration(delay)
-                ));
-                if let Ok(mut r) = plog.retries.lock()
-                    && r.len() < 1000
-                {
-                    r.push(RetryEvent {
-                        offset: c.start,
-                        length: c.end - c.start,
-                        attempt,
-                        delay_ms: delay.as_millis() as u64,
-                        cause,
-                    });
-                }
+                plog.retry(bc, c, attempt, policies.retries, delay, &err);
                 if !cancel.sleep_until(Instant::now() + delay) {
                     return read;
                 }
@@ -190,15 +215,7 @@ fn handle_claim(
                         }
                     }
                 } else {
-                    log::warn(format!(
-                        "skipping {} bytes at offset {} (ignore policy): {}",
-                        c.end - c.start,
-                        c.start,
-                        crate::node::cbw::error_chain(&err)
-                    ));
-                    if let Ok(mut s) = plog.skipped.lock() {
-                        s.push((c.start, c.end));
-                    }
+                    plog.skip(c, &err);
                 }
             }
         }
@@ -239,28 +256,11 @@ pub fn run_drain(
                     }
                     Decision::Ignore => {
                         bc.cache_drop(claim);
-                        log::warn(format!(
-                            "skipping {} bytes at offset {} (ignore policy): {}",
-                            claim.end - claim.start,
-                            claim.start,
-                            crate::node::cbw::error_chain(&err)
-                        ));
-                        if let Ok(mut s) = plog.skipped.lock() {
-                            s.push((claim.start, claim.end));
-                        }
+                        plog.skip(claim, &err);
                     }
                     Decision::RetryAfter(delay) => {
                         *attempt += 1;
-                        bc.progress.retries.fetch_add(1, Ordering::Relaxed);
-                        log::warn(format!(
-                            "retry {}/{} of {} bytes at offset {} in {}: {}",
-                            attempt,
-                            policies.retries,
-                            claim.end - claim.start,
-                            claim.start,
-                            humantime::format_duration(delay),
-                            crate::node::cbw::error_chain(&err)
-                        ));
+                        plog.retry(bc, claim, *attempt, policies.retries, delay, &err);
                         if !cancel.sleep_until(Instant::now() + delay) {
                             return;
                         }

@@ -519,6 +519,9 @@ fn the_cbw_cache_keeps_the_point_in_time_and_its_bound() {
         ],
     );
     assert_eq!(doc["retries"], 1, "{doc}");
+    let ev = doc["retry_events"].as_array().unwrap();
+    assert_eq!(ev.len(), 1, "the drain's retry is in the summary: {doc}");
+    assert_eq!(ev[0]["offset"], 8 << 20);
     assert_eq!(doc["guest"]["failed_writes"], 0);
     assert!(identical(p, "src.raw", "t2.raw"));
     // A permanent one fails the job: the cache held the only copy.
