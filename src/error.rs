@@ -165,3 +165,15 @@ impl BlockError {
 }
 
 pub type Result<T, E = BlockError> = std::result::Result<T, E>;
+
+/// "a: b: c" for an error and its sources, for one log line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

@@ -387,7 +387,7 @@ pub fn run(
                         Err(e) => {
                             st.failed += 1;
                             if st.first_error.is_none() {
-                                st.first_error = Some(crate::node::cbw::error_chain(&e));
+                                st.first_error = Some(crate::error::error_chain(&e));
                             }
                         }
                     }

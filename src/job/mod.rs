@@ -46,7 +46,7 @@ impl PolicyLog {
         err: &CopyError,
     ) {
         bc.progress.retries.fetch_add(1, Ordering::Relaxed);
-        let cause = crate::node::cbw::error_chain(err);
+        let cause = crate::error::error_chain(err);
         log::warn(format!(
             "retry {attempt}/{of} of {} bytes at offset {} in {}: {cause}",
             c.end - c.start,
@@ -72,7 +72,7 @@ impl PolicyLog {
             "skipping {} bytes at offset {} (ignore policy): {}",
             c.end - c.start,
             c.start,
-            crate::node::cbw::error_chain(err)
+            crate::error::error_chain(err)
         ));
         if let Ok(mut s) = self.skipped.lock() {
             s.push((c.start, c.end));

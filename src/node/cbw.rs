@@ -14,7 +14,7 @@
 
 use super::{BlockNode, Extent};
 use crate::copy::{BlockCopy, CopyError};
-use crate::error::{BlockError, Result};
+use crate::error::{BlockError, Result, error_chain};
 use std::cell::RefCell;
 use std::path::Path;
 use std::sync::Arc;
@@ -99,18 +99,6 @@ impl CbwNode {
             }
         }
     }
-}
-
-/// "a: b: c" for an error and its sources.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 impl BlockNode for CbwNode {
