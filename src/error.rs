@@ -99,6 +99,10 @@ pub enum BlockError {
     /// (`--on-cbw-error break-guest-write`).
     #[error("guest write at offset {offset} refused: its copy-before-write failed: {cause}")]
     CbwFailed { offset: u64, cause: String },
+    /// The file changed while it was read (something wrote it without
+    /// honouring the locks).
+    #[error("{} changed while it was backed up (its size, modification time or inode differ from the start): something wrote it without honouring the image locks", path.display())]
+    Changed { path: PathBuf },
     /// The operation was cancelled or timed out while it waited.
     #[error("{what} was cancelled")]
     Cancelled { what: String },

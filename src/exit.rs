@@ -17,6 +17,7 @@ pub enum Exit {
     Mismatch = 7,
     Locked = 8,
     Timeout = 9,
+    Hangup = 129,
     Interrupted = 130,
     Terminated = 143,
 }
@@ -61,6 +62,7 @@ pub fn classify(err: &anyhow::Error) -> Exit {
                 AppError::Usage(_) => Exit::Usage,
                 AppError::Cancelled(Reason::Interrupt) => Exit::Interrupted,
                 AppError::Cancelled(Reason::Terminate) => Exit::Terminated,
+                AppError::Cancelled(Reason::Hangup) => Exit::Hangup,
                 AppError::Cancelled(Reason::Timeout) => Exit::Timeout,
                 AppError::Mismatch { .. } | AppError::Verify(_) => Exit::Mismatch,
             };
@@ -68,10 +70,17 @@ pub fn classify(err: &anyhow::Error) -> Exit {
         if let Some(b) = cause.downcast_ref::<crate::bitmap::BitmapError>() {
             use crate::bitmap::BitmapError as B;
             match b {
-                B::Missing { .. } | B::Inconsistent { .. } | B::Damaged { .. } => {
+                B::Missing { .. }
+                | B::Inconsistent { .. }
+                | B::Damaged { .. }
+                | B::Parent { .. } => {
                     return Exit::Bitmap;
                 }
                 B::BadName(_) => return Exit::Usage,
+                // A full file system (or a size limit) under the bitmap file.
+                B::Io { source, .. } if crate::job::policy::is_nospace(source.raw_os_error()) => {
+                    return Exit::TargetWrite;
+                }
                 B::Exists { .. } | B::Io { .. } => {}
             }
         }
@@ -80,6 +89,16 @@ pub fn classify(err: &anyhow::Error) -> Exit {
             .is_some_and(|l| !matches!(l, crate::lock::LockError::Io { .. }))
         {
             return Exit::Locked;
+        }
+        if let Some(crate::manifest::ManifestError::Unbound { .. }) =
+            cause.downcast_ref::<crate::manifest::ManifestError>()
+        {
+            return Exit::Mismatch;
+        }
+        match cause.downcast_ref::<crate::target::PartialError>() {
+            Some(crate::target::PartialError::Io { .. }) => return Exit::TargetWrite,
+            Some(crate::target::PartialError::Locked(_)) => return Exit::Locked,
+            None => {}
         }
         if let Some(e) = cause.downcast_ref::<CopyError>() {
             return match e {
@@ -94,38 +113,97 @@ pub fn classify(err: &anyhow::Error) -> Exit {
     Exit::Failure
 }
 
+/// What was left on disk, for the end of a hint.
+fn left_behind() -> String {
+    let kept = crate::leftovers::kept();
+    if kept.is_empty() {
+        "No target was left behind.".into()
+    } else {
+        format!(
+            "The partial file was kept: {}.",
+            kept.iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    }
+}
+
+/// The hint for a bitmap error: the real image, bitmap and backup names.
+fn bitmap_hint(err: &anyhow::Error) -> String {
+    use crate::bitmap::BitmapError as B;
+    let b = err.chain().find_map(|c| c.downcast_ref::<B>());
+    match b {
+        Some(B::Inconsistent { name, image, .. } | B::Parent { name, image, .. }) => {
+            let anchor = crate::bitmap::Bitmap::load(image, name)
+                .ok()
+                .and_then(|b| b.anchor)
+                .map(|a| a.path)
+                .filter(|p| p.exists());
+            format!(
+                "a bitmap that is inconsistent, stale or not tied to an existing backup is never trusted; recover with {}",
+                crate::leftovers::recover_bitmap(image, name, anchor.as_deref())
+            )
+        }
+        Some(B::Missing { name, image, .. }) => format!(
+            "a full backup of {} with `--bitmap {name}` creates the bitmap and anchors it to that backup",
+            image.display()
+        ),
+        Some(B::Damaged { path, .. }) => format!(
+            "the bitmap file {} is damaged and is never trusted; a full backup with --bitmap of the same name starts it afresh",
+            path.display()
+        ),
+        _ => "a bitmap that is inconsistent or stale is never trusted; make a full backup with --bitmap to start a new chain".into(),
+    }
+}
+
 /// What to do next, for the error's class.
 pub fn hint(err: &anyhow::Error) -> Option<String> {
     let code = classify(err);
     let block = err.chain().find_map(|c| c.downcast_ref::<BlockError>());
     match code {
-        Exit::SourceRead => Some(
-            "the source image is damaged or unreadable there; check it with `qemu-img check`, and restore it from an older backup if it is damaged. No target was written."
-                .into(),
-        ),
+        Exit::SourceRead => Some(match block {
+            Some(BlockError::Changed { .. }) => format!(
+                "stop whatever writes the source (or back up a running VM through QEMU), then run the backup again. {}",
+                left_behind()
+            ),
+            _ => format!(
+                "the source image is damaged or unreadable there; check it with `qemu-img check`, and restore it from an older backup if it is damaged. {}",
+                left_behind()
+            ),
+        }),
         Exit::TargetWrite => {
-            let nospc = block.and_then(|b| b.errno()).is_some_and(|e| e == libc::ENOSPC || e == libc::EDQUOT || e == libc::EFBIG);
+            let nospc = block.and_then(|b| b.errno()).is_some_and(|e| e == libc::ENOSPC || e == libc::EDQUOT || e == libc::EFBIG)
+                || err.chain().any(|c| {
+                    c.downcast_ref::<crate::bitmap::BitmapError>().is_some_and(|b| matches!(b, crate::bitmap::BitmapError::Io { source, .. } if crate::job::policy::is_nospace(source.raw_os_error())))
+                });
             Some(if nospc {
-                "the target's file system is full (or a size or quota limit was hit); free space or choose another target. No target was left behind.".into()
+                format!("the file system is full (or a size or quota limit was hit); free space or choose another target. {}", left_behind())
             } else {
-                "check the target's file system (permissions, space, health). No target was left behind.".into()
+                format!("check the target's file system (permissions, space, health). {}", left_behind())
             })
         }
         Exit::Mismatch => Some(
-            "the data does not match what was recorded; do not rely on this backup: make a new full backup (and check the storage it lives on)"
-                .into(),
+            if err.chain().any(|c| matches!(c.downcast_ref::<crate::manifest::ManifestError>(), Some(crate::manifest::ManifestError::Unbound { .. }))) {
+                "the manifest belongs to another file: the backup was replaced or rewritten, or a replacement was interrupted; do not rely on it: make the backup again (with --force to replace it)".into()
+            } else {
+                "the data does not match what was recorded; do not rely on this backup: make a new full backup (and check the storage it lives on)".into()
+            },
         ),
-        Exit::Bitmap => Some(
-            "an inconsistent or stale bitmap is never trusted: run `imgbackup bitmap rebuild IMAGE NAME --against LAST_BACKUP` to mark what changed since that backup, or make a full backup with `--bitmap NAME` to start a new chain"
-                .into(),
-        ),
+        Exit::Bitmap => Some(bitmap_hint(err)),
         Exit::Locked => Some(
-            "wait for the other process to finish (or pass --wait-lock DUR); for a running VM, back it up through QEMU or pass --force-share"
-                .into(),
+            match err.chain().find_map(|c| c.downcast_ref::<crate::target::PartialError>()) {
+                Some(crate::target::PartialError::Locked(crate::lock::LockError::Target { path, .. })) => format!(
+                    "another imgbackup is writing {}; wait for it to finish (or pass --wait-lock DUR)",
+                    path.display()
+                ),
+                _ => "wait for the other process to finish (or pass --wait-lock DUR); for a running VM, back it up through QEMU or pass --force-share".into(),
+            },
         ),
-        Exit::Interrupted | Exit::Terminated | Exit::Timeout => {
-            Some("the backup was cancelled cleanly; no target was left behind. Run it again to make a backup.".into())
-        }
+        Exit::Interrupted | Exit::Terminated | Exit::Hangup | Exit::Timeout => Some(format!(
+            "the command was cancelled cleanly. {} Run it again to finish the job.",
+            left_behind()
+        )),
         _ => match block {
             Some(BlockError::Unsupported { .. }) => Some(
                 "convert the image to a plain qcow2 or raw image first, e.g. `qemu-img convert -O qcow2 IMAGE NEW.qcow2`".into(),

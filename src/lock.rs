@@ -43,6 +43,8 @@ pub enum LockError {
     Writer { path: PathBuf },
     #[error("{} is in use by another process that does not let others write it (such as a QEMU using it as a backing file)", path.display())]
     NoWrite { path: PathBuf },
+    #[error("{} is being written by another imgbackup ({} is locked); wait for it to finish, or pass --wait-lock DUR", path.display(), partial.display())]
+    Target { path: PathBuf, partial: PathBuf },
     #[error("cannot lock {}", path.display())]
     Io {
         path: PathBuf,
@@ -107,7 +109,8 @@ fn with_wait<T>(
             Err(
                 e @ (LockError::Imgbackup { .. }
                 | LockError::Writer { .. }
-                | LockError::NoWrite { .. }),
+                | LockError::NoWrite { .. }
+                | LockError::Target { .. }),
             ) => match deadline {
                 Some(d) if Instant::now() < d => std::thread::sleep(Duration::from_millis(50)),
                 _ => return Err(e),

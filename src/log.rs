@@ -16,18 +16,18 @@ pub fn level() -> i8 {
 
 pub fn warn(msg: impl AsRef<str>) {
     if level() >= 0 {
-        eprintln!("imgbackup: warning: {}", msg.as_ref());
+        crate::errln!("imgbackup: warning: {}", msg.as_ref());
     }
 }
 
 pub fn info(msg: impl AsRef<str>) {
     if level() >= 1 {
-        eprintln!("imgbackup: {}", msg.as_ref());
+        crate::errln!("imgbackup: {}", msg.as_ref());
     }
 }
 
 pub fn debug(msg: impl AsRef<str>) {
     if level() >= 2 {
-        eprintln!("imgbackup: {}", msg.as_ref());
+        crate::errln!("imgbackup: {}", msg.as_ref());
     }
 }

@@ -4,6 +4,13 @@ use imgbackup::cli::Cli;
 use imgbackup::exit::{Exit, classify, hint};
 
 fn main() {
+    // A file-size limit (`ulimit -f`, systemd's LimitFSIZE) must fail the
+    // write with EFBIG (a target write error, exit 5), not kill the process.
+    // SAFETY: setting a signal's disposition to SIG_IGN at start-up, before
+    // any thread exists.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => e.exit(),
@@ -14,9 +21,9 @@ fn main() {
             let exit = classify(&err);
             let causes: Vec<String> = err.chain().map(|c| c.to_string()).collect();
             let hint = hint(&err);
-            eprintln!("imgbackup: error: {}", causes.join(": "));
+            imgbackup::errln!("imgbackup: error: {}", causes.join(": "));
             if let Some(h) = &hint {
-                eprintln!("imgbackup: hint: {h}");
+                imgbackup::errln!("imgbackup: hint: {h}");
             }
             if cli.global.json {
                 let doc = ErrorDoc {
@@ -27,7 +34,7 @@ fn main() {
                     hint,
                 };
                 if let Ok(s) = serde_json::to_string_pretty(&doc) {
-                    println!("{s}");
+                    imgbackup::outln!("{s}");
                 }
             }
             exit

@@ -26,6 +26,7 @@
 
 use crate::bitmap::Bits;
 use crate::copy::{ChunkData, ChunkObserver, CopyError};
+use crate::job::cancel::Cancel;
 use crate::node::{BlockNode, Status};
 use sha2::{Digest, Sha256};
 use std::fs::File;
@@ -61,6 +62,51 @@ pub struct Parent {
     pub root_digest: String,
 }
 
+/// The identity of the data file a manifest describes, taken once the file
+/// is complete and synced: a rename keeps it, a rewrite or a replacement of
+/// the file changes it. A manifest is *bound* to a file when they match.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FileBinding {
+    pub size: u64,
+    pub mtime_sec: i64,
+    pub mtime_nsec: u32,
+    pub inode: u64,
+}
+
+impl FileBinding {
+    pub fn of(m: &std::fs::Metadata) -> io::Result<FileBinding> {
+        use std::os::unix::fs::MetadataExt;
+        Ok(FileBinding {
+            size: m.len(),
+            mtime_sec: m.mtime(),
+            mtime_nsec: m.mtime_nsec() as u32,
+            inode: m.ino(),
+        })
+    }
+
+    pub fn of_path(p: &Path) -> io::Result<FileBinding> {
+        FileBinding::of(&std::fs::metadata(p)?)
+    }
+
+    /// How `now` differs from this binding, in words (None: the same file).
+    pub fn difference(&self, now: &FileBinding) -> Option<String> {
+        if self == now {
+            return None;
+        }
+        let mut d = Vec::new();
+        if self.inode != now.inode {
+            d.push(format!("inode {} instead of {}", now.inode, self.inode));
+        }
+        if self.size != now.size {
+            d.push(format!("{} bytes instead of {}", now.size, self.size));
+        }
+        if (self.mtime_sec, self.mtime_nsec) != (now.mtime_sec, now.mtime_nsec) {
+            d.push("another modification time".into());
+        }
+        Some(d.join(", "))
+    }
+}
+
 /// The manifest's metadata (its JSON part).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Meta {
@@ -82,6 +128,15 @@ pub struct Meta {
     /// their digests are of the point-in-time image all the same.
     #[serde(default)]
     pub incomplete: Vec<[u64; 2]>,
+    /// The data file this manifest describes (absent in manifests made by
+    /// imgbackup before 0.2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<FileBinding>,
+    /// An incremental written without a backing file (`--no-backing`): the
+    /// file holds only the clusters copied; `parent` names the backup the
+    /// rest comes from once it is attached (`qemu-img rebase -u`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub detached: bool,
 }
 
 /// Errors reading a manifest.
@@ -97,6 +152,12 @@ pub enum ManifestError {
     },
     #[error("{}: damaged manifest: {detail}", path.display())]
     Damaged { path: PathBuf, detail: String },
+    #[error("the manifest {} does not describe {}: it was made for another file ({detail}); the backup was replaced, rewritten, or a replacement was interrupted", path.display(), data.display())]
+    Unbound {
+        path: PathBuf,
+        data: PathBuf,
+        detail: String,
+    },
 }
 
 /// sha256 of `len` zero bytes.
@@ -160,13 +221,8 @@ pub struct ManifestWriter {
 }
 
 impl ManifestWriter {
-    pub fn create(path: &Path, geo: Geometry) -> io::Result<ManifestWriter> {
-        let file = File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(path)?;
+    /// Build a manifest in the new, empty `file` (at `path`).
+    pub fn create_in(path: &Path, file: File, geo: Geometry) -> io::Result<ManifestWriter> {
         file.set_len(TABLE_OFFSET + geo.chunks() * 32)?;
         Ok(ManifestWriter {
             path: path.to_path_buf(),
@@ -222,8 +278,13 @@ impl ManifestWriter {
     }
 
     /// Fill missing digests by reading `image` (the point-in-time image).
-    pub fn fill_from(&self, image: &dyn BlockNode, jobs: usize) -> Result<(), CopyError> {
-        self.fill_runs(image, jobs, self.missing().runs())
+    pub fn fill_from(
+        &self,
+        image: &dyn BlockNode,
+        jobs: usize,
+        cancel: &Cancel,
+    ) -> Result<(), CopyError> {
+        self.fill_runs(image, jobs, self.missing().runs(), cancel)
     }
 
     /// Fill the digests of chunks that overlap the byte `ranges` from `node`
@@ -233,13 +294,14 @@ impl ManifestWriter {
         node: &dyn BlockNode,
         ranges: &[(u64, u64)],
         jobs: usize,
+        cancel: &Cancel,
     ) -> Result<(), CopyError> {
         let c = self.geo.chunk;
         let runs: Vec<(u64, u64)> = ranges
             .iter()
             .map(|&(s, e)| (s / c, e.div_ceil(c)))
             .collect();
-        self.fill_runs(node, jobs, runs)
+        self.fill_runs(node, jobs, runs, cancel)
     }
 
     fn fill_runs(
@@ -247,6 +309,7 @@ impl ManifestWriter {
         image: &dyn BlockNode,
         jobs: usize,
         runs: Vec<(u64, u64)>,
+        cancel: &Cancel,
     ) -> Result<(), CopyError> {
         let work: Vec<(u64, u64)> = runs
             .iter()
@@ -259,6 +322,9 @@ impl ManifestWriter {
         pool.install(|| {
             use rayon::prelude::*;
             work.par_iter().try_for_each(|&(a, b)| {
+                if cancel.is_cancelled() {
+                    return Err(CopyError::Cancelled);
+                }
                 let ds = digests_of(image, self.geo, a, b, &self.zero)?;
                 self.put_many(a, &ds).map_err(CopyError::Manifest)
             })
@@ -266,10 +332,17 @@ impl ManifestWriter {
     }
 
     /// Fill missing digests from a parent manifest (same geometry).
-    pub fn fill_from_parent(&self, parent: &ManifestFile) -> Result<(), CopyError> {
+    pub fn fill_from_parent(
+        &self,
+        parent: &ManifestFile,
+        cancel: &Cancel,
+    ) -> Result<(), CopyError> {
         for (s, e) in self.missing().runs() {
             let mut a = s;
             while a < e {
+                if cancel.is_cancelled() {
+                    return Err(CopyError::Cancelled);
+                }
                 let b = (a + 4096).min(e);
                 let ds = parent
                     .digests(a, b)
@@ -404,6 +477,23 @@ pub fn digests_of(
     Ok(out)
 }
 
+/// The metadata of the manifest at `path`, read without checking the
+/// digest table (cheap at any size): for finding backups, never for
+/// trusting one.
+pub fn read_meta(path: &Path) -> Option<Meta> {
+    let file = File::open(path).ok()?;
+    let mut head = vec![0u8; TABLE_OFFSET as usize];
+    file.read_exact_at(&mut head, 0).ok()?;
+    if &head[0..8] != MAGIC {
+        return None;
+    }
+    let jl = u32::from_be_bytes([head[12], head[13], head[14], head[15]]) as usize;
+    if jl > MAX_META {
+        return None;
+    }
+    serde_json::from_slice(&head[32..32 + jl]).ok()
+}
+
 /// A manifest on disk, validated; digests are read on demand.
 pub struct ManifestFile {
     pub path: PathBuf,
@@ -504,6 +594,27 @@ impl ManifestFile {
         Geometry {
             size: self.meta.virtual_size,
             chunk: self.meta.chunk_size,
+        }
+    }
+
+    /// Check that this manifest describes the file `data` as it is now.
+    /// Manifests made before files were bound pass (there is nothing to
+    /// compare).
+    pub fn check_bound(&self, data: &Path) -> Result<(), ManifestError> {
+        let Some(want) = &self.meta.file else {
+            return Ok(());
+        };
+        let now = FileBinding::of_path(data).map_err(|e| ManifestError::Io {
+            path: data.to_path_buf(),
+            source: e,
+        })?;
+        match want.difference(&now) {
+            None => Ok(()),
+            Some(detail) => Err(ManifestError::Unbound {
+                path: self.path.clone(),
+                data: data.to_path_buf(),
+                detail,
+            }),
         }
     }
 
@@ -616,6 +727,7 @@ pub fn check_image(
     image: &dyn BlockNode,
     manifest: &ManifestFile,
     jobs: usize,
+    cancel: &Cancel,
 ) -> Result<Option<Difference>, CopyError> {
     use rayon::prelude::*;
     use std::sync::atomic::{AtomicU64, Ordering};
@@ -634,6 +746,9 @@ pub fn check_image(
         batches
             .par_iter()
             .try_for_each(|&a| -> Result<(), CopyError> {
+                if cancel.is_cancelled() {
+                    return Err(CopyError::Cancelled);
+                }
                 if a > first_bad.load(Ordering::Relaxed) {
                     return Ok(());
                 }
@@ -662,12 +777,74 @@ pub fn check_image(
     Ok(found.into_inner().unwrap_or_else(|p| p.into_inner()))
 }
 
+/// Check the chunks a layer holds itself (allocated, as data or zeros)
+/// against `manifest`: what can be checked of a detached incremental, which
+/// holds only what it copied. Returns the first differing chunk and the
+/// number of chunks checked.
+pub fn check_held(
+    layer: &dyn BlockNode,
+    manifest: &ManifestFile,
+    jobs: usize,
+    cancel: &Cancel,
+) -> Result<(Option<Difference>, u64), CopyError> {
+    let geo = manifest.geometry();
+    let zero = geo.zero_digests();
+    let mut held = Bits::new(geo.chunks());
+    crate::node::for_each_extent(layer, 0, layer.size(), |pos, ext| {
+        if ext.status != Status::Unallocated {
+            held.set_range(pos / geo.chunk, (pos + ext.len).div_ceil(geo.chunk));
+        }
+    })
+    .map_err(CopyError::Source)?;
+    let runs = held.runs();
+    let batches: Vec<(u64, u64)> = runs
+        .iter()
+        .flat_map(|&(s, e)| (s..e).step_by(64).map(move |a| (a, (a + 64).min(e))))
+        .collect();
+    let found: Mutex<Option<Difference>> = Mutex::new(None);
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(jobs.max(1))
+        .build()
+        .map_err(|e| CopyError::Manifest(io::Error::other(e)))?;
+    pool.install(|| {
+        use rayon::prelude::*;
+        batches
+            .par_iter()
+            .try_for_each(|&(a, b)| -> Result<(), CopyError> {
+                if cancel.is_cancelled() {
+                    return Err(CopyError::Cancelled);
+                }
+                let got = digests_of(layer, geo, a, b, &zero)?;
+                let want = manifest
+                    .digests(a, b)
+                    .map_err(|e| CopyError::Manifest(io::Error::other(e.to_string())))?;
+                if let Some(k) = got.iter().zip(&want).position(|(g, w)| g != w) {
+                    let i = a + k as u64;
+                    if let Ok(mut f) = found.lock()
+                        && f.as_ref().is_none_or(|d| d.chunk > i)
+                    {
+                        *f = Some(Difference {
+                            chunk: i,
+                            offset: i * geo.chunk,
+                            expected: hex(&want[k]),
+                            found: hex(&got[k]),
+                        });
+                    }
+                }
+                Ok(())
+            })
+    })?;
+    let d = found.into_inner().unwrap_or_else(|p| p.into_inner());
+    Ok((d, held.count()))
+}
+
 /// Chunks of `image` whose digest differs from `manifest` (same geometry),
 /// computed in parallel.
 pub fn differing_chunks(
     image: &dyn BlockNode,
     manifest: &ManifestFile,
     jobs: usize,
+    cancel: &Cancel,
 ) -> Result<Bits, CopyError> {
     use rayon::prelude::*;
     let geo = manifest.geometry();
@@ -683,6 +860,9 @@ pub fn differing_chunks(
         batches
             .par_iter()
             .try_for_each(|&a| -> Result<(), CopyError> {
+                if cancel.is_cancelled() {
+                    return Err(CopyError::Cancelled);
+                }
                 let b = (a + 64).min(n);
                 let got = digests_of(image, geo, a, b, &zero)?;
                 let want = manifest

@@ -3,6 +3,26 @@
 //! nothing.
 
 use crate::cli::ProgressMode;
+
+/// `println!` that never panics: a closed stdout (`imgbackup ... | head`)
+/// loses the text, not the job.
+#[macro_export]
+macro_rules! outln {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout().lock(), $($t)*);
+    }};
+}
+
+/// `eprintln!` that never panics: a closed stderr loses the text, not the
+/// job.
+#[macro_export]
+macro_rules! errln {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr().lock(), $($t)*);
+    }};
+}
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::io::IsTerminal;
 use std::sync::Arc;
@@ -116,7 +136,7 @@ fn run_plain(what: &str, counter: &Counter, stop: &AtomicBool) {
             } else {
                 String::new()
             };
-            eprintln!(
+            crate::errln!(
                 "imgbackup: {what} {pct:.0}% ({} of {}) {}/s{eta}",
                 human_bytes(done),
                 human_bytes(total),
@@ -159,9 +179,10 @@ pub fn human_duration(secs: f64) -> String {
     }
 }
 
-/// Print one JSON document on stdout.
+/// Print one JSON document on stdout. A reader that went away does not
+/// change the outcome of the command (the exit code still tells it).
 pub fn print_json<T: serde::Serialize>(doc: &T) -> anyhow::Result<()> {
     let s = serde_json::to_string_pretty(doc)?;
-    println!("{s}");
+    crate::outln!("{s}");
     Ok(())
 }

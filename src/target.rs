@@ -1,42 +1,185 @@
 //! `TARGET.partial`: a backup is written beside its final name and renamed
 //! only when complete. A guard removes the partial file on failure (unless
 //! asked to keep it), so a file named TARGET always holds a whole backup.
+//!
+//! The partial file is created exclusively and without following links
+//! ([`crate::files::create_new`]), with the source's permission bits, and
+//! holds an exclusive `flock` for as long as it is written: a second run
+//! writing the same TARGET finds the partial locked and is refused (exit 8);
+//! a partial left by a killed run is not locked, and is unlinked and
+//! created afresh.
+//!
+//! [`commit`] puts a finished file and its manifest into place: the manifest
+//! first (it records the identity of the data file it describes), then the
+//! data file. A crash between the two renames leaves a manifest that refuses
+//! the old file, never a pair that looks whole but disagrees.
 
 use crate::error::BlockError;
+use crate::files;
+use crate::leftovers::{self, Left};
+use crate::lock::LockError;
 use crate::node::BlockNode;
 use crate::node::probe::Format;
 use crate::node::qcow2::{CreateOptions, Qcow2Writer};
 use crate::node::raw::RawNode;
-use std::ffi::OsString;
 use std::fs::File;
 use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Why a partial file could not be created.
+#[derive(Debug, thiserror::Error)]
+pub enum PartialError {
+    #[error(transparent)]
+    Locked(#[from] LockError),
+    #[error("cannot create {}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
 
 /// The partial file of one output, removed on drop unless committed.
 #[derive(Debug)]
 pub struct Partial {
     final_path: PathBuf,
     partial_path: PathBuf,
+    /// Holds the flock for the life of the partial.
+    file: File,
     keep_on_failure: bool,
     committed: bool,
+    token: Option<leftovers::Token>,
 }
 
 /// `PATH.partial`.
 pub fn partial_path(path: &Path) -> PathBuf {
-    let mut s: OsString = path.as_os_str().to_owned();
-    s.push(".partial");
-    PathBuf::from(s)
+    files::with_suffix(path, ".partial")
+}
+
+fn try_flock(file: &File) -> io::Result<bool> {
+    // SAFETY: plain syscall on an open descriptor.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc == 0 {
+        return Ok(true);
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        Ok(false)
+    } else {
+        Err(e)
+    }
+}
+
+/// True when `path` still names the file open as `file`.
+fn still_names(path: &Path, file: &File) -> io::Result<bool> {
+    let a = file.metadata()?;
+    Ok(match std::fs::symlink_metadata(path) {
+        Ok(b) => a.dev() == b.dev() && a.ino() == b.ino(),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+        Err(e) => return Err(e),
+    })
+}
+
+/// One attempt at creating `partial` locked: `Ok(None)` when another
+/// process holds it (or raced us to it).
+fn try_create(partial: &Path, mode: u32) -> io::Result<Option<File>> {
+    for _ in 0..64 {
+        match files::create_new(partial, mode) {
+            Ok(f) => {
+                if !try_flock(&f)? || !still_names(partial, &f)? {
+                    // Another run took it over between our create and lock.
+                    return Ok(None);
+                }
+                return Ok(Some(f));
+            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+        // Something is there: a live writer's partial (locked), or a
+        // leftover (a killed run's file, a planted link).
+        let old = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags_nofollow()
+            .open(partial);
+        match old {
+            Ok(old) => {
+                if !try_flock(&old)? {
+                    return Ok(None);
+                }
+                if still_names(partial, &old)? {
+                    files::unlink_leftover(partial)?;
+                }
+            }
+            // A symlink (ELOOP), a FIFO or device (ENXIO and friends), or
+            // gone meanwhile: unlink whatever is there without following it.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(_) => files::unlink_leftover(partial)?,
+        }
+    }
+    Err(io::Error::other(
+        "the partial file keeps reappearing; is another program creating it?",
+    ))
+}
+
+/// Opening an existing partial without following a symlink, without
+/// blocking on a FIFO.
+trait NoFollow {
+    fn custom_flags_nofollow(&mut self) -> &mut Self;
+}
+
+impl NoFollow for std::fs::OpenOptions {
+    fn custom_flags_nofollow(&mut self) -> &mut Self {
+        use std::os::unix::fs::OpenOptionsExt;
+        self.custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
+    }
 }
 
 impl Partial {
-    pub fn new(final_path: &Path, keep_on_failure: bool) -> Partial {
-        Partial {
+    /// Create `FINAL.partial` for writing: exclusively, not through a link,
+    /// with `mode`, and locked. A partial that another imgbackup is writing
+    /// is refused with [`LockError::Target`] (after waiting up to `wait`).
+    pub fn create(
+        final_path: &Path,
+        mode: u32,
+        keep_on_failure: bool,
+        wait: Option<Duration>,
+    ) -> Result<Partial, PartialError> {
+        let partial_path = partial_path(final_path);
+        let deadline = wait.map(|w| Instant::now() + w);
+        let file = loop {
+            match try_create(&partial_path, mode) {
+                Ok(Some(f)) => break f,
+                Ok(None) => match deadline {
+                    Some(d) if Instant::now() < d => std::thread::sleep(Duration::from_millis(50)),
+                    _ => {
+                        return Err(LockError::Target {
+                            path: final_path.to_path_buf(),
+                            partial: partial_path,
+                        }
+                        .into());
+                    }
+                },
+                Err(e) => {
+                    return Err(PartialError::Io {
+                        path: partial_path,
+                        source: e,
+                    });
+                }
+            }
+        };
+        let token = leftovers::add(Left::Partial(partial_path.clone()));
+        Ok(Partial {
             final_path: final_path.to_path_buf(),
-            partial_path: partial_path(final_path),
+            partial_path,
+            file,
             keep_on_failure,
             committed: false,
-        }
+            token: Some(token),
+        })
     }
 
     /// Where to write.
@@ -49,6 +192,16 @@ impl Partial {
         &self.final_path
     }
 
+    /// A handle on the partial file for a writer.
+    pub fn file(&self) -> io::Result<File> {
+        self.file.try_clone()
+    }
+
+    /// The identity of the partial file now (it keeps it through the rename).
+    pub fn identity(&self) -> io::Result<crate::manifest::FileBinding> {
+        crate::manifest::FileBinding::of(&self.file.metadata()?)
+    }
+
     /// Keep the partial file even if the job fails.
     pub fn keep(&mut self) {
         self.keep_on_failure = true;
@@ -59,25 +212,57 @@ impl Partial {
     pub fn commit(mut self) -> io::Result<()> {
         std::fs::rename(&self.partial_path, &self.final_path)?;
         self.committed = true;
-        sync_dir(&self.final_path)
+        if let Some(t) = self.token.take() {
+            t.clear();
+        }
+        files::sync_dir(&self.final_path)
     }
 }
 
 impl Drop for Partial {
     fn drop(&mut self) {
-        if !self.committed && !self.keep_on_failure {
+        if self.committed {
+            return;
+        }
+        if self.keep_on_failure {
+            if let Some(t) = self.token.take() {
+                t.kept(&self.partial_path);
+            }
+            return;
+        }
+        // Remove it only while it is still ours.
+        if still_names(&self.partial_path, &self.file).unwrap_or(false) {
             let _ = std::fs::remove_file(&self.partial_path);
+        }
+        if let Some(t) = self.token.take() {
+            t.clear();
         }
     }
 }
 
+/// Put a finished data file and its manifest into place. The manifest goes
+/// first: it is bound to the data file's identity, so a crash between the
+/// renames leaves a manifest that every command refuses for the old file.
+/// Without a manifest, a stale `FINAL.manifest` of a replaced file is
+/// removed before the new file takes the name.
+pub fn commit(data: Partial, manifest: Option<Partial>) -> io::Result<()> {
+    match manifest {
+        Some(m) => m.commit()?,
+        None => {
+            let stale = crate::manifest::manifest_path(data.final_path());
+            match std::fs::remove_file(&stale) {
+                Ok(()) => files::sync_dir(&stale)?,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    data.commit()
+}
+
 /// fsync the directory holding `path`, so a rename in it is durable.
 pub fn sync_dir(path: &Path) -> io::Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    File::open(dir)?.sync_all()
+    files::sync_dir(path)
 }
 
 /// A new image being written (a backup target, a restored image): a
@@ -88,19 +273,24 @@ pub enum Output {
 }
 
 impl Output {
-    /// Create `path` as a `format` image of `size` bytes; `cluster_size`
+    /// Make `partial` a `format` image of `size` bytes; `cluster_size`
     /// and `backing` (name, format) apply to qcow2.
     pub fn create(
-        path: &Path,
+        partial: &Partial,
         format: Format,
         size: u64,
         cluster_size: u64,
         backing: Option<(String, String)>,
     ) -> Result<Output, BlockError> {
+        let path = partial.path();
+        let file = partial
+            .file()
+            .map_err(|e| BlockError::io(crate::error::Op::Open, path, 0, 0, e))?;
         Ok(match format {
-            Format::Raw => Output::Raw(Arc::new(RawNode::create(path, size)?)),
-            Format::Qcow2 => Output::Qcow2(Arc::new(Qcow2Writer::create(
+            Format::Raw => Output::Raw(Arc::new(RawNode::create_in(path, file, size)?)),
+            Format::Qcow2 => Output::Qcow2(Arc::new(Qcow2Writer::create_in(
                 path,
+                file,
                 &CreateOptions {
                     size,
                     cluster_size,

@@ -9,8 +9,8 @@
 //!                  [fault node] target (TARGET.partial)
 //! ```
 
+use super::guard;
 use crate::bitmap::Bits;
-use crate::bitmap::file::Anchor;
 use crate::bitmap::{Bitmap, BitmapError, Identity};
 use crate::cli::{BackupArgs, BitmapMode, GlobalOpts, ProgressMode, SyncMode};
 use crate::copy::ChunkObserver;
@@ -20,12 +20,13 @@ use crate::exit::{AppError, Exit};
 use crate::guest::{self, GuestReport, GuestSpec};
 use crate::job::cancel::Cancel;
 use crate::job::policy::Policies;
-use crate::job::sync_bitmap::SyncBitmap;
+use crate::job::sync_bitmap::{Before, SyncBitmap};
 use crate::job::{PolicyLog, outcome, run_background, run_drain};
 use crate::lock::{Access, Locks};
 use crate::log;
 use crate::manifest::{
-    Geometry, ManifestFile, ManifestWriter, Meta, Parent, check_image, manifest_path, unhex,
+    Geometry, ManifestFile, ManifestWriter, Meta, Parent, check_held, check_image, manifest_path,
+    unhex,
 };
 use crate::node::cbw::{CbwNode, OnCbwError};
 use crate::node::fault::{FaultNode, Side};
@@ -36,8 +37,7 @@ use crate::node::qcow2::{CreateOptions, Qcow2Writer};
 use crate::node::{BlockNode, Status, for_each_extent};
 use crate::report::{Reporter, human_bytes, human_duration, print_json};
 use crate::target::{Output, Partial};
-use anyhow::{Context, bail};
-use std::os::unix::fs::MetadataExt;
+use anyhow::Context;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -158,6 +158,14 @@ pub fn plan(args: &BackupArgs) -> anyhow::Result<Plan> {
             "--sync incremental always uses --bitmap-mode on-success; use --sync bitmap for another mode".into(),
         ));
     }
+    if matches!(args.sync, SyncMode::Full | SyncMode::Top)
+        && args.bitmap_mode == Some(BitmapMode::Never)
+    {
+        return Err(usage(format!(
+            "--bitmap-mode never is meaningless with --sync {}: a full or top backup with --bitmap exists to anchor the bitmap to it (QEMU refuses it too); leave --bitmap-mode out",
+            args.sync
+        )));
+    }
     if args.compress && target_format != Format::Qcow2 {
         return Err(usage("--compress needs a qcow2 target".into()));
     }
@@ -228,44 +236,7 @@ pub fn plan(args: &BackupArgs) -> anyhow::Result<Plan> {
 }
 
 pub fn dir_of(p: &Path) -> PathBuf {
-    match p.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    }
-}
-
-/// Refuse an output path that would lose data or cannot be written.
-pub fn check_output(path: &Path, image: &Image, force: bool, what: &str) -> anyhow::Result<()> {
-    if !dir_of(path).is_dir() {
-        bail!(
-            "the directory of the {what} {} does not exist; create it first",
-            path.display()
-        );
-    }
-    if let Ok(meta) = std::fs::metadata(path) {
-        if meta.is_dir() {
-            bail!("the {what} {} is a directory; name a file", path.display());
-        }
-        for layer in &image.layers {
-            if let Ok(m) = std::fs::metadata(&layer.info.path)
-                && m.dev() == meta.dev()
-                && m.ino() == meta.ino()
-            {
-                bail!(
-                    "the {what} {} is the source image {} (or in its backing chain); refusing to overwrite it",
-                    path.display(),
-                    layer.info.path.display()
-                );
-            }
-        }
-        if !force {
-            bail!(
-                "the {what} {} already exists; pass --force to replace it (it is replaced only once the new file is complete)",
-                path.display()
-            );
-        }
-    }
-    Ok(())
+    crate::files::dir_of(p)
 }
 
 /// The name a qcow2 written next to `at` uses for `source` as its backing
@@ -277,7 +248,11 @@ pub fn backing_name(at: &Path, source: &Path) -> anyhow::Result<String> {
     let dir = std::fs::canonicalize(dir_of(at))
         .with_context(|| format!("cannot resolve the directory of {}", at.display()))?;
     let name = if src.parent() == Some(dir.as_path()) {
-        src.file_name().map(|n| n.to_string_lossy().into_owned())
+        // `./` keeps QEMU from reading a name with a ':' before any '/'
+        // (`full-2026-01-01T12:00:00.qcow2`) as a protocol prefix.
+        src.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .map(|n| if n.contains(':') { format!("./{n}") } else { n })
     } else {
         None
     };
@@ -314,76 +289,59 @@ fn top_clusters(top: &dyn BlockNode, cluster: u64) -> anyhow::Result<Bits> {
     Ok(bits)
 }
 
-/// The bitmap a job uses or (re)anchors, checked for the sync mode.
+/// The bitmap a job uses or (re)anchors, checked for the sync mode, and
+/// the file as it was before (what a failed job puts back).
 fn job_bitmap(
     name: &str,
     sync: SyncMode,
     source: &Path,
     size: u64,
     identity: &Identity,
-) -> Result<Bitmap, BitmapError> {
-    match sync {
-        SyncMode::Incremental | SyncMode::Bitmap => {
-            let b = Bitmap::load(source, name)?;
-            if let Some(reason) = b.inconsistency(size, identity) {
-                return Err(BitmapError::Inconsistent {
-                    name: name.to_string(),
-                    image: source.to_path_buf(),
-                    reason,
-                });
-            }
-            Ok(b)
+) -> Result<(Bitmap, Before), BitmapError> {
+    if matches!(sync, SyncMode::Incremental | SyncMode::Bitmap) {
+        let b = Bitmap::load(source, name)?;
+        if let Some(reason) = b.inconsistency(size, identity) {
+            return Err(BitmapError::Inconsistent {
+                name: name.to_string(),
+                image: source.to_path_buf(),
+                reason,
+            });
         }
-        _ => match Bitmap::load(source, name) {
-            Ok(b) if b.image_size == size => Ok(b),
-            Ok(_) | Err(BitmapError::Missing { .. }) => Ok(Bitmap::new(
-                name,
-                crate::bitmap::file::DEFAULT_GRANULARITY,
-                size,
-                *identity,
-            )),
-            Err(e @ (BitmapError::Damaged { .. } | BitmapError::Inconsistent { .. })) => {
-                log::warn(format!("{e}; this backup starts it afresh"));
-                Ok(Bitmap::new(
-                    name,
-                    crate::bitmap::file::DEFAULT_GRANULARITY,
-                    size,
-                    *identity,
-                ))
+        let before = Before::Parsed {
+            bitmap: Box::new(b.clone()),
+            consistent: true,
+        };
+        return Ok((b, before));
+    }
+    let fresh = || {
+        Bitmap::new(
+            name,
+            crate::bitmap::file::DEFAULT_GRANULARITY,
+            size,
+            *identity,
+        )
+    };
+    match Bitmap::load(source, name) {
+        Ok(b) => {
+            let consistent = b.inconsistency(size, identity).is_none();
+            let before = Before::Parsed {
+                bitmap: Box::new(b.clone()),
+                consistent,
+            };
+            if b.image_size == size {
+                Ok((b, before))
+            } else {
+                Ok((fresh(), before))
             }
-            Err(e) => Err(e),
-        },
+        }
+        Err(BitmapError::Missing { .. }) => Ok((fresh(), Before::Missing)),
+        Err(e @ BitmapError::Damaged { .. }) => {
+            log::warn(format!("{e}; this backup starts it afresh"));
+            let raw = Bitmap::read_raw(source, name).unwrap_or_default();
+            Ok((fresh(), Before::Raw(raw)))
+        }
+        Err(e) => Err(e),
     }
-}
-
-/// The backup an incremental builds on: the bitmap's anchor, checked.
-fn anchored_backup(bitmap: &Bitmap, source: &Path) -> Result<PathBuf, BitmapError> {
-    let bad = |reason: String| BitmapError::Inconsistent {
-        name: bitmap.name.clone(),
-        image: source.to_path_buf(),
-        reason,
-    };
-    let Some(a) = &bitmap.anchor else {
-        return Err(bad(
-            "it is not anchored to a backup; make a full backup with --bitmap first, or name the parent with --backing FILE".into(),
-        ));
-    };
-    if !a.path.exists() {
-        return Err(bad(format!(
-            "the backup it is anchored to, {}, is gone; pass --backing FILE, or make a full backup",
-            a.path.display()
-        )));
-    }
-    if a.root != [0; 32]
-        && let Ok(m) = ManifestFile::open(&manifest_path(&a.path))
-        && unhex(&m.meta.root_digest) != Some(a.root)
-    {
-        return Err(bad(format!(
-            "the backup it is anchored to, {}, was replaced since (its manifest root differs)",
-            a.path.display()
-        )));
-    }
-    Ok(a.path.clone())
 }
 
 fn rfc3339(t: SystemTime) -> String {
@@ -391,8 +349,13 @@ fn rfc3339(t: SystemTime) -> String {
 }
 
 /// Compare `got` with `want` over their whole size; the first differing
-/// offset, if any.
-pub fn first_difference(got: &dyn BlockNode, want: &dyn BlockNode) -> anyhow::Result<Option<u64>> {
+/// offset, if any. Stops early (`Ok(None)`) when `cancel` is set: callers
+/// check it.
+pub fn first_difference(
+    got: &dyn BlockNode,
+    want: &dyn BlockNode,
+    cancel: &Cancel,
+) -> anyhow::Result<Option<u64>> {
     if got.size() != want.size() {
         return Ok(Some(got.size().min(want.size())));
     }
@@ -401,6 +364,9 @@ pub fn first_difference(got: &dyn BlockNode, want: &dyn BlockNode) -> anyhow::Re
     let (mut a, mut b) = (vec![0u8; chunk as usize], vec![0u8; chunk as usize]);
     let mut pos = 0;
     while pos < size {
+        if cancel.is_cancelled() {
+            return Ok(None);
+        }
         let n = (size - pos).min(chunk) as usize;
         got.read(pos, &mut a[..n])
             .context("cannot read the backup")?;
@@ -424,12 +390,14 @@ fn export_overlay(
     file: &Path,
     source: &Path,
     source_format: Format,
-    cluster_size: u64,
+    cancel: &Cancel,
     keep_partial: bool,
 ) -> anyhow::Result<()> {
-    let partial = Partial::new(file, keep_partial);
-    let w = Qcow2Writer::create(
+    let cluster_size = 65536;
+    let partial = Partial::create(file, crate::files::mode_from(source), keep_partial, None)?;
+    let w = Qcow2Writer::create_in(
         partial.path(),
+        partial.file()?,
         &CreateOptions {
             size: overlay.size(),
             cluster_size,
@@ -440,6 +408,9 @@ fn export_overlay(
     let mut last = u64::MAX;
     for (s, e) in overlay.allocated_ranges() {
         for c in s / cluster_size..e.div_ceil(cluster_size) {
+            if let Some(r) = cancel.reason() {
+                return Err(AppError::Cancelled(r).into());
+            }
             if c == last {
                 continue;
             }
@@ -455,10 +426,67 @@ fn export_overlay(
         }
     }
     w.finish()?;
+    if let Some(r) = cancel.reason() {
+        return Err(AppError::Cancelled(r).into());
+    }
     partial
         .commit()
         .with_context(|| format!("cannot rename the guest overlay to {}", file.display()))?;
     Ok(())
+}
+
+/// The identity of every file of the source's chain, to tell at the end
+/// whether something wrote them during the backup (block devices record no
+/// modification time: only their size is compared).
+fn chain_identities(image: &Image) -> Vec<(PathBuf, Option<Identity>)> {
+    image
+        .layers
+        .iter()
+        .map(|l| (l.info.path.clone(), Identity::of(&l.info.path).ok()))
+        .collect()
+}
+
+/// Fail (exit 4) if a file of the source's chain changed since `before`.
+fn check_unchanged(before: &[(PathBuf, Option<Identity>)]) -> anyhow::Result<()> {
+    for (path, was) in before {
+        let now = Identity::of(path).ok();
+        let changed = match (was, &now) {
+            (Some(a), Some(b)) => a != b,
+            _ => true,
+        };
+        if changed {
+            return Err(anyhow::Error::new(CopyError::Source(BlockError::Changed {
+                path: path.clone(),
+            }))
+            .context("the backup is not point-in-time"));
+        }
+    }
+    Ok(())
+}
+
+/// What the job copied and what it was told to skip: every cluster it did
+/// not copy must be one an ignore policy skipped, or the backup is wrong.
+fn check_all_copied(bc: &BlockCopy, skipped: &[(u64, u64)]) -> anyhow::Result<()> {
+    let cs = bc.cluster_size();
+    let mut left = bc.not_copied();
+    for &(s, e) in skipped {
+        left.clear_range(s / cs, e.div_ceil(cs));
+    }
+    if let Some(c) = left.next_set(0) {
+        anyhow::bail!(
+            "internal error: the cluster at offset {} was neither copied nor listed as skipped; the backup was not kept",
+            c * cs
+        );
+    }
+    Ok(())
+}
+
+/// The result of a phase, or the cancellation that cut it short.
+fn phase<T>(cancel: &Cancel, r: anyhow::Result<T>) -> anyhow::Result<T> {
+    if let Some(reason) = cancel.reason() {
+        return Err(AppError::Cancelled(reason).into());
+    }
+    r
 }
 
 pub fn run(args: &BackupArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
@@ -467,6 +495,15 @@ pub fn run(args: &BackupArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
     let plan = plan(args)?;
     let image =
         open_image(&plan.source, args.source_format).context("cannot open the source image")?;
+    let on_device = std::fs::metadata(&plan.source)
+        .map(|m| std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type()))
+        .unwrap_or(false);
+    if on_device && args.bitmap.is_some() {
+        return Err(usage(format!(
+            "--bitmap is not available for the block device {}: a device records no modification time, so a bitmap beside it could not tell when something wrote the device without marking it (and would live in /dev); use full backups",
+            plan.source.display()
+        )));
+    }
     let mut locks = Locks::new();
     locks.exclusive(&plan.source, args.wait_lock)?;
     for layer in &image.layers {
@@ -477,14 +514,21 @@ pub fn run(args: &BackupArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
             args.wait_lock,
         )?;
     }
-    check_output(&plan.target, &image, args.force, "target")?;
+    for t in crate::bitmap::file::remove_stale_temps(&plan.source) {
+        log::info(format!(
+            "removed a bitmap temporary file left by a killed run: {}",
+            t.display()
+        ));
+    }
+    guard::check_output(&plan.target, args.force, "target")?;
     if let Some(o) = &args.guest_overlay {
-        check_output(o, &image, args.force, "guest overlay")?;
+        guard::check_output(o, args.force, "guest overlay")?;
     }
     let size = image.node.size();
     let source_format = image.layers[0].info.format;
     let identity = Identity::of(&plan.source)
         .with_context(|| format!("cannot stat {}", plan.source.display()))?;
+    let source_ids = chain_identities(&image);
 
     // The bitmap, and what to copy.
     let bitmap = match &args.bitmap {
@@ -500,7 +544,7 @@ pub fn run(args: &BackupArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
             let mut bits = Bits::new(clusters);
             for (s, e) in bitmap
                 .as_ref()
-                .map(|b| b.dirty_ranges())
+                .map(|(b, _)| b.dirty_ranges())
                 .unwrap_or_default()
             {
                 bits.set_range(s / cs, e.div_ceil(cs));
@@ -509,25 +553,50 @@ pub fn run(args: &BackupArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
         }
     };
 
-    // The target's backing file, and the parent manifest to reuse.
+    // The parent of an incremental (checked against the bitmap's anchor),
+    // and the backing file written into the target.
+    let parent_path: Option<PathBuf> = match (plan.sync, &bitmap) {
+        (SyncMode::Incremental | SyncMode::Bitmap, Some((b, _))) => Some(
+            crate::job::parent::choose(b, &plan.source, args.backing.as_deref())?,
+        ),
+        _ => None,
+    };
     let backing_path: Option<PathBuf> = if args.no_backing {
         None
+    } else if parent_path.is_some() {
+        parent_path.clone()
     } else if let Some(b) = &args.backing {
-        if !b.is_file() {
-            bail!("the backing file {} does not exist", b.display());
-        }
+        crate::files::check_image_path(b)
+            .with_context(|| format!("the backing file {} cannot be used", b.display()))?;
         Some(b.clone())
     } else {
         match plan.sync {
-            SyncMode::Full => None,
             SyncMode::None => Some(plan.source.clone()),
             SyncMode::Top => image.layers.get(1).map(|l| l.info.path.clone()),
-            SyncMode::Incremental | SyncMode::Bitmap => match &bitmap {
-                Some(b) => Some(anchored_backup(b, &plan.source)?),
-                None => None,
-            },
+            _ => None,
         }
     };
+
+    // Nothing the backup reads or builds on may be written over.
+    let mut protected = guard::Protected::source(&image);
+    if let Some(b) = &backing_path {
+        protected.parent(b);
+    }
+    if let Some(p) = &parent_path {
+        protected.parent(p);
+    }
+    if let Some((b, _)) = &bitmap
+        && let Some(a) = &b.anchor
+    {
+        protected.anchor(&a.path, &b.name);
+    }
+    if let Some(o) = &args.guest_overlay {
+        protected.check(o, "guest overlay")?;
+        protected.output(o, "the guest overlay");
+    }
+    protected.check(&plan.target, "target")?;
+    guard::check_children(&plan.target)?;
+
     let backing = match &backing_path {
         Some(p) => {
             let fmt = crate::node::probe::probe(p)
@@ -540,13 +609,11 @@ pub fn run(args: &BackupArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
         size,
         chunk: crate::manifest::CHUNK_SIZE.min(cs),
     };
-    let parent = match (&backing_path, plan.sync) {
-        (Some(p), SyncMode::Incremental | SyncMode::Bitmap) => {
-            ManifestFile::open(&manifest_path(p))
-                .ok()
-                .filter(|m| m.geometry() == geo)
-        }
-        _ => None,
+    let parent = match &parent_path {
+        Some(p) => ManifestFile::open(&manifest_path(p))
+            .ok()
+            .filter(|m| m.geometry() == geo && m.check_bound(p).is_ok()),
+        None => None,
     };
 
     log::info(format!(
@@ -564,7 +631,7 @@ pub fn run(args: &BackupArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
         plan.sync,
         bitmap
             .as_ref()
-            .map(|b| format!(", bitmap {} ({})", b.name, plan.bitmap_mode))
+            .map(|(b, _)| format!(", bitmap {} ({})", b.name, plan.bitmap_mode))
             .unwrap_or_default(),
         human_bytes(cs),
         plan.jobs,
@@ -603,53 +670,38 @@ pub fn run(args: &BackupArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
     };
 
     if args.dry_run {
-        let (data, zero) = match plan.sync {
-            SyncMode::None => (0, 0),
-            _ => dry_run_counts(image.node.as_ref(), &copy_bits, cs)?,
-        };
-        summary.bytes_copied = data;
-        summary.bytes_skipped_zero = zero;
-        summary.finished = rfc3339(SystemTime::now());
-        summary.elapsed_seconds = t0.elapsed().as_secs_f64();
-        if g.json {
-            print_json(&summary)?;
-        } else if !g.quiet {
-            match plan.sync {
-                SyncMode::None => eprintln!(
-                    "imgbackup: dry run: a fleecing backup (sync none) of {} into {} would copy only the clusters the guest overwrites. Nothing was written.",
-                    plan.source.display(),
-                    plan.target.display()
-                ),
-                _ => eprintln!(
-                    "imgbackup: dry run: a {} backup of {} into {} ({}) would read up to {} of data in {} clusters of {}; {} read as zeros and would not be written as data. Nothing was written.",
-                    plan.sync,
-                    plan.source.display(),
-                    plan.target.display(),
-                    plan.target_format,
-                    human_bytes(data),
-                    copy_bits.count(),
-                    human_bytes(cs),
-                    human_bytes(zero)
-                ),
-            }
-        }
-        return Ok(Exit::Success);
+        return dry_run(&plan, &image, &copy_bits, summary, t0, g);
     }
 
     let cancel = Cancel::new();
     cancel
         .install_signal_handlers()
-        .context("cannot install the SIGINT/SIGTERM handlers")?;
+        .context("cannot install the SIGINT/SIGTERM/SIGHUP handlers")?;
     if let Some(t) = args.timeout {
         cancel.arm_timeout(t);
     }
 
+    // The target's files, created exclusively and locked (a second run on
+    // the same TARGET is refused here), before the bitmap is touched.
+    let mode = crate::files::mode_from(&plan.source);
+    let mut partial = Partial::create(&plan.target, mode, args.keep_partial, args.wait_lock)?;
+    let mpartial = match args.no_manifest {
+        true => None,
+        false => Some(Partial::create(
+            &manifest_path(&plan.target),
+            mode,
+            args.keep_partial,
+            args.wait_lock,
+        )?),
+    };
+
     // From here on the bitmap is frozen and in use; dropping the job's
-    // bitmap on any failure merges the successor back.
+    // bitmap on any failure puts it back (with the writes made meanwhile).
     let sync_bitmap = match bitmap {
-        Some(b) => Some(Arc::new(SyncBitmap::start(
+        Some((b, before)) => Some(Arc::new(SyncBitmap::start(
             &plan.source,
             b,
+            before,
             plan.bitmap_mode,
             identity,
         )?)),
@@ -670,22 +722,20 @@ pub fn run(args: &BackupArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
         Some(o) => o.clone(),
         None => source.clone(),
     };
-    let mut partial = Partial::new(&plan.target, args.keep_partial);
-    let has_backing = backing.is_some();
     let target = Output::create(
-        partial.path(),
+        &partial,
         plan.target_format,
         size,
         plan.target_cluster_size,
-        backing,
+        backing.clone(),
     )
     .map_err(CopyError::Target)?;
     let target_node = FaultNode::wrap(target.node(), &args.inject, Side::Target);
-    let mpartial =
-        (!args.no_manifest).then(|| Partial::new(&manifest_path(&plan.target), args.keep_partial));
     let mwriter = match &mpartial {
         Some(mp) => Some(Arc::new(
-            ManifestWriter::create(mp.path(), geo).map_err(CopyError::Manifest)?,
+            mp.file()
+                .and_then(|f| ManifestWriter::create_in(mp.path(), f, geo))
+                .map_err(CopyError::Manifest)?,
         )),
         None => None,
     };
@@ -695,7 +745,10 @@ pub fn run(args: &BackupArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
         Config {
             cluster_size: cs,
             max_chunk: plan.max_chunk,
-            write_zeroes: has_backing,
+            // Zero clusters are written as zero flags wherever something
+            // below could show through: a backing file now, or a parent
+            // the file is attached to later (--no-backing incrementals).
+            write_zeroes: backing.is_some() || parent_path.is_some(),
             speed: args.speed,
             compress: args.compress,
             cbw_cache: match (&args.guest, args.cbw_cache) {
@@ -799,95 +852,46 @@ pub fn run(args: &BackupArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
         .complete()
         .map_err(CopyError::Target)
         .with_context(|| format!("cannot complete the target {}", partial.path().display()))?;
-    if let Some(reason) = cancel.reason() {
-        return Err(AppError::Cancelled(reason).into());
-    }
-
+    phase(&cancel, Ok(()))?;
     let skipped = plog.skipped_ranges();
-    if let Some(m) = &mwriter {
-        // Where an ignore policy skipped data, the digests are of what the
-        // backup holds; clean chunks of an incremental come from its
-        // parent's manifest; chunks the copy did not see otherwise (top,
-        // none) come from the image.
-        let target_chain = open_image(partial.path(), Some(plan.target_format))
-            .context("cannot open the new backup")?;
-        m.fill_ranges_from(target_chain.node.as_ref(), &skipped, plan.jobs)
-            .context("cannot compute the manifest")?;
-        if let Some(p) = &parent {
-            m.fill_from_parent(p)
-                .context("cannot compute the manifest")?;
-        }
-        m.fill_from(image.node.as_ref(), plan.jobs)
-            .context("cannot compute the manifest")?;
-        let mut meta = Meta {
-            format_version: crate::manifest::VERSION,
-            virtual_size: size,
-            chunk_size: geo.chunk,
-            chunks: geo.chunks(),
-            root_digest: String::new(),
-            source: crate::app::bitmap::canonical(&plan.source)
-                .display()
-                .to_string(),
-            source_format: source_format.to_string(),
-            target_format: plan.target_format.to_string(),
-            sync: plan.sync.to_string(),
-            bitmap: args.bitmap.clone(),
-            parent: match (&parent, &backing_path) {
-                (Some(pm), Some(bp)) => Some(Parent {
-                    path: crate::app::bitmap::canonical(bp).display().to_string(),
-                    root_digest: pm.meta.root_digest.clone(),
-                }),
-                _ => None,
+    if plan.sync != SyncMode::None {
+        check_all_copied(&bc, &skipped)?;
+    }
+    // A source written behind our back (without honouring the locks) gives
+    // no point-in-time backup.
+    check_unchanged(&source_ids)?;
+
+    if let (Some(m), Some(mp)) = (&mwriter, &mpartial) {
+        let meta = finish_manifest(
+            m,
+            &ManifestInputs {
+                plan: &plan,
+                args,
+                partial: &partial,
+                image: &image,
+                parent: parent.as_ref(),
+                parent_path: parent_path.as_deref(),
+                skipped: &skipped,
+                started: &summary.started,
+                source_format,
+                detached: args.no_backing && parent_path.is_some(),
             },
-            started: summary.started.clone(),
-            finished: rfc3339(SystemTime::now()),
-            created_by: format!("imgbackup {}", env!("CARGO_PKG_VERSION")),
-            incomplete: skipped.iter().map(|&(s, e)| [s, e]).collect(),
-        };
-        m.finish(&mut meta).map_err(CopyError::Manifest)?;
+            &cancel,
+        );
+        let meta = phase(&cancel, meta)?;
         summary.manifest_root_digest = Some(meta.root_digest);
+        debug_assert_eq!(mp.path(), m.path());
     }
 
     if args.verify {
-        let got = open_image(partial.path(), Some(plan.target_format))
-            .context("cannot open the backup to verify it")?;
-        if let Some(mp) = &mpartial {
-            let mf = ManifestFile::open(mp.path())?;
-            if let Some(d) = check_image(got.node.as_ref(), &mf, plan.jobs)? {
-                return Err(AppError::Verify(format!(
-                    "chunk {} at offset {} of the new backup does not match its manifest (expected sha256 {}, found {}); it was not kept",
-                    d.chunk, d.offset, d.expected, d.found
-                ))
-                .into());
-            }
-        }
-        if (args.guest.is_some() || mpartial.is_none())
-            && let Some(offset) = first_difference(got.node.as_ref(), image.node.as_ref())?
-        {
-            return Err(AppError::Mismatch {
-                what: format!("the backup {}", plan.target.display()),
-                against: format!(
-                    "the source {} as it was at the start",
-                    plan.source.display()
-                ),
-                offset,
-            }
-            .into());
-        }
+        let v = verify_new_backup(&plan, args, &partial, mpartial.as_ref(), &image, &cancel);
+        phase(&cancel, v)?;
         summary.verified = true;
     }
 
-    // The manifest first: a crash between the renames leaves a manifest
-    // without its backup, never a backup that looks whole without one.
-    if let Some(mp) = mpartial {
-        let mfinal = mp.final_path().to_path_buf();
-        mp.commit()
-            .map_err(CopyError::Manifest)
-            .with_context(|| format!("cannot rename the manifest to {}", mfinal.display()))?;
-    }
+    // The manifest first (bound to the new file), then the backup.
     let final_path = partial.final_path().to_path_buf();
-    partial
-        .commit()
+    crate::target::commit(partial, mpartial)
         .map_err(|e| CopyError::Target(BlockError::io(Op::Flush, &final_path, 0, 0, e)))
         .with_context(|| {
             format!(
@@ -897,17 +901,10 @@ pub fn run(args: &BackupArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
         })?;
 
     if let Some(sb) = &sync_bitmap {
-        let root = summary
-            .manifest_root_digest
-            .as_deref()
-            .and_then(unhex)
-            .unwrap_or([0; 32]);
+        let root = summary.manifest_root_digest.as_deref().and_then(unhex);
         let b = sb.finish(
             true,
-            Some(Anchor {
-                path: crate::app::bitmap::canonical(&final_path),
-                root,
-            }),
+            Some(crate::job::parent::anchor_for(&final_path, root)),
         )?;
         summary.bitmap = Some(BitmapReport {
             name: b.name.clone(),
@@ -925,7 +922,7 @@ pub fn run(args: &BackupArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
             file,
             &plan.source,
             source_format,
-            65536,
+            &cancel,
             args.keep_partial,
         )
         .with_context(|| format!("cannot write the guest overlay {}", file.display()))?;
@@ -965,7 +962,7 @@ pub fn run(args: &BackupArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
         print_human(&summary);
     }
     if exit == Exit::Skipped {
-        eprintln!(
+        crate::errln!(
             "imgbackup: warning: the backup is incomplete: {} range(s) were skipped by an ignore policy (they stay to be copied): {}",
             skipped.len(),
             skipped
@@ -979,8 +976,170 @@ pub fn run(args: &BackupArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
     Ok(exit)
 }
 
+/// Print (or return as JSON) what a backup would copy, and exit 0.
+fn dry_run(
+    plan: &Plan,
+    image: &Image,
+    copy_bits: &Bits,
+    mut summary: Summary,
+    t0: Instant,
+    g: &GlobalOpts,
+) -> anyhow::Result<Exit> {
+    let cs = plan.cluster_size;
+    let (data, zero) = match plan.sync {
+        SyncMode::None => (0, 0),
+        _ => dry_run_counts(image.node.as_ref(), copy_bits, cs)?,
+    };
+    summary.bytes_copied = data;
+    summary.bytes_skipped_zero = zero;
+    summary.finished = rfc3339(SystemTime::now());
+    summary.elapsed_seconds = t0.elapsed().as_secs_f64();
+    if g.json {
+        print_json(&summary)?;
+    } else if !g.quiet {
+        match plan.sync {
+            SyncMode::None => crate::errln!(
+                "imgbackup: dry run: a fleecing backup (sync none) of {} into {} would copy only the clusters the guest overwrites. Nothing was written.",
+                plan.source.display(),
+                plan.target.display()
+            ),
+            _ => crate::errln!(
+                "imgbackup: dry run: a {} backup of {} into {} ({}) would read up to {} of data in {} clusters of {}; {} read as zeros and would not be written as data. Nothing was written.",
+                plan.sync,
+                plan.source.display(),
+                plan.target.display(),
+                plan.target_format,
+                human_bytes(data),
+                copy_bits.count(),
+                human_bytes(cs),
+                human_bytes(zero)
+            ),
+        }
+    }
+    Ok(Exit::Success)
+}
+
+/// What the manifest of a finished backup is made from.
+struct ManifestInputs<'a> {
+    plan: &'a Plan,
+    args: &'a BackupArgs,
+    partial: &'a Partial,
+    image: &'a Image,
+    parent: Option<&'a ManifestFile>,
+    parent_path: Option<&'a Path>,
+    skipped: &'a [(u64, u64)],
+    started: &'a str,
+    source_format: Format,
+    detached: bool,
+}
+
+/// Fill the digests the copy did not see and write the manifest, bound to
+/// the (complete, synced) partial file.
+fn finish_manifest(
+    m: &ManifestWriter,
+    i: &ManifestInputs<'_>,
+    cancel: &Cancel,
+) -> anyhow::Result<Meta> {
+    let plan = i.plan;
+    // Where an ignore policy skipped data, the digests are of what the
+    // backup holds; clean chunks of an incremental come from its parent's
+    // manifest; chunks the copy did not see otherwise (top, none) come from
+    // the image.
+    let target_chain = open_image(i.partial.path(), Some(plan.target_format))
+        .context("cannot open the new backup")?;
+    m.fill_ranges_from(target_chain.node.as_ref(), i.skipped, plan.jobs, cancel)
+        .context("cannot compute the manifest")?;
+    if let Some(p) = i.parent {
+        m.fill_from_parent(p, cancel)
+            .context("cannot compute the manifest")?;
+    }
+    m.fill_from(i.image.node.as_ref(), plan.jobs, cancel)
+        .context("cannot compute the manifest")?;
+    let binding = i
+        .partial
+        .identity()
+        .map_err(CopyError::Manifest)
+        .context("cannot stat the new backup")?;
+    let mut meta = Meta {
+        format_version: crate::manifest::VERSION,
+        virtual_size: i.image.node.size(),
+        chunk_size: m.geometry().chunk,
+        chunks: m.geometry().chunks(),
+        root_digest: String::new(),
+        source: crate::app::bitmap::canonical(&plan.source)
+            .display()
+            .to_string(),
+        source_format: i.source_format.to_string(),
+        target_format: plan.target_format.to_string(),
+        sync: plan.sync.to_string(),
+        bitmap: i.args.bitmap.clone(),
+        parent: match (i.parent, i.parent_path) {
+            (Some(pm), Some(bp)) => Some(Parent {
+                path: crate::app::bitmap::canonical(bp).display().to_string(),
+                root_digest: pm.meta.root_digest.clone(),
+            }),
+            _ => None,
+        },
+        started: i.started.to_string(),
+        finished: rfc3339(SystemTime::now()),
+        created_by: format!("imgbackup {}", env!("CARGO_PKG_VERSION")),
+        incomplete: i.skipped.iter().map(|&(s, e)| [s, e]).collect(),
+        file: Some(binding),
+        detached: i.detached,
+    };
+    m.finish(&mut meta).map_err(CopyError::Manifest)?;
+    Ok(meta)
+}
+
+/// `--verify`: re-read the new backup (through its chain) against its
+/// manifest, and against the source as it was at the start where the
+/// manifest cannot say (with --guest, or without a manifest).
+fn verify_new_backup(
+    plan: &Plan,
+    args: &BackupArgs,
+    partial: &Partial,
+    mpartial: Option<&Partial>,
+    image: &Image,
+    cancel: &Cancel,
+) -> anyhow::Result<()> {
+    let got = open_image(partial.path(), Some(plan.target_format))
+        .context("cannot open the backup to verify it")?;
+    let detached = args.no_backing && matches!(plan.sync, SyncMode::Incremental | SyncMode::Bitmap);
+    if let Some(mp) = mpartial {
+        let mf = ManifestFile::open(mp.path())?;
+        // A detached incremental holds only what it copied: check that.
+        let diff = if detached {
+            check_held(got.top().as_ref(), &mf, plan.jobs, cancel)?.0
+        } else {
+            check_image(got.node.as_ref(), &mf, plan.jobs, cancel)?
+        };
+        if let Some(d) = diff {
+            return Err(AppError::Verify(format!(
+                "chunk {} at offset {} of the new backup does not match its manifest (expected sha256 {}, found {}); it was not kept",
+                d.chunk, d.offset, d.expected, d.found
+            ))
+            .into());
+        }
+    }
+    if (args.guest.is_some() || mpartial.is_none())
+        && !detached
+        && let Some(offset) = first_difference(got.node.as_ref(), image.node.as_ref(), cancel)?
+    {
+        return Err(AppError::Mismatch {
+            what: format!("the backup {}", plan.target.display()),
+            against: format!(
+                "the source {} as it was at the start",
+                plan.source.display()
+            ),
+            offset,
+        }
+        .into());
+    }
+    Ok(())
+}
+
 fn print_human(s: &Summary) {
-    eprintln!(
+    crate::errln!(
         "imgbackup: backup {} -> {} ({}, sync {}) {}{}",
         s.source,
         s.target,
@@ -993,12 +1152,12 @@ fn print_human(s: &Summary) {
         },
         if s.verified { ", verified" } else { "" }
     );
-    eprintln!("  copied:            {}", human_bytes(s.bytes_copied));
+    crate::errln!("  copied:            {}", human_bytes(s.bytes_copied));
     if s.retries > 0 {
-        eprintln!("  retries:           {}", s.retries);
+        crate::errln!("  retries:           {}", s.retries);
     }
     if !s.ignored_ranges.is_empty() {
-        eprintln!(
+        crate::errln!(
             "  skipped:           {} (ignored errors)",
             s.ignored_ranges
                 .iter()
@@ -1007,18 +1166,18 @@ fn print_human(s: &Summary) {
                 .join(", ")
         );
     }
-    eprintln!(
+    crate::errln!(
         "  zero:              {} (not written as data)",
         human_bytes(s.bytes_skipped_zero)
     );
     if let Some(g) = &s.guest {
-        eprintln!(
+        crate::errln!(
             "  copy-before-write: {} copies, {} (cache peak {})",
             s.copy_before_write_copies,
             human_bytes(s.copy_before_write_bytes),
             human_bytes(s.cbw_cache_peak_bytes)
         );
-        eprintln!(
+        crate::errln!(
             "  guest:             {} writes ({} zero), {}, {} failed; latency p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
             g.writes,
             g.zero_writes,
@@ -1030,16 +1189,16 @@ fn print_human(s: &Summary) {
         );
     }
     if let Some(o) = &s.guest_overlay {
-        eprintln!("  guest overlay:     {o}");
+        crate::errln!("  guest overlay:     {o}");
     }
     if let Some(r) = &s.manifest_root_digest {
-        eprintln!("  manifest root:     {r}");
+        crate::errln!("  manifest root:     {r}");
     }
     if let Some(b) = &s.backing {
-        eprintln!("  backing file:      {b}");
+        crate::errln!("  backing file:      {b}");
     }
     if let Some(b) = &s.bitmap {
-        eprintln!(
+        crate::errln!(
             "  bitmap:            {} ({}): {} dirty{}",
             b.name,
             b.mode,
@@ -1050,7 +1209,7 @@ fn print_human(s: &Summary) {
                 .unwrap_or_default()
         );
     }
-    eprintln!(
+    crate::errln!(
         "  elapsed:           {} ({}/s)",
         human_duration(s.elapsed_seconds),
         human_bytes(s.throughput_bytes_per_second as u64)

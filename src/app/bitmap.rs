@@ -1,11 +1,12 @@
 //! `imgbackup bitmap ...`: the dirty bitmaps beside an image.
 
 use super::default_jobs;
-use crate::bitmap::file::{Anchor, check_name, list_names};
+use crate::bitmap::file::{check_name, list_names};
 use crate::bitmap::{Bitmap, BitmapError, Identity};
 use crate::cli::{BitmapCommand, GlobalOpts, LockOpts};
 use crate::exit::Exit;
 use crate::lock::Locks;
+use crate::log;
 use crate::manifest::{ManifestFile, differing_chunks, hex, manifest_path, unhex};
 use crate::node::probe::open_image;
 use crate::report::{human_bytes, print_json};
@@ -87,8 +88,15 @@ fn image_facts(image: &Path) -> anyhow::Result<(u64, Identity)> {
 }
 
 fn lock(image: &Path, l: &LockOpts) -> anyhow::Result<Locks> {
+    crate::files::check_image_path(image)?;
     let mut locks = Locks::new();
     locks.exclusive(image, l.wait_lock)?;
+    for t in crate::bitmap::file::remove_stale_temps(image) {
+        log::info(format!(
+            "removed a bitmap temporary file left by a killed run: {}",
+            t.display()
+        ));
+    }
     Ok(locks)
 }
 
@@ -116,7 +124,7 @@ fn done(g: &GlobalOpts, msg: String, doc: Option<BitmapDoc>) -> anyhow::Result<E
             &serde_json::json!({"ok": true, "exit_code": 0, "message": msg, "bitmap": doc}),
         )?;
     } else if !g.quiet {
-        eprintln!("imgbackup: {msg}");
+        crate::errln!("imgbackup: {msg}");
     }
     Ok(Exit::Success)
 }
@@ -207,6 +215,20 @@ pub fn run(cmd: &BitmapCommand, g: &GlobalOpts) -> anyhow::Result<Exit> {
                 }
                 .into());
             }
+            // An inconsistent bitmap stays so, enabled or not: only a full
+            // backup with --bitmap or `bitmap rebuild` starts it afresh.
+            if let Some(why) = b.inconsistency(size, &id) {
+                b.inconsistent = true;
+                log::warn(format!(
+                    "bitmap '{name}' of {} is inconsistent ({why}); it stays inconsistent: recover with {}",
+                    image.display(),
+                    crate::leftovers::recover_bitmap(
+                        image,
+                        name,
+                        b.anchor.as_ref().map(|a| a.path.as_path())
+                    )
+                ));
+            }
             if enable && !b.enabled {
                 // It tracks writes from now on.
                 b.identity = id;
@@ -236,10 +258,10 @@ pub fn run(cmd: &BitmapCommand, g: &GlobalOpts) -> anyhow::Result<Exit> {
                     &serde_json::json!({"image": image.display().to_string(), "bitmaps": docs}),
                 )?;
             } else if docs.is_empty() {
-                println!("{} has no bitmaps", image.display());
+                crate::outln!("{} has no bitmaps", image.display());
             } else {
                 for d in &docs {
-                    println!("{}", line(d));
+                    crate::outln!("{}", line(d));
                 }
             }
             Ok(Exit::Success)
@@ -252,9 +274,9 @@ pub fn run(cmd: &BitmapCommand, g: &GlobalOpts) -> anyhow::Result<Exit> {
             if g.json {
                 print_json(&d)?;
             } else {
-                println!("{}", line(&d));
+                crate::outln!("{}", line(&d));
                 for r in d.dirty_ranges.iter().flatten() {
-                    println!("  dirty {}-{} ({})", r[0], r[1], human_bytes(r[1] - r[0]));
+                    crate::outln!("  dirty {}-{} ({})", r[0], r[1], human_bytes(r[1] - r[0]));
                 }
             }
             Ok(Exit::Success)
@@ -269,15 +291,8 @@ pub fn run(cmd: &BitmapCommand, g: &GlobalOpts) -> anyhow::Result<Exit> {
             let (size, id) = image_facts(image)?;
             let mut target = load_consistent(image, into, size, &id)?;
             for s in sources {
-                let src = Bitmap::load(image, s)?;
-                if src.in_use {
-                    return Err(BitmapError::Inconsistent {
-                        name: s.clone(),
-                        image: image.clone(),
-                        reason: src.inconsistency(size, &id).unwrap_or_default(),
-                    }
-                    .into());
-                }
+                // An inconsistent source would make the target lie too.
+                let src = load_consistent(image, s, size, &id)?;
                 if src.granularity != target.granularity || src.image_size != target.image_size {
                     anyhow::bail!(
                         "cannot merge bitmap '{s}' into '{into}': their granularity or image size differ ({} / {} bytes vs {} / {} bytes)",
@@ -344,6 +359,9 @@ pub fn run(cmd: &BitmapCommand, g: &GlobalOpts) -> anyhow::Result<Exit> {
             let _locks = lock(image, l)?;
             let (size, id) = image_facts(image)?;
             let manifest = ManifestFile::open(&manifest_path(against))?;
+            // The manifest must describe the backup file it sits beside:
+            // the bitmap is anchored to that file.
+            manifest.check_bound(against)?;
             if manifest.meta.virtual_size != size {
                 anyhow::bail!(
                     "{} is {size} bytes but the backup {} is {}: it is not a backup of this image",
@@ -353,7 +371,15 @@ pub fn run(cmd: &BitmapCommand, g: &GlobalOpts) -> anyhow::Result<Exit> {
                 );
             }
             let img = open_image(image, None).context("cannot open the image")?;
-            let diff = differing_chunks(img.node.as_ref(), &manifest, default_jobs())?;
+            let cancel = crate::job::cancel::Cancel::new();
+            cancel
+                .install_signal_handlers()
+                .context("cannot install the signal handlers")?;
+            let diff = differing_chunks(img.node.as_ref(), &manifest, default_jobs(), &cancel);
+            if let Some(r) = cancel.reason() {
+                return Err(crate::exit::AppError::Cancelled(r).into());
+            }
+            let diff = diff?;
             let mut b = match Bitmap::load(image, name) {
                 Ok(b) if b.image_size == size => b,
                 _ => Bitmap::new(name, *granularity, size, id),
@@ -365,10 +391,11 @@ pub fn run(cmd: &BitmapCommand, g: &GlobalOpts) -> anyhow::Result<Exit> {
             }
             b.identity = id;
             b.in_use = false;
-            b.anchor = Some(Anchor {
-                path: canonical(against),
-                root: unhex(&manifest.meta.root_digest).unwrap_or([0; 32]),
-            });
+            b.inconsistent = false;
+            b.anchor = Some(crate::job::parent::anchor_for(
+                against,
+                unhex(&manifest.meta.root_digest),
+            ));
             b.save(image)?;
             done(
                 g,

@@ -37,10 +37,20 @@ pub fn run(args: &GuestArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
         )
         .into());
     }
-    let format = match args.format {
-        Some(f) => f,
-        None => probe(image).context("cannot open the image")?,
-    };
+    let probed = probe(image).context("cannot open the image")?;
+    let format = args.format.unwrap_or(probed);
+    if format == Format::Raw && probed == Format::Qcow2 {
+        bail!(
+            "{}: --format raw, but the file is a qcow2 image (it starts with the qcow2 magic); writing into it as raw would destroy its metadata",
+            image.display()
+        );
+    }
+    if crate::files::check_image_path(image)? == crate::files::Kind::Block {
+        bail!(
+            "{}: the guest command writes regular raw files only (a block device has no place for bitmaps beside it)",
+            image.display()
+        );
+    }
     if format != Format::Raw {
         bail!(
             "{}: guest writes into {format} images are not supported (imgbackup writes qcow2 files only when it creates them); use a raw image, or `backup --guest`, which writes into an overlay",
@@ -50,6 +60,12 @@ pub fn run(args: &GuestArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
     let mut locks = Locks::new();
     locks.exclusive(image, args.lock.wait_lock)?;
     locks.qemu(image, Access::Write, false, args.lock.wait_lock)?;
+    for t in crate::bitmap::file::remove_stale_temps(image) {
+        log::info(format!(
+            "removed a bitmap temporary file left by a killed run: {}",
+            t.display()
+        ));
+    }
     let img = open_image(image, Some(format)).context("cannot open the image")?;
     let size = img.node.size();
     let before = Identity::of(image).with_context(|| format!("cannot stat {}", image.display()))?;
@@ -79,11 +95,13 @@ pub fn run(args: &GuestArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
     }
     let tracked: Tracked = Arc::new(Mutex::new(tracked));
 
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(image)
-        .map_err(|e| BlockError::io(Op::Open, image, 0, 0, e))?;
+    let (file, _) = crate::files::open_image_file(image, true).map_err(|e| match e {
+        crate::files::KindError::Io { source, .. } => BlockError::io(Op::Open, image, 0, 0, source),
+        other => BlockError::Invalid {
+            path: image.clone(),
+            detail: other.to_string(),
+        },
+    })?;
     let raw: Arc<dyn BlockNode> = Arc::new(RawNode::from_file(image, file, true)?);
     let marks = tracked.clone();
     let node = MarkingNode::new(
@@ -116,6 +134,9 @@ pub fn run(args: &GuestArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
         if consistent && flushed.is_ok() {
             b.identity = after;
         }
+        if !consistent {
+            b.inconsistent = true;
+        }
         b.in_use = false;
         b.save(image)?;
         names.push(b.name.clone());
@@ -135,7 +156,7 @@ pub fn run(args: &GuestArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
             "guest": report,
         }))?;
     } else if !g.quiet {
-        eprintln!(
+        crate::errln!(
             "imgbackup: guest wrote {} writes ({} zero), {} into {}; marked bitmaps: {}",
             report.writes,
             report.zero_writes,

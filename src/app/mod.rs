@@ -3,6 +3,7 @@
 
 pub mod backup;
 pub mod bitmap;
+pub mod guard;
 pub mod guest;
 pub mod info;
 pub mod restore;
@@ -29,7 +30,7 @@ pub fn run(cli: &Cli) -> anyhow::Result<Exit> {
         Command::GenerateDocs { dir } => {
             for p in crate::cli::docs::write_all(dir)? {
                 if !g.quiet {
-                    eprintln!("wrote {}", dir.join(p).display());
+                    crate::errln!("wrote {}", dir.join(p).display());
                 }
             }
             Ok(Exit::Success)

@@ -4,10 +4,13 @@ use super::default_jobs;
 use crate::cli::{GlobalOpts, VerifyArgs};
 use crate::copy::CopyError;
 use crate::exit::{AppError, Exit};
-use crate::manifest::{ManifestError, ManifestFile, check_image, manifest_path};
+use crate::job::cancel::Cancel;
+use crate::log;
+use crate::manifest::{ManifestError, ManifestFile, check_held, check_image, manifest_path};
 use crate::node::probe::open_image;
 use crate::report::print_json;
 use anyhow::Context;
+use std::path::Path;
 use std::time::Instant;
 
 #[derive(serde::Serialize)]
@@ -24,6 +27,25 @@ struct VerifyDoc {
     elapsed_seconds: f64,
     /// Ranges the backup does not hold (skipped when it was made).
     incomplete: Vec<[u64; 2]>,
+    /// For an incremental written with --no-backing (and not attached to
+    /// its parent): the chunks it holds, which are all that was checked.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    detached_chunks_checked: Option<u64>,
+}
+
+/// The error for a detached incremental used as if it were whole.
+pub fn detached_error(backup: &Path, m: &ManifestFile) -> anyhow::Error {
+    let parent = m
+        .meta
+        .parent
+        .as_ref()
+        .map(|p| p.path.clone())
+        .unwrap_or_else(|| "its parent backup".into());
+    anyhow::anyhow!(
+        "{} is an incremental written with --no-backing: it holds only the clusters that changed since {parent}; attach it first with `qemu-img rebase -u -F qcow2 -b {parent} {}`",
+        backup.display(),
+        backup.display()
+    )
 }
 
 pub fn run(args: &VerifyArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
@@ -46,8 +68,16 @@ pub fn run(args: &VerifyArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
         ))
         .into());
     }
+    // A manifest bound to another file can still match by content (a copy
+    // of the backup); the content decides, the binding explains.
+    let unbound = manifest.check_bound(&args.backup).err();
+    let cancel = Cancel::new();
+    cancel
+        .install_signal_handlers()
+        .context("cannot install the signal handlers")?;
     let jobs = args.jobs.unwrap_or_else(default_jobs);
-    let diff = check_image(image.node.as_ref(), &manifest, jobs).map_err(|e| match e {
+    let detached = manifest.meta.detached && image.layers.len() == 1;
+    let unreadable = |e: CopyError| match e {
         CopyError::Source(b) => {
             let at = b
                 .offset()
@@ -59,10 +89,23 @@ pub fn run(args: &VerifyArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
             )))
         }
         other => other.into(),
-    })?;
+    };
+    let res = if detached {
+        check_held(image.top().as_ref(), &manifest, jobs, &cancel).map(|(d, n)| (d, Some(n)))
+    } else {
+        check_image(image.node.as_ref(), &manifest, jobs, &cancel).map(|d| (d, None))
+    };
+    if let Some(r) = cancel.reason() {
+        return Err(AppError::Cancelled(r).into());
+    }
+    let (diff, held) = res.map_err(unreadable)?;
     if let Some(d) = diff {
+        let why = unbound
+            .as_ref()
+            .map(|u| format!("; {u}"))
+            .unwrap_or_default();
         return Err(AppError::Verify(format!(
-            "chunk {} at offset {} of the backup {} does not match its manifest (expected sha256 {}, found {})",
+            "chunk {} at offset {} of the backup {} does not match its manifest (expected sha256 {}, found {}){why}",
             d.chunk,
             d.offset,
             args.backup.display(),
@@ -71,11 +114,22 @@ pub fn run(args: &VerifyArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
         ))
         .into());
     }
+    if let Some(u) = &unbound {
+        log::warn(format!(
+            "{u}; its content matches the manifest all the same (a copy of the backup?)"
+        ));
+    }
     if let Some(other) = &args.against {
+        if detached {
+            return Err(detached_error(&args.backup, &manifest));
+        }
         let img = open_image(other, args.against_format)
             .context("cannot open the image to compare with")?;
-        if let Some(off) = super::backup::first_difference(image.node.as_ref(), img.node.as_ref())?
-        {
+        let off = super::backup::first_difference(image.node.as_ref(), img.node.as_ref(), &cancel)?;
+        if let Some(r) = cancel.reason() {
+            return Err(AppError::Cancelled(r).into());
+        }
+        if let Some(off) = off {
             return Err(AppError::Mismatch {
                 what: format!("the backup {}", args.backup.display()),
                 against: format!("{}", other.display()),
@@ -96,6 +150,7 @@ pub fn run(args: &VerifyArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
         against: args.against.as_ref().map(|p| p.display().to_string()),
         elapsed_seconds: t0.elapsed().as_secs_f64(),
         incomplete: manifest.meta.incomplete.clone(),
+        detached_chunks_checked: held,
     };
     let exit = if doc.incomplete.is_empty() {
         Exit::Success
@@ -109,8 +164,21 @@ pub fn run(args: &VerifyArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
     };
     if g.json {
         print_json(&doc)?;
+    } else if let Some(n) = doc.detached_chunks_checked {
+        if !g.quiet {
+            crate::errln!(
+                "imgbackup: {}: the {n} chunks it holds match its manifest; it is an incremental written with --no-backing, so the rest of the image comes from {} once attached (`qemu-img rebase -u`)",
+                doc.backup,
+                manifest
+                    .meta
+                    .parent
+                    .as_ref()
+                    .map(|p| p.path.as_str())
+                    .unwrap_or("its parent")
+            );
+        }
     } else if !g.quiet {
-        eprintln!(
+        crate::errln!(
             "imgbackup: {} is whole: {} chunks match its manifest (root {}){}",
             doc.backup,
             doc.chunks,
@@ -122,7 +190,7 @@ pub fn run(args: &VerifyArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
         );
     }
     if exit == Exit::Skipped {
-        eprintln!(
+        crate::errln!(
             "imgbackup: warning: {} is incomplete: these ranges were skipped when it was made (ignore policy): {}",
             doc.backup,
             doc.incomplete

@@ -1,11 +1,12 @@
 //! Dirty-bitmap files beside the image: `DIR/IMAGE.NAME.bitmap`.
 //!
-//! Layout (version 1; integers big-endian):
+//! Layout (version 2; integers big-endian):
 //!
 //! ```text
 //!   0   8  magic "IMGBKBMP"
-//!   8   4  format version (1)
-//!  12   4  flags: bit 0 enabled, bit 1 in-use
+//!   8   4  format version (2)
+//!  12   4  flags: bit 0 enabled, bit 1 in-use, bit 2 inconsistent
+//!          (other bits set: the file is refused as damaged)
 //!  16   8  granularity in bytes (a power of two, 512 .. 2^31)
 //!  24   8  the image's virtual size
 //!  32   8  identity: the image file's size
@@ -16,19 +17,33 @@
 //!  64   8  identity: its device number
 //!  72   4  length A of the anchored backup's path (0: not anchored)
 //!  76  32  the anchored backup's manifest root digest (zeros if none)
-//! 108   A  the anchored backup's path (UTF-8, absolute)
+//! 108   8  the anchored backup file's size        \
+//! 116   8  its mtime, seconds                     |  zeros if unknown
+//! 124   4  its mtime, nanoseconds                 |
+//! 128   4  reserved, zero                         |
+//! 132   8  its inode number                       /
+//! 140   A  the anchored backup's path (UTF-8, absolute)
 //!   ...    zero padding to a multiple of 8
 //!   B   N  the bits: ceil(virtual size / granularity) bits, bit k of byte
 //!          j is granule 8j+k (LSB first, as in qcow2 bitmaps)
 //! B+N  32  sha256 of every byte before it
 //! ```
 //!
-//! A bitmap is *consistent* when it is not in use, its checksum holds, it
-//! fits the image (virtual size, granularity), and — for an enabled bitmap —
-//! the image's identity (size, mtime with nanoseconds, inode, device) is the
-//! one recorded when the bitmap was last in sync with it. Files are replaced
-//! atomically: a temporary file in the same directory, fsync, rename, fsync
-//! of the directory.
+//! Version 1 files (no anchored-file identity, the path at byte 108) are
+//! read; version 2 is written.
+//!
+//! A bitmap is *consistent* when it is not in use, not flagged
+//! inconsistent, its checksum holds, it fits the image (virtual size,
+//! granularity), and — for an enabled bitmap — the image's identity (size,
+//! mtime with nanoseconds, inode, device) is the one recorded when the
+//! bitmap was last in sync with it. Once found inconsistent, a bitmap keeps
+//! the *inconsistent* flag through every command that saves it (enable,
+//! disable, guest, a failed backup) until a full or top backup with
+//! `--bitmap` or `bitmap rebuild` starts it afresh. Files are replaced
+//! atomically: a temporary file in the same directory
+//! (`.IMAGE.NAME.bitmap.tmpXXXXXX`), fsync, rename, fsync of the directory;
+//! a temporary file left by a killed run is removed by the next command that
+//! locks the image.
 
 use super::Bits;
 use sha2::{Digest, Sha256};
@@ -38,10 +53,13 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 pub const MAGIC: &[u8; 8] = b"IMGBKBMP";
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 const FLAG_ENABLED: u32 = 1;
 const FLAG_IN_USE: u32 = 2;
-const FIXED: usize = 108;
+const FLAG_INCONSISTENT: u32 = 4;
+const FLAGS_KNOWN: u32 = FLAG_ENABLED | FLAG_IN_USE | FLAG_INCONSISTENT;
+const FIXED_V1: usize = 108;
+const FIXED: usize = 140;
 /// Default granularity of new bitmaps.
 pub const DEFAULT_GRANULARITY: u64 = 64 << 10;
 
@@ -74,6 +92,9 @@ impl Identity {
 pub struct Anchor {
     pub path: PathBuf,
     pub root: [u8; 32],
+    /// The backup file's identity when the bitmap was anchored to it (None
+    /// in version 1 files).
+    pub file: Option<crate::manifest::FileBinding>,
 }
 
 /// A dirty bitmap.
@@ -85,6 +106,8 @@ pub struct Bitmap {
     pub identity: Identity,
     pub enabled: bool,
     pub in_use: bool,
+    /// Found inconsistent once: stays so until a full backup or a rebuild.
+    pub inconsistent: bool,
     pub anchor: Option<Anchor>,
     pub bits: Bits,
 }
@@ -92,7 +115,7 @@ pub struct Bitmap {
 /// Why a bitmap cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum BitmapError {
-    #[error("bitmap '{name}' does not exist for {} (no file {})", image.display(), path.display())]
+    #[error("bitmap '{name}' does not exist for {} (no file {}); {}", image.display(), path.display(), existing(image, name))]
     Missing {
         name: String,
         image: PathBuf,
@@ -108,6 +131,12 @@ pub enum BitmapError {
         image: PathBuf,
         reason: String,
     },
+    #[error("bitmap '{name}' of {} cannot be used for this backup: {detail}", image.display())]
+    Parent {
+        name: String,
+        image: PathBuf,
+        detail: String,
+    },
     #[error(
         "'{0}' is not a valid bitmap name: use 1 to 64 letters, digits, '_', '-' or '.', not starting with '.'"
     )]
@@ -118,6 +147,14 @@ pub enum BitmapError {
         #[source]
         source: io::Error,
     },
+}
+
+/// What bitmaps `image` has, in words (for the message of a missing one).
+fn existing(image: &Path, name: &str) -> String {
+    match list_names(image) {
+        Ok(names) if !names.is_empty() => format!("its bitmaps are: {}", names.join(", ")),
+        _ => format!("it has no bitmaps (a full backup with --bitmap {name} creates it)"),
+    }
 }
 
 /// The file of bitmap `name` of `image`.
@@ -141,6 +178,48 @@ pub fn check_name(name: &str) -> Result<(), BitmapError> {
     } else {
         Err(BitmapError::BadName(name.to_string()))
     }
+}
+
+/// The prefix of the temporary file a bitmap is written to before it is
+/// renamed into place: `.IMAGE.NAME.bitmap.tmp`.
+fn temp_prefix(image: &Path, name: &str) -> String {
+    let base = image
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    format!(".{base}.{name}.bitmap.tmp")
+}
+
+/// Remove the temporary bitmap files of `image` that a killed run left
+/// (`.IMAGE.*.bitmap.tmp*`). Call it only while holding the image's
+/// exclusive lock: then no other imgbackup is writing one. Returns what was
+/// removed.
+pub fn remove_stale_temps(image: &Path) -> Vec<PathBuf> {
+    let dir = match image.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let Some(base) = image.file_name().and_then(|n| n.to_str()) else {
+        return Vec::new();
+    };
+    let prefix = format!(".{base}.");
+    let mut removed = Vec::new();
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return removed;
+    };
+    for e in entries.flatten() {
+        let n = e.file_name();
+        let Some(n) = n.to_str() else { continue };
+        if let Some(rest) = n.strip_prefix(&prefix)
+            && let Some((name, _)) = rest.split_once(".bitmap.tmp")
+            && check_name(name).is_ok()
+            && e.file_type().is_ok_and(|t| t.is_file())
+            && std::fs::remove_file(e.path()).is_ok()
+        {
+            removed.push(e.path());
+        }
+    }
+    removed
 }
 
 /// Names of the bitmaps beside `image`, sorted.
@@ -180,6 +259,7 @@ impl Bitmap {
             identity,
             enabled: true,
             in_use: false,
+            inconsistent: false,
             anchor: None,
             bits: Bits::new(image_size.div_ceil(granularity)),
         }
@@ -220,6 +300,11 @@ impl Bitmap {
                 "it is marked in use: a process working with it stopped before finishing (killed or crashed)".into(),
             );
         }
+        if self.inconsistent {
+            return Some(
+                "it was found inconsistent earlier and stays so until a full backup with --bitmap or `bitmap rebuild` starts it afresh".into(),
+            );
+        }
         if self.image_size != image_size {
             return Some(format!(
                 "it was made for an image of {} bytes, the image now has {image_size}",
@@ -244,8 +329,13 @@ impl Bitmap {
         let mut b = vec![0u8; FIXED];
         b[0..8].copy_from_slice(MAGIC);
         b[8..12].copy_from_slice(&VERSION.to_be_bytes());
-        let flags =
-            if self.enabled { FLAG_ENABLED } else { 0 } | if self.in_use { FLAG_IN_USE } else { 0 };
+        let flags = if self.enabled { FLAG_ENABLED } else { 0 }
+            | if self.in_use { FLAG_IN_USE } else { 0 }
+            | if self.inconsistent {
+                FLAG_INCONSISTENT
+            } else {
+                0
+            };
         b[12..16].copy_from_slice(&flags.to_be_bytes());
         b[16..24].copy_from_slice(&self.granularity.to_be_bytes());
         b[24..32].copy_from_slice(&self.image_size.to_be_bytes());
@@ -257,6 +347,12 @@ impl Bitmap {
         b[72..76].copy_from_slice(&(apath.len() as u32).to_be_bytes());
         if let Some(a) = &self.anchor {
             b[76..108].copy_from_slice(&a.root);
+            if let Some(f) = &a.file {
+                b[108..116].copy_from_slice(&f.size.to_be_bytes());
+                b[116..124].copy_from_slice(&f.mtime_sec.to_be_bytes());
+                b[124..128].copy_from_slice(&f.mtime_nsec.to_be_bytes());
+                b[132..140].copy_from_slice(&f.inode.to_be_bytes());
+            }
         }
         b.extend_from_slice(&apath);
         b.resize(b.len().div_ceil(8) * 8, 0);
@@ -278,7 +374,7 @@ impl Bitmap {
             path: path.to_path_buf(),
             detail: d.to_string(),
         };
-        if b.len() < FIXED + 32 {
+        if b.len() < FIXED_V1 + 32 {
             return Err(damaged("too short"));
         }
         if &b[0..8] != MAGIC {
@@ -295,12 +391,25 @@ impl Bitmap {
             u64::from_be_bytes(w)
         };
         let version = u32at(8);
-        if version != VERSION {
-            return Err(damaged(&format!(
-                "format version {version}, this imgbackup reads version {VERSION}"
-            )));
+        let fixed = match version {
+            1 => FIXED_V1,
+            2 => FIXED,
+            _ => {
+                return Err(damaged(&format!(
+                    "format version {version}, this imgbackup reads versions 1 and {VERSION}"
+                )));
+            }
+        };
+        if body.len() < fixed {
+            return Err(damaged("too short"));
         }
         let flags = u32at(12);
+        if flags & !FLAGS_KNOWN != 0 {
+            return Err(damaged(&format!(
+                "unknown flags {:#x}",
+                flags & !FLAGS_KNOWN
+            )));
+        }
         let granularity = u64at(16);
         if !granularity.is_power_of_two() || !(512..=1 << 31).contains(&granularity) {
             return Err(damaged(&format!(
@@ -309,20 +418,29 @@ impl Bitmap {
         }
         let image_size = u64at(24);
         let alen = u32at(72) as usize;
-        let bits_at = (FIXED + alen).div_ceil(8) * 8;
+        let bits_at = (fixed + alen).div_ceil(8) * 8;
         let nbits = image_size.div_ceil(granularity);
         let nbytes = nbits.div_ceil(8);
         if alen > 4096 || (bits_at as u64).checked_add(nbytes) != Some(body.len() as u64) {
             return Err(damaged("the size of the file does not match its header"));
         }
         let anchor = if alen > 0 {
-            let p = std::str::from_utf8(&b[FIXED..FIXED + alen])
+            let p = std::str::from_utf8(&b[fixed..fixed + alen])
                 .map_err(|_| damaged("anchor path is not UTF-8"))?;
             let mut root = [0u8; 32];
             root.copy_from_slice(&b[76..108]);
+            let file = (version >= 2 && b[108..140].iter().any(|&x| x != 0)).then(|| {
+                crate::manifest::FileBinding {
+                    size: u64at(108),
+                    mtime_sec: u64at(116) as i64,
+                    mtime_nsec: u32at(124),
+                    inode: u64at(132),
+                }
+            });
             Some(Anchor {
                 path: PathBuf::from(p),
                 root,
+                file,
             })
         } else {
             None
@@ -349,6 +467,7 @@ impl Bitmap {
             },
             enabled: flags & FLAG_ENABLED != 0,
             in_use: flags & FLAG_IN_USE != 0,
+            inconsistent: flags & FLAG_INCONSISTENT != 0,
             anchor,
             bits: Bits::from_words(words, nbits),
         })
@@ -374,7 +493,13 @@ impl Bitmap {
 
     /// Write the bitmap beside `image`, atomically.
     pub fn save(&self, image: &Path) -> Result<(), BitmapError> {
-        let path = bitmap_path(image, &self.name);
+        Self::write_raw(image, &self.name, &self.to_bytes())
+    }
+
+    /// Replace the file of bitmap `name` of `image` with `bytes`, atomically
+    /// (a temporary file beside it, fsync, rename, fsync of the directory).
+    pub fn write_raw(image: &Path, name: &str, bytes: &[u8]) -> Result<(), BitmapError> {
+        let path = bitmap_path(image, name);
         let ioerr = |e| BitmapError::Io {
             path: path.clone(),
             source: e,
@@ -384,14 +509,19 @@ impl Bitmap {
             _ => PathBuf::from("."),
         };
         let mut tmp = tempfile::Builder::new()
-            .prefix(".imgbackup-bitmap")
+            .prefix(&temp_prefix(image, name))
             .tempfile_in(&dir)
             .map_err(ioerr)?;
-        tmp.write_all(&self.to_bytes()).map_err(ioerr)?;
+        tmp.write_all(bytes).map_err(ioerr)?;
         tmp.as_file().sync_all().map_err(ioerr)?;
         tmp.persist(&path).map_err(|e| ioerr(e.error))?;
         File::open(&dir).and_then(|d| d.sync_all()).map_err(ioerr)?;
         Ok(())
+    }
+
+    /// The raw bytes of bitmap `name` of `image`, if the file exists.
+    pub fn read_raw(image: &Path, name: &str) -> Option<Vec<u8>> {
+        std::fs::read(bitmap_path(image, name)).ok()
     }
 
     /// Remove the bitmap file of `name`.
@@ -430,8 +560,15 @@ mod tests {
         b.anchor = Some(Anchor {
             path: "/backups/full.qcow2".into(),
             root: [7; 32],
+            file: Some(crate::manifest::FileBinding {
+                size: 1,
+                mtime_sec: 2,
+                mtime_nsec: 3,
+                inode: 4,
+            }),
         });
         b.in_use = true;
+        b.inconsistent = true;
         let bytes = b.to_bytes();
         let p = Path::new("/x");
         let c = Bitmap::from_bytes("bm0", p, &bytes).unwrap();
@@ -445,7 +582,25 @@ mod tests {
                 (64 << 20, (64 << 20) + 512)
             ]
         );
-        for i in [0, 9, 13, 20, 77, 110, bytes.len() - 40, bytes.len() - 1] {
+        let mut unknown = b.clone();
+        unknown.in_use = false;
+        let mut raw = unknown.to_bytes();
+        raw[15] |= 8;
+        let n = raw.len() - 32;
+        let sum = Sha256::digest(&raw[..n]);
+        raw[n..].copy_from_slice(&sum);
+        assert!(Bitmap::from_bytes("bm0", p, &raw).is_err(), "unknown flag");
+        for i in [
+            0,
+            9,
+            13,
+            20,
+            77,
+            110,
+            130,
+            bytes.len() - 40,
+            bytes.len() - 1,
+        ] {
             let mut d = bytes.clone();
             d[i] ^= 1;
             assert!(Bitmap::from_bytes("bm0", p, &d).is_err(), "flip at {i}");

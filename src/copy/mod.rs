@@ -355,6 +355,26 @@ impl BlockCopy {
         self.changed.notify_all();
     }
 
+    /// Split a held claim into claims of one cluster each, in offset order,
+    /// keeping the in-flight list exact (each piece is released on its
+    /// own).
+    pub fn split_claim(&self, c: Claim) -> Vec<Claim> {
+        let cs = self.cfg.cluster_size;
+        let mut g = self.lock();
+        if let Some(i) = g.inflight.iter().position(|&r| r == (c.start, c.end)) {
+            g.inflight.swap_remove(i);
+        }
+        let mut out = Vec::new();
+        let mut s = c.start;
+        while s < c.end {
+            let e = ((s / cs + 1) * cs).min(c.end);
+            g.inflight.push((s, e));
+            out.push(Claim { start: s, end: e });
+            s = e;
+        }
+        out
+    }
+
     /// Claim every cluster of `[offset, offset+len)` that is still to copy,
     /// after waiting for copies in flight over the range (which may copy
     /// or give back some of it). `None` for `deadline` waits as long as it
@@ -666,21 +686,7 @@ impl BlockCopy {
             // clusters.
             let end = (ext_end.div_ceil(cs) * cs).min(claim.end);
             let end = end.max((pos + cs).min(claim.end));
-            if let Some((src, dst)) = self.kernel_copy() {
-                ctx.check(&self.cancel)?;
-                crate::node::copy_file_range(src, dst, pos, end - pos).map_err(|e| {
-                    CopyError::Target(crate::error::BlockError::io(
-                        crate::error::Op::Write,
-                        self.target.path(),
-                        pos,
-                        end - pos,
-                        e,
-                    ))
-                })?;
-                crate::node::start_writeback(dst, pos, end - pos);
-                ctx.tally.read += end - pos;
-                ctx.tally.copied += end - pos;
-            } else {
+            if !self.kernel_copied(pos, end, ctx)? {
                 self.copy_data(pos, end, buf, ctx)?;
             }
             pos = end;
@@ -772,16 +778,48 @@ impl BlockCopy {
         Ok(())
     }
 
-    /// The two files of a kernel copy, when it applies.
-    fn kernel_copy(&self) -> Option<(&std::fs::File, &std::fs::File)> {
+    /// Copy `[start, end)` inside the kernel (`copy_file_range`) in
+    /// requests of at most `max_chunk`, when nothing needs the bytes in
+    /// memory (no observer, no compression, zeros not written explicitly)
+    /// and both nodes allow it. Every request passes the nodes' filters
+    /// (fault injection) like a read and a write would; its errors go to the
+    /// error policies like any copy's. `Ok(false)` when the bytes must be
+    /// copied through memory instead (nothing was copied then).
+    fn kernel_copied(&self, start: u64, end: u64, ctx: &mut Ctx<'_>) -> Result<bool, CopyError> {
         if !self.cfg.copy_range
             || self.observer.is_some()
             || self.cfg.compress
             || self.cfg.write_zeroes
         {
-            return None;
+            return Ok(false);
         }
-        Some((self.source.raw_file()?, self.target.raw_file()?))
+        let step = self.max_chunk();
+        let mut pos = start;
+        while pos < end {
+            ctx.check(&self.cancel)?;
+            let n = (end - pos).min(step);
+            let copied = match self.source.copy_source(pos, n).map_err(CopyError::Source)? {
+                Some(src) => self
+                    .target
+                    .copy_range_from(src, pos, n)
+                    .map_err(CopyError::Target)?,
+                None => false,
+            };
+            if !copied {
+                if pos == start {
+                    return Ok(false);
+                }
+                // The file systems stopped allowing it midway: copy the
+                // rest through memory.
+                let mut buf = Vec::new();
+                self.copy_data(pos, end, &mut buf, ctx)?;
+                return Ok(true);
+            }
+            ctx.tally.read += n;
+            ctx.tally.copied += n;
+            pos += n;
+        }
+        Ok(true)
     }
 
     /// Flush the target.

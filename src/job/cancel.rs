@@ -1,5 +1,10 @@
-//! Cancellation: SIGINT, SIGTERM and `--timeout` set one shared reason; every
-//! worker and every wait checks it between requests.
+//! Cancellation: SIGINT, SIGTERM, SIGHUP and `--timeout` set one shared
+//! reason; every worker, every wait and every phase (copy, manifest,
+//! verification, overlay export, restore) checks it between requests.
+//!
+//! Signals are received by a dedicated thread (not in a signal handler), so
+//! the second signal can say what stopping at once leaves behind
+//! ([`crate::leftovers`]) before the process ends.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -10,6 +15,7 @@ use std::time::{Duration, Instant};
 pub enum Reason {
     Interrupt,
     Terminate,
+    Hangup,
     Timeout,
 }
 
@@ -18,6 +24,7 @@ impl Reason {
         match self {
             Reason::Interrupt => 130,
             Reason::Terminate => 143,
+            Reason::Hangup => 129,
             Reason::Timeout => 9,
         }
     }
@@ -26,6 +33,7 @@ impl Reason {
         match c {
             130 => Some(Reason::Interrupt),
             143 => Some(Reason::Terminate),
+            129 => Some(Reason::Hangup),
             9 => Some(Reason::Timeout),
             _ => None,
         }
@@ -35,6 +43,7 @@ impl Reason {
         match self {
             Reason::Interrupt => "interrupted by SIGINT",
             Reason::Terminate => "terminated by SIGTERM",
+            Reason::Hangup => "stopped by SIGHUP",
             Reason::Timeout => "timed out (--timeout)",
         }
     }
@@ -51,17 +60,45 @@ impl Cancel {
         Cancel::default()
     }
 
-    /// Route SIGINT and SIGTERM to this token. A second signal of the same
-    /// kind ends the process at once (exit 130/143) without cleanup.
+    /// Route SIGINT, SIGTERM and SIGHUP to this token (once per process).
+    /// A second signal ends the process at once (exit 130/143/129), after
+    /// one line on stderr naming what it leaves behind and how to recover.
     pub fn install_signal_handlers(&self) -> std::io::Result<()> {
-        use signal_hook::consts::{SIGINT, SIGTERM};
-        use signal_hook::flag;
-        for (sig, code) in [(SIGINT, 130usize), (SIGTERM, 143usize)] {
-            let armed = Arc::new(std::sync::atomic::AtomicBool::new(false));
-            flag::register_conditional_shutdown(sig, code as i32, armed.clone())?;
-            flag::register(sig, armed)?;
-            flag::register_usize(sig, self.code.clone(), code)?;
+        use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+        use std::sync::atomic::AtomicBool;
+        static INSTALLED: AtomicBool = AtomicBool::new(false);
+        if INSTALLED.swap(true, Ordering::SeqCst) {
+            return Ok(());
         }
+        let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])?;
+        let me = self.clone();
+        std::thread::Builder::new()
+            .name("imgbackup-signals".into())
+            .spawn(move || {
+                let mut seen = 0;
+                for sig in signals.forever() {
+                    let reason = match sig {
+                        SIGINT => Reason::Interrupt,
+                        SIGTERM => Reason::Terminate,
+                        _ => Reason::Hangup,
+                    };
+                    seen += 1;
+                    if seen == 1 {
+                        me.cancel(reason);
+                        continue;
+                    }
+                    crate::errln!(
+                        "imgbackup: {} again: stopping at once; {}",
+                        match sig {
+                            SIGINT => "SIGINT",
+                            SIGTERM => "SIGTERM",
+                            _ => "SIGHUP",
+                        },
+                        crate::leftovers::describe()
+                    );
+                    std::process::exit(reason.exit_code());
+                }
+            })?;
         Ok(())
     }
 

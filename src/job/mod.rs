@@ -2,6 +2,7 @@
 //! the error policies, cancellation, and the job's outcome.
 
 pub mod cancel;
+pub mod parent;
 pub mod policy;
 pub mod sync_bitmap;
 
@@ -196,17 +197,7 @@ fn handle_claim(
                     match bc.claim_range(c.start, c.end - c.start, None) {
                         Ok(again) => {
                             for a in again.into_iter().rev() {
-                                let mut k = a.end;
-                                let mut singles = Vec::new();
-                                while k > a.start {
-                                    let s = (k - 1) / cs * cs;
-                                    singles.push(Claim {
-                                        start: s.max(a.start),
-                                        end: k,
-                                    });
-                                    k = s.max(a.start);
-                                }
-                                pending.extend(singles);
+                                pending.extend(bc.split_claim(a).into_iter().rev());
                             }
                         }
                         Err(e) => {

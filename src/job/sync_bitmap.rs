@@ -14,6 +14,12 @@
 //!
 //! The in-use flag is cleared in both cases. A process killed outright
 //! leaves it set, and the next run refuses the bitmap (exit 6).
+//!
+//! A full or top backup that (re)anchors a bitmap starts from the bitmap as
+//! it was before the job ([`Before`]): when the job fails, that is what is
+//! put back — a bitmap that did not exist is removed, a damaged file is
+//! written back byte for byte, and an inconsistent one keeps its
+//! inconsistent flag (only a successful job makes it consistent).
 
 use crate::bitmap::file::Anchor;
 use crate::bitmap::{Bitmap, BitmapError, Bits, Identity};
@@ -24,11 +30,27 @@ use crate::node::marking::Mark;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+/// The bitmap file as it was before the job.
+#[derive(Debug, Clone)]
+pub enum Before {
+    /// There was none: a failed job removes the new one.
+    Missing,
+    /// It could not be parsed: a failed job writes these bytes back.
+    Raw(Vec<u8>),
+    /// It was this bitmap, consistent or not (`consistent`).
+    Parsed {
+        bitmap: Box<Bitmap>,
+        consistent: bool,
+    },
+}
+
 /// The job's bitmap.
 pub struct SyncBitmap {
     // set at start
     image: PathBuf,
     parent: Bitmap,
+    before: Before,
+    token: Mutex<Option<crate::leftovers::Token>>,
     mode: BitmapMode,
     start_identity: Identity,
     // behind locks
@@ -39,17 +61,29 @@ pub struct SyncBitmap {
 
 impl SyncBitmap {
     /// Freeze `bitmap` for a job on `image`: mark it in use on disk.
+    /// `before` is the file as it was (what a failed job puts back).
     pub fn start(
         image: &Path,
         mut bitmap: Bitmap,
+        before: Before,
         mode: BitmapMode,
         start_identity: Identity,
     ) -> Result<SyncBitmap, BitmapError> {
         bitmap.in_use = true;
-        bitmap.save(image)?;
+        let token = crate::leftovers::add(crate::leftovers::Left::BitmapInUse {
+            image: image.to_path_buf(),
+            name: bitmap.name.clone(),
+            anchor: bitmap.anchor.as_ref().map(|a| a.path.clone()),
+        });
+        if let Err(e) = bitmap.save(image) {
+            token.clear();
+            return Err(e);
+        }
         let successor = Bits::new(bitmap.bits.len());
         Ok(SyncBitmap {
             image: image.to_path_buf(),
+            before,
+            token: Mutex::new(Some(token)),
             parent: bitmap,
             mode,
             start_identity,
@@ -116,11 +150,12 @@ impl SyncBitmap {
         let sync = (ok || self.mode == BitmapMode::Always) && self.mode != BitmapMode::Never;
         let mut b = self.parent.clone();
         if sync {
-            b.bits = successor;
+            b.bits = successor.clone();
             b.bits.merge(&self.leftovers());
             if ok {
                 // This backup is the new reference point.
                 b.identity = self.start_identity;
+                b.inconsistent = false;
                 if anchor.is_some() {
                     b.anchor = anchor;
                 }
@@ -128,10 +163,45 @@ impl SyncBitmap {
         } else {
             b.bits.merge(&successor);
         }
+        if !ok {
+            // Put back what was there, plus the writes made meanwhile; an
+            // inconsistent bitmap stays inconsistent.
+            match &self.before {
+                Before::Missing => {
+                    Bitmap::remove(&self.image, &self.parent.name)?;
+                    self.settled(&mut done);
+                    return Ok(b);
+                }
+                Before::Raw(bytes) => {
+                    Bitmap::write_raw(&self.image, &self.parent.name, bytes)?;
+                    self.settled(&mut done);
+                    return Ok(b);
+                }
+                Before::Parsed { bitmap, consistent } => {
+                    if !sync {
+                        let mut orig = (**bitmap).clone();
+                        if orig.bits.len() == successor.len() {
+                            orig.bits.merge(&successor);
+                        }
+                        b = orig;
+                    }
+                    if !consistent {
+                        b.inconsistent = true;
+                    }
+                }
+            }
+        }
         b.in_use = false;
         b.save(&self.image)?;
-        *done = true;
+        self.settled(&mut done);
         Ok(b)
+    }
+
+    fn settled(&self, done: &mut bool) {
+        *done = true;
+        if let Some(t) = self.token.lock().ok().and_then(|mut t| t.take()) {
+            t.clear();
+        }
     }
 }
 

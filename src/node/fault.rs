@@ -329,6 +329,18 @@ impl BlockNode for FaultNode {
     fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
         self.inner.block_status(offset, len)
     }
+
+    fn copy_source(&self, offset: u64, len: u64) -> Result<Option<&std::fs::File>> {
+        // An in-kernel copy reads: the read rules apply to it.
+        self.check(FaultOp::Read, Op::Read, offset, len)?;
+        self.inner.copy_source(offset, len)
+    }
+
+    fn copy_range_from(&self, src: &std::fs::File, offset: u64, len: u64) -> Result<bool> {
+        // An in-kernel copy writes: the write rules apply to it.
+        self.check(FaultOp::Write, Op::Write, offset, len)?;
+        self.inner.copy_range_from(src, offset, len)
+    }
 }
 
 /// Parse a RULE (clap value parser).

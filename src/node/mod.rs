@@ -104,22 +104,39 @@ pub trait BlockNode: Send + Sync {
     /// Status of a prefix of `[offset, offset + len)`, for this layer only.
     fn block_status(&self, offset: u64, len: u64) -> Result<Extent>;
 
-    /// The file behind a plain raw node, whose bytes are the node's bytes
-    /// (for `copy_file_range`); None for every other node.
-    fn raw_file(&self) -> Option<&std::fs::File> {
-        None
+    /// For an in-kernel copy (`copy_file_range`) of `[offset, offset+len)`
+    /// out of this node: the file whose bytes at those offsets are the
+    /// node's bytes (a plain raw file), or None (the caller reads the bytes
+    /// itself). Filters that can fail a read (fault injection) decide here,
+    /// as for a read.
+    fn copy_source(&self, _offset: u64, _len: u64) -> Result<Option<&std::fs::File>> {
+        Ok(None)
+    }
+
+    /// Copy `[offset, offset+len)` of `src` (a file from
+    /// [`BlockNode::copy_source`]) to the same place in this node inside the
+    /// kernel. `Ok(false)` when this node cannot (not a plain raw file, or
+    /// the file systems cannot copy between them): the caller then copies
+    /// the bytes itself. Filters that can fail a write decide here, as for a
+    /// write. Bytes past the end of `src` are not copied (they read as
+    /// zeros already).
+    fn copy_range_from(&self, _src: &std::fs::File, _offset: u64, _len: u64) -> Result<bool> {
+        Ok(false)
     }
 }
 
 /// Copy `[offset, offset+len)` from one raw file to the same place in
 /// another inside the kernel (`copy_file_range`). Bytes past the end of the
 /// source file are not copied (the target reads them as zeros already).
+/// `Ok(false)` when the kernel cannot copy between these files (different
+/// file systems that do not support it, special files) and nothing was
+/// copied yet.
 pub fn copy_file_range(
     src: &std::fs::File,
     dst: &std::fs::File,
     offset: u64,
     len: u64,
-) -> std::io::Result<()> {
+) -> std::io::Result<bool> {
     use std::os::unix::io::AsRawFd;
     let mut done = 0u64;
     while done < len {
@@ -141,6 +158,13 @@ pub fn copy_file_range(
             if e.kind() == std::io::ErrorKind::Interrupted {
                 continue;
             }
+            let unsupported = matches!(
+                e.raw_os_error(),
+                Some(libc::EXDEV | libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP)
+            );
+            if unsupported && done == 0 {
+                return Ok(false);
+            }
             return Err(e);
         }
         if n == 0 {
@@ -148,7 +172,7 @@ pub fn copy_file_range(
         }
         done += n as u64;
     }
-    Ok(())
+    Ok(true)
 }
 
 /// Walk `[start, end)` of `node` extent by extent, calling `f(offset,

@@ -6,9 +6,9 @@ use super::chain::ChainNode;
 use super::qcow2::{Qcow2Layer, header};
 use super::raw::RawNode;
 use crate::error::{BlockError, Op, Result};
+use crate::files::Kind;
 use std::collections::HashSet;
 use std::fs::File;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -86,11 +86,16 @@ impl Image {
 
 /// Probe the format of `path` by its magic: qcow2 or else raw.
 pub fn probe(path: &Path) -> Result<Format> {
-    let mut f = open_file(path)?;
+    let (f, _) = open_file(path)?;
+    probe_file(path, &f)
+}
+
+fn probe_file(path: &Path, f: &File) -> Result<Format> {
+    use std::os::unix::fs::FileExt;
     let mut magic = [0u8; 4];
     let mut got = 0;
     while got < 4 {
-        match f.read(&mut magic[got..]) {
+        match f.read_at(&mut magic[got..], got as u64) {
             Ok(0) => break,
             Ok(n) => got += n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
@@ -104,18 +109,17 @@ pub fn probe(path: &Path) -> Result<Format> {
     })
 }
 
-fn open_file(path: &Path) -> Result<File> {
-    let f = File::open(path).map_err(|e| BlockError::io(Op::Open, path, 0, 0, e))?;
-    let meta = f
-        .metadata()
-        .map_err(|e| BlockError::io(Op::Open, path, 0, 0, e))?;
-    if meta.is_dir() {
-        return Err(BlockError::Invalid {
+/// Open an image file read-only: a regular file or a block device, never
+/// a directory, character device, FIFO or socket (refused without
+/// blocking).
+pub fn open_file(path: &Path) -> Result<(File, Kind)> {
+    crate::files::open_image_file(path, false).map_err(|e| match e {
+        crate::files::KindError::NotAnImage { what, .. } => BlockError::Invalid {
             path: path.to_path_buf(),
-            detail: "is a directory, not a disk image".into(),
-        });
-    }
-    Ok(f)
+            detail: format!("{what}, not a disk image; name a regular file or a block device"),
+        },
+        crate::files::KindError::Io { source, .. } => BlockError::io(Op::Open, path, 0, 0, source),
+    })
 }
 
 /// Open `path` read-only with its backing chain. `format` skips probing of
@@ -148,9 +152,10 @@ fn open_chain(
             detail: "the backing chain loops back to this image".into(),
         });
     }
+    let (file, kind) = open_file(path)?;
     let format = match format {
         Some(f) => f,
-        None => probe(path)?,
+        None => probe_file(path, &file)?,
     };
     let disk_usage = |p: &Path| {
         use std::os::unix::fs::MetadataExt;
@@ -158,8 +163,8 @@ fn open_chain(
     };
     match format {
         Format::Raw => {
-            let raw = Arc::new(RawNode::open(path)?);
-            let file_length = raw.file().metadata().map(|m| m.len()).unwrap_or(0);
+            let raw = Arc::new(RawNode::from_image_file(path, file, kind)?);
+            let file_length = raw.file_len();
             let info = LayerInfo {
                 path: path.to_path_buf(),
                 format,
@@ -175,7 +180,7 @@ fn open_chain(
             Ok((node.clone(), vec![Layer { info, node }]))
         }
         Format::Qcow2 => {
-            let layer = Arc::new(Qcow2Layer::open(path)?);
+            let layer = Arc::new(Qcow2Layer::open_file(path, file, kind)?);
             let h = layer.header().clone();
             let info = LayerInfo {
                 path: path.to_path_buf(),

@@ -3,6 +3,7 @@
 
 use super::{BlockNode, Extent, Status, check_range};
 use crate::error::{BlockError, Op, Result};
+use crate::files::Kind;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -72,24 +73,61 @@ pub struct RawNode {
     file_len: u64,
     size: u64,
     writable: bool,
+    /// A block device: its size comes from the kernel, it has no holes to
+    /// find (everything is data), and zeroing writes zeros into it.
+    device: bool,
 }
 
 impl RawNode {
-    /// Open an existing raw file read-only.
+    /// Open an existing raw image read-only (a regular file or a block
+    /// device).
     pub fn open(path: &Path) -> Result<RawNode> {
-        let file = File::open(path).map_err(|e| BlockError::io(Op::Open, path, 0, 0, e))?;
-        Self::from_file(path, file, false)
+        let (file, kind) = crate::node::probe::open_file(path)?;
+        Self::from_image_file(path, file, kind)
     }
 
-    /// Wrap an open file. `writable` nodes accept writes.
+    /// A read-only node over an open image file of `kind`.
+    pub fn from_image_file(path: &Path, file: File, kind: Kind) -> Result<RawNode> {
+        match kind {
+            Kind::Regular => Self::from_file(path, file, false),
+            Kind::Block => {
+                let len = crate::files::device_size(&file)
+                    .map_err(|e| BlockError::io(Op::Open, path, 0, 0, e))?;
+                Ok(RawNode {
+                    path: path.to_path_buf(),
+                    file,
+                    file_len: len,
+                    size: len,
+                    writable: false,
+                    device: true,
+                })
+            }
+        }
+    }
+
+    /// A writable node over an open block device (`restore` onto a device).
+    pub fn device_for_writing(path: &Path, file: File) -> Result<RawNode> {
+        let len = crate::files::device_size(&file)
+            .map_err(|e| BlockError::io(Op::Open, path, 0, 0, e))?;
+        Ok(RawNode {
+            path: path.to_path_buf(),
+            file,
+            file_len: len,
+            size: len,
+            writable: true,
+            device: true,
+        })
+    }
+
+    /// Wrap an open regular file. `writable` nodes accept writes.
     pub fn from_file(path: &Path, file: File, writable: bool) -> Result<RawNode> {
         let meta = file
             .metadata()
             .map_err(|e| BlockError::io(Op::Open, path, 0, 0, e))?;
-        if meta.is_dir() {
+        if !meta.is_file() {
             return Err(BlockError::Invalid {
                 path: path.to_path_buf(),
-                detail: "is a directory, not a disk image".into(),
+                detail: "is not a regular file".into(),
             });
         }
         let file_len = meta.len();
@@ -104,20 +142,28 @@ impl RawNode {
             file_len,
             size,
             writable,
+            device: false,
         })
     }
 
-    /// Create (or truncate) `path` as a sparse raw file of `size` bytes.
-    /// The file grows as it is written (file systems allocate appends
-    /// faster than writes into a hole) and gets its full length on `flush`.
+    /// The length of the file (or device) on the host.
+    pub fn file_len(&self) -> u64 {
+        self.file_len
+    }
+
+    /// Create `path` afresh (a file there is unlinked first, never followed)
+    /// as a sparse raw image of `size` bytes, mode 0600.
     pub fn create(path: &Path, size: u64) -> Result<RawNode> {
-        let file = File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(path)
+        let file = crate::files::unlink_leftover(path)
+            .and_then(|_| crate::files::create_new(path, 0o600))
             .map_err(|e| BlockError::io(Op::Open, path, 0, 0, e))?;
+        Self::create_in(path, file, size)
+    }
+
+    /// Make the new, empty `file` (at `path`) a sparse raw image of `size`
+    /// bytes. The file grows as it is written (file systems allocate appends
+    /// faster than writes into a hole) and gets its full length on `flush`.
+    pub fn create_in(path: &Path, file: File, size: u64) -> Result<RawNode> {
         // Check now that the file system and limits take a file this long.
         file.set_len(size)
             .and_then(|_| file.set_len(0))
@@ -262,6 +308,12 @@ impl BlockNode for RawNode {
         if !self.writable {
             return Ok(());
         }
+        if self.device {
+            return self
+                .file
+                .sync_all()
+                .map_err(|e| BlockError::io(Op::Flush, &self.path, 0, self.size, e));
+        }
         let len = self
             .file
             .metadata()
@@ -277,12 +329,35 @@ impl BlockNode for RawNode {
             .map_err(|e| BlockError::io(Op::Flush, &self.path, 0, self.size, e))
     }
 
-    fn raw_file(&self) -> Option<&File> {
-        Some(&self.file)
+    fn copy_source(&self, offset: u64, len: u64) -> Result<Option<&File>> {
+        check_range(&self.path, offset, len, self.size)?;
+        Ok((!self.device).then_some(&self.file))
+    }
+
+    fn copy_range_from(&self, src: &File, offset: u64, len: u64) -> Result<bool> {
+        self.check_writable(Op::Write)?;
+        check_range(&self.path, offset, len, self.size)?;
+        if self.device {
+            return Ok(false);
+        }
+        let done = super::copy_file_range(src, &self.file, offset, len)
+            .map_err(|e| BlockError::io(Op::Write, &self.path, offset, len, e))?;
+        if done {
+            super::start_writeback(&self.file, offset, len);
+        }
+        Ok(done)
     }
 
     fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
         check_range(&self.path, offset, len, self.size)?;
+        if self.device {
+            // No holes to find on a device: the copy's zero detection
+            // keeps zero clusters out of the target.
+            return Ok(Extent {
+                status: Status::Data,
+                len,
+            });
+        }
         let end = offset + len;
         if offset >= self.file_len {
             return Ok(Extent {

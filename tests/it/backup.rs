@@ -230,8 +230,8 @@ fn target_equal_to_source_is_refused_even_with_force() {
     make_raw(p, "src.raw", "4M");
     let before = sha256_file(&p.join("src.raw"));
     let o = run_in(p, &["backup", "--force", "src.raw", "./src.raw"]);
-    assert_eq!(code(&o), 1);
-    assert!(stderr(&o).contains("is the source image"), "{}", stderr(&o));
+    assert_eq!(code(&o), 2);
+    assert!(stderr(&o).contains("the source image"), "{}", stderr(&o));
     assert_eq!(sha256_file(&p.join("src.raw")), before);
 }
 

@@ -167,17 +167,15 @@ impl std::fmt::Debug for Qcow2Layer {
 impl Qcow2Layer {
     /// Open `path` (already known to carry the qcow2 magic), validating it.
     pub fn open(path: &Path) -> Result<Qcow2Layer> {
-        let file = File::open(path).map_err(|e| BlockError::io(Op::Open, path, 0, 0, e))?;
-        let meta = file
-            .metadata()
+        let (file, kind) = crate::node::probe::open_file(path)?;
+        Self::open_file(path, file, kind)
+    }
+
+    /// Open the image file `file` of `kind` (a regular file or a block
+    /// device holding a qcow2 image), validating it.
+    pub fn open_file(path: &Path, file: File, kind: crate::files::Kind) -> Result<Qcow2Layer> {
+        let file_len = crate::files::file_len(&file, kind)
             .map_err(|e| BlockError::io(Op::Open, path, 0, 0, e))?;
-        if meta.is_dir() {
-            return Err(BlockError::Invalid {
-                path: path.to_path_buf(),
-                detail: "is a directory, not a disk image".into(),
-            });
-        }
-        let file_len = meta.len();
         let mut buf = vec![0u8; (file_len.min(2 << 20)) as usize];
         file.read_exact_at(&mut buf, 0)
             .map_err(|e| BlockError::io(Op::Read, path, 0, buf.len() as u64, e))?;

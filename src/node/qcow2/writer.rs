@@ -68,8 +68,17 @@ impl std::fmt::Debug for Qcow2Writer {
 }
 
 impl Qcow2Writer {
-    /// Create (or truncate) `path` as a new qcow2 image.
+    /// Create `path` afresh (a file there is unlinked first, never followed)
+    /// as a new qcow2 image, mode 0600.
     pub fn create(path: &Path, opts: &CreateOptions) -> Result<Qcow2Writer> {
+        let file = crate::files::unlink_leftover(path)
+            .and_then(|_| crate::files::create_new(path, 0o600))
+            .map_err(|e| BlockError::io(Op::Open, path, 0, 0, e))?;
+        Self::create_in(path, file, opts)
+    }
+
+    /// Make the new, empty `file` (at `path`) a qcow2 image.
+    pub fn create_in(path: &Path, file: File, opts: &CreateOptions) -> Result<Qcow2Writer> {
         let cs = opts.cluster_size;
         let invalid = |detail: String| BlockError::Invalid {
             path: path.to_path_buf(),
@@ -97,13 +106,6 @@ impl Qcow2Writer {
                 )));
             }
         }
-        let file = File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(path)
-            .map_err(|e| BlockError::io(Op::Open, path, 0, 0, e))?;
         let mut l2 = Vec::with_capacity(l1_entries as usize);
         l2.resize_with(l1_entries as usize, OnceLock::new);
         Ok(Qcow2Writer {
