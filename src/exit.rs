@@ -78,7 +78,7 @@ pub fn classify(err: &anyhow::Error) -> Exit {
                 }
                 B::BadName(_) => return Exit::Usage,
                 // A full file system (or a size limit) under the bitmap file.
-                B::Io { source, .. } if crate::job::policy::is_nospace(source.raw_os_error()) => {
+                B::Io { source, .. } if crate::job::policy::is_nospace_io(source) => {
                     return Exit::TargetWrite;
                 }
                 B::Exists { .. } | B::Io { .. } => {}
@@ -175,7 +175,7 @@ pub fn hint(err: &anyhow::Error) -> Option<String> {
         Exit::TargetWrite => {
             let nospc = block.and_then(|b| b.errno()).is_some_and(|e| e == libc::ENOSPC || e == libc::EDQUOT || e == libc::EFBIG)
                 || err.chain().any(|c| {
-                    c.downcast_ref::<crate::bitmap::BitmapError>().is_some_and(|b| matches!(b, crate::bitmap::BitmapError::Io { source, .. } if crate::job::policy::is_nospace(source.raw_os_error())))
+                    c.downcast_ref::<crate::bitmap::BitmapError>().is_some_and(|b| matches!(b, crate::bitmap::BitmapError::Io { source, .. } if crate::job::policy::is_nospace_io(source)))
                 });
             Some(if nospc {
                 format!("the file system is full (or a size or quota limit was hit); free space or choose another target. {}", left_behind())

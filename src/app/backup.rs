@@ -80,6 +80,9 @@ pub struct Summary {
     pub cluster_size: u64,
     /// Bytes written to the target as data.
     pub bytes_copied: u64,
+    /// Of those, bytes the kernel copied between the files
+    /// (`copy_file_range`, raw to raw without a manifest).
+    pub bytes_copied_in_kernel: u64,
     /// Bytes not written as data because they read as zeros (unallocated,
     /// zero clusters, all-zero data).
     pub bytes_skipped_zero: u64,
@@ -650,6 +653,7 @@ pub fn run(args: &BackupArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
         virtual_size: size,
         cluster_size: cs,
         bytes_copied: 0,
+        bytes_copied_in_kernel: 0,
         bytes_skipped_zero: 0,
         copy_before_write_copies: 0,
         copy_before_write_bytes: 0,
@@ -802,6 +806,7 @@ pub fn run(args: &BackupArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
     let plog = PolicyLog::default();
 
     // Run: the background copy (unless sync none) and the guest side by side.
+    log::info("phase: copy");
     let stop_guest = AtomicBool::new(false);
     let stop_drain = AtomicBool::new(false);
     let (result, guest_stats) = std::thread::scope(|s| {
@@ -862,6 +867,7 @@ pub fn run(args: &BackupArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
     check_unchanged(&source_ids)?;
 
     if let (Some(m), Some(mp)) = (&mwriter, &mpartial) {
+        log::info("phase: manifest (digests of what the copy did not see)");
         let meta = finish_manifest(
             m,
             &ManifestInputs {
@@ -884,12 +890,14 @@ pub fn run(args: &BackupArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
     }
 
     if args.verify {
+        log::info("phase: verify (re-reading the new backup)");
         let v = verify_new_backup(&plan, args, &partial, mpartial.as_ref(), &image, &cancel);
         phase(&cancel, v)?;
         summary.verified = true;
     }
 
     // The manifest first (bound to the new file), then the backup.
+    log::info("phase: commit");
     let final_path = partial.final_path().to_path_buf();
     crate::target::commit(partial, mpartial)
         .map_err(|e| CopyError::Target(BlockError::io(Op::Flush, &final_path, 0, 0, e)))
@@ -917,6 +925,7 @@ pub fn run(args: &BackupArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
     }
 
     if let (Some(o), Some(file)) = (&overlay, &args.guest_overlay) {
+        log::info("phase: export of the guest overlay");
         export_overlay(
             o,
             file,
@@ -931,6 +940,7 @@ pub fn run(args: &BackupArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
 
     let p = &bc.progress;
     summary.bytes_copied = p.copied.load(Ordering::Relaxed);
+    summary.bytes_copied_in_kernel = p.copied_in_kernel.load(Ordering::Relaxed);
     summary.bytes_skipped_zero = p.zero.load(Ordering::Relaxed);
     summary.copy_before_write_copies = p.cbw_copies.load(Ordering::Relaxed);
     summary.copy_before_write_bytes = p.cbw_bytes.load(Ordering::Relaxed);

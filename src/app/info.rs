@@ -41,6 +41,11 @@ struct ManifestDoc {
     path: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<String>,
+    /// The manifest describes this very file (see `verify`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bound_to_file: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    unbound_because: Option<String>,
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
     meta: Option<crate::manifest::Meta>,
 }
@@ -161,6 +166,12 @@ pub fn run(args: &InfoArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
             (Some(meta), _) => {
                 out += &format!("manifest:       {}\n", m.path);
                 out += &format!("  root digest:  {}\n", meta.root_digest);
+                if let Some(why) = &m.unbound_because {
+                    out += &format!("  DOES NOT DESCRIBE THIS FILE: {why}\n");
+                }
+                if meta.detached {
+                    out += "  holds:        only the clusters this incremental copied (written with --no-backing); attach it to its parent with `qemu-img rebase -u` before restoring\n";
+                }
                 out += &format!(
                     "  sync mode:    {}{}\n",
                     meta.sync,
@@ -188,7 +199,7 @@ pub fn run(args: &InfoArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
             (None, None) => {}
         }
     }
-    print!("{out}");
+    crate::outln!("{}", out.trim_end_matches('\n'));
     Ok(Exit::Success)
 }
 
@@ -196,15 +207,22 @@ fn manifest_doc(image: &std::path::Path) -> Option<ManifestDoc> {
     use crate::manifest::{ManifestError, ManifestFile, manifest_path};
     let p = manifest_path(image);
     match ManifestFile::open(&p) {
-        Ok(m) => Some(ManifestDoc {
-            path: p.display().to_string(),
-            error: None,
-            meta: Some(m.meta),
-        }),
+        Ok(m) => {
+            let unbound = m.check_bound(image).err().map(|e| e.to_string());
+            Some(ManifestDoc {
+                path: p.display().to_string(),
+                error: None,
+                bound_to_file: Some(unbound.is_none()),
+                unbound_because: unbound,
+                meta: Some(m.meta),
+            })
+        }
         Err(ManifestError::Missing { .. }) => None,
         Err(e) => Some(ManifestDoc {
             path: p.display().to_string(),
             error: Some(e.to_string()),
+            bound_to_file: None,
+            unbound_because: None,
             meta: None,
         }),
     }

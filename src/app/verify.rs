@@ -90,6 +90,7 @@ pub fn run(args: &VerifyArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
         }
         other => other.into(),
     };
+    log::info("phase: verify");
     let res = if detached {
         check_held(image.top().as_ref(), &manifest, jobs, &cancel).map(|(d, n)| (d, Some(n)))
     } else {

@@ -12,6 +12,10 @@ use std::path::{Path, PathBuf};
 const IN_USE: u32 = 1;
 const AUTO: u32 = 2;
 const EXTRA_DATA_COMPATIBLE: u32 = 4;
+const KNOWN_FLAGS: u32 = IN_USE | AUTO | EXTRA_DATA_COMPATIBLE;
+/// Reserved bits of a bitmap table entry (QEMU's
+/// BME_TABLE_ENTRY_RESERVED_MASK).
+const TABLE_ENTRY_RESERVED: u64 = 0xff00_0000_0000_01fe;
 const MAX_DIRECTORY: u64 = 64 << 20;
 
 /// A bitmap read from a qcow2 image.
@@ -149,6 +153,15 @@ pub fn read_bitmap(image: &Path, name: &str) -> Result<Qcow2Bitmap, BitmapError>
             "the image's autoclear bit says its bitmaps are stale (a program unaware of bitmaps wrote it)",
         ));
     }
+    if e.flags & !KNOWN_FLAGS != 0 {
+        return Err(damaged(
+            image,
+            format!(
+                "bitmap '{name}' has unknown flags {:#x} in the bitmap directory",
+                e.flags & !KNOWN_FLAGS
+            ),
+        ));
+    }
     if e.flags & IN_USE != 0 {
         return Err(inconsistent(
             image,
@@ -217,6 +230,12 @@ pub fn read_bitmap(image: &Path, name: &str) -> Result<Qcow2Bitmap, BitmapError>
     for (i, ent) in table.chunks_exact(8).enumerate() {
         let v = u64::from_be_bytes(ent.try_into().unwrap_or([0; 8]));
         let host = v & 0x00ff_ffff_ffff_fe00;
+        if v & TABLE_ENTRY_RESERVED != 0 || (host != 0 && v & 1 != 0) {
+            return Err(damaged(
+                image,
+                format!("bitmap '{name}' has a bitmap table entry with reserved bits set ({v:#x})"),
+            ));
+        }
         let first = i as u64 * bits_per_cluster;
         let last = (first + bits_per_cluster).min(nbits);
         if host == 0 {

@@ -92,6 +92,9 @@ pub struct Progress {
     pub cbw_bytes: AtomicU64,
     /// Retries of failed copies (error policies).
     pub retries: AtomicU64,
+    /// Bytes of `copied` that the kernel copied between the files
+    /// (`copy_file_range`).
+    pub copied_in_kernel: AtomicU64,
 }
 
 /// Settings of a block-copy state.
@@ -119,6 +122,7 @@ struct Tally {
     copied: u64,
     zero: u64,
     read: u64,
+    in_kernel: u64,
 }
 
 /// The context of one claimed copy.
@@ -651,6 +655,8 @@ impl BlockCopy {
         self.copy_claimed_inner(claim, buf, &mut ctx)?;
         let p = &self.progress;
         p.copied.fetch_add(tally.copied, Ordering::Relaxed);
+        p.copied_in_kernel
+            .fetch_add(tally.in_kernel, Ordering::Relaxed);
         p.zero.fetch_add(tally.zero, Ordering::Relaxed);
         p.done
             .fetch_add(tally.copied + tally.zero, Ordering::Relaxed);
@@ -817,6 +823,7 @@ impl BlockCopy {
             }
             ctx.tally.read += n;
             ctx.tally.copied += n;
+            ctx.tally.in_kernel += n;
             pos += n;
         }
         Ok(true)

@@ -88,7 +88,7 @@ impl Cancel {
                         continue;
                     }
                     crate::errln!(
-                        "imgbackup: {} again: stopping at once; {}",
+                        "imgbackup: a second signal ({}): stopping at once; {}",
                         match sig {
                             SIGINT => "SIGINT",
                             SIGTERM => "SIGTERM",

@@ -59,6 +59,17 @@ pub fn is_nospace(errno: Option<i32>) -> bool {
     matches!(errno, Some(e) if e == libc::ENOSPC || e == libc::EDQUOT || e == libc::EFBIG)
 }
 
+/// True for an I/O error that means "no space" (also when the errno was
+/// wrapped, as `tempfile` does with the path).
+pub fn is_nospace_io(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind as K;
+    is_nospace(e.raw_os_error())
+        || matches!(
+            e.kind(),
+            K::StorageFull | K::QuotaExceeded | K::FileTooLarge
+        )
+}
+
 impl Policies {
     /// The decision for `err` after `attempt` retries of the same range.
     pub fn decide(&self, err: &CopyError, attempt: u32) -> Decision {

@@ -3,29 +3,7 @@
 
 use crate::common::*;
 use serde_json::Value;
-use std::path::Path;
 use std::time::{Duration, Instant};
-
-fn ok(p: &Path, args: &[&str]) -> Value {
-    let (rc, doc, err) = json_run(p, args);
-    assert_eq!(rc, 0, "{args:?}: {err}");
-    doc
-}
-
-fn dirty(p: &Path, img: &str, name: &str) -> u64 {
-    ok(p, &["bitmap", "show", img, name])["dirty_granules"]
-        .as_u64()
-        .unwrap()
-}
-
-fn data_disk(p: &Path, name: &str, mib: u64) {
-    qemu_img(p, &["create", "-f", "raw", name, &format!("{mib}M")]);
-    let cmds: Vec<String> = (0..mib)
-        .map(|i| format!("write -P {} {i}M 1M", i % 250 + 1))
-        .collect();
-    let cmds: Vec<&str> = cmds.iter().map(String::as_str).collect();
-    qemu_io(p, "raw", name, &cmds);
-}
 
 #[test]
 fn incremental_chain_restores_and_follows_the_dirty_data() {

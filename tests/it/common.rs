@@ -233,3 +233,27 @@ pub fn signal(child: &std::process::Child, sig: i32) {
         libc::kill(child.id() as i32, sig);
     }
 }
+
+/// Run imgbackup with `--json`, require exit 0, return the document.
+pub fn ok(p: &Path, args: &[&str]) -> serde_json::Value {
+    let (rc, doc, err) = json_run(p, args);
+    assert_eq!(rc, 0, "{args:?}: {err}");
+    doc
+}
+
+/// Dirty granules of bitmap `name` of `img`.
+pub fn dirty(p: &Path, img: &str, name: &str) -> u64 {
+    ok(p, &["bitmap", "show", img, name])["dirty_granules"]
+        .as_u64()
+        .expect("dirty_granules")
+}
+
+/// A raw image of `mib` MiB, every MiB filled with its own pattern.
+pub fn data_disk(p: &Path, name: &str, mib: u64) {
+    qemu_img(p, &["create", "-f", "raw", name, &format!("{mib}M")]);
+    let cmds: Vec<String> = (0..mib)
+        .map(|i| format!("write -P {} {i}M 1M", i % 250 + 1))
+        .collect();
+    let cmds: Vec<&str> = cmds.iter().map(String::as_str).collect();
+    qemu_io(p, "raw", name, &cmds);
+}

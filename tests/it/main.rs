@@ -13,3 +13,4 @@ mod failures;
 mod manifest;
 mod qcow2_matrix;
 mod signals;
+mod trust;

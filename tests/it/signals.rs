@@ -89,10 +89,11 @@ fn timeout_exits_9_without_a_target() {
     assert!(!p.join("out.qcow2").exists() && !p.join("out.qcow2.partial").exists());
 }
 
-/// Run imgbackup under `ulimit -f` (KiB) with SIGXFSZ ignored, so writes
-/// past the limit fail with EFBIG like a full file system.
+/// Run imgbackup under `ulimit -f` (KiB), as a cron job or a systemd unit
+/// with LimitFSIZE would: writes past the limit must fail with EFBIG (the
+/// process ignores SIGXFSZ itself), like a full file system.
 fn run_with_file_limit(dir: &Path, kib: u64, args: &[&str]) -> std::process::Output {
-    let script = format!("ulimit -f {kib}; trap '' XFSZ; exec \"$0\" \"$@\"");
+    let script = format!("ulimit -f {kib}; exec \"$0\" \"$@\"");
     std::process::Command::new("sh")
         .current_dir(dir)
         .arg("-c")

@@ -26,6 +26,7 @@ use qcow2_rs::dev::{Qcow2Dev, Qcow2DevParams};
 use qcow2_rs::error::Qcow2Result;
 use qcow2_rs::meta::{Mapping, MappingSource, Qcow2Header};
 use qcow2_rs::ops::Qcow2IoOps;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -35,6 +36,17 @@ use std::sync::{Arc, Mutex};
 
 /// Bytes of L2 cache per pooled device.
 const L2_CACHE_BYTES: usize = 512 << 10;
+/// Bytes of raw L2 tables the adapter keeps to validate entries.
+const RAW_L2_CACHE_BYTES: u64 = 8 << 20;
+
+const OFLAG_COPIED: u64 = 1 << 63;
+const OFLAG_COMPRESSED: u64 = 1 << 62;
+const OFLAG_ZERO: u64 = 1;
+const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+/// Reserved bits of an L1 entry (QEMU's L1E_RESERVED_MASK).
+const L1E_RESERVED: u64 = 0x7f00_0000_0000_01ff;
+/// Reserved bits of a standard L2 entry (QEMU's L2E_STD_RESERVED_MASK).
+const L2E_STD_RESERVED: u64 = 0x3f00_0000_0000_01fe;
 /// Longest run one `block_status` call inspects.
 const MAX_STATUS_CLUSTERS: u64 = 16384;
 
@@ -152,8 +164,15 @@ pub struct Qcow2Layer {
     header: Header,
     lib_header: Vec<u8>,
     l1: Vec<u64>,
-    // behind a lock: idle devices
+    /// Host clusters that hold metadata (header, L1 and L2 tables, the
+    /// refcount table and blocks): a data cluster there is corruption.
+    metadata: HashSet<u64>,
+    /// L1 entries that are damaged, with why: a read through one of them
+    /// fails (as in QEMU, which finds them when it follows them).
+    bad_l1: HashMap<usize, String>,
+    // behind locks: idle devices; raw L2 tables read for validation
     pool: Mutex<Vec<Dev>>,
+    raw_l2: Mutex<HashMap<u64, Arc<Vec<u64>>>>,
 }
 
 impl std::fmt::Debug for Qcow2Layer {
@@ -191,10 +210,11 @@ impl Qcow2Layer {
             .map_err(|e| {
                 BlockError::io(Op::Read, path, header.l1_table_offset, raw.len() as u64, e)
             })?;
-        let l1 = raw
+        let l1: Vec<u64> = raw
             .chunks_exact(8)
             .map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8])))
             .collect();
+        let (metadata, bad_l1) = metadata_clusters(path, &file, &header, &l1, file_len)?;
 
         let layer = Qcow2Layer {
             path: path.to_path_buf(),
@@ -203,11 +223,17 @@ impl Qcow2Layer {
             lib_header: header.for_library(),
             header,
             l1,
+            metadata,
+            bad_l1,
             pool: Mutex::new(Vec::new()),
+            raw_l2: Mutex::new(HashMap::new()),
         };
-        // Open one device now so a failure shows at open time.
-        let dev = layer.new_dev()?;
-        layer.put_dev(dev);
+        // Open one device now so a failure shows at open time (an empty
+        // image has no table for the library to load).
+        if layer.header.l1_entries_needed() > 0 {
+            let dev = layer.new_dev()?;
+            layer.put_dev(dev);
+        }
         Ok(layer)
     }
 
@@ -294,13 +320,109 @@ impl Qcow2Layer {
         }
     }
 
+    /// The raw L2 table at host offset `l2_off` (validated at open to be
+    /// aligned and inside the file).
+    fn raw_l2_table(&self, l2_off: u64) -> Result<Arc<Vec<u64>>> {
+        if let Some(t) = self
+            .raw_l2
+            .lock()
+            .ok()
+            .and_then(|c| c.get(&l2_off).cloned())
+        {
+            return Ok(t);
+        }
+        let cs = self.header.cluster_size();
+        let mut raw = vec![0u8; cs as usize];
+        self.file
+            .read_exact_at(&mut raw, l2_off)
+            .map_err(|e| BlockError::io(Op::Read, &self.path, l2_off, cs, e))?;
+        let t: Arc<Vec<u64>> = Arc::new(
+            raw.chunks_exact(8)
+                .map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8])))
+                .collect(),
+        );
+        if let Ok(mut c) = self.raw_l2.lock() {
+            if (c.len() as u64 + 1) * cs > RAW_L2_CACHE_BYTES {
+                c.clear();
+            }
+            c.insert(l2_off, t.clone());
+        }
+        Ok(t)
+    }
+
+    /// Check the raw L2 entry of the cluster at `offset` the way `qemu-img
+    /// check` does: reserved bits, alignment, a zero flag in a version 2
+    /// image, a compressed cluster marked COPIED, data inside the file and
+    /// not on top of metadata.
+    fn check_entry(&self, l2_off: u64, offset: u64) -> Result<()> {
+        let cs = self.header.cluster_size();
+        let t = self.raw_l2_table(l2_off)?;
+        let idx = ((offset / cs) % (cs / 8)) as usize;
+        let e = t.get(idx).copied().unwrap_or(0);
+        let corrupt = |detail: String| BlockError::Corrupt {
+            path: self.path.clone(),
+            offset: Some(offset),
+            detail,
+        };
+        if e & OFLAG_COMPRESSED != 0 {
+            if e & OFLAG_COPIED != 0 {
+                return Err(corrupt(format!(
+                    "compressed L2 entry {e:#x} has the COPIED flag"
+                )));
+            }
+            let shift = 62 - (self.header.cluster_bits - 8);
+            let host = e & ((1u64 << shift) - 1);
+            let sectors = ((e >> shift) & ((1u64 << (self.header.cluster_bits - 8)) - 1)) + 1;
+            let end = (host & !511) + sectors * 512;
+            let (first, last) = (host / cs, (end - 1) / cs);
+            if (first..=last).any(|c| self.metadata.contains(&c)) {
+                return Err(corrupt(format!(
+                    "compressed data at host offset {host:#x} overlaps the image's metadata"
+                )));
+            }
+            return Ok(());
+        }
+        if e & L2E_STD_RESERVED != 0 {
+            return Err(corrupt(format!("L2 entry {e:#x} has reserved bits set")));
+        }
+        let host = e & OFFSET_MASK;
+        if e & OFLAG_ZERO != 0 && self.header.version < 3 {
+            return Err(corrupt(format!(
+                "zero-cluster L2 entry {e:#x} in a version 2 image"
+            )));
+        }
+        if host == 0 {
+            return Ok(());
+        }
+        if !host.is_multiple_of(cs) {
+            return Err(corrupt(format!(
+                "L2 entry {e:#x} points to an unaligned cluster ({host:#x})"
+            )));
+        }
+        if self.metadata.contains(&(host / cs)) {
+            return Err(corrupt(format!(
+                "L2 entry points to host cluster {host:#x}, which holds the image's metadata"
+            )));
+        }
+        if e & OFLAG_ZERO == 0 {
+            let in_image = (self.header.size - (offset - offset % cs)).min(cs);
+            if host.saturating_add(in_image) > self.file_len {
+                return Err(corrupt(format!(
+                    "L2 entry points to a data cluster at {host:#x}, past the end of the file ({} bytes)",
+                    self.file_len
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// Map the cluster containing `offset`, checking what the image says.
     fn map(&self, dev: &Dev, offset: u64) -> Result<Map> {
         let cs = self.header.cluster_size();
         let l2_span = cs * (cs / 8);
         let idx = (offset / l2_span) as usize;
         let l1e = self.l1.get(idx).copied().unwrap_or(0);
-        let l2_off = l1e & 0x00ff_ffff_ffff_fe00;
+        let l2_off = l1e & OFFSET_MASK;
         if l2_off == 0 {
             return Ok(Map::Unallocated);
         }
@@ -309,36 +431,15 @@ impl Qcow2Layer {
             offset: Some(offset),
             detail,
         };
-        if l2_off % cs != 0 {
-            return Err(corrupt(format!(
-                "L1 entry {idx} points to an unaligned L2 table ({l2_off:#x})"
-            )));
+        // The L1 entries were checked at open (metadata_clusters).
+        if let Some(why) = self.bad_l1.get(&idx) {
+            return Err(corrupt(why.clone()));
         }
-        if l2_off.saturating_add(cs) > self.file_len {
-            return Err(corrupt(format!(
-                "L1 entry {idx} points to an L2 table at {l2_off:#x}, past the end of the file ({} bytes)",
-                self.file_len
-            )));
-        }
+        self.check_entry(l2_off, offset)?;
         let m: Mapping = block_on(dev.dev.get_mapping(offset))
             .map_err(|e| self.lib_error(dev, Some(offset), e))?;
-        let in_image = (self.header.size - (offset - offset % cs)).min(cs);
         Ok(match m.source {
-            MappingSource::DataFile => {
-                let host = m.cluster_offset.unwrap_or(0);
-                if !host.is_multiple_of(cs) {
-                    return Err(corrupt(format!(
-                        "L2 entry points to an unaligned data cluster ({host:#x})"
-                    )));
-                }
-                if host.saturating_add(in_image) > self.file_len {
-                    return Err(corrupt(format!(
-                        "L2 entry points to a data cluster at {host:#x}, past the end of the file ({} bytes)",
-                        self.file_len
-                    )));
-                }
-                Map::Data(host)
-            }
+            MappingSource::DataFile => Map::Data(m.cluster_offset.unwrap_or(0)),
             MappingSource::Compressed => {
                 let off = m.cluster_offset.unwrap_or(0);
                 let len = m.compressed_length.unwrap_or(0);
@@ -380,6 +481,76 @@ impl Qcow2Layer {
     }
 }
 
+/// The host clusters holding metadata, and the L1 entries that are damaged
+/// (checked the way `qemu-img check` does: reserved bits, alignment, inside
+/// the file, no L2 table shared by two L1 entries or placed on other
+/// metadata).
+fn metadata_clusters(
+    path: &Path,
+    file: &File,
+    h: &Header,
+    l1: &[u64],
+    file_len: u64,
+) -> Result<(HashSet<u64>, HashMap<usize, String>)> {
+    let cs = h.cluster_size();
+    let mut meta = HashSet::new();
+    let add_range = |meta: &mut HashSet<u64>, start: u64, bytes: u64| {
+        if bytes > 0 {
+            for c in start / cs..=(start + bytes - 1) / cs {
+                meta.insert(c);
+            }
+        }
+    };
+    add_range(&mut meta, 0, cs);
+    add_range(&mut meta, h.l1_table_offset, u64::from(h.l1_size) * 8);
+    let rt_bytes = u64::from(h.refcount_table_clusters) * cs;
+    add_range(&mut meta, h.refcount_table_offset, rt_bytes);
+    // Refcount blocks, from the refcount table (at most 8 MiB, checked by
+    // the header); a table past the end of the file is read as far as it
+    // goes (the rest is unused).
+    let avail = file_len
+        .saturating_sub(h.refcount_table_offset)
+        .min(rt_bytes);
+    let mut rt = vec![0u8; avail as usize];
+    file.read_exact_at(&mut rt, h.refcount_table_offset)
+        .map_err(|e| BlockError::io(Op::Read, path, h.refcount_table_offset, avail, e))?;
+    for c in rt.chunks_exact(8) {
+        let off = u64::from_be_bytes(c.try_into().unwrap_or([0; 8])) & !(cs - 1);
+        if off != 0 {
+            meta.insert(off / cs);
+        }
+    }
+    let mut bad = HashMap::new();
+    let mut l2s = HashSet::new();
+    for (i, &e) in l1.iter().enumerate() {
+        let l2 = e & OFFSET_MASK;
+        let why = if e & L1E_RESERVED != 0 {
+            Some(format!("L1 entry {i} ({e:#x}) has reserved bits set"))
+        } else if l2 == 0 {
+            None
+        } else if !l2.is_multiple_of(cs) {
+            Some(format!(
+                "L1 entry {i} points to an unaligned L2 table ({l2:#x})"
+            ))
+        } else if l2.saturating_add(cs) > file_len {
+            Some(format!(
+                "L1 entry {i} points to an L2 table at {l2:#x}, past the end of the file ({file_len} bytes)"
+            ))
+        } else if meta.contains(&(l2 / cs)) || !l2s.insert(l2 / cs) {
+            Some(format!(
+                "L1 entry {i} points to an L2 table at {l2:#x} that is also other metadata"
+            ))
+        } else {
+            None
+        };
+        if let Some(w) = why {
+            bad.insert(i, w);
+        }
+    }
+    meta.extend(l2s);
+    Ok((meta, bad))
+}
+
 impl BlockNode for Qcow2Layer {
     fn path(&self) -> &Path {
         &self.path
@@ -395,6 +566,9 @@ impl BlockNode for Qcow2Layer {
 
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         check_range(&self.path, offset, buf.len() as u64, self.header.size)?;
+        if buf.is_empty() {
+            return Ok(());
+        }
         let cs = self.header.cluster_size();
         let dev = self.take_dev()?;
         let result = (|| {

@@ -233,7 +233,9 @@ impl Qcow2Writer {
         // 2. L1 table.
         let l1_offset = pos;
         let l1_bytes: Vec<u8> = l1.iter().flat_map(|v| v.to_be_bytes()).collect();
-        let l1_clusters = (l1_bytes.len() as u64).div_ceil(cs).max(1);
+        // An empty image has no L1 table (and no cluster for one: qemu-img
+        // check would call it leaked).
+        let l1_clusters = (l1_bytes.len() as u64).div_ceil(cs);
         if !l1_bytes.is_empty() {
             self.file
                 .write_all_at(&l1_bytes, l1_offset)
