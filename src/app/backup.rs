@@ -387,7 +387,8 @@ pub fn first_difference(
     Ok(None)
 }
 
-/// Write the guest overlay as a qcow2 backed by the source.
+/// Write the guest overlay as a qcow2 backed by the source, into its
+/// partial file (the caller commits it with the backup).
 fn export_overlay(
     overlay: &OverlayNode,
     file: &Path,
@@ -395,7 +396,7 @@ fn export_overlay(
     source_format: Format,
     cancel: &Cancel,
     keep_partial: bool,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Partial> {
     let cluster_size = 65536;
     let partial = Partial::create(file, crate::files::mode_from(source), keep_partial, None)?;
     let w = Qcow2Writer::create_in(
@@ -432,10 +433,7 @@ fn export_overlay(
     if let Some(r) = cancel.reason() {
         return Err(AppError::Cancelled(r).into());
     }
-    partial
-        .commit()
-        .with_context(|| format!("cannot rename the guest overlay to {}", file.display()))?;
-    Ok(())
+    Ok(partial)
 }
 
 /// The identity of every file of the source's chain, to tell at the end
@@ -896,6 +894,25 @@ pub fn run(args: &BackupArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
         summary.verified = true;
     }
 
+    // The guest overlay, before anything is committed: a cancel here
+    // leaves no TARGET either.
+    let overlay_partial = match (&overlay, &args.guest_overlay) {
+        (Some(o), Some(file)) => {
+            log::info("phase: export of the guest overlay");
+            let r = export_overlay(
+                o,
+                file,
+                &plan.source,
+                source_format,
+                &cancel,
+                args.keep_partial,
+            )
+            .with_context(|| format!("cannot write the guest overlay {}", file.display()));
+            Some(phase(&cancel, r)?)
+        }
+        _ => None,
+    };
+
     // The manifest first (bound to the new file), then the backup.
     log::info("phase: commit");
     let final_path = partial.final_path().to_path_buf();
@@ -924,17 +941,10 @@ pub fn run(args: &BackupArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
         });
     }
 
-    if let (Some(o), Some(file)) = (&overlay, &args.guest_overlay) {
-        log::info("phase: export of the guest overlay");
-        export_overlay(
-            o,
-            file,
-            &plan.source,
-            source_format,
-            &cancel,
-            args.keep_partial,
-        )
-        .with_context(|| format!("cannot write the guest overlay {}", file.display()))?;
+    if let Some(op) = overlay_partial {
+        let file = op.final_path().to_path_buf();
+        op.commit()
+            .with_context(|| format!("cannot rename the guest overlay to {}", file.display()))?;
         summary.guest_overlay = Some(file.display().to_string());
     }
 

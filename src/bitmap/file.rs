@@ -514,7 +514,12 @@ impl Bitmap {
             .map_err(ioerr)?;
         tmp.write_all(bytes).map_err(ioerr)?;
         tmp.as_file().sync_all().map_err(ioerr)?;
-        tmp.persist(&path).map_err(|e| ioerr(e.error))?;
+        // From here the temporary file is ours to rename (or remove).
+        let tmp_path = tmp.into_temp_path().keep().map_err(|e| ioerr(e.error))?;
+        if let Err(e) = std::fs::rename(&tmp_path, &path) {
+            let _ = std::fs::remove_file(&tmp_path);
+            return Err(ioerr(e));
+        }
         File::open(&dir).and_then(|d| d.sync_all()).map_err(ioerr)?;
         Ok(())
     }

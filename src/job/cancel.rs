@@ -53,6 +53,9 @@ impl Reason {
 #[derive(Debug, Clone, Default)]
 pub struct Cancel {
     code: Arc<AtomicUsize>,
+    /// `--timeout`: checked by every poll, so a deadline that passed while
+    /// the process was stopped is seen at once.
+    deadline: Arc<std::sync::OnceLock<Instant>>,
 }
 
 impl Cancel {
@@ -113,17 +116,28 @@ impl Cancel {
     }
 
     pub fn reason(&self) -> Option<Reason> {
+        self.poll_deadline();
         Reason::from_code(self.code.load(Ordering::SeqCst))
     }
 
     pub fn is_cancelled(&self) -> bool {
+        self.poll_deadline();
         self.code.load(Ordering::Relaxed) != 0
+    }
+
+    fn poll_deadline(&self) {
+        if let Some(d) = self.deadline.get()
+            && Instant::now() >= *d
+        {
+            self.cancel(Reason::Timeout);
+        }
     }
 
     /// Cancel with [`Reason::Timeout`] after `after`, from a watcher thread.
     pub fn arm_timeout(&self, after: Duration) {
         let me = self.clone();
         let deadline = Instant::now() + after;
+        let _ = self.deadline.set(deadline);
         std::thread::spawn(move || {
             while Instant::now() < deadline {
                 if me.is_cancelled() {
