@@ -117,7 +117,7 @@ fn check_backup(p: &Path, name: &str, states: &[&[u8]], at: u64) {
     let (rc, _, err) = json_run(p, &["verify", name]);
     match rc {
         0 => assert!(
-            states.iter().any(|s| *s == got.as_slice()),
+            states.contains(&got.as_slice()),
             "crash at {at}: {name} verifies but holds none of the expected images"
         ),
         7 | 1 => {}
