@@ -153,6 +153,27 @@ pub fn read_bitmap(image: &Path, name: &str) -> Result<Qcow2Bitmap, BitmapError>
             "the image's autoclear bit says its bitmaps are stale (a program unaware of bitmaps wrote it)",
         ));
     }
+    if e.flags & IN_USE != 0 {
+        return Err(inconsistent(
+            image,
+            name,
+            "QEMU marks it in use (the image is open in a QEMU, or one stopped without saving it)",
+        ));
+    }
+    check_shape(image, &h, e)?;
+    let bits = load_bits(image, &file, &h, e)?;
+    Ok(Qcow2Bitmap {
+        name: name.to_string(),
+        granularity: 1u64 << e.granularity_bits,
+        enabled: e.flags & AUTO != 0,
+        bits,
+    })
+}
+
+/// The checks QEMU makes of a bitmap directory entry when it opens the
+/// image (`check_dir_entry`), and ours: the shape of the table.
+fn check_shape(image: &Path, h: &Header, e: &DirEntry) -> Result<(), BitmapError> {
+    let name = &e.name;
     if e.flags & !KNOWN_FLAGS != 0 {
         return Err(damaged(
             image,
@@ -160,13 +181,6 @@ pub fn read_bitmap(image: &Path, name: &str) -> Result<Qcow2Bitmap, BitmapError>
                 "bitmap '{name}' has unknown flags {:#x} in the bitmap directory",
                 e.flags & !KNOWN_FLAGS
             ),
-        ));
-    }
-    if e.flags & IN_USE != 0 {
-        return Err(inconsistent(
-            image,
-            name,
-            "QEMU marks it in use (the image is open in a QEMU, or one stopped without saving it)",
         ));
     }
     if e.kind != 1 {
@@ -192,31 +206,35 @@ pub fn read_bitmap(image: &Path, name: &str) -> Result<Qcow2Bitmap, BitmapError>
     }
     let g = 1u64 << e.granularity_bits;
     let cs = h.cluster_size();
-    let nbits = h.size.div_ceil(g);
-    let bits_per_cluster = cs * 8;
-    let want_entries = nbits.div_ceil(bits_per_cluster);
-    if u64::from(e.table_size) != want_entries {
+    let want_entries = h.size.div_ceil(g).div_ceil(cs * 8);
+    if u64::from(e.table_size) != want_entries || e.table_offset == 0 || e.table_offset % cs != 0 {
         return Err(damaged(
             image,
             format!(
-                "bitmap '{name}' has {} table entries, {want_entries} expected",
-                e.table_size
+                "bitmap '{name}' has a table of {} entries at {:#x}, {want_entries} cluster-aligned entries expected",
+                e.table_size, e.table_offset
             ),
         ));
     }
-    let len = file
-        .metadata()
-        .map_err(|err| BitmapError::Io {
-            path: image.to_path_buf(),
-            source: err,
-        })?
-        .len();
+    Ok(())
+}
+
+/// Read a bitmap's table and bits, checking every table entry as QEMU does
+/// (`check_table_entry`): no reserved bits, aligned, inside the file, and
+/// the all-ones flag only without an offset.
+fn load_bits(image: &Path, file: &File, h: &Header, e: &DirEntry) -> Result<Bits, BitmapError> {
+    let name = &e.name;
     let ioerr = |err| BitmapError::Io {
         path: image.to_path_buf(),
         source: err,
     };
+    let len = file.metadata().map_err(ioerr)?.len();
+    let g = 1u64 << e.granularity_bits;
+    let cs = h.cluster_size();
+    let nbits = h.size.div_ceil(g);
+    let bits_per_cluster = cs * 8;
     let tbytes = u64::from(e.table_size) * 8;
-    if e.table_offset % cs != 0 || e.table_offset.saturating_add(tbytes) > len {
+    if e.table_offset.saturating_add(tbytes) > len {
         return Err(damaged(
             image,
             format!("bitmap '{name}' has its table outside the file"),
@@ -258,10 +276,22 @@ pub fn read_bitmap(image: &Path, name: &str) -> Result<Qcow2Bitmap, BitmapError>
             }
         }
     }
-    Ok(Qcow2Bitmap {
-        name: name.to_string(),
-        granularity: g,
-        enabled: e.flags & AUTO != 0,
-        bits,
-    })
+    Ok(bits)
+}
+
+/// Check the persistent bitmaps of the qcow2 `image` the way QEMU does when
+/// it opens the image (it refuses the whole image when one is damaged):
+/// only while the image says its bitmaps are valid (the autoclear bit).
+pub fn check_image_bitmaps(image: &Path) -> Result<(), BitmapError> {
+    let (h, file, entries) = directory(image)?;
+    if h.autoclear_features & AUTOCLEAR_BITMAPS == 0 {
+        return Ok(());
+    }
+    for e in &entries {
+        check_shape(image, &h, e)?;
+        if e.flags & IN_USE == 0 {
+            load_bits(image, &file, &h, e)?;
+        }
+    }
+    Ok(())
 }

@@ -13,6 +13,7 @@ mod docs;
 mod failures;
 mod manifest;
 mod phases;
+mod qcow2_fuzz;
 mod qcow2_matrix;
 mod signals;
 mod soak;

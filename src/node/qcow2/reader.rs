@@ -215,6 +215,17 @@ impl Qcow2Layer {
             .map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8])))
             .collect();
         let (metadata, bad_l1) = metadata_clusters(path, &file, &header, &l1, file_len)?;
+        // QEMU refuses to open an image whose persistent bitmaps are
+        // damaged: so does imgbackup, rather than read what QEMU would not.
+        if header.bitmaps.is_some()
+            && header.autoclear_features & super::header::AUTOCLEAR_BITMAPS != 0
+        {
+            crate::bitmap::qcow2::check_image_bitmaps(path).map_err(|e| BlockError::Corrupt {
+                path: path.to_path_buf(),
+                offset: None,
+                detail: format!("its persistent bitmaps are damaged (QEMU refuses to open it): {e}"),
+            })?;
+        }
 
         let layer = Qcow2Layer {
             path: path.to_path_buf(),
