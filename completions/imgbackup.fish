@@ -78,7 +78,7 @@ enospc\t''"
 complete -c imgbackup -n "__fish_imgbackup_using_subcommand backup" -l retries -d 'Retries of a failed range under the retry and enospc policies' -r
 complete -c imgbackup -n "__fish_imgbackup_using_subcommand backup" -l retry-delay -d 'Wait before the first retry; doubled for each next one' -r
 complete -c imgbackup -n "__fish_imgbackup_using_subcommand backup" -l retry-max-delay -d 'The longest wait between retries' -r
-complete -c imgbackup -n "__fish_imgbackup_using_subcommand backup" -l wait-lock -d 'When the image is locked, wait up to DUR for the lock instead of failing at once (exit 8)' -r
+complete -c imgbackup -n "__fish_imgbackup_using_subcommand backup" -l wait-lock -d 'When the image (or TARGET, written by another run) is locked, wait up to DUR for the lock instead of failing at once (exit 8)' -r
 complete -c imgbackup -n "__fish_imgbackup_using_subcommand backup" -l inject -d 'Fault injection for testing error handling, like QEMU\'s blkdebug (repeatable): NODE:OP:ERRNO[@WHERE][,once|,count=N|,prob=P,seed=S][,delay=DUR]. See imgbackup(1), FAULT INJECTION' -r
 complete -c imgbackup -n "__fish_imgbackup_using_subcommand backup" -l progress -d 'Progress display: a bar on a terminal (auto), always a bar, a plain line every few seconds (for logs and cron mail), or nothing' -r -f -a "auto\t'A bar when stderr is a terminal, nothing otherwise'
 bar\t'A bar on stderr'
@@ -86,7 +86,7 @@ plain\t'A plain line on stderr every few seconds'
 none\t'Nothing'"
 complete -c imgbackup -n "__fish_imgbackup_using_subcommand backup" -l no-backing -d 'Write no backing file into TARGET'
 complete -c imgbackup -n "__fish_imgbackup_using_subcommand backup" -l compress -d 'Write compressed clusters (deflate, as QEMU\'s default zlib type) into a qcow2 TARGET; clusters that do not shrink are written as they are'
-complete -c imgbackup -n "__fish_imgbackup_using_subcommand backup" -l force -d 'Replace an existing TARGET (only once the new backup is complete)'
+complete -c imgbackup -n "__fish_imgbackup_using_subcommand backup" -l force -d 'Replace an existing TARGET (only once the new backup is complete). Never the source, its chain, the new backup\'s parent, or the backup the bitmap is anchored to'
 complete -c imgbackup -n "__fish_imgbackup_using_subcommand backup" -l keep-partial -d 'On failure, keep TARGET.partial instead of deleting it'
 complete -c imgbackup -n "__fish_imgbackup_using_subcommand backup" -l dry-run -d 'Print what would be copied and exit without writing anything'
 complete -c imgbackup -n "__fish_imgbackup_using_subcommand backup" -l verify -d 'After the job, re-read the backup (through its backing file) and check it against the manifest; with --guest (or --no-manifest) also check it equals SOURCE as it was at the start. A mismatch is exit 7 and leaves no TARGET'
@@ -119,7 +119,7 @@ bar\t'A bar on stderr'
 plain\t'A plain line on stderr every few seconds'
 none\t'Nothing'"
 complete -c imgbackup -n "__fish_imgbackup_using_subcommand restore" -l no-verify -d 'Do not check the data against the backup\'s manifest'
-complete -c imgbackup -n "__fish_imgbackup_using_subcommand restore" -l force -d 'Replace an existing OUTPUT (only once the restored image is complete)'
+complete -c imgbackup -n "__fish_imgbackup_using_subcommand restore" -l force -d 'Replace an existing OUTPUT (only once the restored image is complete), or overwrite a block device\'s content'
 complete -c imgbackup -n "__fish_imgbackup_using_subcommand restore" -l keep-partial -d 'On failure, keep OUTPUT.partial'
 complete -c imgbackup -n "__fish_imgbackup_using_subcommand restore" -l json -d 'Print one JSON document on stdout (and nothing else there)'
 complete -c imgbackup -n "__fish_imgbackup_using_subcommand restore" -s q -l quiet -d 'Print nothing but errors'

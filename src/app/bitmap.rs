@@ -325,6 +325,9 @@ pub fn run(cmd: &BitmapCommand, g: &GlobalOpts) -> anyhow::Result<Exit> {
             let name = as_name.clone().unwrap_or_else(|| qcow2_bitmap.clone());
             check_name(&name)?;
             let _locks = lock(image, l)?;
+            // The bitmap first: a damaged one is a bitmap error (exit 6),
+            // not a refusal to open the image.
+            let q = crate::bitmap::qcow2::read_bitmap(image, qcow2_bitmap)?;
             let (size, id) = image_facts(image)?;
             if !force && Bitmap::load(image, &name).is_ok() {
                 return Err(BitmapError::Exists {
@@ -333,7 +336,6 @@ pub fn run(cmd: &BitmapCommand, g: &GlobalOpts) -> anyhow::Result<Exit> {
                 }
                 .into());
             }
-            let q = crate::bitmap::qcow2::read_bitmap(image, qcow2_bitmap)?;
             let mut b = Bitmap::new(&name, q.granularity, size, id);
             b.enabled = q.enabled;
             b.bits = q.bits;

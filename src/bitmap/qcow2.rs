@@ -207,7 +207,10 @@ fn check_shape(image: &Path, h: &Header, e: &DirEntry) -> Result<(), BitmapError
     let g = 1u64 << e.granularity_bits;
     let cs = h.cluster_size();
     let want_entries = h.size.div_ceil(g).div_ceil(cs * 8);
-    if u64::from(e.table_size) != want_entries || e.table_offset == 0 || e.table_offset % cs != 0 {
+    if u64::from(e.table_size) != want_entries
+        || e.table_offset == 0
+        || !e.table_offset.is_multiple_of(cs)
+    {
         return Err(damaged(
             image,
             format!(

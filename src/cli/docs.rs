@@ -42,16 +42,33 @@ image locked by another process
 .B 9
 timeout (\fB\-\-timeout\fR)
 .TP
-.B 130, 143
-interrupted by SIGINT or SIGTERM; the job was cancelled cleanly and no target
-was left behind (a second signal ends the process at once)
+.B 129, 130, 143
+stopped by SIGHUP, SIGINT or SIGTERM, in any phase (copy, manifest,
+verification, overlay export, restore); the job was cancelled cleanly, no
+target was left behind and the bitmap is as it was. A second signal ends the
+process at once, after one line on stderr naming what it left behind (the
+partial files, a bitmap marked in use) and the command that recovers.
 .SH FILES
 .TP
 .I TARGET.partial
-The backup while it is written. It is flushed and renamed to TARGET only when
-complete, and the directory is synced; on failure it is deleted unless
-\fB\-\-keep\-partial\fR is given. A file named TARGET therefore always holds a
-complete backup.
+The backup while it is written. It is created exclusively and never through
+a symbolic or hard link (a file of that name left by a killed run, or planted,
+is unlinked first), with the permission bits of the source (less the umask),
+so a backup is never more readable than the image. It holds an exclusive
+\fBflock\fR(2) while it is written: a second run writing the same TARGET is
+refused with exit 8 (or waits with \fB\-\-wait\-lock\fR). It is flushed
+and renamed to TARGET only when complete, and the directory is synced; on
+failure it is deleted unless \fB\-\-keep\-partial\fR is given. A file
+named TARGET therefore always holds a complete backup.
+.TP
+.I TARGET (what it may not be)
+Neither TARGET nor any file written beside it (its manifest, the partials)
+may be the source, a file of its backing chain, a file beside them (their
+bitmaps and manifests), the new backup's backing file, or the backup the
+bitmap is anchored to; and a backup that another backup's manifest names as
+its parent is not replaced. Such a TARGET is a usage error (exit 2), with
+\fB\-\-force\fR or without, and nothing is written. TARGET may not be a
+directory, device, FIFO or socket.
 .TP
 .I TARGET
 A raw target is sparse: clusters that read as zeros are holes. A qcow2 target
@@ -72,30 +89,63 @@ JSON metadata holds format_version, virtual_size, chunk_size (64 KiB, or the
 backup cluster size if smaller), chunks, root_digest (the sha256 over the N
 digests, in order, as hex), source, source_format, target_format, sync,
 bitmap, parent (path and root_digest of the backup an incremental builds on),
-started and finished (RFC 3339), created_by, and incomplete (byte ranges the
-backup does not hold). \fBimgbackup verify\fR recomputes every digest of the
-backup through its backing chain; \fBimgbackup restore\fR checks them while it
-writes. docs/manifest.md in the source tree has the same description.
+started and finished (RFC 3339), created_by, incomplete (byte ranges the
+backup does not hold), file (the identity of the data file it describes:
+size, mtime seconds and nanoseconds, inode, taken once the file is complete)
+and detached (an incremental written with \fB\-\-no\-backing\fR). A
+manifest is \fIbound\fR to its file when that identity matches: the
+manifest is renamed into place first, so a crash between the two renames of
+a \fB\-\-force\fR replacement leaves a manifest that no longer matches the
+old file, and \fBverify\fR (exit 7), bitmap anchoring (exit 6) and
+\fBbitmap rebuild \-\-against\fR (exit 7) refuse it. A copied backup keeps
+its content but not its inode: \fBverify\fR says so and checks the content.
+\fB\-\-force \-\-no\-manifest\fR removes the replaced backup's manifest.
+\fBimgbackup verify\fR recomputes every digest of the backup through its
+backing chain; \fBimgbackup restore\fR checks them while it writes.
+docs/manifest.md in the source tree has the same description.
 .TP
 .I IMAGE.NAME.bitmap
-Dirty bitmap NAME of IMAGE, beside it. Version 1, integers big\-endian: bytes
+Dirty bitmap NAME of IMAGE, beside it. Version 2, integers big\-endian: bytes
 0\-7 the magic "IMGBKBMP"; 8\-11 the format version; 12\-15 flags (bit 0
-enabled, bit 1 in use); 16\-23 the granularity in bytes (a power of two,
-512 to 2G); 24\-31 the image's virtual size; 32\-71 the image's identity when
-the bitmap was last in sync with it: file size (32\-39), mtime seconds
-(40\-47), mtime nanoseconds (48\-51), reserved (52\-55), inode (56\-63),
-device (64\-71); 72\-75 the length A of the anchored backup's path; 76\-107
-that backup's manifest root digest; 108 onwards the path (A bytes), zero
-padding to a multiple of 8; then ceil(virtual size / granularity) bits, bit k
-of byte j standing for granule 8j+k; then the sha256 of every preceding byte.
-Files are replaced atomically (temporary file, fsync, rename, fsync of the
-directory). A bitmap is \fIinconsistent\fR when it is marked in use (a
-process working with it was killed), its checksum fails, it does not fit the
-image, or, when enabled, the image's identity differs from the recorded one
-(someone wrote the image without marking it). Incremental and bitmap backups
-refuse an inconsistent bitmap with exit 6; \fBbitmap rebuild\fR or a full
-backup with \fB\-\-bitmap\fR recovers. docs/bitmaps.md has the same
-description.
+enabled, bit 1 in use, bit 2 inconsistent; other bits make the file
+damaged); 16\-23 the granularity in bytes (a power of two, 512 to 2G); 24\-31
+the image's virtual size; 32\-71 the image's identity when the bitmap was last
+in sync with it: file size (32\-39), mtime seconds (40\-47), mtime
+nanoseconds (48\-51), reserved (52\-55), inode (56\-63), device (64\-71);
+72\-75 the length A of the anchored backup's path; 76\-107 that backup's
+manifest root digest; 108\-139 that backup file's identity (size, mtime
+seconds, mtime nanoseconds, reserved, inode); 140 onwards the path (A bytes),
+zero padding to a multiple of 8; then ceil(virtual size / granularity) bits,
+bit k of byte j standing for granule 8j+k; then the sha256 of every preceding
+byte. Version 1 files (without the anchored file's identity) are read.
+Files are replaced atomically (a temporary file .IMAGE.NAME.bitmap.tmpXXXXXX
+beside it, fsync, rename, fsync of the directory); a temporary file left by a
+killed run is removed by the next command that locks the image. A bitmap is
+\fIinconsistent\fR when it is marked in use (a process working with it was
+killed), flagged inconsistent, its checksum fails, it does not fit the image,
+or, when enabled, the image's identity differs from the recorded one (someone
+wrote the image without marking it). Once found inconsistent it stays so
+through \fBbitmap enable\fR, \fBdisable\fR, \fBguest\fR and failed
+backups (the flag); \fBclear\fR and \fBmerge\fR refuse it. Incremental and
+bitmap backups refuse an inconsistent bitmap with exit 6; only
+\fBbitmap rebuild\fR or a full or top backup with \fB\-\-bitmap\fR makes it
+consistent again. docs/bitmaps.md has the same description.
+.SH "BLOCK DEVICES AND SPECIAL FILES"
+A SOURCE (or a backing file) may be a block device such as an LVM volume, a
+loop device or a disk: its size is the device's size, it is read like a raw
+image (every range is data; zero clusters are still detected and left out of
+the target), and \fBverify \-\-against\fR compares with it. \fB\-\-bitmap\fR
+is refused for a device (exit 2): the kernel records no modification time
+for it, so a bitmap beside it could not tell that something wrote it. A
+source written during the backup by a process that does not honour the locks
+(its size, mtime or inode differ at the end) is exit 4 with no TARGET; for a
+device only its size can be compared. \fBrestore \-\-force\fR BACKUP DEVICE
+writes the raw image into the first bytes of the device itself (holes as
+zeros, the rest of the device untouched, the device opened exclusively so a
+mounted one is refused); a device smaller than the image is refused.
+Character devices, FIFOs and sockets are refused at once (exit 1) as a
+source, a backing file, a target or an output; nothing blocks in
+\fBopen\fR(2).
 .SH "COPY-BEFORE-WRITE AND THE SIMULATED GUEST"
 With \fB\-\-guest\fR SPEC a simulated guest writes while the backup runs.
 Its writes go through a copy\-before\-write filter into a writable overlay
@@ -243,9 +293,17 @@ file shorter than its overlay reads as zeros past its end.
 .PP
 qcow2 images that use encryption, zstd compression, extended L2 entries, an
 external data file or unknown incompatible features are refused as
-unsupported (exit 1), as are images marked corrupt by QEMU. Damaged metadata
-found while copying (an L1 or L2 entry pointing outside the file, a truncated
-file) is a source read error (exit 4); it is never read as zeros.
+unsupported (exit 1), as are images marked corrupt by QEMU and images whose
+persistent bitmaps QEMU would refuse to load. L1 and L2 entries are checked
+the way \fBqemu\-img check\fR checks them before they are followed: reserved
+bits, alignment (also of zero clusters that keep an offset), zero clusters in
+a version 2 image, COPIED compressed clusters, entries outside the file, and
+data or L2 tables on top of other metadata. Such damage found while copying
+is a source read error (exit 4) naming the guest offset; it is never read as
+zeros. A file\-size limit (\fBulimit \-f\fR, systemd's LimitFSIZE) is a
+target write error (exit 5): imgbackup ignores SIGXFSZ. A closed stdout or
+stderr (\fB| head\fR) loses the text, never the job: the exit code still
+tells how the job ended.
 .PP
 Sizes take the units K, M, G, T (powers of 1024); durations are humantime
 forms such as 500ms, 30s or 2h 5m; rates are sizes per second (100M).
@@ -260,6 +318,16 @@ Back up a qcow2 image into a sparse raw file:
 .TP
 From cron, with a log line every few seconds and a bounded run time:
 .B imgbackup backup \-\-progress plain \-\-timeout 2h /var/lib/vm/disk.qcow2 /backup/disk.qcow2
+.TP
+A weekly full and daily incrementals under date\-stamped names (a ':' in a name is fine):
+.B imgbackup backup \-\-bitmap nightly disk.raw /backup/full\-$(date +%FT%T).qcow2
+.br
+.B imgbackup backup \-\-sync incremental \-\-bitmap nightly disk.raw /backup/inc\-$(date +%FT%T).qcow2
+.TP
+Back up an LVM volume, and restore onto another:
+.B imgbackup backup /dev/vg0/data /backup/data.qcow2
+.br
+.B imgbackup restore \-\-force /backup/data.qcow2 /dev/vg0/data\-new
 .TP
 A backup while a simulated guest writes, checked afterwards:
 .B imgbackup backup \-\-guest iops=500,bs=4K,threads=2 \-\-verify disk.qcow2 backup.qcow2

@@ -17,9 +17,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 const AFTER_HELP: &str = "\
-Exit status: 0 success, 1 failure, 2 usage error, 4 source read error,
-5 target write error (including no space left), 9 timeout,
-130/143 interrupted by SIGINT/SIGTERM (no target left behind).
+Exit status: 0 success, 1 failure, 2 usage error, 3 clusters skipped,
+4 source read error, 5 target write error (including no space left),
+6 bitmap missing or inconsistent, 7 verification mismatch, 8 locked,
+9 timeout, 129/130/143 stopped by SIGHUP/SIGINT/SIGTERM (no target left behind).
 See imgbackup(1) for the full table.";
 
 /// Point-in-time backups of raw and qcow2 disk images.
@@ -151,8 +152,9 @@ impl std::fmt::Display for BitmapMode {
 
 #[derive(Debug, Args)]
 pub struct BackupArgs {
-    /// The image to back up (raw or qcow2, with its backing chain). It is
-    /// opened read-only and never changed.
+    /// The image to back up (raw or qcow2, with its backing chain; a regular
+    /// file or a block device such as an LVM volume). It is opened
+    /// read-only and never changed.
     pub source: PathBuf,
     /// The backup to write. It is written as TARGET.partial and renamed to
     /// TARGET once complete and flushed.
@@ -204,6 +206,8 @@ pub struct BackupArgs {
     #[arg(long, value_parser = parse_duration, value_name = "DUR")]
     pub timeout: Option<Duration>,
     /// Replace an existing TARGET (only once the new backup is complete).
+    /// Never the source, its chain, the new backup's parent, or the backup
+    /// the bitmap is anchored to.
     #[arg(long)]
     pub force: bool,
     /// On failure, keep TARGET.partial instead of deleting it.
@@ -270,8 +274,8 @@ pub struct BackupArgs {
     /// that writer lets it be.
     #[arg(long)]
     pub force_share: bool,
-    /// When the image is locked, wait up to DUR for the lock instead of
-    /// failing at once (exit 8).
+    /// When the image (or TARGET, written by another run) is locked, wait up
+    /// to DUR for the lock instead of failing at once (exit 8).
     #[arg(long, value_parser = parse_duration, value_name = "DUR")]
     pub wait_lock: Option<Duration>,
     /// Do not write TARGET.manifest (the chunk digests that `verify` and
@@ -306,7 +310,8 @@ pub struct RestoreArgs {
     /// The backup to restore (with its backing chain).
     pub backup: PathBuf,
     /// The image to write. It is written as OUTPUT.partial and renamed once
-    /// complete, flushed and checked.
+    /// complete, flushed and checked. A block device (with --force) is
+    /// written in place: the raw image into its first bytes.
     pub output: PathBuf,
     /// Format of OUTPUT [default: qcow2 when OUTPUT ends in .qcow2, else raw].
     #[arg(long, value_enum, value_name = "FORMAT")]
@@ -317,7 +322,8 @@ pub struct RestoreArgs {
     /// Do not check the data against the backup's manifest.
     #[arg(long)]
     pub no_verify: bool,
-    /// Replace an existing OUTPUT (only once the restored image is complete).
+    /// Replace an existing OUTPUT (only once the restored image is
+    /// complete), or overwrite a block device's content.
     #[arg(long)]
     pub force: bool,
     /// On failure, keep OUTPUT.partial.

@@ -231,7 +231,10 @@ fn a_damaged_or_abandoned_bitmap_is_refused() {
         ])
         .spawn()
         .unwrap();
+    // The target's partial is created (locked) first, then the bitmap is
+    // marked in use: wait for both.
     wait_for(&p.join("inc.qcow2.partial"));
+    wait_for_bitmap_in_use(&p.join("disk.raw.b0.bitmap"));
     child.kill().unwrap();
     child.wait().unwrap();
     let (rc, _, err) = json_run(

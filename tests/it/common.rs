@@ -257,3 +257,18 @@ pub fn data_disk(p: &Path, name: &str, mib: u64) {
     let cmds: Vec<&str> = cmds.iter().map(String::as_str).collect();
     qemu_io(p, "raw", name, &cmds);
 }
+
+/// Wait (up to 10 s) until the bitmap file at `path` is marked in use
+/// (flag bit 1 of the big-endian flags at byte 12).
+pub fn wait_for_bitmap_in_use(path: &Path) {
+    let t = std::time::Instant::now();
+    while t.elapsed() < std::time::Duration::from_secs(10) {
+        if let Ok(b) = std::fs::read(path)
+            && b.len() > 16
+            && b[15] & 2 != 0
+        {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}

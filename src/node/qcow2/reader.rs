@@ -223,7 +223,9 @@ impl Qcow2Layer {
             crate::bitmap::qcow2::check_image_bitmaps(path).map_err(|e| BlockError::Corrupt {
                 path: path.to_path_buf(),
                 offset: None,
-                detail: format!("its persistent bitmaps are damaged (QEMU refuses to open it): {e}"),
+                detail: format!(
+                    "its persistent bitmaps are damaged (QEMU refuses to open it): {e}"
+                ),
             })?;
         }
 
