@@ -49,6 +49,19 @@ impl Token {
         with(|v| v.retain(|(i, _)| *i != self.0));
     }
 
+    /// Run `f`, which removes or restores the thing on disk, and forget it,
+    /// as one step for [`describe`]: a second signal that ends the process
+    /// meanwhile waits for it, so its report matches the disk.
+    pub fn settle<T>(self, f: impl FnOnce() -> T) -> T {
+        let mut g = match LEFT.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        let r = f();
+        g.retain(|(i, _)| *i != self.0);
+        r
+    }
+
     /// It stays on purpose: record it as kept.
     pub fn kept(self, path: &Path) {
         with(|v| {

@@ -729,30 +729,66 @@ pub fn check_image(
     jobs: usize,
     cancel: &Cancel,
 ) -> Result<Option<Difference>, CopyError> {
+    let n = manifest.geometry().chunks();
+    first_difference_in(image, manifest, &[(0, n)], jobs, cancel)
+}
+
+/// Check the chunks a layer holds itself (allocated, as data or zeros)
+/// against `manifest`: what can be checked of a detached incremental, which
+/// holds only what it copied. Returns the first differing chunk and the
+/// number of chunks checked.
+pub fn check_held(
+    layer: &dyn BlockNode,
+    manifest: &ManifestFile,
+    jobs: usize,
+    cancel: &Cancel,
+) -> Result<(Option<Difference>, u64), CopyError> {
+    let geo = manifest.geometry();
+    let mut held = Bits::new(geo.chunks());
+    crate::node::for_each_extent(layer, 0, layer.size(), |pos, ext| {
+        if ext.status != Status::Unallocated {
+            held.set_range(pos / geo.chunk, (pos + ext.len).div_ceil(geo.chunk));
+        }
+    })
+    .map_err(CopyError::Source)?;
+    let d = first_difference_in(layer, manifest, &held.runs(), jobs, cancel)?;
+    Ok((d, held.count()))
+}
+
+/// The first (lowest) chunk in the chunk `runs` whose digest in `image`
+/// differs from `manifest`, hashed in parallel batches; batches past a
+/// difference already found are skipped.
+fn first_difference_in(
+    image: &dyn BlockNode,
+    manifest: &ManifestFile,
+    runs: &[(u64, u64)],
+    jobs: usize,
+    cancel: &Cancel,
+) -> Result<Option<Difference>, CopyError> {
     use rayon::prelude::*;
     use std::sync::atomic::{AtomicU64, Ordering};
     let geo = manifest.geometry();
     let zero = geo.zero_digests();
-    let n = geo.chunks();
     let first_bad = AtomicU64::new(u64::MAX);
     let found: Mutex<Option<Difference>> = Mutex::new(None);
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(jobs.max(1))
         .build()
         .map_err(|e| CopyError::Manifest(io::Error::other(e)))?;
-    let step = 64;
-    let batches: Vec<u64> = (0..n).step_by(step as usize).collect();
+    let batches: Vec<(u64, u64)> = runs
+        .iter()
+        .flat_map(|&(s, e)| (s..e).step_by(64).map(move |a| (a, (a + 64).min(e))))
+        .collect();
     pool.install(|| {
         batches
             .par_iter()
-            .try_for_each(|&a| -> Result<(), CopyError> {
+            .try_for_each(|&(a, b)| -> Result<(), CopyError> {
                 if cancel.is_cancelled() {
                     return Err(CopyError::Cancelled);
                 }
                 if a > first_bad.load(Ordering::Relaxed) {
                     return Ok(());
                 }
-                let b = (a + step).min(n);
                 let got = digests_of(image, geo, a, b, &zero)?;
                 let want = manifest
                     .digests(a, b)
@@ -775,67 +811,6 @@ pub fn check_image(
             })
     })?;
     Ok(found.into_inner().unwrap_or_else(|p| p.into_inner()))
-}
-
-/// Check the chunks a layer holds itself (allocated, as data or zeros)
-/// against `manifest`: what can be checked of a detached incremental, which
-/// holds only what it copied. Returns the first differing chunk and the
-/// number of chunks checked.
-pub fn check_held(
-    layer: &dyn BlockNode,
-    manifest: &ManifestFile,
-    jobs: usize,
-    cancel: &Cancel,
-) -> Result<(Option<Difference>, u64), CopyError> {
-    let geo = manifest.geometry();
-    let zero = geo.zero_digests();
-    let mut held = Bits::new(geo.chunks());
-    crate::node::for_each_extent(layer, 0, layer.size(), |pos, ext| {
-        if ext.status != Status::Unallocated {
-            held.set_range(pos / geo.chunk, (pos + ext.len).div_ceil(geo.chunk));
-        }
-    })
-    .map_err(CopyError::Source)?;
-    let runs = held.runs();
-    let batches: Vec<(u64, u64)> = runs
-        .iter()
-        .flat_map(|&(s, e)| (s..e).step_by(64).map(move |a| (a, (a + 64).min(e))))
-        .collect();
-    let found: Mutex<Option<Difference>> = Mutex::new(None);
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(jobs.max(1))
-        .build()
-        .map_err(|e| CopyError::Manifest(io::Error::other(e)))?;
-    pool.install(|| {
-        use rayon::prelude::*;
-        batches
-            .par_iter()
-            .try_for_each(|&(a, b)| -> Result<(), CopyError> {
-                if cancel.is_cancelled() {
-                    return Err(CopyError::Cancelled);
-                }
-                let got = digests_of(layer, geo, a, b, &zero)?;
-                let want = manifest
-                    .digests(a, b)
-                    .map_err(|e| CopyError::Manifest(io::Error::other(e.to_string())))?;
-                if let Some(k) = got.iter().zip(&want).position(|(g, w)| g != w) {
-                    let i = a + k as u64;
-                    if let Ok(mut f) = found.lock()
-                        && f.as_ref().is_none_or(|d| d.chunk > i)
-                    {
-                        *f = Some(Difference {
-                            chunk: i,
-                            offset: i * geo.chunk,
-                            expected: hex(&want[k]),
-                            found: hex(&got[k]),
-                        });
-                    }
-                }
-                Ok(())
-            })
-    })?;
-    let d = found.into_inner().unwrap_or_else(|p| p.into_inner());
-    Ok((d, held.count()))
 }
 
 /// Chunks of `image` whose digest differs from `manifest` (same geometry),

@@ -210,11 +210,16 @@ impl Partial {
     /// Rename to the final name and sync the directory. The caller has
     /// flushed the file.
     pub fn commit(mut self) -> io::Result<()> {
-        std::fs::rename(&self.partial_path, &self.final_path)?;
-        self.committed = true;
-        if let Some(t) = self.token.take() {
-            t.clear();
+        let rename = || std::fs::rename(&self.partial_path, &self.final_path);
+        let res = match self.token.take() {
+            Some(t) => t.settle(rename),
+            None => rename(),
+        };
+        if let Err(e) = res {
+            self.token = Some(leftovers::add(Left::Partial(self.partial_path.clone())));
+            return Err(e);
         }
+        self.committed = true;
         files::sync_dir(&self.final_path)
     }
 }
@@ -231,11 +236,14 @@ impl Drop for Partial {
             return;
         }
         // Remove it only while it is still ours.
-        if still_names(&self.partial_path, &self.file).unwrap_or(false) {
-            let _ = std::fs::remove_file(&self.partial_path);
-        }
-        if let Some(t) = self.token.take() {
-            t.clear();
+        let remove = || {
+            if still_names(&self.partial_path, &self.file).unwrap_or(false) {
+                let _ = std::fs::remove_file(&self.partial_path);
+            }
+        };
+        match self.token.take() {
+            Some(t) => t.settle(remove),
+            None => remove(),
         }
     }
 }

@@ -302,14 +302,7 @@ fn job_bitmap(
     identity: &Identity,
 ) -> Result<(Bitmap, Before), BitmapError> {
     if matches!(sync, SyncMode::Incremental | SyncMode::Bitmap) {
-        let b = Bitmap::load(source, name)?;
-        if let Some(reason) = b.inconsistency(size, identity) {
-            return Err(BitmapError::Inconsistent {
-                name: name.to_string(),
-                image: source.to_path_buf(),
-                reason,
-            });
-        }
+        let b = Bitmap::load_consistent(source, name, size, identity)?;
         let before = Before::Parsed {
             bitmap: Box::new(b.clone()),
             consistent: true,

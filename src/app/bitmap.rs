@@ -100,24 +100,6 @@ fn lock(image: &Path, l: &LockOpts) -> anyhow::Result<Locks> {
     Ok(locks)
 }
 
-/// Load a bitmap that must be consistent with the image.
-fn load_consistent(
-    image: &Path,
-    name: &str,
-    size: u64,
-    id: &Identity,
-) -> Result<Bitmap, BitmapError> {
-    let b = Bitmap::load(image, name)?;
-    if let Some(reason) = b.inconsistency(size, id) {
-        return Err(BitmapError::Inconsistent {
-            name: name.to_string(),
-            image: image.to_path_buf(),
-            reason,
-        });
-    }
-    Ok(b)
-}
-
 fn done(g: &GlobalOpts, msg: String, doc: Option<BitmapDoc>) -> anyhow::Result<Exit> {
     if g.json {
         print_json(
@@ -184,7 +166,7 @@ pub fn run(cmd: &BitmapCommand, g: &GlobalOpts) -> anyhow::Result<Exit> {
         } => {
             let _locks = lock(image, l)?;
             let (size, id) = image_facts(image)?;
-            let mut b = load_consistent(image, name, size, &id)?;
+            let mut b = Bitmap::load_consistent(image, name, size, &id)?;
             b.bits.clear_range(0, b.bits.len());
             b.save(image)?;
             done(
@@ -289,10 +271,10 @@ pub fn run(cmd: &BitmapCommand, g: &GlobalOpts) -> anyhow::Result<Exit> {
         } => {
             let _locks = lock(image, l)?;
             let (size, id) = image_facts(image)?;
-            let mut target = load_consistent(image, into, size, &id)?;
+            let mut target = Bitmap::load_consistent(image, into, size, &id)?;
             for s in sources {
                 // An inconsistent source would make the target lie too.
-                let src = load_consistent(image, s, size, &id)?;
+                let src = Bitmap::load_consistent(image, s, size, &id)?;
                 if src.granularity != target.granularity || src.image_size != target.image_size {
                     anyhow::bail!(
                         "cannot merge bitmap '{s}' into '{into}': their granularity or image size differ ({} / {} bytes vs {} / {} bytes)",

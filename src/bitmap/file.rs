@@ -319,6 +319,25 @@ impl Bitmap {
         None
     }
 
+    /// Load bitmap `name` of `image`, which must be consistent with an
+    /// image of `image_size` bytes whose identity is `identity` now.
+    pub fn load_consistent(
+        image: &Path,
+        name: &str,
+        image_size: u64,
+        identity: &Identity,
+    ) -> Result<Bitmap, BitmapError> {
+        let b = Bitmap::load(image, name)?;
+        if let Some(reason) = b.inconsistency(image_size, identity) {
+            return Err(BitmapError::Inconsistent {
+                name: name.to_string(),
+                image: image.to_path_buf(),
+                reason,
+            });
+        }
+        Ok(b)
+    }
+
     /// Serialize (with the checksum).
     pub fn to_bytes(&self) -> Vec<u8> {
         let apath = self

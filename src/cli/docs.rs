@@ -138,8 +138,9 @@ the target), and \fBverify \-\-against\fR compares with it. \fB\-\-bitmap\fR
 is refused for a device (exit 2): the kernel records no modification time
 for it, so a bitmap beside it could not tell that something wrote it. A
 source written during the backup by a process that does not honour the locks
-(its size, mtime or inode differ at the end) is exit 4 with no TARGET; for a
-device only its size can be compared. \fBrestore \-\-force\fR BACKUP DEVICE
+(its size, mtime or inode differ at the end) is exit 4 with no TARGET; a
+device records no modification time, so writes to a volume in use cannot be
+seen: back up an LVM snapshot of it, or stop its writer first. \fBrestore \-\-force\fR BACKUP DEVICE
 writes the raw image into the first bytes of the device itself (holes as
 zeros, the rest of the device untouched, the device opened exclusively so a
 mounted one is refused); a device smaller than the image is refused.

@@ -139,6 +139,26 @@ impl SyncBitmap {
     /// End the job: `ok` is the job's success; `anchor` the new backup.
     /// Returns the bitmap as saved.
     pub fn finish(&self, ok: bool, anchor: Option<Anchor>) -> Result<Bitmap, BitmapError> {
+        let token = self.token.lock().ok().and_then(|mut t| t.take());
+        let res = match token {
+            Some(t) => t.settle(|| self.finish_inner(ok, anchor)),
+            None => self.finish_inner(ok, anchor),
+        };
+        if res.is_err() {
+            // Still marked in use on disk.
+            let t = crate::leftovers::add(crate::leftovers::Left::BitmapInUse {
+                image: self.image.clone(),
+                name: self.parent.name.clone(),
+                anchor: self.parent.anchor.as_ref().map(|a| a.path.clone()),
+            });
+            if let Ok(mut slot) = self.token.lock() {
+                *slot = Some(t);
+            }
+        }
+        res
+    }
+
+    fn finish_inner(&self, ok: bool, anchor: Option<Anchor>) -> Result<Bitmap, BitmapError> {
         let mut done = match self.done.lock() {
             Ok(d) => d,
             Err(p) => p.into_inner(),
@@ -199,9 +219,6 @@ impl SyncBitmap {
 
     fn settled(&self, done: &mut bool) {
         *done = true;
-        if let Some(t) = self.token.lock().ok().and_then(|mut t| t.take()) {
-            t.clear();
-        }
     }
 }
 

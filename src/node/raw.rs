@@ -90,23 +90,16 @@ impl RawNode {
     pub fn from_image_file(path: &Path, file: File, kind: Kind) -> Result<RawNode> {
         match kind {
             Kind::Regular => Self::from_file(path, file, false),
-            Kind::Block => {
-                let len = crate::files::device_size(&file)
-                    .map_err(|e| BlockError::io(Op::Open, path, 0, 0, e))?;
-                Ok(RawNode {
-                    path: path.to_path_buf(),
-                    file,
-                    file_len: len,
-                    size: len,
-                    writable: false,
-                    device: true,
-                })
-            }
+            Kind::Block => Self::device(path, file, false),
         }
     }
 
     /// A writable node over an open block device (`restore` onto a device).
     pub fn device_for_writing(path: &Path, file: File) -> Result<RawNode> {
+        Self::device(path, file, true)
+    }
+
+    fn device(path: &Path, file: File, writable: bool) -> Result<RawNode> {
         let len = crate::files::device_size(&file)
             .map_err(|e| BlockError::io(Op::Open, path, 0, 0, e))?;
         Ok(RawNode {
@@ -114,7 +107,7 @@ impl RawNode {
             file,
             file_len: len,
             size: len,
-            writable: true,
+            writable,
             device: true,
         })
     }

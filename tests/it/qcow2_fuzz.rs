@@ -211,7 +211,9 @@ fn fuzz(base: &str, make: &dyn Fn(&Path), seed: u64) {
         let mut chk = Command::new("qemu-img");
         chk.current_dir(p)
             .args(["check", "-f", "qcow2", "bad.qcow2"]);
-        let (check, _) = bounded(chk, Duration::from_secs(20));
+        // Only for the statistics (qemu-img check is slow on some damaged
+        // images; the invariant needs convert, not check).
+        let (check, _) = bounded(chk, Duration::from_secs(3));
         if check == Some(2) {
             qemu_corrupt += 1;
         }
