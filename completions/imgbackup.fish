@@ -90,7 +90,7 @@ complete -c imgbackup -n "__fish_imgbackup_using_subcommand backup" -l force -d 
 complete -c imgbackup -n "__fish_imgbackup_using_subcommand backup" -l keep-partial -d 'On failure, keep TARGET.partial instead of deleting it'
 complete -c imgbackup -n "__fish_imgbackup_using_subcommand backup" -l dry-run -d 'Print what would be copied and exit without writing anything'
 complete -c imgbackup -n "__fish_imgbackup_using_subcommand backup" -l verify -d 'After the job, re-read the backup (through its backing file) and check it against the manifest; with --guest (or --no-manifest) also check it equals SOURCE as it was at the start. A mismatch is exit 7 and leaves no TARGET'
-complete -c imgbackup -n "__fish_imgbackup_using_subcommand backup" -l force-share -d 'Back up even if another process (such as a running QEMU) holds the image open for writing. The backup is then only as consistent as that writer lets it be'
+complete -c imgbackup -n "__fish_imgbackup_using_subcommand backup" -l force-share -d 'Back up even if another process (such as a running QEMU) holds the image open for writing. If that process writes the image during the backup, the backup is not point-in-time: it fails with exit 4 and no TARGET (writes to a block device cannot be seen)'
 complete -c imgbackup -n "__fish_imgbackup_using_subcommand backup" -l no-manifest -d 'Do not write TARGET.manifest (the chunk digests that `verify` and `restore` check)'
 complete -c imgbackup -n "__fish_imgbackup_using_subcommand backup" -l json -d 'Print one JSON document on stdout (and nothing else there)'
 complete -c imgbackup -n "__fish_imgbackup_using_subcommand backup" -s q -l quiet -d 'Print nothing but errors'

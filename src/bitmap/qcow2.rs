@@ -11,8 +11,9 @@ use std::path::{Path, PathBuf};
 
 const IN_USE: u32 = 1;
 const AUTO: u32 = 2;
-const EXTRA_DATA_COMPATIBLE: u32 = 4;
-const KNOWN_FLAGS: u32 = IN_USE | AUTO | EXTRA_DATA_COMPATIBLE;
+/// The flags QEMU accepts (its BME_RESERVED_FLAGS are all the others,
+/// including extra_data_compatible, which it refuses).
+const KNOWN_FLAGS: u32 = IN_USE | AUTO;
 /// Reserved bits of a bitmap table entry (QEMU's
 /// BME_TABLE_ENTRY_RESERVED_MASK).
 const TABLE_ENTRY_RESERVED: u64 = 0xff00_0000_0000_01fe;
@@ -198,10 +199,10 @@ fn check_shape(image: &Path, h: &Header, e: &DirEntry) -> Result<(), BitmapError
             ),
         ));
     }
-    if e.extra_data_size != 0 && e.flags & EXTRA_DATA_COMPATIBLE == 0 {
+    if e.extra_data_size != 0 {
         return Err(damaged(
             image,
-            format!("bitmap '{name}' has extra data imgbackup does not know"),
+            format!("bitmap '{name}' has extra data (QEMU refuses it too)"),
         ));
     }
     let g = 1u64 << e.granularity_bits;

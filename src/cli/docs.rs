@@ -248,15 +248,19 @@ a retry can copy it later.
 .SH LOCKING
 A backup takes an exclusive \fBflock\fR(2) on the source image: a second
 imgbackup working on the same image (or its bitmaps) exits 8 at once, or
-waits with \fB\-\-wait\-lock\fR DUR. It also honours QEMU's image locking
+waits with \fB\-\-wait\-lock\fR DUR. It also holds an exclusive lock on
+TARGET.partial while it writes it, so two backups of different images into
+the same TARGET (two cron jobs sharing a backup directory) cannot write one
+file: the second exits 8, or waits with \fB\-\-wait\-lock\fR. It also honours QEMU's image locking
 like qemu\-img: it takes QEMU's OFD read locks on every layer (byte 100,
 consistent read, and byte 201, write not shared) and refuses, with exit 8, an
 image that another process such as a running QEMU holds open for writing
 (byte 101). While imgbackup runs, a QEMU cannot open the image for writing;
 read\-only inspection such as \fBqemu\-img info\fR still works, as it does
 while qemu\-img reads an image. \fB\-\-force\-share\fR takes and checks no QEMU
-lock (like \fBqemu\-img \-U\fR); the backup is then only as consistent as the
-other writer allows.
+lock (like \fBqemu\-img \-U\fR); if the other process writes the image during
+the backup (its size, modification time or inode change), the backup is not
+point\-in\-time and fails with exit 4, leaving no TARGET.
 .SH "FAULT INJECTION"
 \fB\-\-inject\fR RULE (repeatable) places a fault\-injection node under the
 source or the target, like QEMU's blkdebug. RULE is

@@ -270,8 +270,9 @@ pub struct BackupArgs {
     #[arg(long, value_parser = parse_duration, value_name = "DUR", default_value = "1m")]
     pub retry_max_delay: Duration,
     /// Back up even if another process (such as a running QEMU) holds the
-    /// image open for writing. The backup is then only as consistent as
-    /// that writer lets it be.
+    /// image open for writing. If that process writes the image during the
+    /// backup, the backup is not point-in-time: it fails with exit 4 and no
+    /// TARGET (writes to a block device cannot be seen).
     #[arg(long)]
     pub force_share: bool,
     /// When the image (or TARGET, written by another run) is locked, wait up
