@@ -5,8 +5,9 @@
 //! `qemu-img convert` reads. An exit 0 is only allowed when `qemu-img
 //! convert` reads the image too and the backup equals its output.
 //!
-//! `IMGBACKUP_FUZZ_ITERS` sets the mutations per base image (default 120);
-//! a failing image is kept under target/tmp/qcow2-fuzz for replay.
+//! `IMGBACKUP_FUZZ_ITERS` sets the mutations per base image (default 120)
+//! and `IMGBACKUP_FUZZ_SEED` varies the seed; a failing image is kept under
+//! target/tmp/qcow2-fuzz for replay.
 
 use crate::common::*;
 use std::path::Path;
@@ -197,7 +198,11 @@ fn fuzz(base: &str, make: &dyn Fn(&Path), seed: u64) {
     let p = d.path();
     make(p);
     let good = std::fs::read(p.join("base.qcow2")).unwrap();
-    let mut rng = Rng(seed);
+    let extra: u64 = std::env::var("IMGBACKUP_FUZZ_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let mut rng = Rng(seed ^ extra.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
     let (mut refused, mut read, mut qemu_corrupt) = (0, 0, 0);
     for i in 0..iters {
         let mut b = good.clone();
