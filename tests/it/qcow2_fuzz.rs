@@ -38,7 +38,13 @@ fn be64(b: &[u8], o: usize) -> u64 {
 
 /// The metadata regions of a qcow2 file: (name, start, length).
 fn regions(b: &[u8]) -> Vec<(&'static str, usize, usize)> {
-    let cs = 1usize << be32(b, 20);
+    // A first mutation may have damaged cluster_bits already.
+    let bits = be32(b, 20);
+    let cs = if (9..=21).contains(&bits) {
+        1usize << bits
+    } else {
+        65536
+    };
     let len = b.len();
     let clamp = |s: u64, n: u64| -> Option<(usize, usize)> {
         let s = s as usize;
