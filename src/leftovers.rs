@@ -121,7 +121,7 @@ pub fn describe() -> String {
 pub fn recover_bitmap(image: &Path, name: &str, anchor: Option<&Path>) -> String {
     match anchor {
         Some(a) => format!(
-            "`imgbackup bitmap rebuild {} {name} --against {}`, or a full backup with --bitmap {name}",
+            "`imgbackup bitmap rebuild {} {name} --against-backup {}`, or a full backup with --bitmap {name}",
             image.display(),
             a.display()
         ),

@@ -11,10 +11,21 @@ fn main() {
     unsafe {
         libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
     }
-    let cli = match Cli::try_parse() {
+    // Shell completion requests (COMPLETE=bash imgbackup ...) end here.
+    imgbackup::cli::complete::run_if_requested();
+    let raw: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let json = raw.iter().any(|a| a == "--json");
+    let quiet = raw.iter().any(|a| a == "-q" || a == "--quiet");
+    let (args, deprecated) = imgbackup::cli::deprecated::rewrite(raw);
+    let cli = match Cli::try_parse_from(args) {
         Ok(c) => c,
-        Err(e) => e.exit(),
+        Err(e) => usage_error(e, json),
     };
+    if !quiet {
+        for note in &deprecated {
+            imgbackup::errln!("imgbackup: warning: {note}");
+        }
+    }
     let code = match app::run(&cli) {
         Ok(exit) => exit,
         Err(err) => {
@@ -26,16 +37,7 @@ fn main() {
                 imgbackup::errln!("imgbackup: hint: {h}");
             }
             if cli.global.json {
-                let doc = ErrorDoc {
-                    ok: false,
-                    exit_code: exit.code(),
-                    error: causes.first().cloned().unwrap_or_default(),
-                    causes,
-                    hint,
-                };
-                if let Ok(s) = serde_json::to_string_pretty(&doc) {
-                    imgbackup::outln!("{s}");
-                }
+                print_error_doc(exit, causes, hint);
             }
             exit
         }
@@ -45,4 +47,43 @@ fn main() {
     } else {
         code.code()
     });
+}
+
+/// A command line clap refused: its message on stderr (help and version on
+/// stdout), and with `--json` the error document on stdout too.
+fn usage_error(e: clap::Error, json: bool) -> ! {
+    use clap::error::ErrorKind;
+    if !json
+        || matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion)
+        || e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    {
+        e.exit()
+    }
+    let text = e.render().to_string();
+    imgbackup::errln!("{}", text.trim_end());
+    let first = text
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .trim_start_matches("error: ")
+        .to_string();
+    print_error_doc(
+        Exit::Usage,
+        vec![first],
+        Some("see `imgbackup --help`".into()),
+    );
+    std::process::exit(Exit::Usage.code())
+}
+
+fn print_error_doc(exit: Exit, causes: Vec<String>, hint: Option<String>) {
+    let doc = ErrorDoc {
+        ok: false,
+        exit_code: exit.code(),
+        error: causes.first().cloned().unwrap_or_default(),
+        causes,
+        hint,
+    };
+    if let Ok(s) = serde_json::to_string_pretty(&doc) {
+        imgbackup::outln!("{s}");
+    }
 }

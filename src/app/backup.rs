@@ -132,7 +132,7 @@ pub fn plan(args: &BackupArgs) -> anyhow::Result<Plan> {
         args.sync,
         SyncMode::None | SyncMode::Top | SyncMode::Incremental | SyncMode::Bitmap
     );
-    let target_format = args.target_format.unwrap_or_else(|| {
+    let target_format = args.output_format.unwrap_or_else(|| {
         format_for(
             &args.target,
             if needs_qcow2 {
@@ -193,19 +193,19 @@ pub fn plan(args: &BackupArgs) -> anyhow::Result<Plan> {
         }
     }
     let target_cs = match target_format {
-        Format::Qcow2 => args.target_cluster_size,
+        Format::Qcow2 => args.output_cluster_size,
         Format::Raw => DEFAULT_CLUSTER,
     };
     if target_format == Format::Qcow2 && target_cs > (2 << 20) {
         return Err(usage(format!(
-            "--target-cluster-size {target_cs} is larger than qcow2 allows (2M)"
+            "--output-cluster-size {target_cs} is larger than qcow2 allows (2M)"
         )));
     }
-    let cluster_size = args.cluster_size.unwrap_or(DEFAULT_CLUSTER.max(target_cs));
+    let cluster_size = args.granularity.unwrap_or(DEFAULT_CLUSTER.max(target_cs));
     if target_format == Format::Qcow2 && cluster_size < target_cs {
         return Err(usage(format!(
-            "--cluster-size {cluster_size} is smaller than the target's cluster size {target_cs}; \
-             use at least {target_cs} or a smaller --target-cluster-size"
+            "--granularity {cluster_size} is smaller than the target's cluster size {target_cs}; \
+             use at least {target_cs} or a smaller --output-cluster-size"
         )));
     }
     let max_chunk = args
@@ -487,8 +487,7 @@ pub fn run(args: &BackupArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
     let started = SystemTime::now();
     let t0 = Instant::now();
     let plan = plan(args)?;
-    let image =
-        open_image(&plan.source, args.source_format).context("cannot open the source image")?;
+    let image = open_image(&plan.source, args.format).context("cannot open the source image")?;
     let on_device = std::fs::metadata(&plan.source)
         .map(|m| std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type()))
         .unwrap_or(false);
@@ -775,8 +774,8 @@ pub fn run(args: &BackupArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
 
     let counter_bc = bc.clone();
     let reporter = Reporter::start(
-        g.progress,
-        g.quiet || g.json && g.progress == ProgressMode::Auto,
+        args.progress.progress,
+        g.quiet || g.json && args.progress.progress == ProgressMode::Auto,
         "backup",
         Arc::new(move || {
             let p = &counter_bc.progress;

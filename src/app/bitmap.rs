@@ -335,7 +335,7 @@ pub fn run(cmd: &BitmapCommand, g: &GlobalOpts) -> anyhow::Result<Exit> {
         BitmapCommand::Rebuild {
             image,
             name,
-            against,
+            against_backup: against,
             granularity,
             lock: l,
         } => {

@@ -46,10 +46,10 @@ pub fn run(args: &RestoreArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
     let on_device = std::fs::metadata(&args.output)
         .map(|m| m.file_type().is_block_device())
         .unwrap_or(false);
-    let format = match (args.format, on_device) {
+    let format = match (args.output_format, on_device) {
         (Some(Format::Qcow2), true) => {
             return Err(AppError::Usage(format!(
-                "{} is a block device: a restore onto a device writes the raw image into it; leave --format out",
+                "{} is a block device: a restore onto a device writes the raw image into it; leave --output-format out",
                 args.output.display()
             ))
             .into());
@@ -103,15 +103,15 @@ pub fn run(args: &RestoreArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
     } else {
         guard::check_output(&args.output, args.force, "output")?;
     }
-    if format == Format::Qcow2 && args.cluster_size > (2 << 20) {
+    if format == Format::Qcow2 && args.output_cluster_size > (2 << 20) {
         bail!(
-            "--cluster-size {} is larger than qcow2 allows (2M)",
-            args.cluster_size
+            "--output-cluster-size {} is larger than qcow2 allows (2M)",
+            args.output_cluster_size
         );
     }
     let chunk = manifest.as_ref().map(|m| m.meta.chunk_size).unwrap_or(1);
     let out_cs = if format == Format::Qcow2 {
-        args.cluster_size
+        args.output_cluster_size
     } else {
         65536
     };
@@ -164,8 +164,8 @@ pub fn run(args: &RestoreArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
     ));
     let counter = bc.clone();
     let reporter = Reporter::start(
-        g.progress,
-        g.quiet || g.json && g.progress == ProgressMode::Auto,
+        args.progress.progress,
+        g.quiet || g.json && args.progress.progress == ProgressMode::Auto,
         "restore",
         Arc::new(move || {
             (

@@ -1,4 +1,4 @@
-//! `imgbackup verify BACKUP [--against IMAGE]`.
+//! `imgbackup verify BACKUP [--against-image IMAGE]`.
 
 use super::default_jobs;
 use crate::cli::{GlobalOpts, VerifyArgs};
@@ -120,12 +120,12 @@ pub fn run(args: &VerifyArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
             "{u}; its content matches the manifest all the same (a copy of the backup?)"
         ));
     }
-    if let Some(other) = &args.against {
+    if let Some(other) = &args.against_image {
         if detached {
             return Err(detached_error(&args.backup, &manifest));
         }
-        let img = open_image(other, args.against_format)
-            .context("cannot open the image to compare with")?;
+        let img =
+            open_image(other, args.format).context("cannot open the image to compare with")?;
         let off = super::backup::first_difference(image.node.as_ref(), img.node.as_ref(), &cancel)?;
         if let Some(r) = cancel.reason() {
             return Err(AppError::Cancelled(r).into());
@@ -148,7 +148,7 @@ pub fn run(args: &VerifyArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
         root_digest: manifest.meta.root_digest.clone(),
         chunks: manifest.meta.chunks,
         chunk_size: manifest.meta.chunk_size,
-        against: args.against.as_ref().map(|p| p.display().to_string()),
+        against: args.against_image.as_ref().map(|p| p.display().to_string()),
         elapsed_seconds: t0.elapsed().as_secs_f64(),
         incomplete: manifest.meta.incomplete.clone(),
         detached_chunks_checked: held,

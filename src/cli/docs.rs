@@ -6,12 +6,10 @@
 
 use super::Cli;
 use clap::CommandFactory;
-use clap_complete::Shell;
 use std::path::{Path, PathBuf};
 
 /// Sections appended to imgbackup(1), in roff.
-const MAIN_EXTRA: &str = r#".SH "EXIT STATUS"
-.TP
+const EXIT_STATUS: &str = r#".TP
 .B 0
 success
 .TP
@@ -48,8 +46,9 @@ verification, overlay export, restore); the job was cancelled cleanly, no
 target was left behind and the bitmap is as it was. A second signal ends the
 process at once, after one line on stderr naming what it left behind (the
 partial files, a bitmap marked in use) and the command that recovers.
-.SH FILES
-.TP
+"#;
+
+const FILES_TARGET: &str = r#".TP
 .I TARGET.partial
 The backup while it is written. It is created exclusively and never through
 a symbolic or hard link (a file of that name left by a killed run, or planted,
@@ -97,13 +96,15 @@ manifest is \fIbound\fR to its file when that identity matches: the
 manifest is renamed into place first, so a crash between the two renames of
 a \fB\-\-force\fR replacement leaves a manifest that no longer matches the
 old file, and \fBverify\fR (exit 7), bitmap anchoring (exit 6) and
-\fBbitmap rebuild \-\-against\fR (exit 7) refuse it. A copied backup keeps
+\fBbitmap rebuild \-\-against\-backup\fR (exit 7) refuse it. A copied backup keeps
 its content but not its inode: \fBverify\fR says so and checks the content.
 \fB\-\-force \-\-no\-manifest\fR removes the replaced backup's manifest.
 \fBimgbackup verify\fR recomputes every digest of the backup through its
 backing chain; \fBimgbackup restore\fR checks them while it writes.
 docs/manifest.md in the source tree has the same description.
-.TP
+"#;
+
+const FILE_BITMAP: &str = r#".TP
 .I IMAGE.NAME.bitmap
 Dirty bitmap NAME of IMAGE, beside it. Version 2, integers big\-endian: bytes
 0\-7 the magic "IMGBKBMP"; 8\-11 the format version; 12\-15 flags (bit 0
@@ -130,11 +131,13 @@ backups (the flag); \fBclear\fR and \fBmerge\fR refuse it. Incremental and
 bitmap backups refuse an inconsistent bitmap with exit 6; only
 \fBbitmap rebuild\fR or a full or top backup with \fB\-\-bitmap\fR makes it
 consistent again. docs/bitmaps.md has the same description.
-.SH "BLOCK DEVICES AND SPECIAL FILES"
+"#;
+
+const BLOCK_DEVICES: &str = r#".SH "BLOCK DEVICES AND SPECIAL FILES"
 A SOURCE (or a backing file) may be a block device such as an LVM volume, a
 loop device or a disk: its size is the device's size, it is read like a raw
 image (every range is data; zero clusters are still detected and left out of
-the target), and \fBverify \-\-against\fR compares with it. \fB\-\-bitmap\fR
+the target), and \fBverify \-\-against\-image\fR compares with it. \fB\-\-bitmap\fR
 is refused for a device (exit 2): the kernel records no modification time
 for it, so a bitmap beside it could not tell that something wrote it. A
 source written during the backup by a process that does not honour the locks
@@ -147,7 +150,9 @@ mounted one is refused); a device smaller than the image is refused.
 Character devices, FIFOs and sockets are refused at once (exit 1) as a
 source, a backing file, a target or an output; nothing blocks in
 \fBopen\fR(2).
-.SH "COPY-BEFORE-WRITE AND THE SIMULATED GUEST"
+"#;
+
+const CBW: &str = r#".SH "COPY-BEFORE-WRITE AND THE SIMULATED GUEST"
 With \fB\-\-guest\fR SPEC a simulated guest writes while the backup runs.
 Its writes go through a copy\-before\-write filter into a writable overlay
 over the source (in memory for images up to 32 MiB, an unlinked sparse
@@ -197,7 +202,9 @@ as it was at the start.
 before it is renamed into place and compares it with SOURCE as it was at the
 start; a difference is exit 7, names the first differing offset, and leaves no
 TARGET.
-.SH "SYNC MODES AND BITMAPS"
+"#;
+
+const SYNC: &str = r#".SH "SYNC MODES AND BITMAPS"
 \fBfull\fR copies every cluster; \fBtop\fR only the clusters allocated in the
 top image of SOURCE's chain (the target, a qcow2, gets SOURCE's backing file
 as its own); \fBincremental\fR the clusters dirty in \fB\-\-bitmap\fR, into
@@ -226,10 +233,12 @@ image's new identity once the writes are flushed; a bitmap already
 inconsistent is marked but stays inconsistent. \fBbitmap import\fR reads a
 persistent bitmap QEMU keeps in a qcow2 image and refuses one QEMU marks in
 use, or an image whose autoclear bit says its bitmaps are stale (exit 6).
-\fBbitmap rebuild\fR IMAGE NAME \fB\-\-against\fR BACKUP marks dirty every
+\fBbitmap rebuild\fR IMAGE NAME \fB\-\-against\-backup\fR BACKUP marks dirty every
 chunk of IMAGE whose digest differs from BACKUP's manifest and anchors NAME to
 BACKUP.
-.SH "ERROR POLICIES"
+"#;
+
+const POLICIES: &str = r#".SH "ERROR POLICIES"
 \fB\-\-on\-source\-error\fR and \fB\-\-on\-target\-error\fR decide what a failed
 copy does. \fBreport\fR (default) fails the job: exit 4 for the source, 5 for
 the target, and no TARGET is left. \fBignore\fR skips the clusters that fail
@@ -245,7 +254,9 @@ on stderr with its cause and listed in the JSON summary (retry_events).
 (a full file system or quota, a file size limit) and reports anything else at
 once. A failed range always gets its copy bit back, so a copy\-before\-write or
 a retry can copy it later.
-.SH LOCKING
+"#;
+
+const LOCKING: &str = r#".SH LOCKING
 A backup takes an exclusive \fBflock\fR(2) on the source image: a second
 imgbackup working on the same image (or its bitmaps) exits 8 at once, or
 waits with \fB\-\-wait\-lock\fR DUR. It also holds an exclusive lock on
@@ -261,7 +272,9 @@ while qemu\-img reads an image. \fB\-\-force\-share\fR takes and checks no QEMU
 lock (like \fBqemu\-img \-U\fR); if the other process writes the image during
 the backup (its size, modification time or inode change), the backup is not
 point\-in\-time and fails with exit 4, leaving no TARGET.
-.SH "FAULT INJECTION"
+"#;
+
+const INJECTION: &str = r#".SH "FAULT INJECTION"
 \fB\-\-inject\fR RULE (repeatable) places a fault\-injection node under the
 source or the target, like QEMU's blkdebug. RULE is
 \fINODE\fB:\fIOP\fB:\fIERRNO\fR[\fB@\fIWHERE\fR][\fB,once\fR|\fB,count=\fIN\fR|\fB,prob=\fIP\fB,seed=\fIS\fR][\fB,delay=\fIDUR\fR]:
@@ -289,7 +302,9 @@ Only requests that do I/O count: unallocated and zero ranges are not read.
 With \fB\-\-jobs 1\fR and \fB\-\-max\-chunk\fR equal to the cluster size,
 requests happen in offset order, one cluster each, so a rule hits a
 predictable cluster. Example: \fB\-\-inject source:read:EIO@nth=2,once\fR.
-.SH NOTES
+"#;
+
+const NOTES: &str = r#".SH NOTES
 Source images are opened read\-only and never changed. Formats are probed by
 their magic (qcow2, or else raw) unless \fB\-\-source\-format\fR is given.
 Backing files are resolved relative to the directory of the image that names
@@ -312,27 +327,87 @@ tells how the job ended.
 .PP
 Sizes take the units K, M, G, T (powers of 1024); durations are humantime
 forms such as 500ms, 30s or 2h 5m; rates are sizes per second (100M).
-.SH ENVIRONMENT
+"#;
+
+const ENVIRONMENT: &str = r#".SH ENVIRONMENT
 .TP
 .B IMGBACKUP_PROGRESS_INTERVAL
 Interval between \fB\-\-progress plain\fR lines, as a duration (default 5s).
-.SH EXAMPLES
+"#;
+
+/// How options are named, in every command.
+const OPTION_NAMES: &str = r#".SH "OPTION NAMES"
+One word means one thing in every command:
 .TP
+.BR \-f ", " \-\-format " FORMAT"
+the format of an image the command reads (SOURCE, IMAGE, the image of
+\fB\-\-against\-image\fR); probed from its magic when left out.
+.TP
+.BR \-O ", " \-\-output\-format " FORMAT"
+the format of the file the command writes (a backup's TARGET, a restore's
+OUTPUT).
+.TP
+.B \-\-output\-cluster\-size \fISIZE\fR
+the qcow2 cluster size of the file the command writes.
+.TP
+.B \-\-granularity \fISIZE\fR
+the unit a backup copies and tracks, and the bytes per bit of a bitmap.
+.TP
+.B \-\-against\-image \fIIMAGE\fR, \-\-against\-backup \fIBACKUP\fR
+an image to compare content with (\fBverify\fR), and a backup whose manifest
+to compare with (\fBbitmap rebuild\fR).
+.PP
+Short options follow qemu\-img where it has one (\fB\-f\fR, \fB\-O\fR,
+\fB\-U\fR for \fB\-\-force\-share\fR, \fB\-q\fR) and restic otherwise
+(\fB\-n\fR for \fB\-\-dry\-run\fR, \fB\-v\fR); \fB\-j\fR is
+\fB\-\-jobs\fR. \fB\-\-force\fR has no short form. The spellings of
+imgbackup 0.1 (\fB\-\-target\-format\fR, \fB\-\-source\-format\fR,
+\fB\-\-target\-cluster\-size\fR, backup's \fB\-\-cluster\-size\fR,
+restore's \fB\-\-format\fR and \fB\-\-cluster\-size\fR, \fB\-\-against\fR,
+\fB\-\-against\-format\fR) still work in 0.2, with a deprecation note on
+stderr.
+.PP
+Global options (\fB\-\-json\fR, \fB\-q\fR, \fB\-v\fR) go before or after
+the command; \fB\-q\fR and \fB\-v\fR exclude each other. Sizes take the
+units K, M, G, T, P, meaning KiB, MiB, GiB, TiB, PiB (powers of 1024; KiB,
+MiB ... are accepted too); durations are humantime forms such as 500ms, 30s
+or 2h 5m; rates are sizes per second (100M).
+"#;
+
+/// The sections a page adds after what clap renders: (files, body,
+/// examples, see also).
+fn extras(page: &str) -> (String, String, &'static str, Vec<&'static str>) {
+    let bitmap_file = FILE_BITMAP.to_string();
+    match page {
+        "imgbackup" => (
+            String::new(),
+            [OPTION_NAMES, BLOCK_DEVICES, LOCKING, NOTES, ENVIRONMENT].concat(),
+            r#".TP
+Back up a qcow2 image into a sparse raw file:
+.B imgbackup backup disk.qcow2 disk-backup.raw
+.TP
+Describe an image and its backing chain as JSON:
+.B imgbackup info \-\-json overlay.qcow2
+.TP
+Check a backup, and restore it:
+.B imgbackup verify backup.qcow2 && imgbackup restore backup.qcow2 disk.raw
+"#,
+            vec![],
+        ),
+        "imgbackup-backup" => (
+            [FILES_TARGET, &bitmap_file].concat(),
+            [CBW, SYNC, POLICIES, LOCKING, INJECTION, BLOCK_DEVICES].concat(),
+            r#".TP
 Back up a qcow2 image into a sparse raw file:
 .B imgbackup backup disk.qcow2 disk-backup.raw
 .TP
 From cron, with a log line every few seconds and a bounded run time:
 .B imgbackup backup \-\-progress plain \-\-timeout 2h /var/lib/vm/disk.qcow2 /backup/disk.qcow2
 .TP
-A weekly full and daily incrementals under date\-stamped names (a ':' in a name is fine):
-.B imgbackup backup \-\-bitmap nightly disk.raw /backup/full\-$(date +%FT%T).qcow2
+A weekly full and daily incrementals under date\-stamped names (a crontab; a ':' in a name is fine):
+.B 0 1 * * 0 imgbackup backup \-q \-\-bitmap nightly /vm/disk.raw /backup/full\-$(date +\e%FT\e%T).qcow2
 .br
-.B imgbackup backup \-\-sync incremental \-\-bitmap nightly disk.raw /backup/inc\-$(date +%FT%T).qcow2
-.TP
-Back up an LVM volume, and restore onto another:
-.B imgbackup backup /dev/vg0/data /backup/data.qcow2
-.br
-.B imgbackup restore \-\-force /backup/data.qcow2 /dev/vg0/data\-new
+.B 0 1 * * 1\-6 imgbackup backup \-q \-\-sync incremental \-\-bitmap nightly /vm/disk.raw /backup/inc\-$(date +\e%FT\e%T).qcow2
 .TP
 A backup while a simulated guest writes, checked afterwards:
 .B imgbackup backup \-\-guest iops=500,bs=4K,threads=2 \-\-verify disk.qcow2 backup.qcow2
@@ -340,38 +415,212 @@ A backup while a simulated guest writes, checked afterwards:
 Fleecing: keep only what the guest overwrites, over the unchanged source:
 .B imgbackup backup \-\-sync none \-\-guest duration=30s disk.qcow2 fleece.qcow2
 .TP
-Describe an image and its backing chain as JSON:
-.B imgbackup info \-\-json overlay.qcow2
-"#;
+Back up an LVM volume:
+.B imgbackup backup /dev/vg0/data /backup/data.qcow2
+.TP
+Test a script's error handling: fail the second read once:
+.B imgbackup backup \-\-inject source:read:EIO@nth=2,once disk.raw t.raw; echo $?
+"#,
+            vec![
+                "imgbackup-verify",
+                "imgbackup-restore",
+                "imgbackup-bitmap",
+                "imgbackup-guest",
+            ],
+        ),
+        "imgbackup-verify" => (
+            String::new(),
+            String::new(),
+            r#".TP
+Check a backup (and its chain) against its manifest:
+.B imgbackup verify /backup/inc\-2026\-01\-02.qcow2
+.TP
+Also compare it with the image it was made from, as it is now:
+.B imgbackup verify \-\-against\-image disk.raw backup.qcow2
+"#,
+            vec!["imgbackup-backup", "imgbackup-restore"],
+        ),
+        "imgbackup-restore" => (
+            r#".TP
+.I OUTPUT.partial
+The restored image while it is written: created exclusively, never through
+a link, with the backup's permission bits; renamed to OUTPUT once complete,
+flushed and checked against the manifest. A block device OUTPUT (with
+\fB\-\-force\fR) is written in place instead: the raw image into its first
+bytes, holes as zeros, the rest of the device untouched.
+"#
+            .to_string(),
+            String::new(),
+            r#".TP
+Restore the newest backup of a chain into a raw image:
+.B imgbackup restore /backup/inc\-2026\-01\-02.qcow2 disk.raw
+.TP
+Restore onto an LVM volume:
+.B imgbackup restore \-\-force /backup/data.qcow2 /dev/vg0/data
+"#,
+            vec!["imgbackup-backup", "imgbackup-verify"],
+        ),
+        "imgbackup-info" => (
+            String::new(),
+            String::new(),
+            r#".TP
+Format, sizes, allocation, chain, bitmaps and manifest of a backup:
+.B imgbackup info /backup/full.qcow2
+"#,
+            vec!["imgbackup-bitmap", "imgbackup-verify"],
+        ),
+        "imgbackup-guest" => (
+            format!(
+                r#".TP
+.I IMAGE
+written in place (a raw file only), flushed at the end.
+{bitmap_file}"#
+            ),
+            String::new(),
+            r#".TP
+Dirty a bitmap between two backups with 200 seeded 4 KiB writes:
+.B imgbackup guest disk.raw iops=0,count=200,bs=4K,seed=7
+"#,
+            vec!["imgbackup-backup", "imgbackup-bitmap"],
+        ),
+        "imgbackup-bitmap" => (
+            bitmap_file,
+            String::new(),
+            r#".TP
+List the bitmaps beside an image and whether they can be trusted:
+.B imgbackup bitmap list disk.raw
+.TP
+The way back after a bitmap went stale:
+.B imgbackup bitmap rebuild disk.raw nightly \-\-against\-backup /backup/full.qcow2
+"#,
+            BITMAP_PAGES.to_vec(),
+        ),
+        p if p.starts_with("imgbackup-bitmap-") => (
+            if matches!(p, "imgbackup-bitmap-list" | "imgbackup-bitmap-show") {
+                String::new()
+            } else {
+                bitmap_file
+            },
+            String::new(),
+            bitmap_example(p),
+            vec!["imgbackup-bitmap"],
+        ),
+        _ => (String::new(), String::new(), "", vec![]),
+    }
+}
+
+const BITMAP_PAGES: &[&str] = &[
+    "imgbackup-bitmap-add",
+    "imgbackup-bitmap-remove",
+    "imgbackup-bitmap-clear",
+    "imgbackup-bitmap-enable",
+    "imgbackup-bitmap-disable",
+    "imgbackup-bitmap-list",
+    "imgbackup-bitmap-show",
+    "imgbackup-bitmap-merge",
+    "imgbackup-bitmap-import",
+    "imgbackup-bitmap-rebuild",
+];
+
+fn bitmap_example(page: &str) -> &'static str {
+    match page {
+        "imgbackup-bitmap-add" => {
+            ".TP\nA bitmap with 4 KiB granularity:\n.B imgbackup bitmap add disk.raw fine \\-\\-granularity 4K\n"
+        }
+        "imgbackup-bitmap-remove" => ".TP\n.B imgbackup bitmap remove disk.raw old\n",
+        "imgbackup-bitmap-clear" => ".TP\n.B imgbackup bitmap clear disk.raw nightly\n",
+        "imgbackup-bitmap-enable" => ".TP\n.B imgbackup bitmap enable disk.raw nightly\n",
+        "imgbackup-bitmap-disable" => ".TP\n.B imgbackup bitmap disable disk.raw nightly\n",
+        "imgbackup-bitmap-list" => ".TP\n.B imgbackup bitmap list \\-\\-json disk.raw\n",
+        "imgbackup-bitmap-show" => {
+            ".TP\nCounts and dirty ranges:\n.B imgbackup bitmap show disk.raw nightly\n"
+        }
+        "imgbackup-bitmap-merge" => {
+            ".TP\nAdd the bits of weekly and extra into nightly:\n.B imgbackup bitmap merge disk.raw weekly extra \\-\\-into nightly\n"
+        }
+        "imgbackup-bitmap-import" => {
+            ".TP\nCopy QEMU's persistent bitmap bm0 of a qcow2 image:\n.B imgbackup bitmap import disk.qcow2 bm0 \\-\\-as nightly\n"
+        }
+        _ => {
+            ".TP\n.B imgbackup bitmap rebuild disk.raw nightly \\-\\-against\\-backup /backup/full.qcow2\n"
+        }
+    }
+}
+
+/// The command as the man pages show it: without the `help` subcommands.
+fn man_command() -> clap::Command {
+    let mut cmd = Cli::command().disable_help_subcommand(true);
+    cmd = cmd.mut_subcommand("bitmap", |b| b.disable_help_subcommand(true));
+    cmd.build();
+    cmd
+}
+
+/// Render one page: clap's NAME, SYNOPSIS, DESCRIPTION, OPTIONS and
+/// SUBCOMMANDS, then EXIT STATUS, FILES, the page's own sections, EXAMPLES
+/// and SEE ALSO.
+fn page(cmd: clap::Command, name: &str, all: &[String]) -> std::io::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    clap_mangen::Man::new(cmd).date("").render(&mut out)?;
+    let (files, body, examples, see) = extras(name);
+    out.extend_from_slice(b".SH \"EXIT STATUS\"\n");
+    out.extend_from_slice(EXIT_STATUS.as_bytes());
+    if !files.is_empty() {
+        out.extend_from_slice(b".SH FILES\n");
+        out.extend_from_slice(files.as_bytes());
+    }
+    out.extend_from_slice(body.as_bytes());
+    if !examples.is_empty() {
+        out.extend_from_slice(b".SH EXAMPLES\n");
+        out.extend_from_slice(examples.as_bytes());
+    }
+    let mut refs: Vec<String> = if name == "imgbackup" {
+        all.iter().filter(|p| *p != "imgbackup").cloned().collect()
+    } else {
+        std::iter::once("imgbackup".to_string())
+            .chain(see.iter().map(|s| s.to_string()))
+            .collect()
+    };
+    refs.dedup();
+    let refs: Vec<String> = refs.iter().map(|r| format!("{r}(1)")).collect();
+    out.extend_from_slice(format!(".SH \"SEE ALSO\"\n{}\n", refs.join(", ")).as_bytes());
+    Ok(out)
+}
 
 /// Every generated file: path relative to the repository root, and content.
 pub fn render() -> std::io::Result<Vec<(PathBuf, Vec<u8>)>> {
-    let mut out = Vec::new();
-    let cmd = Cli::command();
-    let mut main = Vec::new();
-    let man = clap_mangen::Man::new(cmd.clone()).date("");
-    man.render(&mut main)?;
-    main.extend_from_slice(MAIN_EXTRA.as_bytes());
-    out.push((PathBuf::from("man/imgbackup.1"), main));
+    let cmd = man_command();
+    // Every page: (name, the command as it is shown on it).
+    let mut pages: Vec<(String, clap::Command)> = vec![("imgbackup".into(), cmd.clone())];
     for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
         let name = format!("imgbackup-{}", sub.get_name());
-        let sub = sub
+        let shown = sub
             .clone()
             .name(name.clone())
             .bin_name(name.replace('-', " "));
-        let mut page = Vec::new();
-        clap_mangen::Man::new(sub).date("").render(&mut page)?;
-        page.extend_from_slice(b".SH \"SEE ALSO\"\nimgbackup(1)\n");
-        out.push((PathBuf::from(format!("man/{name}.1")), page));
+        for nested in sub.get_subcommands().filter(|s| !s.is_hide_set()) {
+            let n = format!("{name}-{}", nested.get_name());
+            let s = nested.clone().name(n.clone()).bin_name(n.replace('-', " "));
+            pages.push((n, s));
+        }
+        pages.push((name, shown));
+    }
+    let names: Vec<String> = pages.iter().map(|(n, _)| n.clone()).collect();
+    let mut out = Vec::new();
+    for (name, c) in pages {
+        out.push((
+            PathBuf::from(format!("man/{name}.1")),
+            page(c, &name, &names)?,
+        ));
     }
     for (shell, file) in [
-        (Shell::Bash, "imgbackup.bash"),
-        (Shell::Zsh, "_imgbackup"),
-        (Shell::Fish, "imgbackup.fish"),
+        ("bash", "imgbackup.bash"),
+        ("zsh", "_imgbackup"),
+        ("fish", "imgbackup.fish"),
     ] {
-        let mut buf = Vec::new();
-        clap_complete::generate(shell, &mut Cli::command(), "imgbackup", &mut buf);
-        out.push((PathBuf::from(format!("completions/{file}")), buf));
+        out.push((
+            PathBuf::from(format!("completions/{file}")),
+            super::complete::registration(shell)?,
+        ));
     }
     Ok(out)
 }

@@ -1,6 +1,8 @@
 //! The command line: clap definitions (one definition renders help, the man
 //! pages and the completions) and the value parsers.
 
+pub mod complete;
+pub mod deprecated;
 pub mod docs;
 pub mod parse;
 
@@ -15,6 +17,28 @@ use parse::{
 };
 use std::path::PathBuf;
 use std::time::Duration;
+
+/// The exit codes, for `imgbackup --help`.
+const AFTER_LONG_HELP: &str = "\
+Exit status:
+    0        success
+    1        failure not covered below (bad or unsupported image, existing target,
+             missing directory, a special file)
+    2        usage error (bad option or value, a target that would overwrite what
+             the backup reads)
+    3        finished, but some clusters were skipped by an ignore policy
+    4        source read error (a damaged or truncated image, an I/O error, a source
+             written during the backup)
+    5        target write error, including no space left and a file-size limit
+    6        bitmap missing, inconsistent or stale, or a wrong parent
+    7        verification mismatch
+    8        image or target locked by another process
+    9        timeout (--timeout)
+    129      stopped by SIGHUP
+    130      interrupted by SIGINT
+    143      terminated by SIGTERM
+A cancelled job (129, 130, 143, 9) leaves no target behind.
+See imgbackup(1) for option names, files and examples.";
 
 const AFTER_HELP: &str = "\
 Exit status: 0 success, 1 failure, 2 usage error, 3 clusters skipped,
@@ -33,6 +57,7 @@ See imgbackup(1) for the full table.";
 QEMU's block backup job does: the source is read through an in-process graph of block nodes, \
 and the backup is written to TARGET.partial and renamed only once it is complete and flushed.",
     after_help = AFTER_HELP,
+    after_long_help = AFTER_LONG_HELP,
     propagate_version = true
 )]
 pub struct Cli {
@@ -44,19 +69,30 @@ pub struct Cli {
 
 /// Options every command takes.
 #[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Global options")]
 pub struct GlobalOpts {
-    /// Print one JSON document on stdout (and nothing else there).
+    /// Print one JSON document on stdout (and nothing else there): the
+    /// summary, or `{"ok": false, "exit_code": N, ...}` on failure.
     #[arg(long, global = true)]
     pub json: bool,
     /// Print nothing but errors.
-    #[arg(short, long, global = true)]
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
     pub quiet: bool,
-    /// Say more about what happens (repeat for more).
+    /// Say more on stderr: -v what happens, -vv debug details (the graph,
+    /// phase timings, policy decisions, lock waits), -vvv every request of
+    /// the copy engine. IMGBACKUP_LOG (or RUST_LOG) filters further, e.g.
+    /// IMGBACKUP_LOG=imgbackup::copy=trace.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     pub verbose: u8,
-    /// Progress display: a bar on a terminal (auto), always a bar, a plain
-    /// line every few seconds (for logs and cron mail), or nothing.
-    #[arg(long, value_enum, default_value_t = ProgressMode::Auto, global = true, value_name = "WHEN")]
+}
+
+/// The progress display of commands that copy (backup, restore).
+#[derive(Debug, Clone, Args)]
+pub struct ProgressOpts {
+    /// Progress display: a bar when stderr is a terminal (auto), always a
+    /// bar, a plain line every few seconds (for logs and cron mail), or
+    /// nothing.
+    #[arg(long, value_enum, default_value_t = ProgressMode::Auto, value_name = "WHEN")]
     pub progress: ProgressMode,
 }
 
@@ -155,9 +191,11 @@ pub struct BackupArgs {
     /// The image to back up (raw or qcow2, with its backing chain; a regular
     /// file or a block device such as an LVM volume). It is opened
     /// read-only and never changed.
+    #[arg(add = complete::images())]
     pub source: PathBuf,
     /// The backup to write. It is written as TARGET.partial and renamed to
     /// TARGET once complete and flushed.
+    #[arg(add = complete::outputs())]
     pub target: PathBuf,
     /// What to copy.
     #[arg(long, value_enum, default_value_t = SyncMode::Full)]
@@ -165,7 +203,7 @@ pub struct BackupArgs {
     /// The dirty bitmap beside SOURCE. With incremental and bitmap it
     /// selects what to copy; with full and top it (re)anchors the bitmap to
     /// this backup (created if missing, cleared on success).
-    #[arg(long, value_name = "NAME")]
+    #[arg(long, value_name = "NAME", add = complete::bitmaps())]
     pub bitmap: Option<String>,
     /// What happens to the bitmap after the job [default: on-success].
     #[arg(long, value_enum, value_name = "MODE", requires = "bitmap")]
@@ -173,27 +211,28 @@ pub struct BackupArgs {
     /// Backing file written into a qcow2 TARGET [default: for incremental
     /// and bitmap, the backup the bitmap is anchored to; for top, SOURCE's
     /// backing file].
-    #[arg(long, value_name = "FILE", conflicts_with = "no_backing")]
+    #[arg(long, value_name = "FILE", conflicts_with = "no_backing", add = complete::backups())]
     pub backing: Option<PathBuf>,
     /// Write no backing file into TARGET.
     #[arg(long)]
     pub no_backing: bool,
     /// Format of TARGET [default: qcow2 when TARGET ends in .qcow2 or the
     /// sync mode needs qcow2 (top, incremental, bitmap, none), else raw].
-    #[arg(long, value_enum, value_name = "FORMAT")]
-    pub target_format: Option<Format>,
-    /// Cluster size of a new qcow2 TARGET.
+    #[arg(short = 'O', long, value_enum, value_name = "FORMAT")]
+    pub output_format: Option<Format>,
+    /// Cluster size of a qcow2 TARGET.
     #[arg(long, value_parser = parse_cluster_size, default_value = "64K", value_name = "SIZE")]
-    pub target_cluster_size: u64,
-    /// Backup granularity [default: max(64K, the target's cluster size)].
+    pub output_cluster_size: u64,
+    /// Backup granularity: the unit the job copies and tracks [default:
+    /// max(64K, TARGET's cluster size)].
     #[arg(long, value_parser = parse_cluster_size, value_name = "SIZE")]
-    pub cluster_size: Option<u64>,
+    pub granularity: Option<u64>,
     /// Write compressed clusters (deflate, as QEMU's default zlib type) into
     /// a qcow2 TARGET; clusters that do not shrink are written as they are.
     #[arg(long)]
     pub compress: bool,
     /// Number of copy workers [default: the number of CPUs].
-    #[arg(long, value_parser = parse_jobs, value_name = "N")]
+    #[arg(short, long, value_parser = parse_jobs, value_name = "N")]
     pub jobs: Option<usize>,
     /// Largest single request [default: max(2M, cluster size)]; rounded down
     /// to whole clusters, at least one.
@@ -214,12 +253,12 @@ pub struct BackupArgs {
     #[arg(long)]
     pub keep_partial: bool,
     /// Print what would be copied and exit without writing anything.
-    #[arg(long)]
+    #[arg(short = 'n', long)]
     pub dry_run: bool,
     /// Format of SOURCE; skips probing (probing reads the qcow2 magic,
     /// anything else is raw).
-    #[arg(long, value_enum, value_name = "FORMAT")]
-    pub source_format: Option<Format>,
+    #[arg(short, long, value_enum, value_name = "FORMAT")]
+    pub format: Option<Format>,
     /// Run a simulated guest that writes into the image while the backup
     /// runs (SPEC: iops=N,bs=SIZE|MIN-MAX,pattern=random|sequential|hotspot,
     /// threads=N,seed=N,count=N|duration=DUR,zero=PCT). Its writes land in
@@ -227,7 +266,7 @@ pub struct BackupArgs {
     #[arg(long, value_parser = parse_spec, value_name = "SPEC")]
     pub guest: Option<GuestSpec>,
     /// Keep what the guest wrote as a qcow2 image backed by SOURCE.
-    #[arg(long, value_name = "FILE", requires = "guest")]
+    #[arg(long, value_name = "FILE", requires = "guest", add = complete::outputs())]
     pub guest_overlay: Option<PathBuf>,
     /// What a failed copy-before-write does: fail the guest write (the
     /// backup stays consistent), or let it through and fail the job.
@@ -273,7 +312,7 @@ pub struct BackupArgs {
     /// image open for writing. If that process writes the image during the
     /// backup, the backup is not point-in-time: it fails with exit 4 and no
     /// TARGET (writes to a block device cannot be seen).
-    #[arg(long)]
+    #[arg(short = 'U', long)]
     pub force_share: bool,
     /// When the image (or TARGET, written by another run) is locked, wait up
     /// to DUR for the lock instead of failing at once (exit 8).
@@ -288,38 +327,50 @@ pub struct BackupArgs {
     /// See imgbackup(1), FAULT INJECTION.
     #[arg(long, value_parser = parse_rule, value_name = "RULE", hide_short_help = true)]
     pub inject: Vec<Rule>,
+    #[command(flatten)]
+    pub progress: ProgressOpts,
 }
 
 #[derive(Debug, Args)]
 pub struct VerifyArgs {
     /// The backup (its manifest is BACKUP.manifest; its backing chain is
     /// followed).
+    #[arg(add = complete::backups())]
     pub backup: PathBuf,
-    /// Also compare the backup's content with IMAGE.
-    #[arg(long, value_name = "IMAGE")]
-    pub against: Option<PathBuf>,
+    /// Also compare the backup's content with IMAGE (an image, such as the
+    /// source as it is now).
+    #[arg(long, value_name = "IMAGE", add = complete::images())]
+    pub against_image: Option<PathBuf>,
     /// Format of IMAGE; skips probing.
-    #[arg(long, value_enum, value_name = "FORMAT", requires = "against")]
-    pub against_format: Option<Format>,
+    #[arg(
+        short,
+        long,
+        value_enum,
+        value_name = "FORMAT",
+        requires = "against_image"
+    )]
+    pub format: Option<Format>,
     /// Number of hashing workers [default: the number of CPUs].
-    #[arg(long, value_parser = parse_jobs, value_name = "N")]
+    #[arg(short, long, value_parser = parse_jobs, value_name = "N")]
     pub jobs: Option<usize>,
 }
 
 #[derive(Debug, Args)]
 pub struct RestoreArgs {
     /// The backup to restore (with its backing chain).
+    #[arg(add = complete::backups())]
     pub backup: PathBuf,
     /// The image to write. It is written as OUTPUT.partial and renamed once
     /// complete, flushed and checked. A block device (with --force) is
     /// written in place: the raw image into its first bytes.
+    #[arg(add = complete::outputs())]
     pub output: PathBuf,
     /// Format of OUTPUT [default: qcow2 when OUTPUT ends in .qcow2, else raw].
-    #[arg(long, value_enum, value_name = "FORMAT")]
-    pub format: Option<Format>,
+    #[arg(short = 'O', long, value_enum, value_name = "FORMAT")]
+    pub output_format: Option<Format>,
     /// Cluster size of a qcow2 OUTPUT.
     #[arg(long, value_parser = parse_cluster_size, default_value = "64K", value_name = "SIZE")]
-    pub cluster_size: u64,
+    pub output_cluster_size: u64,
     /// Do not check the data against the backup's manifest.
     #[arg(long)]
     pub no_verify: bool,
@@ -331,15 +382,21 @@ pub struct RestoreArgs {
     #[arg(long)]
     pub keep_partial: bool,
     /// Number of copy workers [default: the number of CPUs].
-    #[arg(long, value_parser = parse_jobs, value_name = "N")]
+    #[arg(short, long, value_parser = parse_jobs, value_name = "N")]
     pub jobs: Option<usize>,
+    #[command(flatten)]
+    pub progress: ProgressOpts,
 }
 
 #[derive(Debug, Subcommand)]
 pub enum BitmapCommand {
     /// Create a bitmap (clean, recording the image as it is now).
     Add {
+        /// The image (its bitmaps are the files IMAGE.NAME.bitmap beside it).
+        #[arg(add = complete::images())]
         image: PathBuf,
+        /// The bitmap's name (letters, digits, '_', '-', '.').
+        #[arg(add = complete::bitmaps())]
         name: String,
         /// Bytes per bit.
         #[arg(long, value_parser = parse_cluster_size, default_value = "64K", value_name = "SIZE")]
@@ -352,49 +409,82 @@ pub enum BitmapCommand {
     },
     /// Delete a bitmap.
     Remove {
+        /// The image (its bitmaps are the files IMAGE.NAME.bitmap beside it).
+        #[arg(add = complete::images())]
         image: PathBuf,
+        /// The bitmap's name (letters, digits, '_', '-', '.').
+        #[arg(add = complete::bitmaps())]
         name: String,
         #[command(flatten)]
         lock: LockOpts,
     },
     /// Mark every bit clean (the bitmap must be consistent).
     Clear {
+        /// The image (its bitmaps are the files IMAGE.NAME.bitmap beside it).
+        #[arg(add = complete::images())]
         image: PathBuf,
+        /// The bitmap's name (letters, digits, '_', '-', '.').
+        #[arg(add = complete::bitmaps())]
         name: String,
         #[command(flatten)]
         lock: LockOpts,
     },
     /// Let writes mark the bitmap again (from now on).
     Enable {
+        /// The image (its bitmaps are the files IMAGE.NAME.bitmap beside it).
+        #[arg(add = complete::images())]
         image: PathBuf,
+        /// The bitmap's name (letters, digits, '_', '-', '.').
+        #[arg(add = complete::bitmaps())]
         name: String,
         #[command(flatten)]
         lock: LockOpts,
     },
     /// Stop writes from marking the bitmap.
     Disable {
+        /// The image (its bitmaps are the files IMAGE.NAME.bitmap beside it).
+        #[arg(add = complete::images())]
         image: PathBuf,
+        /// The bitmap's name (letters, digits, '_', '-', '.').
+        #[arg(add = complete::bitmaps())]
         name: String,
         #[command(flatten)]
         lock: LockOpts,
     },
     /// List the bitmaps beside IMAGE.
-    List { image: PathBuf },
+    List {
+        /// The image whose bitmaps to list.
+        #[arg(add = complete::images())]
+        image: PathBuf,
+    },
     /// Show one bitmap: counts and dirty ranges.
-    Show { image: PathBuf, name: String },
+    Show {
+        /// The image (its bitmaps are the files IMAGE.NAME.bitmap beside it).
+        #[arg(add = complete::images())]
+        image: PathBuf,
+        /// The bitmap's name.
+        #[arg(add = complete::bitmaps())]
+        name: String,
+    },
     /// Set in NAME every bit set in the SRC bitmaps.
     Merge {
+        /// The image (its bitmaps are the files IMAGE.NAME.bitmap beside it).
+        #[arg(add = complete::images())]
         image: PathBuf,
-        #[arg(required = true, value_name = "SRC")]
+        /// The bitmaps whose bits are added (they must be consistent).
+        #[arg(required = true, value_name = "SRC", add = complete::bitmaps())]
         sources: Vec<String>,
         /// The bitmap to merge into (it must exist).
-        #[arg(long, value_name = "NAME")]
+        #[arg(long, value_name = "NAME", add = complete::bitmaps())]
         into: String,
         #[command(flatten)]
         lock: LockOpts,
     },
     /// Copy a persistent dirty bitmap that QEMU keeps inside the qcow2 IMAGE.
     Import {
+        /// The qcow2 image that holds the persistent bitmap (the imported
+        /// bitmap is written beside it).
+        #[arg(add = complete::images())]
         image: PathBuf,
         /// The bitmap's name inside the qcow2 image.
         qcow2_bitmap: String,
@@ -411,11 +501,16 @@ pub enum BitmapCommand {
     /// and anchor the bitmap to BACKUP: the way back after a bitmap went
     /// stale.
     Rebuild {
+        /// The image (its bitmaps are the files IMAGE.NAME.bitmap beside it).
+        #[arg(add = complete::images())]
         image: PathBuf,
+        /// The bitmap's name (letters, digits, '_', '-', '.').
+        #[arg(add = complete::bitmaps())]
         name: String,
-        /// The backup to compare with (its manifest is read).
-        #[arg(long, value_name = "BACKUP")]
-        against: PathBuf,
+        /// The backup to compare with (its manifest is read; the bitmap is
+        /// anchored to it).
+        #[arg(long, value_name = "BACKUP", add = complete::backups())]
+        against_backup: PathBuf,
         /// Granularity if the bitmap has to be created.
         #[arg(long, value_parser = parse_cluster_size, default_value = "64K", value_name = "SIZE")]
         granularity: u64,
@@ -435,13 +530,14 @@ pub struct LockOpts {
 
 #[derive(Debug, Args)]
 pub struct GuestArgs {
-    /// The image to write into (raw).
+    /// The image to write into (a raw file).
+    #[arg(add = complete::images())]
     pub image: PathBuf,
     /// The workload (see backup --guest); it needs count= or duration=.
     #[arg(value_parser = parse_spec)]
     pub spec: GuestSpec,
     /// Format of IMAGE; skips probing.
-    #[arg(long, value_enum, value_name = "FORMAT")]
+    #[arg(short, long, value_enum, value_name = "FORMAT")]
     pub format: Option<Format>,
     #[command(flatten)]
     pub lock: LockOpts,
@@ -450,8 +546,9 @@ pub struct GuestArgs {
 #[derive(Debug, Args)]
 pub struct InfoArgs {
     /// The image to describe.
+    #[arg(add = complete::images())]
     pub image: PathBuf,
     /// Format of IMAGE; skips probing.
-    #[arg(long, value_enum, value_name = "FORMAT")]
+    #[arg(short, long, value_enum, value_name = "FORMAT")]
     pub format: Option<Format>,
 }

@@ -109,7 +109,7 @@ pub fn choose(bitmap: &Bitmap, image: &Path, given: Option<&Path>) -> Result<Pat
                 bitmap,
                 image,
                 format!(
-                    "it is not anchored to a backup; make a full backup with --bitmap {0}, run `imgbackup bitmap rebuild {1} {0} --against BACKUP` with the backup it should follow, or name the parent with --backing",
+                    "it is not anchored to a backup; make a full backup with --bitmap {0} to start a chain, rebuild it against the backup it should follow (`imgbackup bitmap rebuild {1} {0} --against-backup` and that backup), or name the parent with --backing",
                     bitmap.name,
                     image.display()
                 ),

@@ -59,7 +59,7 @@ fn explicit_target_format_overrides_the_extension() {
         &[
             "backup",
             "-q",
-            "--target-format",
+            "--output-format",
             "qcow2",
             "src.qcow2",
             "out.img",
@@ -73,7 +73,7 @@ fn explicit_target_format_overrides_the_extension() {
         &[
             "backup",
             "-q",
-            "--target-format",
+            "--output-format",
             "raw",
             "src.qcow2",
             "out2.qcow2",
@@ -165,17 +165,17 @@ fn jobs_chunk_and_cluster_sizes_give_the_same_image() {
             "4",
             "--max-chunk",
             "4K",
-            "--cluster-size",
+            "--granularity",
             "4K",
-            "--target-cluster-size",
+            "--output-cluster-size",
             "4K",
         ],
         vec!["--jobs", "3", "--max-chunk", "7M"],
-        vec!["--target-cluster-size", "2M"],
+        vec!["--output-cluster-size", "2M"],
         vec![
-            "--target-cluster-size",
+            "--output-cluster-size",
             "512",
-            "--cluster-size",
+            "--granularity",
             "512",
             "--max-chunk",
             "1536",
@@ -195,7 +195,7 @@ fn jobs_chunk_and_cluster_sizes_give_the_same_image() {
         let info = info_json(p, &tgt);
         let want_cs = extra
             .iter()
-            .position(|a| *a == "--target-cluster-size")
+            .position(|a| *a == "--output-cluster-size")
             .map(|i| crate::common::parse_size(extra[i + 1]))
             .unwrap_or(65536);
         assert_eq!(info["cluster-size"], want_cs, "{extra:?}");
@@ -453,9 +453,9 @@ fn compressed_targets_are_valid_and_exact() {
         ("c.qcow2", vec![]),
         (
             "c4k.qcow2",
-            vec!["--target-cluster-size", "4K", "--cluster-size", "64K"],
+            vec!["--output-cluster-size", "4K", "--granularity", "64K"],
         ),
-        ("c2m.qcow2", vec!["--target-cluster-size", "2M"]),
+        ("c2m.qcow2", vec!["--output-cluster-size", "2M"]),
     ] {
         let mut a = vec!["backup", "-q", "--compress"];
         a.extend(extra);

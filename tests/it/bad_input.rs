@@ -58,15 +58,10 @@ fn missing_file_and_directory() {
 
 #[test]
 fn not_a_qcow2_image() {
-    refused(
-        &broken("empty.img"),
-        &["--source-format", "qcow2"],
-        1,
-        &["empty"],
-    );
+    refused(&broken("empty.img"), &["--format", "qcow2"], 1, &["empty"]);
     refused(
         &broken("bad-magic.qcow2"),
-        &["--source-format", "qcow2"],
+        &["--format", "qcow2"],
         1,
         &["not a qcow2 image"],
     );
@@ -140,15 +135,15 @@ fn bad_values_are_usage_errors() {
     for (opt, val, msg) in [
         ("--max-chunk", "1.5M", "fractional"),
         ("--max-chunk", "12Q", "unit"),
-        ("--cluster-size", "3K", "power of two"),
-        ("--target-cluster-size", "100", "power of two"),
+        ("--granularity", "3K", "power of two"),
+        ("--output-cluster-size", "100", "power of two"),
         ("--timeout", "soon", "duration"),
         ("--timeout", "30", "unit"),
         ("--speed", "fast", "rate"),
         ("--speed", "0", "larger than zero"),
         ("--jobs", "0", "worker count"),
         ("--sync", "sideways", "invalid value"),
-        ("--target-format", "vmdk", "invalid value"),
+        ("--output-format", "vmdk", "invalid value"),
     ] {
         let o = run_in(p, &["backup", opt, val, s, "out.raw"]);
         assert_eq!(code(&o), 2, "{opt} {val}: {}", stderr(&o));
@@ -162,9 +157,9 @@ fn bad_values_are_usage_errors() {
         p,
         &[
             "backup",
-            "--cluster-size",
+            "--granularity",
             "4K",
-            "--target-cluster-size",
+            "--output-cluster-size",
             "64K",
             s,
             "out.qcow2",

@@ -161,7 +161,7 @@ fn a_write_behind_imgbackups_back_is_caught_and_rebuild_recovers() {
             "rebuild",
             "disk.raw",
             "b0",
-            "--against",
+            "--against-backup",
             "inc1.qcow2",
         ],
     );
@@ -413,7 +413,7 @@ fn case_257(sync: &str, mode: &str, failure: bool) -> (i32, u64) {
             "rebuild",
             "img.qcow2",
             "bitmap0",
-            "--against",
+            "--against-backup",
             "fbackup0.qcow2",
         ],
     );

@@ -420,7 +420,7 @@ fn verify_and_usage_rules() {
             vec![
                 "--sync",
                 "none",
-                "--target-format",
+                "--output-format",
                 "raw",
                 "--guest",
                 "count=1",

@@ -532,7 +532,7 @@ fn policies_and_the_bitmap_afterwards() {
                 "rebuild",
                 "src.raw",
                 "b0",
-                "--against",
+                "--against-backup",
                 "full.qcow2",
             ],
         );

@@ -42,9 +42,9 @@ fn root_digest_matches_an_independent_computation() {
     let doc = backup(
         p,
         &[
-            "--cluster-size",
+            "--granularity",
             "4K",
-            "--target-cluster-size",
+            "--output-cluster-size",
             "4K",
             "odd.raw",
             "odd.qcow2",
@@ -66,8 +66,8 @@ fn root_digest_does_not_depend_on_jobs_chunks_or_format() {
         vec!["--jobs", "1"],
         vec!["--jobs", "4", "--max-chunk", "64K"],
         vec!["--jobs", "3", "--max-chunk", "8M"],
-        vec!["--target-format", "raw"],
-        vec!["--target-cluster-size", "2M"],
+        vec!["--output-format", "raw"],
+        vec!["--output-cluster-size", "2M"],
     ]
     .into_iter()
     .enumerate()
@@ -91,14 +91,14 @@ fn verify_accepts_a_whole_backup_and_compares_against_an_image() {
     let p = d.path();
     source(p);
     backup(p, &["src.qcow2", "b.qcow2"]);
-    let (rc, doc, err) = json_run(p, &["verify", "b.qcow2", "--against", "src.qcow2"]);
+    let (rc, doc, err) = json_run(p, &["verify", "b.qcow2", "--against-image", "src.qcow2"]);
     assert_eq!(rc, 0, "{err}");
     assert_eq!(doc["ok"], true);
     assert_eq!(doc["chunks"], 256);
     // --against a different image is a mismatch at the first differing byte.
     qemu_img(p, &["convert", "-O", "raw", "src.qcow2", "other.raw"]);
     qemu_io(p, "raw", "other.raw", &["write -P 0x99 5000000 1"]);
-    let o = run_in(p, &["verify", "b.qcow2", "--against", "other.raw"]);
+    let o = run_in(p, &["verify", "b.qcow2", "--against-image", "other.raw"]);
     assert_eq!(code(&o), 7, "{}", stderr(&o));
     assert!(stderr(&o).contains("offset 5000000"), "{}", stderr(&o));
 }

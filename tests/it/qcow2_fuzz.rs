@@ -237,7 +237,7 @@ fn fuzz(base: &str, make: &dyn Fn(&Path), seed: u64) {
             "backup",
             "-q",
             "--no-manifest",
-            "--source-format",
+            "--format",
             "qcow2",
             "bad.qcow2",
             "o.raw",

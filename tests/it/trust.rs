@@ -290,7 +290,7 @@ fn a_manifest_is_bound_to_the_file_it_describes() {
             "rebuild",
             "disk.raw",
             "b0",
-            "--against",
+            "--against-backup",
             "full.qcow2",
         ],
     );
@@ -425,7 +425,7 @@ fn block_devices_back_up_and_restore_special_files_are_refused() {
     assert_eq!(doc["virtual_size"], 32u64 << 20);
     check_clean(p, "lv.qcow2");
     assert!(identical_fmt(p, "lv.qcow2", "qcow2", dev, "raw"));
-    ok(p, &["verify", "lv.qcow2", "--against", dev]);
+    ok(p, &["verify", "lv.qcow2", "--against-image", dev]);
     let doc = ok(p, &["backup", "--no-manifest", dev, "lv.raw"]);
     assert!(
         doc["bytes_copied"].as_u64().unwrap() < 3 << 20,
@@ -738,7 +738,7 @@ fn no_command_but_a_full_backup_or_rebuild_launders_a_stale_bitmap() {
             "rebuild",
             "disk.raw",
             "b0",
-            "--against",
+            "--against-backup",
             "full.qcow2",
         ],
     );

@@ -132,9 +132,8 @@ impl Header {
         if !has_magic(buf) {
             return Err(BlockError::Invalid {
                 path: path.to_path_buf(),
-                detail:
-                    "not a qcow2 image (bad magic); if it is a raw image, pass --source-format raw"
-                        .into(),
+                detail: "not a qcow2 image (bad magic); if it is a raw image, pass --format raw"
+                    .into(),
             });
         }
         if buf.len() < V2_HEADER_LEN {

@@ -93,7 +93,7 @@ impl Qcow2Writer {
         let l1_entries = opts.size.div_ceil(l2_span);
         if l1_entries * 8 > MAX_L1_BYTES {
             return Err(invalid(format!(
-                "virtual size {} is too large for {cs}-byte clusters; use a larger --target-cluster-size",
+                "virtual size {} is too large for {cs}-byte clusters; use a larger --output-cluster-size",
                 opts.size
             )));
         }
