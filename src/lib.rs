@@ -23,7 +23,7 @@ pub mod guest;
 pub mod job;
 pub mod leftovers;
 pub mod lock;
-pub mod log;
+pub mod logging;
 pub mod manifest;
 pub mod node;
 pub mod report;

@@ -104,6 +104,7 @@ fn with_wait<T>(
     mut f: impl FnMut() -> Result<T, LockError>,
 ) -> Result<T, LockError> {
     let deadline = wait.map(|w| Instant::now() + w);
+    let mut said = false;
     loop {
         match f() {
             Err(
@@ -112,7 +113,13 @@ fn with_wait<T>(
                 | LockError::NoWrite { .. }
                 | LockError::Target { .. }),
             ) => match deadline {
-                Some(d) if Instant::now() < d => std::thread::sleep(Duration::from_millis(50)),
+                Some(d) if Instant::now() < d => {
+                    if !said {
+                        tracing::debug!("lock: {e}; waiting up to {:?}", d - Instant::now());
+                        said = true;
+                    }
+                    std::thread::sleep(Duration::from_millis(50))
+                }
                 _ => return Err(e),
             },
             other => return other,

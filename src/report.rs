@@ -98,9 +98,55 @@ impl Drop for Reporter {
     }
 }
 
+/// stderr as indicatif's terminal, whether or not it is one: `--progress
+/// bar` draws the bar into a log file or a pipe too (redrawn in place with
+/// carriage returns), where `auto` would show nothing.
+#[derive(Debug)]
+struct StderrBar;
+
+impl indicatif::TermLike for StderrBar {
+    fn width(&self) -> u16 {
+        100
+    }
+    fn move_cursor_up(&self, n: usize) -> std::io::Result<()> {
+        self.write_str(&format!("\x1b[{n}A"))
+    }
+    fn move_cursor_down(&self, n: usize) -> std::io::Result<()> {
+        self.write_str(&format!("\x1b[{n}B"))
+    }
+    fn move_cursor_right(&self, n: usize) -> std::io::Result<()> {
+        self.write_str(&format!("\x1b[{n}C"))
+    }
+    fn move_cursor_left(&self, n: usize) -> std::io::Result<()> {
+        self.write_str(&format!("\x1b[{n}D"))
+    }
+    fn write_line(&self, s: &str) -> std::io::Result<()> {
+        self.write_str(&format!("{s}\n"))
+    }
+    fn write_str(&self, s: &str) -> std::io::Result<()> {
+        use std::io::Write;
+        // A closed stderr loses the bar, not the job.
+        let _ = std::io::stderr().lock().write_all(s.as_bytes());
+        Ok(())
+    }
+    fn clear_line(&self) -> std::io::Result<()> {
+        self.write_str("\r\x1b[2K")
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        use std::io::Write;
+        let _ = std::io::stderr().flush();
+        Ok(())
+    }
+}
+
 fn run_bar(what: &str, counter: &Counter, stop: &AtomicBool) {
     let (_, total) = counter();
-    let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr_with_hz(10));
+    let target = if std::io::stderr().is_terminal() {
+        ProgressDrawTarget::stderr_with_hz(10)
+    } else {
+        ProgressDrawTarget::term_like_with_hz(Box::new(StderrBar), 2)
+    };
+    let bar = ProgressBar::with_draw_target(Some(total), target);
     let style = ProgressStyle::with_template(
         "{prefix} [{bar:30}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} ETA {eta}",
     )
@@ -148,34 +194,19 @@ fn run_plain(what: &str, counter: &Counter, stop: &AtomicBool) {
     }
 }
 
-/// `1.5 GiB`-style sizes.
+/// `1.50 GiB`-style sizes (indicatif's binary units).
 pub fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
+    indicatif::BinaryBytes(n).to_string()
 }
 
-/// `2.3s`, `4m 10s`.
+/// `52ms` under a second, `4 minutes`-style above (indicatif's
+/// HumanDuration).
 pub fn human_duration(secs: f64) -> String {
-    if secs < 60.0 {
-        format!("{secs:.1}s")
-    } else if secs < 3600.0 {
-        format!("{}m {}s", (secs / 60.0) as u64, (secs % 60.0) as u64)
+    let d = Duration::from_secs_f64(secs.max(0.0));
+    if d < Duration::from_secs(1) {
+        format!("{d:.0?}")
     } else {
-        format!(
-            "{}h {}m",
-            (secs / 3600.0) as u64,
-            ((secs % 3600.0) / 60.0) as u64
-        )
+        indicatif::HumanDuration(d).to_string()
     }
 }
 

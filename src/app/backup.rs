@@ -23,7 +23,6 @@ use crate::job::policy::Policies;
 use crate::job::sync_bitmap::{Before, SyncBitmap};
 use crate::job::{PolicyLog, outcome, run_background, run_drain};
 use crate::lock::{Access, Locks};
-use crate::log;
 use crate::manifest::{
     Geometry, ManifestFile, ManifestWriter, Meta, Parent, check_held, check_image, manifest_path,
     unhex,
@@ -86,6 +85,11 @@ pub struct Summary {
     /// Bytes not written as data because they read as zeros (unallocated,
     /// zero clusters, all-zero data).
     pub bytes_skipped_zero: u64,
+    /// Bytes not examined at all: clean in the bitmap (incremental, bitmap)
+    /// or not allocated in the top layer (top).
+    pub bytes_clean: u64,
+    /// Bytes TARGET occupies on disk.
+    pub target_disk_usage: u64,
     pub copy_before_write_copies: u64,
     pub copy_before_write_bytes: u64,
     /// The most bytes the copy-before-write cache held at once.
@@ -264,20 +268,43 @@ pub fn backing_name(at: &Path, source: &Path) -> anyhow::Result<String> {
 
 /// Bytes a backup of the clusters in `bits` reads: (data bytes, zero or
 /// unallocated bytes).
-fn dry_run_counts(node: &dyn BlockNode, bits: &Bits, cluster: u64) -> anyhow::Result<(u64, u64)> {
-    let (mut data, mut zero) = (0, 0);
+fn dry_run_counts(node: &dyn BlockNode, bits: &Bits, cluster: u64) -> anyhow::Result<DryRun> {
+    let mut d = DryRun::default();
+    let mut last_data_cluster = u64::MAX;
     for (s, e) in bits.runs() {
         let end = (e * cluster).min(node.size());
-        for_each_extent(node, s * cluster, end, |_, ext| {
+        for_each_extent(node, s * cluster, end, |pos, ext| {
             if ext.status == Status::Data {
-                data += ext.len;
+                d.data += ext.len;
+                // Clusters touched by this extent, each counted once.
+                let (first, last) = (pos / cluster, (pos + ext.len).div_ceil(cluster));
+                let first = if first == last_data_cluster {
+                    first + 1
+                } else {
+                    first
+                };
+                d.data_clusters += last.saturating_sub(first);
+                last_data_cluster = last - 1;
             } else {
-                zero += ext.len;
+                d.zero += ext.len;
             }
         })
         .map_err(CopyError::Source)?;
     }
-    Ok((data, zero))
+    d.clusters = bits.count();
+    Ok(d)
+}
+
+/// What a dry run would copy.
+#[derive(Debug, Default)]
+struct DryRun {
+    /// Bytes of data to read.
+    data: u64,
+    /// Bytes that read as zeros (not written as data).
+    zero: u64,
+    /// Clusters to examine, and those of them that hold data.
+    clusters: u64,
+    data_clusters: u64,
 }
 
 /// Clusters allocated (data or zero) in the top layer.
@@ -332,7 +359,7 @@ fn job_bitmap(
         }
         Err(BitmapError::Missing { .. }) => Ok((fresh(), Before::Missing)),
         Err(e @ BitmapError::Damaged { .. }) => {
-            log::warn(format!("{e}; this backup starts it afresh"));
+            tracing::warn!("{e}; this backup starts it afresh");
             let raw = Bitmap::read_raw(source, name).unwrap_or_default();
             Ok((fresh(), Before::Raw(raw)))
         }
@@ -475,6 +502,31 @@ fn check_all_copied(bc: &BlockCopy, skipped: &[(u64, u64)]) -> anyhow::Result<()
     Ok(())
 }
 
+/// Times the phases of a job for `-vv`.
+struct PhaseClock {
+    name: &'static str,
+    started: Instant,
+}
+
+impl PhaseClock {
+    fn start(name: &'static str) -> PhaseClock {
+        PhaseClock {
+            name,
+            started: Instant::now(),
+        }
+    }
+
+    /// The current phase ended; `name` starts.
+    fn next(&mut self, name: &'static str) {
+        self.end();
+        *self = PhaseClock::start(name);
+    }
+
+    fn end(&self) {
+        tracing::debug!("phase {} took {:.1?}", self.name, self.started.elapsed());
+    }
+}
+
 /// The result of a phase, or the cancellation that cut it short.
 fn phase<T>(cancel: &Cancel, r: anyhow::Result<T>) -> anyhow::Result<T> {
     if let Some(reason) = cancel.reason() {
@@ -508,10 +560,10 @@ pub fn run(args: &BackupArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
         )?;
     }
     for t in crate::bitmap::file::remove_stale_temps(&plan.source) {
-        log::info(format!(
+        tracing::info!(
             "removed a bitmap temporary file left by a killed run: {}",
             t.display()
-        ));
+        );
     }
     guard::check_output(&plan.target, args.force, "target")?;
     if let Some(o) = &args.guest_overlay {
@@ -609,7 +661,7 @@ pub fn run(args: &BackupArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
         None => None,
     };
 
-    log::info(format!(
+    tracing::info!(
         "source {} ({}, {} layer(s), {}), target {} ({}{}), sync {}{}, cluster size {}, {} worker(s), requests up to {}",
         plan.source.display(),
         source_format,
@@ -629,7 +681,7 @@ pub fn run(args: &BackupArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
         human_bytes(cs),
         plan.jobs,
         human_bytes(plan.max_chunk)
-    ));
+    );
 
     let mut summary = Summary {
         ok: true,
@@ -645,6 +697,8 @@ pub fn run(args: &BackupArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
         bytes_copied: 0,
         bytes_copied_in_kernel: 0,
         bytes_skipped_zero: 0,
+        bytes_clean: 0,
+        target_disk_usage: 0,
         copy_before_write_copies: 0,
         copy_before_write_bytes: 0,
         cbw_cache_peak_bytes: 0,
@@ -772,6 +826,49 @@ pub fn run(args: &BackupArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
         }
     });
 
+    tracing::debug!(
+        "graph: {}{}source chain [{}]{} -> block-copy ({} clusters of {}, requests up to {}, {} worker(s){}{}) -> {}target {} ({}{})",
+        if args.guest.is_some() {
+            "guest -> "
+        } else {
+            ""
+        },
+        match (&args.guest, &sync_bitmap) {
+            (Some(_), Some(_)) => "marking -> copy-before-write -> overlay -> ",
+            (Some(_), None) => "copy-before-write -> overlay -> ",
+            _ => "",
+        },
+        image
+            .layers
+            .iter()
+            .map(|l| format!("{} ({})", l.info.path.display(), l.info.format))
+            .collect::<Vec<_>>()
+            .join(" <- "),
+        if args.inject.iter().any(|r| r.side == Side::Source) {
+            " + fault"
+        } else {
+            ""
+        },
+        clusters,
+        human_bytes(cs),
+        human_bytes(plan.max_chunk),
+        plan.jobs,
+        args.speed
+            .map(|s| format!(", {}/s", human_bytes(s)))
+            .unwrap_or_default(),
+        if mwriter.is_some() { ", manifest" } else { "" },
+        if args.inject.iter().any(|r| r.side == Side::Target) {
+            "fault -> "
+        } else {
+            ""
+        },
+        partial.path().display(),
+        plan.target_format,
+        backing
+            .as_ref()
+            .map(|(n, _)| format!(", backing {n}"))
+            .unwrap_or_default(),
+    );
     let counter_bc = bc.clone();
     let reporter = Reporter::start(
         args.progress.progress,
@@ -796,7 +893,8 @@ pub fn run(args: &BackupArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
     let plog = PolicyLog::default();
 
     // Run: the background copy (unless sync none) and the guest side by side.
-    log::info("phase: copy");
+    tracing::info!("phase: copy");
+    let mut clock = PhaseClock::start("copy");
     let stop_guest = AtomicBool::new(false);
     let stop_drain = AtomicBool::new(false);
     let (result, guest_stats) = std::thread::scope(|s| {
@@ -834,10 +932,10 @@ pub fn run(args: &BackupArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
             // The bitmap forgets what was copied: keep what was copied.
             if target.complete().is_ok() {
                 partial.keep();
-                log::warn(format!(
+                tracing::warn!(
                     "--bitmap-mode always: the bitmap no longer marks the clusters copied before the failure; they are kept in {}",
                     partial.path().display()
-                ));
+                );
             }
         }
         return Err(e.context("the backup failed"));
@@ -857,7 +955,8 @@ pub fn run(args: &BackupArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
     check_unchanged(&source_ids)?;
 
     if let (Some(m), Some(mp)) = (&mwriter, &mpartial) {
-        log::info("phase: manifest (digests of what the copy did not see)");
+        tracing::info!("phase: manifest (digests of what the copy did not see)");
+        clock.next("manifest");
         let meta = finish_manifest(
             m,
             &ManifestInputs {
@@ -880,7 +979,8 @@ pub fn run(args: &BackupArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
     }
 
     if args.verify {
-        log::info("phase: verify (re-reading the new backup)");
+        tracing::info!("phase: verify (re-reading the new backup)");
+        clock.next("verify");
         let v = verify_new_backup(&plan, args, &partial, mpartial.as_ref(), &image, &cancel);
         phase(&cancel, v)?;
         summary.verified = true;
@@ -890,7 +990,8 @@ pub fn run(args: &BackupArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
     // leaves no TARGET either.
     let overlay_partial = match (&overlay, &args.guest_overlay) {
         (Some(o), Some(file)) => {
-            log::info("phase: export of the guest overlay");
+            tracing::info!("phase: export of the guest overlay");
+            clock.next("export");
             let r = export_overlay(
                 o,
                 file,
@@ -906,7 +1007,8 @@ pub fn run(args: &BackupArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
     };
 
     // The manifest first (bound to the new file), then the backup.
-    log::info("phase: commit");
+    tracing::info!("phase: commit");
+    clock.next("commit");
     let final_path = partial.final_path().to_path_buf();
     crate::target::commit(partial, mpartial)
         .map_err(|e| CopyError::Target(BlockError::io(Op::Flush, &final_path, 0, 0, e)))
@@ -940,10 +1042,15 @@ pub fn run(args: &BackupArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
         summary.guest_overlay = Some(file.display().to_string());
     }
 
+    clock.end();
     let p = &bc.progress;
     summary.bytes_copied = p.copied.load(Ordering::Relaxed);
     summary.bytes_copied_in_kernel = p.copied_in_kernel.load(Ordering::Relaxed);
     summary.bytes_skipped_zero = p.zero.load(Ordering::Relaxed);
+    summary.bytes_clean = size.saturating_sub(p.total.load(Ordering::Relaxed));
+    summary.target_disk_usage = std::fs::metadata(&final_path)
+        .map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)
+        .unwrap_or(0);
     summary.copy_before_write_copies = p.cbw_copies.load(Ordering::Relaxed);
     summary.copy_before_write_bytes = p.cbw_bytes.load(Ordering::Relaxed);
     summary.retries = p.retries.load(Ordering::Relaxed);
@@ -998,37 +1105,60 @@ fn dry_run(
     g: &GlobalOpts,
 ) -> anyhow::Result<Exit> {
     let cs = plan.cluster_size;
-    let (data, zero) = match plan.sync {
-        SyncMode::None => (0, 0),
+    let d = match plan.sync {
+        SyncMode::None => DryRun::default(),
         _ => dry_run_counts(image.node.as_ref(), copy_bits, cs)?,
     };
-    summary.bytes_copied = data;
-    summary.bytes_skipped_zero = zero;
+    summary.bytes_copied = d.data;
+    summary.bytes_skipped_zero = d.zero;
+    summary.bytes_clean = summary.virtual_size.saturating_sub(d.data + d.zero);
     summary.finished = rfc3339(SystemTime::now());
     summary.elapsed_seconds = t0.elapsed().as_secs_f64();
+    let backing = summary
+        .backing
+        .as_ref()
+        .map(|b| format!(", backed by {b}"))
+        .unwrap_or_default();
     if g.json {
         print_json(&summary)?;
     } else if !g.quiet {
         match plan.sync {
             SyncMode::None => crate::errln!(
-                "imgbackup: dry run: a fleecing backup (sync none) of {} into {} would copy only the clusters the guest overwrites. Nothing was written.",
+                "imgbackup: dry run: a fleecing backup (sync none) of {} into {}{backing} would copy only the clusters the guest overwrites. Nothing was written.",
                 plan.source.display(),
                 plan.target.display()
             ),
             _ => crate::errln!(
-                "imgbackup: dry run: a {} backup of {} into {} ({}) would read up to {} of data in {} clusters of {}; {} read as zeros and would not be written as data. Nothing was written.",
-                plan.sync,
+                "imgbackup: dry run: {} backup of {} into {} ({}{backing}) would examine {} clusters of {}: {} hold data ({} to read and write), the rest read as zeros ({}, not written as data){}. Nothing was written.",
+                article(plan.sync),
                 plan.source.display(),
                 plan.target.display(),
                 plan.target_format,
-                human_bytes(data),
-                copy_bits.count(),
+                d.clusters,
                 human_bytes(cs),
-                human_bytes(zero)
+                d.data_clusters,
+                human_bytes(d.data),
+                human_bytes(d.zero),
+                if summary.bytes_clean > 0 {
+                    format!(
+                        "; {} are clean and not copied",
+                        human_bytes(summary.bytes_clean)
+                    )
+                } else {
+                    String::new()
+                }
             ),
         }
     }
     Ok(Exit::Success)
+}
+
+/// "a full", "an incremental", ...
+fn article(sync: SyncMode) -> String {
+    match sync {
+        SyncMode::Incremental => "an incremental".into(),
+        s => format!("a {s}"),
+    }
 }
 
 /// What the manifest of a finished backup is made from.
@@ -1164,6 +1294,11 @@ fn print_human(s: &Summary) {
         },
         if s.verified { ", verified" } else { "" }
     );
+    crate::errln!(
+        "  target:            {} ({} on disk)",
+        s.target,
+        human_bytes(s.target_disk_usage)
+    );
     crate::errln!("  copied:            {}", human_bytes(s.bytes_copied));
     if s.retries > 0 {
         crate::errln!("  retries:           {}", s.retries);
@@ -1182,6 +1317,16 @@ fn print_human(s: &Summary) {
         "  zero:              {} (not written as data)",
         human_bytes(s.bytes_skipped_zero)
     );
+    if s.bytes_clean > 0 {
+        crate::errln!(
+            "  clean:             {} (not copied: {})",
+            human_bytes(s.bytes_clean),
+            match s.sync {
+                SyncMode::Top => "not allocated in the top layer",
+                _ => "unchanged since the parent",
+            }
+        );
+    }
     if let Some(g) = &s.guest {
         crate::errln!(
             "  copy-before-write: {} copies, {} (cache peak {})",
@@ -1221,6 +1366,8 @@ fn print_human(s: &Summary) {
                 .unwrap_or_default()
         );
     }
+    crate::errln!("  started:           {}", s.started);
+    crate::errln!("  finished:          {}", s.finished);
     crate::errln!(
         "  elapsed:           {} ({}/s)",
         human_duration(s.elapsed_seconds),

@@ -6,7 +6,6 @@ use crate::bitmap::{Bitmap, BitmapError, Identity};
 use crate::cli::{BitmapCommand, GlobalOpts, LockOpts};
 use crate::exit::Exit;
 use crate::lock::Locks;
-use crate::log;
 use crate::manifest::{ManifestFile, differing_chunks, hex, manifest_path, unhex};
 use crate::node::probe::open_image;
 use crate::report::{human_bytes, print_json};
@@ -92,10 +91,10 @@ fn lock(image: &Path, l: &LockOpts) -> anyhow::Result<Locks> {
     let mut locks = Locks::new();
     locks.exclusive(image, l.wait_lock)?;
     for t in crate::bitmap::file::remove_stale_temps(image) {
-        log::info(format!(
+        tracing::info!(
             "removed a bitmap temporary file left by a killed run: {}",
             t.display()
-        ));
+        );
     }
     Ok(locks)
 }
@@ -201,7 +200,7 @@ pub fn run(cmd: &BitmapCommand, g: &GlobalOpts) -> anyhow::Result<Exit> {
             // backup with --bitmap or `bitmap rebuild` starts it afresh.
             if let Some(why) = b.inconsistency(size, &id) {
                 b.inconsistent = true;
-                log::warn(format!(
+                tracing::warn!(
                     "bitmap '{name}' of {} is inconsistent ({why}); it stays inconsistent: recover with {}",
                     image.display(),
                     crate::leftovers::recover_bitmap(
@@ -209,7 +208,7 @@ pub fn run(cmd: &BitmapCommand, g: &GlobalOpts) -> anyhow::Result<Exit> {
                         name,
                         b.anchor.as_ref().map(|a| a.path.as_path())
                     )
-                ));
+                );
             }
             if enable && !b.enabled {
                 // It tracks writes from now on.

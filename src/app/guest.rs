@@ -16,7 +16,6 @@ use crate::exit::{AppError, Exit};
 use crate::guest;
 use crate::job::cancel::Cancel;
 use crate::lock::{Access, Locks};
-use crate::log;
 use crate::node::BlockNode;
 use crate::node::marking::MarkingNode;
 use crate::node::probe::{Format, open_image, probe};
@@ -61,10 +60,10 @@ pub fn run(args: &GuestArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
     locks.exclusive(image, args.lock.wait_lock)?;
     locks.qemu(image, Access::Write, false, args.lock.wait_lock)?;
     for t in crate::bitmap::file::remove_stale_temps(image) {
-        log::info(format!(
+        tracing::info!(
             "removed a bitmap temporary file left by a killed run: {}",
             t.display()
-        ));
+        );
     }
     let img = open_image(image, Some(format)).context("cannot open the image")?;
     let size = img.node.size();
@@ -79,10 +78,10 @@ pub fn run(args: &GuestArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
             Ok(b) if b.enabled => {
                 let consistent = b.inconsistency(size, &before).is_none();
                 if !consistent {
-                    log::warn(format!(
+                    tracing::warn!(
                         "bitmap '{name}' of {} is already inconsistent; it is marked but stays inconsistent",
                         image.display()
-                    ));
+                    );
                 }
                 let mut b = b;
                 b.in_use = true;
@@ -90,7 +89,7 @@ pub fn run(args: &GuestArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
                 tracked.push((b, consistent));
             }
             Ok(_) => {}
-            Err(e) => log::warn(format!("skipping bitmap '{name}': {e}")),
+            Err(e) => tracing::warn!("skipping bitmap '{name}': {e}"),
         }
     }
     let tracked: Tracked = Arc::new(Mutex::new(tracked));

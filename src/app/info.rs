@@ -120,7 +120,7 @@ pub fn run(args: &InfoArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
         human_bytes(doc.virtual_size),
         doc.virtual_size
     );
-    out += &format!("cluster size:   {}\n", doc.cluster_size);
+    out += &format!("cluster size:   {}\n", human_bytes(doc.cluster_size));
     out += &format!("disk usage:     {}\n", human_bytes(doc.disk_usage));
     out += &format!(
         "allocated:      {} data, {} zero, {} unallocated\n",

@@ -15,11 +15,7 @@ use crate::exit::Exit;
 /// Run a parsed command line; the error (if any) is printed by `main`.
 pub fn run(cli: &Cli) -> anyhow::Result<Exit> {
     let g = &cli.global;
-    crate::log::set_level(if g.quiet {
-        -1
-    } else {
-        g.verbose.min(100) as i8
-    });
+    crate::logging::init(g.quiet, g.verbose);
     match &cli.command {
         Command::Backup(a) => backup::run(a, g),
         Command::Verify(a) => verify::run(a, g),

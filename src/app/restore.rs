@@ -174,7 +174,7 @@ pub fn run(args: &RestoreArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
             )
         }),
     );
-    crate::log::info("phase: restore");
+    tracing::info!("phase: restore");
     let res = run_background(
         &bc,
         args.jobs.unwrap_or_else(default_jobs),

@@ -5,7 +5,6 @@ use crate::cli::{GlobalOpts, VerifyArgs};
 use crate::copy::CopyError;
 use crate::exit::{AppError, Exit};
 use crate::job::cancel::Cancel;
-use crate::log;
 use crate::manifest::{ManifestError, ManifestFile, check_held, check_image, manifest_path};
 use crate::node::probe::open_image;
 use crate::report::print_json;
@@ -90,7 +89,7 @@ pub fn run(args: &VerifyArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
         }
         other => other.into(),
     };
-    log::info("phase: verify");
+    tracing::info!("phase: verify");
     let res = if detached {
         check_held(image.top().as_ref(), &manifest, jobs, &cancel).map(|(d, n)| (d, Some(n)))
     } else {
@@ -116,9 +115,9 @@ pub fn run(args: &VerifyArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
         .into());
     }
     if let Some(u) = &unbound {
-        log::warn(format!(
+        tracing::warn!(
             "{u}; its content matches the manifest all the same (a copy of the backup?)"
-        ));
+        );
     }
     if let Some(other) = &args.against_image {
         if detached {

@@ -338,6 +338,7 @@ impl BlockCopy {
             end: (end * cs).min(self.len),
         };
         g.inflight.push((claim.start, claim.end));
+        tracing::trace!("claim {}..{}", claim.start, claim.end);
         Some(claim)
     }
 
@@ -684,6 +685,15 @@ impl BlockCopy {
                 ext_end / cs * cs
             };
             if ext.status != Status::Data && aligned_end > pos {
+                tracing::trace!(
+                    "{pos}..{aligned_end}: {:?} in the source: not read{}",
+                    ext.status,
+                    if self.cfg.write_zeroes {
+                        ", written as zeroes"
+                    } else {
+                        ", not written"
+                    }
+                );
                 self.zero_range(pos, aligned_end, ctx.tally)?;
                 pos = aligned_end;
                 continue;
@@ -692,7 +702,9 @@ impl BlockCopy {
             // clusters.
             let end = (ext_end.div_ceil(cs) * cs).min(claim.end);
             let end = end.max((pos + cs).min(claim.end));
-            if !self.kernel_copied(pos, end, ctx)? {
+            if self.kernel_copied(pos, end, ctx)? {
+                tracing::trace!("{pos}..{end}: copied in the kernel");
+            } else {
                 self.copy_data(pos, end, buf, ctx)?;
             }
             pos = end;
@@ -755,6 +767,16 @@ impl BlockCopy {
                 j = (j + cs).min(n);
             }
             let piece = &data[i as usize..j as usize];
+            tracing::trace!(
+                "{}..{}: {}",
+                pos + i,
+                pos + j,
+                if zero {
+                    "read as zeros: not written as data"
+                } else {
+                    "data: written"
+                }
+            );
             if zero {
                 if self.cfg.write_zeroes {
                     self.target

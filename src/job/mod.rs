@@ -8,7 +8,6 @@ pub mod sync_bitmap;
 
 use crate::copy::{BlockCopy, Claim, CopyError};
 use crate::exit::AppError;
-use crate::log;
 use cancel::Cancel;
 use policy::{Decision, Policies};
 use std::sync::Mutex;
@@ -48,12 +47,12 @@ impl PolicyLog {
     ) {
         bc.progress.retries.fetch_add(1, Ordering::Relaxed);
         let cause = crate::error::error_chain(err);
-        log::warn(format!(
+        tracing::warn!(
             "retry {attempt}/{of} of {} bytes at offset {} in {}: {cause}",
             c.end - c.start,
             c.start,
             humantime::format_duration(delay)
-        ));
+        );
         if let Ok(mut r) = self.retries.lock()
             && r.len() < 1000
         {
@@ -69,12 +68,12 @@ impl PolicyLog {
 
     /// Log and record that `c` was skipped after `err` (ignore policy).
     fn skip(&self, c: Claim, err: &CopyError) {
-        log::warn(format!(
+        tracing::warn!(
             "skipping {} bytes at offset {} (ignore policy): {}",
             c.end - c.start,
             c.start,
             crate::error::error_chain(err)
-        ));
+        );
         if let Ok(mut s) = self.skipped.lock() {
             s.push((c.start, c.end));
         }
@@ -172,7 +171,16 @@ fn handle_claim(
             }
             return read;
         }
-        match policies.decide(&err, attempt) {
+        let decision = policies.decide(&err, attempt);
+        tracing::debug!(
+            "policy: {} bytes at offset {} failed (attempt {}): {}; decision: {:?}",
+            c.end - c.start,
+            c.start,
+            attempt + 1,
+            crate::error::error_chain(&err),
+            decision
+        );
+        match decision {
             Decision::Fail => {
                 bc.fail(err);
                 return read;

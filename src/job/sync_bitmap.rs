@@ -25,7 +25,6 @@ use crate::bitmap::file::Anchor;
 use crate::bitmap::{Bitmap, BitmapError, Bits, Identity};
 use crate::cli::BitmapMode;
 use crate::copy::BlockCopy;
-use crate::log;
 use crate::node::marking::Mark;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -226,7 +225,7 @@ impl Drop for SyncBitmap {
     fn drop(&mut self) {
         let done = self.done.lock().map(|d| *d).unwrap_or(true);
         if !done && let Err(e) = self.finish(false, None) {
-            log::warn(format!("cannot restore bitmap '{}': {e}", self.parent.name));
+            tracing::warn!("cannot restore bitmap '{}': {e}", self.parent.name);
         }
     }
 }

@@ -409,7 +409,7 @@ fn info_reports_format_sizes_and_chain() {
     let o = run_in(p, &["info", "top.qcow2"]);
     let text = stdout(&o);
     assert!(
-        text.contains("qcow2") && text.contains("base.raw") && text.contains("12.0 MiB"),
+        text.contains("qcow2") && text.contains("base.raw") && text.contains("12.00 MiB"),
         "{text}"
     );
 }

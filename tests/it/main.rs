@@ -11,6 +11,7 @@ mod conformance;
 mod crash;
 mod docs;
 mod failures;
+mod logging;
 mod manifest;
 mod phases;
 mod qcow2_fuzz;
