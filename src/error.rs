@@ -12,12 +12,19 @@ use std::path::PathBuf;
 /// The kind of request that failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Op {
+    /// Opening the file.
     Open,
+    /// A read.
     Read,
+    /// A write.
     Write,
+    /// A write-zeroes.
     WriteZeroes,
+    /// A discard.
     Discard,
+    /// A flush.
     Flush,
+    /// A block-status query.
     BlockStatus,
 }
 
@@ -41,49 +48,87 @@ pub enum BlockError {
     /// An I/O request on a file failed (or returned fewer bytes than asked).
     #[error("{}", describe_io(*op, path, *offset, *len))]
     Io {
+        /// The operation.
         op: Op,
+        /// The file.
         path: PathBuf,
+        /// Byte offset in the image.
         offset: u64,
+        /// Length in bytes.
         len: u64,
         #[source]
+        /// The source.
         source: io::Error,
     },
     /// The image's metadata is invalid (found while opening or reading it).
     #[error("{}: corrupt image{}: {detail}", path.display(), fmt_offset(*offset))]
     Corrupt {
+        /// The file.
         path: PathBuf,
+        /// Byte offset in the image.
         offset: Option<u64>,
+        /// What is wrong, in words.
         detail: String,
     },
     /// The image uses a feature imgbackup does not implement.
     #[error("{}: unsupported: {detail}", path.display())]
-    Unsupported { path: PathBuf, detail: String },
+    Unsupported {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, in words.
+        detail: String,
+    },
     /// The file is not what it was asked to be (not an image, wrong format).
     #[error("{}: {detail}", path.display())]
-    Invalid { path: PathBuf, detail: String },
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, in words.
+        detail: String,
+    },
     /// A request outside the node's range.
     #[error("{}: request at offset {offset} of {len} bytes is outside the image ({size} bytes)", path.display())]
     OutOfRange {
+        /// The file.
         path: PathBuf,
+        /// Byte offset in the image.
         offset: u64,
+        /// Length in bytes.
         len: u64,
+        /// Size of the image, bytes.
         size: u64,
     },
     /// A write to a node opened read-only.
     #[error("{}: {op} refused: the node is read-only", path.display())]
-    ReadOnly { path: PathBuf, op: Op },
+    ReadOnly {
+        /// The file.
+        path: PathBuf,
+        /// The operation.
+        op: Op,
+    },
     /// A request the node cannot serve in this shape (for example an unaligned
     /// write into a new qcow2 file).
     #[error("{}: {detail}", path.display())]
-    Unaligned { path: PathBuf, detail: String },
+    Unaligned {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, in words.
+        detail: String,
+    },
     /// A failure injected by `--inject` (a fault-injection node).
     #[error("{op} of {len} bytes at offset {offset} failed in {}: {} (injected by --inject {rule})", path.display(), io::Error::from_raw_os_error(*errno))]
     Injected {
+        /// The operation.
         op: Op,
+        /// The file.
         path: PathBuf,
+        /// Byte offset in the image.
         offset: u64,
+        /// Length in bytes.
         len: u64,
+        /// The errno given.
         errno: i32,
+        /// The --inject rule.
         rule: String,
     },
     /// A copy-before-write did not finish in time (`--cbw-timeout`).
@@ -91,21 +136,35 @@ pub enum BlockError {
         "copy-before-write of {len} bytes at offset {offset} timed out after {waited_ms} ms (--cbw-timeout)"
     )]
     CbwTimeout {
+        /// Byte offset in the image.
         offset: u64,
+        /// Length in bytes.
         len: u64,
+        /// How long the write waited, ms.
         waited_ms: u64,
     },
     /// A guest write was refused because its copy-before-write failed
     /// (`--on-cbw-error break-guest-write`).
     #[error("guest write at offset {offset} refused: its copy-before-write failed: {cause}")]
-    CbwFailed { offset: u64, cause: String },
+    CbwFailed {
+        /// Byte offset in the image.
+        offset: u64,
+        /// Why the copy failed, with its causes.
+        cause: String,
+    },
     /// The file changed while it was read (something wrote it without
     /// honouring the locks).
     #[error("{} changed while it was backed up (its size, modification time or inode differ from the start): something wrote it without honouring the image locks", path.display())]
-    Changed { path: PathBuf },
+    Changed {
+        /// The file.
+        path: PathBuf,
+    },
     /// The operation was cancelled or timed out while it waited.
     #[error("{what} was cancelled")]
-    Cancelled { what: String },
+    Cancelled {
+        /// What was cancelled.
+        what: String,
+    },
 }
 
 fn describe_io(op: Op, path: &std::path::Path, offset: u64, len: u64) -> String {
@@ -168,6 +227,7 @@ impl BlockError {
     }
 }
 
+/// A result of a block-layer operation.
 pub type Result<T, E = BlockError> = std::result::Result<T, E>;
 
 /// "a: b: c" for an error and its sources, for one log line.

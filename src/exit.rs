@@ -7,22 +7,36 @@ use crate::job::cancel::Reason;
 /// The exit codes of imgbackup.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Exit {
+    /// 0: the command did what was asked.
     Success = 0,
+    /// 1: a failure not covered below.
     Failure = 1,
+    /// 2: a bad option, value or combination.
     Usage = 2,
+    /// 3: finished, but an ignore policy skipped clusters.
     Skipped = 3,
+    /// 4: the source could not be read (or changed underneath).
     SourceRead = 4,
+    /// 5: the target could not be written (no space, a size limit).
     TargetWrite = 5,
+    /// 6: a bitmap is missing, inconsistent, stale, or names the wrong parent.
     Bitmap = 6,
+    /// 7: data does not match what was recorded.
     Mismatch = 7,
+    /// 8: an image or target is locked by another process.
     Locked = 8,
+    /// 9: --timeout expired.
     Timeout = 9,
+    /// 129: stopped by SIGHUP.
     Hangup = 129,
+    /// 130: interrupted by SIGINT.
     Interrupted = 130,
+    /// 143: terminated by SIGTERM.
     Terminated = 143,
 }
 
 impl Exit {
+    /// The process exit code.
     pub fn code(self) -> i32 {
         self as i32
     }
@@ -33,15 +47,22 @@ impl Exit {
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
     #[error("{0}")]
+    /// A bad combination of options or values (exit 2).
     Usage(String),
     #[error("the job was {}", .0.describe())]
+    /// The job was cancelled (exit 129, 130, 143 or 9).
     Cancelled(Reason),
     #[error("verification failed: {0}")]
+    /// A verification failed (exit 7).
     Verify(String),
     #[error("verification failed: {what} differs from {against} at offset {offset}")]
+    /// Content differs from what it was compared with (exit 7).
     Mismatch {
+        /// What was cancelled.
         what: String,
+        /// What it was compared with.
         against: String,
+        /// Byte offset in the image.
         offset: u64,
     },
 }

@@ -22,7 +22,9 @@ use std::path::{Path, PathBuf};
 /// What an image file is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
+    /// A regular file.
     Regular,
+    /// A block device.
     Block,
 }
 
@@ -30,11 +32,20 @@ pub enum Kind {
 #[derive(Debug, thiserror::Error)]
 pub enum KindError {
     #[error("{}: {what}, not a disk image; name a regular file or a block device", path.display())]
-    NotAnImage { path: PathBuf, what: &'static str },
+    /// Not a regular file or block device.
+    NotAnImage {
+        /// The file.
+        path: PathBuf,
+        /// What was cancelled.
+        what: &'static str,
+    },
     #[error("cannot open {}", path.display())]
+    /// The file cannot be examined or opened.
     Io {
+        /// The file.
         path: PathBuf,
         #[source]
+        /// The source.
         source: io::Error,
     },
 }

@@ -27,23 +27,35 @@ use std::time::{Duration, Instant};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Pattern {
+    /// Uniformly at random.
     Random,
+    /// One after the other.
     Sequential,
+    /// 80 % of the writes into a tenth of the image.
     Hotspot,
 }
 
 /// A parsed guest SPEC.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct GuestSpec {
+    /// Writes per second in all (0: as fast as possible).
     pub iops: u64,
+    /// Smallest write, bytes.
     pub bs_min: u64,
+    /// Largest write, bytes.
     pub bs_max: u64,
+    /// Where writes go.
     pub pattern: Pattern,
+    /// Writer threads.
     pub threads: u64,
+    /// Seed of the generator.
     pub seed: u64,
+    /// Number of writes (None: until stopped).
     pub count: Option<u64>,
     #[serde(skip)]
+    /// How long to write (None: until stopped).
     pub duration: Option<Duration>,
+    /// Share of writes that write zeroes, percent.
     pub zero_pct: u64,
 }
 
@@ -149,35 +161,53 @@ impl GuestSpec {
 /// What a guest did.
 #[derive(Debug, Default, Clone)]
 pub struct GuestStats {
+    /// Writes done.
     pub writes: u64,
+    /// Writes that wrote zeroes.
     pub zero_writes: u64,
+    /// Bytes written.
     pub bytes: u64,
+    /// Writes that failed.
     pub failed: u64,
+    /// The first failure, in words.
     pub first_error: Option<String>,
+    /// Latency histogram.
     pub latency: Histogram,
 }
 
 /// The summary's view of [`GuestStats`].
 #[derive(Debug, serde::Serialize)]
 pub struct GuestReport {
+    /// Writes done.
     pub writes: u64,
+    /// Writes that wrote zeroes.
     pub zero_writes: u64,
+    /// Bytes written.
     pub bytes: u64,
+    /// Writes that failed.
     pub failed_writes: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
+    /// The first failure, in words.
     pub first_error: Option<String>,
+    /// Write latency, ms.
     pub latency_ms: LatencyReport,
 }
 
 #[derive(Debug, serde::Serialize)]
+/// Write latency, milliseconds.
 pub struct LatencyReport {
+    /// Number of writes measured.
     pub count: u64,
+    /// Median.
     pub p50: f64,
+    /// 99th percentile.
     pub p99: f64,
+    /// Maximum.
     pub max: f64,
 }
 
 impl GuestStats {
+    /// The report of these statistics.
     pub fn report(&self) -> GuestReport {
         let ms = |d: Duration| d.as_secs_f64() * 1000.0;
         GuestReport {
@@ -223,8 +253,11 @@ impl Rng {
 /// One write the guest issues.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GuestWrite {
+    /// Byte offset.
     pub offset: u64,
+    /// Length, bytes.
     pub len: u64,
+    /// Write zeroes instead of data.
     pub zero: bool,
 }
 
@@ -239,6 +272,7 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// The plan of writer `thread` over an image of `size` bytes.
     pub fn new(spec: &GuestSpec, size: u64, thread: u64) -> Plan {
         let t = spec.threads;
         // Stripes start on 4 KiB boundaries.

@@ -16,8 +16,11 @@ pub enum Left {
     Kept(PathBuf),
     /// A bitmap marked in use on disk.
     BitmapInUse {
+        /// The image.
         image: PathBuf,
+        /// The bitmap's name.
         name: String,
+        /// The backup it is anchored to, if any.
         anchor: Option<PathBuf>,
     },
 }

@@ -30,7 +30,9 @@ const PERM_WRITE: i64 = 1;
 /// How an image is used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Access {
+    /// Reading (a backup).
     Read,
+    /// Writing (the guest command).
     Write,
 }
 
@@ -38,17 +40,38 @@ pub enum Access {
 #[derive(Debug, thiserror::Error)]
 pub enum LockError {
     #[error("{} is locked by another imgbackup (a backup, guest or bitmap command on the same image is running)", path.display())]
-    Imgbackup { path: PathBuf },
+    /// Another imgbackup works on the image.
+    Imgbackup {
+        /// The file.
+        path: PathBuf,
+    },
     #[error("{} is held open for writing by another process (such as a running QEMU); pass --force-share to back it up anyway", path.display())]
-    Writer { path: PathBuf },
+    /// Another process (a QEMU) holds it open for writing.
+    Writer {
+        /// The file.
+        path: PathBuf,
+    },
     #[error("{} is in use by another process that does not let others write it (such as a QEMU using it as a backing file)", path.display())]
-    NoWrite { path: PathBuf },
+    /// Another process does not let others write it.
+    NoWrite {
+        /// The file.
+        path: PathBuf,
+    },
     #[error("{} is being written by another imgbackup ({} is locked); wait for it to finish, or pass --wait-lock DUR", path.display(), partial.display())]
-    Target { path: PathBuf, partial: PathBuf },
+    /// Another imgbackup is writing the same target.
+    Target {
+        /// The file.
+        path: PathBuf,
+        /// Its partial file.
+        partial: PathBuf,
+    },
     #[error("cannot lock {}", path.display())]
+    /// Taking the lock failed.
     Io {
+        /// The file.
         path: PathBuf,
         #[source]
+        /// The source.
         source: io::Error,
     },
 }
@@ -128,6 +151,7 @@ fn with_wait<T>(
 }
 
 impl Locks {
+    /// No locks held yet.
     pub fn new() -> Locks {
         Locks::default()
     }

@@ -1,3 +1,6 @@
+//! The `imgbackup` command: parse the command line, run, print the error
+//! chain once, and exit with the code of SPEC §5.
+
 use clap::Parser;
 use imgbackup::app::{self, ErrorDoc};
 use imgbackup::cli::Cli;

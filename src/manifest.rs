@@ -35,13 +35,17 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
+/// The first bytes of every manifest.
 pub const MAGIC: &[u8; 8] = b"IMGBKMAN";
+/// The format version this imgbackup writes and reads.
 pub const VERSION: u32 = 1;
+/// Where the digest table starts (after the header and the JSON metadata).
 pub const TABLE_OFFSET: u64 = 16384;
 /// The chunk size of new manifests (smaller when the backup cluster is).
 pub const CHUNK_SIZE: u64 = 64 << 10;
 const MAX_META: usize = (TABLE_OFFSET - 32) as usize;
 
+/// A sha256 digest.
 pub type Sha = [u8; 32];
 
 /// `PATH.manifest`.
@@ -51,6 +55,7 @@ pub fn manifest_path(target: &Path) -> PathBuf {
     PathBuf::from(s)
 }
 
+/// Lower-case hex of `d`.
 pub fn hex(d: &[u8]) -> String {
     d.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -58,7 +63,9 @@ pub fn hex(d: &[u8]) -> String {
 /// The parent of an incremental backup.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Parent {
+    /// Its absolute path.
     pub path: String,
+    /// Its manifest's root digest (hex).
     pub root_digest: String,
 }
 
@@ -67,13 +74,18 @@ pub struct Parent {
 /// the file changes it. A manifest is *bound* to a file when they match.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct FileBinding {
+    /// File size in bytes.
     pub size: u64,
+    /// Modification time, seconds.
     pub mtime_sec: i64,
+    /// Modification time, nanoseconds.
     pub mtime_nsec: u32,
+    /// Inode number.
     pub inode: u64,
 }
 
 impl FileBinding {
+    /// The identity described by `m`.
     pub fn of(m: &std::fs::Metadata) -> io::Result<FileBinding> {
         use std::os::unix::fs::MetadataExt;
         Ok(FileBinding {
@@ -84,6 +96,7 @@ impl FileBinding {
         })
     }
 
+    /// The identity of the file at `p` now.
     pub fn of_path(p: &Path) -> io::Result<FileBinding> {
         FileBinding::of(&std::fs::metadata(p)?)
     }
@@ -110,19 +123,33 @@ impl FileBinding {
 /// The manifest's metadata (its JSON part).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Meta {
+    /// The manifest format version.
     pub format_version: u32,
+    /// Virtual size of the point-in-time image, bytes.
     pub virtual_size: u64,
+    /// Bytes per chunk (the last chunk may be shorter).
     pub chunk_size: u64,
+    /// Number of chunks (= digests).
     pub chunks: u64,
+    /// sha256 over the chunk digests in order (hex).
     pub root_digest: String,
+    /// The source image (absolute path).
     pub source: String,
+    /// The source's format.
     pub source_format: String,
+    /// The backup file's format.
     pub target_format: String,
+    /// The sync mode of the job.
     pub sync: String,
+    /// The bitmap the job used or anchored.
     pub bitmap: Option<String>,
+    /// The backup an incremental builds on.
     pub parent: Option<Parent>,
+    /// When the job started (RFC 3339).
     pub started: String,
+    /// When the manifest was finished (RFC 3339).
     pub finished: String,
+    /// `imgbackup VERSION`.
     pub created_by: String,
     /// Byte ranges the backup does not hold (skipped by an ignore policy);
     /// their digests are of the point-in-time image all the same.
@@ -143,19 +170,36 @@ pub struct Meta {
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
     #[error("{}: no manifest (the backup was made with --no-manifest, or by another tool)", path.display())]
-    Missing { path: PathBuf },
-    #[error("cannot read the manifest {}", path.display())]
-    Io {
+    /// No manifest beside the backup.
+    Missing {
+        /// Where it was looked for.
         path: PathBuf,
+    },
+    #[error("cannot read the manifest {}", path.display())]
+    /// The manifest cannot be read.
+    Io {
+        /// The manifest.
+        path: PathBuf,
+        /// The I/O error.
         #[source]
         source: io::Error,
     },
     #[error("{}: damaged manifest: {detail}", path.display())]
-    Damaged { path: PathBuf, detail: String },
-    #[error("the manifest {} does not describe {}: it was made for another file ({detail}); the backup was replaced, rewritten, or a replacement was interrupted", path.display(), data.display())]
-    Unbound {
+    /// The manifest is damaged (checksum, header, metadata).
+    Damaged {
+        /// The manifest.
         path: PathBuf,
+        /// What is wrong with it.
+        detail: String,
+    },
+    #[error("the manifest {} does not describe {}: it was made for another file ({detail}); the backup was replaced, rewritten, or a replacement was interrupted", path.display(), data.display())]
+    /// The manifest describes another file than the one beside it.
+    Unbound {
+        /// The manifest.
+        path: PathBuf,
+        /// The data file it was checked against.
         data: PathBuf,
+        /// How the file differs from the one recorded.
         detail: String,
     },
 }
@@ -173,6 +217,7 @@ pub fn zero_digest(len: u64) -> Sha {
     h.finalize().into()
 }
 
+/// sha256 of `data`.
 pub fn digest(data: &[u8]) -> Sha {
     Sha256::digest(data).into()
 }
@@ -180,11 +225,14 @@ pub fn digest(data: &[u8]) -> Sha {
 /// Chunk geometry of an image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Geometry {
+    /// Virtual size, bytes.
     pub size: u64,
+    /// Chunk size, bytes.
     pub chunk: u64,
 }
 
 impl Geometry {
+    /// Number of chunks.
     pub fn chunks(&self) -> u64 {
         self.size.div_ceil(self.chunk)
     }
@@ -194,6 +242,7 @@ impl Geometry {
         (self.size - i * self.chunk).min(self.chunk)
     }
 
+    /// True for an empty image.
     pub fn is_empty(&self) -> bool {
         self.size == 0
     }
@@ -233,6 +282,7 @@ impl ManifestWriter {
         })
     }
 
+    /// The chunk geometry of the manifest being written.
     pub fn geometry(&self) -> Geometry {
         self.geo
     }
@@ -407,6 +457,7 @@ impl ManifestWriter {
         self.file.sync_all()
     }
 
+    /// Where the manifest is being written.
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -496,7 +547,9 @@ pub fn read_meta(path: &Path) -> Option<Meta> {
 
 /// A manifest on disk, validated; digests are read on demand.
 pub struct ManifestFile {
+    /// The manifest file.
     pub path: PathBuf,
+    /// Its metadata.
     pub meta: Meta,
     file: File,
 }
@@ -590,6 +643,7 @@ impl ManifestFile {
         })
     }
 
+    /// Virtual size and chunk size.
     pub fn geometry(&self) -> Geometry {
         Geometry {
             size: self.meta.virtual_size,
@@ -649,6 +703,7 @@ pub struct ManifestChecker {
 }
 
 impl ManifestChecker {
+    /// Check copies against `manifest`.
     pub fn new(manifest: ManifestFile) -> ManifestChecker {
         let zero = manifest.geometry().zero_digests();
         ManifestChecker { manifest, zero }
@@ -715,9 +770,13 @@ mod tests {
 /// manifest.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Difference {
+    /// Index of the chunk.
     pub chunk: u64,
+    /// Byte offset of the chunk.
     pub offset: u64,
+    /// Digest the manifest holds (hex).
     pub expected: String,
+    /// Digest of the data (hex).
     pub found: String,
 }
 

@@ -47,6 +47,7 @@ fn bucket_low(b: usize) -> u64 {
 }
 
 impl Histogram {
+    /// Count one sample.
     pub fn record(&mut self, d: Duration) {
         let us = d.as_micros().min(u128::from(u64::MAX)) as u64;
         let b = bucket(us).min(self.buckets.len() - 1);
@@ -56,6 +57,7 @@ impl Histogram {
         self.sum_us += u128::from(us);
     }
 
+    /// Add the samples of `o`.
     pub fn merge(&mut self, o: &Histogram) {
         for (a, b) in self.buckets.iter_mut().zip(&o.buckets) {
             *a += b;
@@ -65,10 +67,12 @@ impl Histogram {
         self.sum_us += o.sum_us;
     }
 
+    /// Samples counted.
     pub fn count(&self) -> u64 {
         self.count
     }
 
+    /// The largest sample.
     pub fn max(&self) -> Duration {
         Duration::from_micros(self.max_us)
     }

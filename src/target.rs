@@ -34,11 +34,15 @@ use std::time::{Duration, Instant};
 #[derive(Debug, thiserror::Error)]
 pub enum PartialError {
     #[error(transparent)]
+    /// Another run holds the partial file.
     Locked(#[from] LockError),
     #[error("cannot create {}", path.display())]
+    /// The partial file cannot be created.
     Io {
+        /// The partial file.
         path: PathBuf,
         #[source]
+        /// The source.
         source: io::Error,
     },
 }
@@ -276,7 +280,9 @@ pub fn sync_dir(path: &Path) -> io::Result<()> {
 /// A new image being written (a backup target, a restored image): a
 /// sparse raw file or a qcow2 file by imgbackup's writer.
 pub enum Output {
+    /// A sparse raw file.
     Raw(Arc<RawNode>),
+    /// A qcow2 file by imgbackup's writer.
     Qcow2(Arc<Qcow2Writer>),
 }
 
@@ -308,6 +314,7 @@ impl Output {
         })
     }
 
+    /// The node to write into.
     pub fn node(&self) -> Arc<dyn BlockNode> {
         match self {
             Output::Raw(n) => n.clone(),

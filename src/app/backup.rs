@@ -52,30 +52,50 @@ pub const DEFAULT_MAX_CHUNK: u64 = 2 << 20;
 /// The validated settings of one backup.
 #[derive(Debug, Clone)]
 pub struct Plan {
+    /// The image to back up.
     pub source: PathBuf,
+    /// The backup to write.
     pub target: PathBuf,
+    /// What to copy.
     pub sync: SyncMode,
+    /// Format of TARGET.
     pub target_format: Format,
+    /// qcow2 cluster size of TARGET.
     pub target_cluster_size: u64,
+    /// Backup granularity, bytes.
     pub cluster_size: u64,
+    /// Largest single request, bytes.
     pub max_chunk: u64,
+    /// Copy workers.
     pub jobs: usize,
+    /// What a failed copy-before-write does.
     pub on_cbw_error: OnCbwError,
+    /// What happens to the bitmap after the job.
     pub bitmap_mode: BitmapMode,
 }
 
 /// The end-of-job summary (human on stderr, or the `--json` document).
 #[derive(Debug, serde::Serialize)]
 pub struct Summary {
+    /// True for exit 0.
     pub ok: bool,
+    /// The exit code.
     pub exit_code: i32,
+    /// The command.
     pub command: &'static str,
+    /// The source image.
     pub source: String,
+    /// The backup written.
     pub target: String,
+    /// Format of TARGET.
     pub target_format: Format,
+    /// The sync mode.
     pub sync: SyncMode,
+    /// True for --dry-run (nothing was written).
     pub dry_run: bool,
+    /// Virtual size, bytes.
     pub virtual_size: u64,
+    /// Backup granularity, bytes.
     pub cluster_size: u64,
     /// Bytes written to the target as data.
     pub bytes_copied: u64,
@@ -90,22 +110,33 @@ pub struct Summary {
     pub bytes_clean: u64,
     /// Bytes TARGET occupies on disk.
     pub target_disk_usage: u64,
+    /// Copy-before-write operations.
     pub copy_before_write_copies: u64,
+    /// Bytes copied by copy-before-write.
     pub copy_before_write_bytes: u64,
     /// The most bytes the copy-before-write cache held at once.
     pub cbw_cache_peak_bytes: u64,
+    /// Retries of failed copies.
     pub retries: u64,
+    /// The first retries (at most 1000).
     pub retry_events: Vec<crate::job::RetryEvent>,
     /// Byte ranges `[start, end)` skipped by an ignore policy.
     pub ignored_ranges: Vec<[u64; 2]>,
+    /// Wall-clock time of the command.
     pub elapsed_seconds: f64,
+    /// Bytes copied or skipped as zeros per second.
     pub throughput_bytes_per_second: f64,
+    /// Start time (RFC 3339).
     pub started: String,
+    /// End time (RFC 3339).
     pub finished: String,
     #[serde(skip_serializing_if = "Option::is_none")]
+    /// The simulated guest, when --guest ran.
     pub guest: Option<GuestReport>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    /// Where --guest-overlay wrote the overlay.
     pub guest_overlay: Option<String>,
+    /// Whether --verify checked the backup.
     pub verified: bool,
     /// Root digest of TARGET.manifest (absent with --no-manifest).
     pub manifest_root_digest: Option<String>,
@@ -118,11 +149,17 @@ pub struct Summary {
 /// The bitmap's state after a job.
 #[derive(Debug, serde::Serialize)]
 pub struct BitmapReport {
+    /// The bitmap's name.
     pub name: String,
+    /// The bitmap mode.
     pub mode: BitmapMode,
+    /// Bytes per bit.
     pub granularity: u64,
+    /// Dirty bytes.
     pub dirty_bytes: u64,
+    /// Dirty granules (bits set).
     pub dirty_granules: u64,
+    /// The backup it is anchored to.
     pub anchored_backup: Option<String>,
 }
 
@@ -242,6 +279,7 @@ pub fn plan(args: &BackupArgs) -> anyhow::Result<Plan> {
     })
 }
 
+/// The directory holding `p`.
 pub fn dir_of(p: &Path) -> PathBuf {
     crate::files::dir_of(p)
 }
@@ -535,6 +573,11 @@ fn phase<T>(cancel: &Cancel, r: anyhow::Result<T>) -> anyhow::Result<T> {
     r
 }
 
+/// Run `imgbackup backup`.
+#[allow(
+    clippy::too_many_lines,
+    reason = "the whole job in one function until it becomes a library job (prepare, run, commit or abort)"
+)]
 pub fn run(args: &BackupArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
     let started = SystemTime::now();
     let t0 = Instant::now();

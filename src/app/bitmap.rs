@@ -15,24 +15,37 @@ use std::path::{Path, PathBuf};
 /// What `list`, `show` and `info` say of a bitmap.
 #[derive(Debug, serde::Serialize)]
 pub struct BitmapDoc {
+    /// The bitmap's name.
     pub name: String,
+    /// Bytes per bit.
     pub granularity: u64,
+    /// Marked by writes.
     pub enabled: bool,
+    /// Marked in use on disk.
     pub in_use: bool,
+    /// Dirty bytes.
     pub dirty_bytes: u64,
+    /// Dirty granules (bits set).
     pub dirty_granules: u64,
+    /// Whether it can be trusted.
     pub consistent: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
+    /// Why it cannot be trusted.
     pub inconsistent_because: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    /// The backup it is anchored to.
     pub anchored_backup: Option<AnchorDoc>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    /// Dirty byte ranges [start, end) (show).
     pub dirty_ranges: Option<Vec<[u64; 2]>>,
 }
 
 #[derive(Debug, serde::Serialize)]
+/// The backup a bitmap is anchored to.
 pub struct AnchorDoc {
+    /// Its path.
     pub path: String,
+    /// The manifest's root digest (hex).
     pub root_digest: String,
 }
 
@@ -110,6 +123,7 @@ fn done(g: &GlobalOpts, msg: String, doc: Option<BitmapDoc>) -> anyhow::Result<E
     Ok(Exit::Success)
 }
 
+/// Run `imgbackup bitmap ...`.
 pub fn run(cmd: &BitmapCommand, g: &GlobalOpts) -> anyhow::Result<Exit> {
     match cmd {
         BitmapCommand::Add {
@@ -178,54 +192,12 @@ pub fn run(cmd: &BitmapCommand, g: &GlobalOpts) -> anyhow::Result<Exit> {
             image,
             name,
             lock: l,
-        }
-        | BitmapCommand::Disable {
+        } => set_enabled(image, name, true, l, g),
+        BitmapCommand::Disable {
             image,
             name,
             lock: l,
-        } => {
-            let enable = matches!(cmd, BitmapCommand::Enable { .. });
-            let _locks = lock(image, l)?;
-            let (size, id) = image_facts(image)?;
-            let mut b = Bitmap::load(image, name)?;
-            if b.in_use {
-                return Err(BitmapError::Inconsistent {
-                    name: name.clone(),
-                    image: image.clone(),
-                    reason: b.inconsistency(size, &id).unwrap_or_default(),
-                }
-                .into());
-            }
-            // An inconsistent bitmap stays so, enabled or not: only a full
-            // backup with --bitmap or `bitmap rebuild` starts it afresh.
-            if let Some(why) = b.inconsistency(size, &id) {
-                b.inconsistent = true;
-                tracing::warn!(
-                    "bitmap '{name}' of {} is inconsistent ({why}); it stays inconsistent: recover with {}",
-                    image.display(),
-                    crate::leftovers::recover_bitmap(
-                        image,
-                        name,
-                        b.anchor.as_ref().map(|a| a.path.as_path())
-                    )
-                );
-            }
-            if enable && !b.enabled {
-                // It tracks writes from now on.
-                b.identity = id;
-            }
-            b.enabled = enable;
-            b.save(image)?;
-            done(
-                g,
-                format!(
-                    "{} bitmap '{name}' of {}",
-                    if enable { "enabled" } else { "disabled" },
-                    image.display()
-                ),
-                Some(describe(image, name, size, &id, false)),
-            )
-        }
+        } => set_enabled(image, name, false, l, g),
         BitmapCommand::List { image } => {
             let (size, id) = image_facts(image)?;
             let names = list_names(image)
@@ -267,131 +239,211 @@ pub fn run(cmd: &BitmapCommand, g: &GlobalOpts) -> anyhow::Result<Exit> {
             sources,
             into,
             lock: l,
-        } => {
-            let _locks = lock(image, l)?;
-            let (size, id) = image_facts(image)?;
-            let mut target = Bitmap::load_consistent(image, into, size, &id)?;
-            for s in sources {
-                // An inconsistent source would make the target lie too.
-                let src = Bitmap::load_consistent(image, s, size, &id)?;
-                if src.granularity != target.granularity || src.image_size != target.image_size {
-                    anyhow::bail!(
-                        "cannot merge bitmap '{s}' into '{into}': their granularity or image size differ ({} / {} bytes vs {} / {} bytes)",
-                        src.granularity,
-                        src.image_size,
-                        target.granularity,
-                        target.image_size
-                    );
-                }
-                target.bits.merge(&src.bits);
-            }
-            target.save(image)?;
-            done(
-                g,
-                format!(
-                    "merged {} into bitmap '{into}' of {}",
-                    sources.join(", "),
-                    image.display()
-                ),
-                Some(describe(image, into, size, &id, false)),
-            )
-        }
+        } => merge(image, sources, into, l, g),
         BitmapCommand::Import {
             image,
             qcow2_bitmap,
             as_name,
             force,
             lock: l,
-        } => {
-            let name = as_name.clone().unwrap_or_else(|| qcow2_bitmap.clone());
-            check_name(&name)?;
-            let _locks = lock(image, l)?;
-            // The bitmap first: a damaged one is a bitmap error (exit 6),
-            // not a refusal to open the image.
-            let q = crate::bitmap::qcow2::read_bitmap(image, qcow2_bitmap)?;
-            let (size, id) = image_facts(image)?;
-            if !force && Bitmap::load(image, &name).is_ok() {
-                return Err(BitmapError::Exists {
-                    name,
-                    image: image.clone(),
-                }
-                .into());
-            }
-            let mut b = Bitmap::new(&name, q.granularity, size, id);
-            b.enabled = q.enabled;
-            b.bits = q.bits;
-            b.save(image)?;
-            done(
-                g,
-                format!(
-                    "imported bitmap '{qcow2_bitmap}' of {} as '{name}': {} dirty",
-                    image.display(),
-                    human_bytes(b.dirty_bytes())
-                ),
-                Some(describe(image, &name, size, &id, false)),
-            )
-        }
+        } => import(image, qcow2_bitmap, as_name.as_deref(), *force, l, g),
         BitmapCommand::Rebuild {
             image,
             name,
-            against_backup: against,
+            against_backup,
             granularity,
             lock: l,
-        } => {
-            check_name(name)?;
-            let _locks = lock(image, l)?;
-            let (size, id) = image_facts(image)?;
-            let manifest = ManifestFile::open(&manifest_path(against))?;
-            // The manifest must describe the backup file it sits beside:
-            // the bitmap is anchored to that file.
-            manifest.check_bound(against)?;
-            if manifest.meta.virtual_size != size {
-                anyhow::bail!(
-                    "{} is {size} bytes but the backup {} is {}: it is not a backup of this image",
-                    image.display(),
-                    against.display(),
-                    manifest.meta.virtual_size
-                );
-            }
-            let img = open_image(image, None).context("cannot open the image")?;
-            let cancel = crate::job::cancel::Cancel::new();
-            cancel
-                .install_signal_handlers()
-                .context("cannot install the signal handlers")?;
-            let diff = differing_chunks(img.node.as_ref(), &manifest, default_jobs(), &cancel);
-            if let Some(r) = cancel.reason() {
-                return Err(crate::exit::AppError::Cancelled(r).into());
-            }
-            let diff = diff?;
-            let mut b = match Bitmap::load(image, name) {
-                Ok(b) if b.image_size == size => b,
-                _ => Bitmap::new(name, *granularity, size, id),
-            };
-            b.bits.clear_range(0, b.bits.len());
-            let geo = manifest.geometry();
-            for (s, e) in diff.runs() {
-                b.mark(s * geo.chunk, (e * geo.chunk).min(size) - s * geo.chunk);
-            }
-            b.identity = id;
-            b.in_use = false;
-            b.inconsistent = false;
-            b.anchor = Some(crate::job::parent::anchor_for(
-                against,
-                unhex(&manifest.meta.root_digest),
-            ));
-            b.save(image)?;
-            done(
-                g,
-                format!(
-                    "rebuilt bitmap '{name}' of {} against {}: {} differ",
-                    image.display(),
-                    against.display(),
-                    human_bytes(b.dirty_bytes())
-                ),
-                Some(describe(image, name, size, &id, false)),
-            )
-        }
+        } => rebuild(image, name, against_backup, *granularity, l, g),
     }
+}
+
+/// `bitmap enable` and `disable`: an inconsistent bitmap stays so.
+fn set_enabled(
+    image: &Path,
+    name: &str,
+    enable: bool,
+    l: &LockOpts,
+    g: &GlobalOpts,
+) -> anyhow::Result<Exit> {
+    let _locks = lock(image, l)?;
+    let (size, id) = image_facts(image)?;
+    let mut b = Bitmap::load(image, name)?;
+    if b.in_use {
+        return Err(BitmapError::Inconsistent {
+            name: name.to_string(),
+            image: image.to_path_buf(),
+            reason: b.inconsistency(size, &id).unwrap_or_default(),
+        }
+        .into());
+    }
+    // An inconsistent bitmap stays so, enabled or not: only a full
+    // backup with --bitmap or `bitmap rebuild` starts it afresh.
+    if let Some(why) = b.inconsistency(size, &id) {
+        b.inconsistent = true;
+        tracing::warn!(
+            "bitmap '{name}' of {} is inconsistent ({why}); it stays inconsistent: recover with {}",
+            image.display(),
+            crate::leftovers::recover_bitmap(
+                image,
+                name,
+                b.anchor.as_ref().map(|a| a.path.as_path())
+            )
+        );
+    }
+    if enable && !b.enabled {
+        // It tracks writes from now on.
+        b.identity = id;
+    }
+    b.enabled = enable;
+    b.save(image)?;
+    done(
+        g,
+        format!(
+            "{} bitmap '{name}' of {}",
+            if enable { "enabled" } else { "disabled" },
+            image.display()
+        ),
+        Some(describe(image, name, size, &id, false)),
+    )
+}
+
+/// `bitmap merge`: set in `into` every bit set in `sources`.
+fn merge(
+    image: &Path,
+    sources: &[String],
+    into: &str,
+    l: &LockOpts,
+    g: &GlobalOpts,
+) -> anyhow::Result<Exit> {
+    let _locks = lock(image, l)?;
+    let (size, id) = image_facts(image)?;
+    let mut target = Bitmap::load_consistent(image, into, size, &id)?;
+    for s in sources {
+        // An inconsistent source would make the target lie too.
+        let src = Bitmap::load_consistent(image, s, size, &id)?;
+        if src.granularity != target.granularity || src.image_size != target.image_size {
+            anyhow::bail!(
+                "cannot merge bitmap '{s}' into '{into}': their granularity or image size differ ({} / {} bytes vs {} / {} bytes)",
+                src.granularity,
+                src.image_size,
+                target.granularity,
+                target.image_size
+            );
+        }
+        target.bits.merge(&src.bits);
+    }
+    target.save(image)?;
+    done(
+        g,
+        format!(
+            "merged {} into bitmap '{into}' of {}",
+            sources.join(", "),
+            image.display()
+        ),
+        Some(describe(image, into, size, &id, false)),
+    )
+}
+
+/// `bitmap import`: copy a persistent bitmap QEMU keeps in the image.
+fn import(
+    image: &Path,
+    qcow2_bitmap: &str,
+    as_name: Option<&str>,
+    force: bool,
+    l: &LockOpts,
+    g: &GlobalOpts,
+) -> anyhow::Result<Exit> {
+    let name = as_name.unwrap_or(qcow2_bitmap).to_string();
+    check_name(&name)?;
+    let _locks = lock(image, l)?;
+    // The bitmap first: a damaged one is a bitmap error (exit 6),
+    // not a refusal to open the image.
+    let q = crate::bitmap::qcow2::read_bitmap(image, qcow2_bitmap)?;
+    let (size, id) = image_facts(image)?;
+    if !force && Bitmap::load(image, &name).is_ok() {
+        return Err(BitmapError::Exists {
+            name,
+            image: image.to_path_buf(),
+        }
+        .into());
+    }
+    let mut b = Bitmap::new(&name, q.granularity, size, id);
+    b.enabled = q.enabled;
+    b.bits = q.bits;
+    b.save(image)?;
+    done(
+        g,
+        format!(
+            "imported bitmap '{qcow2_bitmap}' of {} as '{name}': {} dirty",
+            image.display(),
+            human_bytes(b.dirty_bytes())
+        ),
+        Some(describe(image, &name, size, &id, false)),
+    )
+}
+
+/// `bitmap rebuild`: mark what differs from `against`'s manifest and
+/// anchor the bitmap to that backup.
+fn rebuild(
+    image: &Path,
+    name: &str,
+    against: &Path,
+    granularity: u64,
+    l: &LockOpts,
+    g: &GlobalOpts,
+) -> anyhow::Result<Exit> {
+    check_name(name)?;
+    let _locks = lock(image, l)?;
+    let (size, id) = image_facts(image)?;
+    let manifest = ManifestFile::open(&manifest_path(against))?;
+    // The manifest must describe the backup file it sits beside:
+    // the bitmap is anchored to that file.
+    manifest.check_bound(against)?;
+    if manifest.meta.virtual_size != size {
+        anyhow::bail!(
+            "{} is {size} bytes but the backup {} is {}: it is not a backup of this image",
+            image.display(),
+            against.display(),
+            manifest.meta.virtual_size
+        );
+    }
+    let img = open_image(image, None).context("cannot open the image")?;
+    let cancel = crate::job::cancel::Cancel::new();
+    cancel
+        .install_signal_handlers()
+        .context("cannot install the signal handlers")?;
+    let diff = differing_chunks(img.node.as_ref(), &manifest, default_jobs(), &cancel);
+    if let Some(r) = cancel.reason() {
+        return Err(crate::exit::AppError::Cancelled(r).into());
+    }
+    let diff = diff?;
+    let mut b = match Bitmap::load(image, name) {
+        Ok(b) if b.image_size == size => b,
+        _ => Bitmap::new(name, granularity, size, id),
+    };
+    b.bits.clear_range(0, b.bits.len());
+    let geo = manifest.geometry();
+    for (s, e) in diff.runs() {
+        b.mark(s * geo.chunk, (e * geo.chunk).min(size) - s * geo.chunk);
+    }
+    b.identity = id;
+    b.in_use = false;
+    b.inconsistent = false;
+    b.anchor = Some(crate::job::parent::anchor_for(
+        against,
+        unhex(&manifest.meta.root_digest),
+    ));
+    b.save(image)?;
+    done(
+        g,
+        format!(
+            "rebuilt bitmap '{name}' of {} against {}: {} differ",
+            image.display(),
+            against.display(),
+            human_bytes(b.dirty_bytes())
+        ),
+        Some(describe(image, name, size, &id, false)),
+    )
 }
 
 /// The absolute path of `p` (as given, if it cannot be resolved).

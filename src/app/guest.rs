@@ -28,6 +28,7 @@ use std::sync::{Arc, Mutex};
 /// Bitmaps being marked, and whether each was consistent when loaded.
 type Tracked = Arc<Mutex<Vec<(Bitmap, bool)>>>;
 
+/// Run `imgbackup guest`.
 pub fn run(args: &GuestArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
     let image = &args.image;
     if !args.spec.is_bounded() {

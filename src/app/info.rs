@@ -66,6 +66,7 @@ struct InfoDoc {
     manifest: Option<ManifestDoc>,
 }
 
+/// Run `imgbackup info`.
 pub fn run(args: &InfoArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
     let image = open_image(&args.image, args.format).context("cannot open the image")?;
     let mut chain = Vec::new();

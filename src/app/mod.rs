@@ -44,10 +44,15 @@ pub fn default_jobs() -> usize {
 /// A JSON document describing a failure, for `--json`.
 #[derive(serde::Serialize)]
 pub struct ErrorDoc {
+    /// Always false.
     pub ok: bool,
+    /// The exit code.
     pub exit_code: i32,
+    /// The outermost error.
     pub error: String,
+    /// The error and its causes, outermost first.
     pub causes: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    /// What to do next.
     pub hint: Option<String>,
 }

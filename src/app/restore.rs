@@ -11,7 +11,7 @@ use crate::job::cancel::Cancel;
 use crate::job::policy::Policies;
 use crate::job::{PolicyLog, run_background};
 use crate::manifest::{ManifestChecker, ManifestError, ManifestFile, manifest_path};
-use crate::node::probe::{Format, format_for, open_image};
+use crate::node::probe::{Format, Image, format_for, open_image};
 use crate::node::raw::RawNode;
 use crate::node::{BlockNode, Extent};
 use crate::report::{Reporter, human_bytes, human_duration, print_json};
@@ -39,6 +39,7 @@ struct RestoreDoc {
     elapsed_seconds: f64,
 }
 
+/// Run `imgbackup restore`.
 pub fn run(args: &RestoreArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
     let t0 = Instant::now();
     let image = open_image(&args.backup, None).context("cannot open the backup")?;
@@ -58,38 +59,7 @@ pub fn run(args: &RestoreArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
         (Some(f), false) => f,
         (None, false) => format_for(&args.output, Format::Raw),
     };
-    let manifest = if args.no_verify {
-        None
-    } else {
-        match ManifestFile::open(&manifest_path(&args.backup)) {
-            Ok(m) => Some(m),
-            Err(e @ ManifestError::Missing { .. }) => {
-                return Err(anyhow::Error::new(e).context(
-                    "cannot check the restored data; pass --no-verify to restore without checking",
-                ));
-            }
-            Err(e @ ManifestError::Damaged { .. }) => {
-                return Err(anyhow::Error::new(e).context(AppError::Verify(format!(
-                    "the manifest of {} is damaged",
-                    args.backup.display()
-                ))));
-            }
-            Err(e) => return Err(e.into()),
-        }
-    };
-    if let Some(m) = &manifest {
-        if m.meta.virtual_size != size {
-            return Err(AppError::Verify(format!(
-                "the backup {} is {size} bytes, its manifest says {}: the backup is truncated or was replaced",
-                args.backup.display(),
-                m.meta.virtual_size
-            ))
-            .into());
-        }
-        if m.meta.detached && image.layers.len() == 1 {
-            return Err(super::verify::detached_error(&args.backup, m));
-        }
-    }
+    let manifest = open_manifest(args, &image)?;
     // The output may not be the backup or a file of its chain.
     let protected = guard::Protected::source(&image);
     protected.check(&args.output, "output")?;
@@ -122,26 +92,7 @@ pub fn run(args: &RestoreArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
     cancel
         .install_signal_handlers()
         .context("cannot install the signal handlers")?;
-    let (partial, node, output, write_zeroes): (
-        Option<Partial>,
-        Arc<dyn BlockNode>,
-        Option<Output>,
-        bool,
-    ) = if on_device {
-        let dev = open_device(&args.output, size)?;
-        (None, dev, None, true)
-    } else {
-        let partial = Partial::create(
-            &args.output,
-            crate::files::mode_from(&args.backup),
-            args.keep_partial,
-            None,
-        )?;
-        let output =
-            Output::create(&partial, format, size, out_cs, None).map_err(CopyError::Target)?;
-        let node = output.node();
-        (Some(partial), node, Some(output), false)
-    };
+    let (partial, node, output, write_zeroes) = open_output(args, on_device, format, size, out_cs)?;
     let verified = manifest.is_some();
     let observer: Option<Arc<dyn ChunkObserver>> =
         manifest.map(|m| Arc::new(ManifestChecker::new(m)) as Arc<dyn ChunkObserver>);
@@ -225,6 +176,77 @@ pub fn run(args: &RestoreArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
         bytes_zero: bc.progress.zero.load(Ordering::Relaxed),
         elapsed_seconds: t0.elapsed().as_secs_f64(),
     };
+    render(&doc, g)?;
+    Ok(Exit::Success)
+}
+
+/// The backup's manifest, checked against the backup (unless
+/// --no-verify).
+fn open_manifest(args: &RestoreArgs, image: &Image) -> anyhow::Result<Option<ManifestFile>> {
+    let size = image.node.size();
+    let manifest = if args.no_verify {
+        None
+    } else {
+        match ManifestFile::open(&manifest_path(&args.backup)) {
+            Ok(m) => Some(m),
+            Err(e @ ManifestError::Missing { .. }) => {
+                return Err(anyhow::Error::new(e).context(
+                    "cannot check the restored data; pass --no-verify to restore without checking",
+                ));
+            }
+            Err(e @ ManifestError::Damaged { .. }) => {
+                return Err(anyhow::Error::new(e).context(AppError::Verify(format!(
+                    "the manifest of {} is damaged",
+                    args.backup.display()
+                ))));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
+    if let Some(m) = &manifest {
+        if m.meta.virtual_size != size {
+            return Err(AppError::Verify(format!(
+                "the backup {} is {size} bytes, its manifest says {}: the backup is truncated or was replaced",
+                args.backup.display(),
+                m.meta.virtual_size
+            ))
+            .into());
+        }
+        if m.meta.detached && image.layers.len() == 1 {
+            return Err(super::verify::detached_error(&args.backup, m));
+        }
+    }
+    Ok(manifest)
+}
+
+/// Where a restore writes: OUTPUT.partial with its image (renamed at the
+/// end), or a block device written in place (zeros written explicitly).
+type Destination = (Option<Partial>, Arc<dyn BlockNode>, Option<Output>, bool);
+
+fn open_output(
+    args: &RestoreArgs,
+    on_device: bool,
+    format: Format,
+    size: u64,
+    out_cs: u64,
+) -> anyhow::Result<Destination> {
+    if on_device {
+        let dev = open_device(&args.output, size)?;
+        return Ok((None, dev, None, true));
+    }
+    let partial = Partial::create(
+        &args.output,
+        crate::files::mode_from(&args.backup),
+        args.keep_partial,
+        None,
+    )?;
+    let output = Output::create(&partial, format, size, out_cs, None).map_err(CopyError::Target)?;
+    let node = output.node();
+    Ok((Some(partial), node, Some(output), false))
+}
+
+/// Print the result: the JSON document, or a line on stderr.
+fn render(doc: &RestoreDoc, g: &GlobalOpts) -> anyhow::Result<()> {
     if g.json {
         print_json(&doc)?;
     } else if !g.quiet {
@@ -232,9 +254,9 @@ pub fn run(args: &RestoreArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
             "imgbackup: restored {} -> {} ({}, {}{}): {} written, {} zero, {}",
             doc.backup,
             doc.output,
-            format,
-            human_bytes(size),
-            if verified {
+            doc.format,
+            human_bytes(doc.virtual_size),
+            if doc.verified {
                 ", every chunk matches the manifest"
             } else {
                 ", not checked (--no-verify)"
@@ -244,7 +266,7 @@ pub fn run(args: &RestoreArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
             human_duration(doc.elapsed_seconds)
         );
     }
-    Ok(Exit::Success)
+    Ok(())
 }
 
 /// Open the block device `path` to restore an image of `size` bytes into

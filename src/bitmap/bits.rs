@@ -29,20 +29,24 @@ impl Bits {
         self.len
     }
 
+    /// True when it has no bits at all.
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
 
+    /// Whether bit `i` is set.
     pub fn get(&self, i: u64) -> bool {
         i < self.len && self.words[(i / 64) as usize] & (1 << (i % 64)) != 0
     }
 
+    /// Set bit `i`.
     pub fn set(&mut self, i: u64) {
         if i < self.len {
             self.words[(i / 64) as usize] |= 1 << (i % 64);
         }
     }
 
+    /// Clear bit `i`.
     pub fn clear(&mut self, i: u64) {
         if i < self.len {
             self.words[(i / 64) as usize] &= !(1 << (i % 64));

@@ -52,7 +52,9 @@ use std::io::{self, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
+/// The first bytes of every bitmap file.
 pub const MAGIC: &[u8; 8] = b"IMGBKBMP";
+/// The format version written.
 pub const VERSION: u32 = 2;
 const FLAG_ENABLED: u32 = 1;
 const FLAG_IN_USE: u32 = 2;
@@ -66,10 +68,15 @@ pub const DEFAULT_GRANULARITY: u64 = 64 << 10;
 /// What identifies the image's content as of a moment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct Identity {
+    /// Size of the image, bytes.
     pub size: u64,
+    /// Modification time, seconds.
     pub mtime_sec: i64,
+    /// Modification time, nanoseconds.
     pub mtime_nsec: u32,
+    /// Inode number.
     pub inode: u64,
+    /// Device number.
     pub device: u64,
 }
 
@@ -90,7 +97,9 @@ impl Identity {
 /// The backup a bitmap's clean bits are relative to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Anchor {
+    /// Its absolute path.
     pub path: PathBuf,
+    /// The backup's manifest root digest (zeros: none).
     pub root: [u8; 32],
     /// The backup file's identity when the bitmap was anchored to it (None
     /// in version 1 files).
@@ -100,15 +109,23 @@ pub struct Anchor {
 /// A dirty bitmap.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Bitmap {
+    /// The bitmap name.
     pub name: String,
+    /// Bytes per bit.
     pub granularity: u64,
+    /// The image's virtual size.
     pub image_size: u64,
+    /// The image's identity when the bitmap was last in sync with it.
     pub identity: Identity,
+    /// Marked by writes.
     pub enabled: bool,
+    /// Marked in use on disk.
     pub in_use: bool,
     /// Found inconsistent once: stays so until a full backup or a rebuild.
     pub inconsistent: bool,
+    /// The backup its clean bits are relative to.
     pub anchor: Option<Anchor>,
+    /// The bits: a set bit is a dirty granule.
     pub bits: Bits,
 }
 
@@ -116,35 +133,63 @@ pub struct Bitmap {
 #[derive(Debug, thiserror::Error)]
 pub enum BitmapError {
     #[error("bitmap '{name}' does not exist for {} (no file {}); {}", image.display(), path.display(), existing(image, name))]
+    /// No such bitmap.
     Missing {
+        /// The bitmap's name.
         name: String,
+        /// The image.
         image: PathBuf,
+        /// Where the file would be.
         path: PathBuf,
     },
     #[error("bitmap '{name}' already exists for {}", image.display())]
-    Exists { name: String, image: PathBuf },
-    #[error("bitmap file {} is damaged: {detail}", path.display())]
-    Damaged { path: PathBuf, detail: String },
-    #[error("bitmap '{name}' of {} is inconsistent: {reason}", image.display())]
-    Inconsistent {
+    /// A bitmap of that name exists already.
+    Exists {
+        /// The bitmap's name.
         name: String,
+        /// The image it belongs to.
         image: PathBuf,
+    },
+    #[error("bitmap file {} is damaged: {detail}", path.display())]
+    /// The file is damaged (checksum, header, size).
+    Damaged {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, in words.
+        detail: String,
+    },
+    #[error("bitmap '{name}' of {} is inconsistent: {reason}", image.display())]
+    /// It cannot be trusted (in use, stale, flagged).
+    Inconsistent {
+        /// The bitmap's name.
+        name: String,
+        /// The image it belongs to.
+        image: PathBuf,
+        /// Why it is inconsistent.
         reason: String,
     },
     #[error("bitmap '{name}' of {} cannot be used for this backup: {detail}", image.display())]
+    /// It cannot be used with this parent.
     Parent {
+        /// The bitmap's name.
         name: String,
+        /// The image it belongs to.
         image: PathBuf,
+        /// What is wrong, in words.
         detail: String,
     },
     #[error(
         "'{0}' is not a valid bitmap name: use 1 to 64 letters, digits, '_', '-' or '.', not starting with '.'"
     )]
+    /// Not a valid bitmap name.
     BadName(String),
     #[error("cannot access the bitmap file {}", path.display())]
+    /// The file cannot be read or written.
     Io {
+        /// The file.
         path: PathBuf,
         #[source]
+        /// The source.
         source: io::Error,
     },
 }
@@ -166,6 +211,7 @@ pub fn bitmap_path(image: &Path, name: &str) -> PathBuf {
     PathBuf::from(s)
 }
 
+/// Check that `name` can name a bitmap.
 pub fn check_name(name: &str) -> Result<(), BitmapError> {
     let ok = !name.is_empty()
         && name.len() <= 64

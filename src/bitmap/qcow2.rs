@@ -22,22 +22,32 @@ const MAX_DIRECTORY: u64 = 64 << 20;
 /// A bitmap read from a qcow2 image.
 #[derive(Debug, Clone)]
 pub struct Qcow2Bitmap {
+    /// Its name in the image.
     pub name: String,
+    /// Bytes per bit.
     pub granularity: u64,
     /// The `auto` flag: QEMU keeps the bitmap enabled.
     pub enabled: bool,
+    /// The dirty bits.
     pub bits: Bits,
 }
 
 /// One entry of the bitmap directory.
 #[derive(Debug, Clone)]
 pub struct DirEntry {
+    /// Its name.
     pub name: String,
+    /// Host offset of its bitmap table.
     pub table_offset: u64,
+    /// Entries of its bitmap table.
     pub table_size: u32,
+    /// Directory flags (in use, auto).
     pub flags: u32,
+    /// Bitmap type (1: dirty tracking).
     pub kind: u8,
+    /// log2 of the granularity.
     pub granularity_bits: u8,
+    /// Bytes of extra data.
     pub extra_data_size: u32,
 }
 

@@ -62,8 +62,10 @@ and the backup is written to TARGET.partial and renamed only once it is complete
 )]
 pub struct Cli {
     #[command(flatten)]
+    /// Options every command takes.
     pub global: GlobalOpts,
     #[command(subcommand)]
+    /// The command to run.
     pub command: Command,
 }
 
@@ -110,6 +112,7 @@ pub enum ProgressMode {
 }
 
 #[derive(Debug, Subcommand)]
+/// The commands.
 pub enum Command {
     /// Make a backup of SOURCE into TARGET.
     Backup(Box<BackupArgs>),
@@ -187,6 +190,7 @@ impl std::fmt::Display for BitmapMode {
 }
 
 #[derive(Debug, Args)]
+/// `imgbackup backup`.
 pub struct BackupArgs {
     /// The image to back up (raw or qcow2, with its backing chain; a regular
     /// file or a block device such as an LVM volume). It is opened
@@ -328,10 +332,12 @@ pub struct BackupArgs {
     #[arg(long, value_parser = parse_rule, value_name = "RULE", hide_short_help = true)]
     pub inject: Vec<Rule>,
     #[command(flatten)]
+    /// The progress display.
     pub progress: ProgressOpts,
 }
 
 #[derive(Debug, Args)]
+/// `imgbackup verify`.
 pub struct VerifyArgs {
     /// The backup (its manifest is BACKUP.manifest; its backing chain is
     /// followed).
@@ -356,6 +362,7 @@ pub struct VerifyArgs {
 }
 
 #[derive(Debug, Args)]
+/// `imgbackup restore`.
 pub struct RestoreArgs {
     /// The backup to restore (with its backing chain).
     #[arg(add = complete::backups())]
@@ -385,10 +392,12 @@ pub struct RestoreArgs {
     #[arg(short, long, value_parser = parse_jobs, value_name = "N")]
     pub jobs: Option<usize>,
     #[command(flatten)]
+    /// The progress display.
     pub progress: ProgressOpts,
 }
 
 #[derive(Debug, Subcommand)]
+/// `imgbackup bitmap ...`.
 pub enum BitmapCommand {
     /// Create a bitmap (clean, recording the image as it is now).
     Add {
@@ -405,6 +414,7 @@ pub enum BitmapCommand {
         #[arg(long)]
         disabled: bool,
         #[command(flatten)]
+        /// Locking options.
         lock: LockOpts,
     },
     /// Delete a bitmap.
@@ -416,6 +426,7 @@ pub enum BitmapCommand {
         #[arg(add = complete::bitmaps())]
         name: String,
         #[command(flatten)]
+        /// Locking options.
         lock: LockOpts,
     },
     /// Mark every bit clean (the bitmap must be consistent).
@@ -427,6 +438,7 @@ pub enum BitmapCommand {
         #[arg(add = complete::bitmaps())]
         name: String,
         #[command(flatten)]
+        /// Locking options.
         lock: LockOpts,
     },
     /// Let writes mark the bitmap again (from now on).
@@ -438,6 +450,7 @@ pub enum BitmapCommand {
         #[arg(add = complete::bitmaps())]
         name: String,
         #[command(flatten)]
+        /// Locking options.
         lock: LockOpts,
     },
     /// Stop writes from marking the bitmap.
@@ -449,6 +462,7 @@ pub enum BitmapCommand {
         #[arg(add = complete::bitmaps())]
         name: String,
         #[command(flatten)]
+        /// Locking options.
         lock: LockOpts,
     },
     /// List the bitmaps beside IMAGE.
@@ -478,6 +492,7 @@ pub enum BitmapCommand {
         #[arg(long, value_name = "NAME", add = complete::bitmaps())]
         into: String,
         #[command(flatten)]
+        /// Locking options.
         lock: LockOpts,
     },
     /// Copy a persistent dirty bitmap that QEMU keeps inside the qcow2 IMAGE.
@@ -495,6 +510,7 @@ pub enum BitmapCommand {
         #[arg(long)]
         force: bool,
         #[command(flatten)]
+        /// Locking options.
         lock: LockOpts,
     },
     /// Mark dirty every chunk of IMAGE that differs from BACKUP's manifest,
@@ -515,6 +531,7 @@ pub enum BitmapCommand {
         #[arg(long, value_parser = parse_cluster_size, default_value = "64K", value_name = "SIZE")]
         granularity: u64,
         #[command(flatten)]
+        /// Locking options.
         lock: LockOpts,
     },
 }
@@ -529,6 +546,7 @@ pub struct LockOpts {
 }
 
 #[derive(Debug, Args)]
+/// `imgbackup guest`.
 pub struct GuestArgs {
     /// The image to write into (a raw file).
     #[arg(add = complete::images())]
@@ -540,10 +558,12 @@ pub struct GuestArgs {
     #[arg(short, long, value_enum, value_name = "FORMAT")]
     pub format: Option<Format>,
     #[command(flatten)]
+    /// Locking options.
     pub lock: LockOpts,
 }
 
 #[derive(Debug, Args)]
+/// `imgbackup info`.
 pub struct InfoArgs {
     /// The image to describe.
     #[arg(add = complete::images())]

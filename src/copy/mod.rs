@@ -29,20 +29,32 @@ use throttle::Throttle;
 #[derive(Debug, thiserror::Error)]
 pub enum CopyError {
     #[error("cannot read the source image")]
+    /// Reading the source failed.
     Source(#[source] BlockError),
     #[error("cannot write the target")]
+    /// Writing the target failed.
     Target(#[source] BlockError),
     #[error("the copy was cancelled")]
+    /// The job was cancelled.
     Cancelled,
     #[error("copy-before-write did not finish within {waited:?} (--cbw-timeout)")]
-    Timeout { waited: std::time::Duration },
+    /// A copy-before-write took longer than --cbw-timeout.
+    Timeout {
+        /// How long it waited.
+        waited: std::time::Duration,
+    },
     #[error("chunk {chunk} at offset {offset} does not match the manifest ({detail})")]
+    /// Data does not match the manifest (restore).
     Mismatch {
+        /// Byte offset of the chunk.
         offset: u64,
+        /// Index of the chunk.
         chunk: u64,
+        /// What differs.
         detail: String,
     },
     #[error("cannot write the manifest")]
+    /// Writing the manifest failed.
     Manifest(#[source] std::io::Error),
 }
 
@@ -72,6 +84,7 @@ pub enum ChunkData<'a> {
 /// I/O. An error fails that copy (for example a digest mismatch while
 /// restoring).
 pub trait ChunkObserver: Send + Sync {
+    /// A range was copied (or read as zeros).
     fn copied(&self, offset: u64, data: ChunkData<'_>) -> Result<(), CopyError>;
 }
 
@@ -89,6 +102,7 @@ pub struct Progress {
     pub zero: AtomicU64,
     /// Copy-before-write operations (count) and their bytes.
     pub cbw_copies: AtomicU64,
+    /// Bytes copied by copy-before-write.
     pub cbw_bytes: AtomicU64,
     /// Retries of failed copies (error policies).
     pub retries: AtomicU64,
@@ -100,11 +114,14 @@ pub struct Progress {
 /// Settings of a block-copy state.
 #[derive(Clone)]
 pub struct Config {
+    /// Bytes per copy unit (the backup granularity).
     pub cluster_size: u64,
+    /// Largest single request, bytes.
     pub max_chunk: u64,
     /// The target does not read as zeros where it was not written (it has a
     /// backing file): zeros must be written explicitly.
     pub write_zeroes: bool,
+    /// Rate limit of background copies, bytes per second.
     pub speed: Option<u64>,
     /// Write data compressed (a qcow2 target).
     pub compress: bool,
@@ -174,6 +191,7 @@ pub struct BlockCopy {
     /// copy-before-write an ignore policy dropped: the source has changed).
     lost: Mutex<Bits>,
     // atomic
+    /// Progress counters, read by the display.
     pub progress: Progress,
 }
 
@@ -198,7 +216,9 @@ struct CbwCache {
 /// image size).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Claim {
+    /// First byte.
     pub start: u64,
+    /// End byte (exclusive, clamped to the image size).
     pub end: u64,
 }
 
@@ -249,6 +269,7 @@ impl BlockCopy {
         }
     }
 
+    /// Bytes per copy unit.
     pub fn cluster_size(&self) -> u64 {
         self.cfg.cluster_size
     }
@@ -258,18 +279,22 @@ impl BlockCopy {
         (self.cfg.max_chunk / self.cfg.cluster_size).max(1) * self.cfg.cluster_size
     }
 
+    /// Size of the image, bytes.
     pub fn len(&self) -> u64 {
         self.len
     }
 
+    /// True for an empty image.
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
 
+    /// The node copies read from.
     pub fn source(&self) -> &Arc<dyn BlockNode> {
         &self.source
     }
 
+    /// The node copies write to.
     pub fn target(&self) -> &Arc<dyn BlockNode> {
         &self.target
     }
@@ -293,6 +318,7 @@ impl BlockCopy {
         self.changed.notify_all();
     }
 
+    /// True once the job failed.
     pub fn failed(&self) -> bool {
         self.failed.load(Ordering::SeqCst)
     }

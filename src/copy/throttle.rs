@@ -19,6 +19,7 @@ pub struct Throttle {
 }
 
 impl Throttle {
+    /// A limit of `rate` bytes per second.
     pub fn new(rate: u64) -> Throttle {
         Throttle {
             rate: rate.max(1),
@@ -27,6 +28,7 @@ impl Throttle {
         }
     }
 
+    /// Bytes per second.
     pub fn rate(&self) -> u64 {
         self.rate
     }

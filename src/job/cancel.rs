@@ -13,13 +13,18 @@ use std::time::{Duration, Instant};
 /// Why a job was cancelled; the value is the exit code it leads to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reason {
+    /// SIGINT (exit 130).
     Interrupt,
+    /// SIGTERM (exit 143).
     Terminate,
+    /// SIGHUP (exit 129).
     Hangup,
+    /// --timeout expired (exit 9).
     Timeout,
 }
 
 impl Reason {
+    /// The exit code this cancellation leads to.
     pub fn exit_code(self) -> i32 {
         match self {
             Reason::Interrupt => 130,
@@ -39,6 +44,7 @@ impl Reason {
         }
     }
 
+    /// What happened, in words.
     pub fn describe(self) -> &'static str {
         match self {
             Reason::Interrupt => "interrupted by SIGINT",
@@ -59,6 +65,7 @@ pub struct Cancel {
 }
 
 impl Cancel {
+    /// A token nothing has cancelled yet.
     pub fn new() -> Cancel {
         Cancel::default()
     }
@@ -115,11 +122,13 @@ impl Cancel {
         );
     }
 
+    /// Why it was cancelled, if it was (the --timeout deadline included).
     pub fn reason(&self) -> Option<Reason> {
         self.poll_deadline();
         Reason::from_code(self.code.load(Ordering::SeqCst))
     }
 
+    /// True once cancelled (or past the --timeout deadline).
     pub fn is_cancelled(&self) -> bool {
         self.poll_deadline();
         self.code.load(Ordering::Relaxed) != 0

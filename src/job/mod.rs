@@ -18,10 +18,15 @@ use std::time::Instant;
 /// One retry, for the summary.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct RetryEvent {
+    /// Byte offset of the range.
     pub offset: u64,
+    /// Length in bytes.
     pub length: u64,
+    /// Which retry (from 1).
     pub attempt: u32,
+    /// Wait before it, ms.
     pub delay_ms: u64,
+    /// Why, with the causes.
     pub cause: String,
 }
 

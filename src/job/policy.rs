@@ -18,19 +18,28 @@ use std::time::Duration;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ErrorPolicy {
+    /// Fail the job.
     Report,
+    /// Skip the failing clusters (exit 3).
     Ignore,
+    /// Retry, then fail.
     Retry,
+    /// Retry only when the file system or quota is full.
     Enospc,
 }
 
 /// The policies of a job.
 #[derive(Debug, Clone, Copy)]
 pub struct Policies {
+    /// Policy for source read errors.
     pub source: ErrorPolicy,
+    /// Policy for target write errors.
     pub target: ErrorPolicy,
+    /// Retries before giving up.
     pub retries: u32,
+    /// Wait before the first retry.
     pub delay: Duration,
+    /// Longest wait between retries.
     pub max_delay: Duration,
 }
 
@@ -49,8 +58,11 @@ impl Default for Policies {
 /// What to do with a failed copy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decision {
+    /// Give up: the job fails.
     Fail,
+    /// Skip the range: it stays to be copied.
     Ignore,
+    /// Try again after this wait.
     RetryAfter(Duration),
 }
 

@@ -38,7 +38,9 @@ pub enum Before {
     Raw(Vec<u8>),
     /// It was this bitmap, consistent or not (`consistent`).
     Parsed {
+        /// The bitmap as it was.
         bitmap: Box<Bitmap>,
+        /// Whether it was consistent.
         consistent: bool,
     },
 }
@@ -92,6 +94,7 @@ impl SyncBitmap {
         })
     }
 
+    /// The bitmap as frozen for the job.
     pub fn bitmap(&self) -> &Bitmap {
         &self.parent
     }

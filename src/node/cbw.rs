@@ -48,6 +48,7 @@ thread_local! {
 }
 
 impl CbwNode {
+    /// A filter in front of `active` that copies through `bcs`.
     pub fn new(
         active: Arc<dyn BlockNode>,
         bcs: Arc<BlockCopy>,

@@ -18,6 +18,7 @@ pub struct ChainNode {
 }
 
 impl ChainNode {
+    /// `top` over `backing` (None: zeros below).
     pub fn new(top: Arc<dyn BlockNode>, backing: Option<Arc<dyn BlockNode>>) -> ChainNode {
         ChainNode { top, backing }
     }

@@ -26,15 +26,20 @@ use std::time::Duration;
 /// Which node a rule applies to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Side {
+    /// Under the source.
     Source,
+    /// Under the target.
     Target,
 }
 
 /// Which requests a rule counts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FaultOp {
+    /// Reads.
     Read,
+    /// Writes, write-zeroes and discards.
     Write,
+    /// Flushes.
     Flush,
 }
 
@@ -48,8 +53,11 @@ enum Where {
 /// One parsed `--inject` rule.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Rule {
+    /// Source or target.
     pub side: Side,
+    /// Which requests it counts.
     pub op: FaultOp,
+    /// The errno a failing request gets.
     pub errno: i32,
     text: String,
     at: Where,

@@ -17,6 +17,7 @@ pub struct MarkingNode {
 }
 
 impl MarkingNode {
+    /// Mark every write to `inner` with `mark` before it is issued.
     pub fn new(inner: Arc<dyn BlockNode>, mark: Mark) -> MarkingNode {
         MarkingNode { inner, mark }
     }

@@ -47,7 +47,9 @@ pub enum Status {
 /// The answer of [`BlockNode::block_status`]: a status for `len` bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Extent {
+    /// What the range holds.
     pub status: Status,
+    /// How many bytes the answer covers.
     pub len: u64,
 }
 

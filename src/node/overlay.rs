@@ -40,6 +40,7 @@ pub struct RangeGuard<'a> {
 }
 
 impl RangeLocks {
+    /// Lock `[start, end)` (bytes) until the guard is dropped.
     pub fn lock(&self, start: u64, end: u64) -> RangeGuard<'_> {
         let mut held = match self.held.lock() {
             Ok(g) => g,

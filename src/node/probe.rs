@@ -19,7 +19,9 @@ pub const MAX_CHAIN_DEPTH: usize = 64;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Format {
+    /// A raw image: the bytes are the disk.
     Raw,
+    /// A qcow2 image.
     Qcow2,
 }
 
@@ -44,9 +46,13 @@ pub fn format_for(path: &Path, otherwise: Format) -> Format {
 /// What `info` shows of one layer.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct LayerInfo {
+    /// The file.
     pub path: PathBuf,
+    /// Its format.
     pub format: Format,
+    /// Virtual size, bytes.
     pub virtual_size: u64,
+    /// Cluster size, bytes (512 for raw).
     pub cluster_size: u64,
     /// Length of the file on the host.
     pub file_length: u64,
@@ -56,6 +62,7 @@ pub struct LayerInfo {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub backing_file: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    /// The backing file format as written.
     pub backing_format: Option<String>,
     /// qcow2 version (2 or 3).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -64,6 +71,7 @@ pub struct LayerInfo {
 
 /// One layer of an opened image.
 pub struct Layer {
+    /// What info shows of it.
     pub info: LayerInfo,
     /// The layer alone (Unallocated where it holds nothing).
     pub node: Arc<dyn BlockNode>,

@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 //! The integration tests: one binary driving the real executable (and the
 //! library, for the node conformance suite), with qemu-img as the oracle.
 

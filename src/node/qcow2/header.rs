@@ -22,10 +22,15 @@
 use crate::error::BlockError;
 use std::path::Path;
 
+/// The qcow2 magic.
 pub const MAGIC: [u8; 4] = *b"QFI\xfb";
+/// Length of a version 2 header.
 pub const V2_HEADER_LEN: usize = 72;
+/// Length of a version 3 header (without the compression type).
 pub const V3_HEADER_LEN: usize = 104;
+/// Smallest cluster_bits (512-byte clusters).
 pub const MIN_CLUSTER_BITS: u32 = 9;
+/// Largest cluster_bits (2 MiB clusters).
 pub const MAX_CLUSTER_BITS: u32 = 21;
 /// QEMU's limit on the active L1 table (QCOW_MAX_L1_SIZE).
 pub const MAX_L1_BYTES: u64 = 32 << 20;
@@ -34,51 +39,86 @@ pub const MAX_REFTABLE_BYTES: u64 = 8 << 20;
 /// QEMU's limit on internal snapshots (QCOW_MAX_SNAPSHOTS).
 pub const MAX_SNAPSHOTS: u32 = 65536;
 
+/// End of the header extensions.
 pub const EXT_END: u32 = 0;
+/// Header extension: backing file format.
 pub const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
+/// Header extension: feature name table.
 pub const EXT_FEATURE_TABLE: u32 = 0x6803_f857;
+/// Header extension: encryption.
 pub const EXT_CRYPTO: u32 = 0x0537_be77;
+/// Header extension: bitmaps.
 pub const EXT_BITMAPS: u32 = 0x2385_2875;
+/// Header extension: external data file.
 pub const EXT_DATA_FILE: u32 = 0x4441_5441;
 
+/// Incompatible feature: dirty (refcounts need a rebuild).
 pub const INCOMPAT_DIRTY: u64 = 1 << 0;
+/// Incompatible feature: marked corrupt.
 pub const INCOMPAT_CORRUPT: u64 = 1 << 1;
+/// Incompatible feature: external data file.
 pub const INCOMPAT_DATA_FILE: u64 = 1 << 2;
+/// Incompatible feature: compression type.
 pub const INCOMPAT_COMPRESSION: u64 = 1 << 3;
+/// Incompatible feature: extended L2 entries.
 pub const INCOMPAT_EXTL2: u64 = 1 << 4;
 
+/// Compatible feature: lazy refcounts.
 pub const COMPAT_LAZY_REFCOUNTS: u64 = 1 << 0;
+/// Autoclear feature: the bitmaps extension is valid.
 pub const AUTOCLEAR_BITMAPS: u64 = 1 << 0;
 
 /// The bitmaps header extension (used by `bitmap import`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BitmapsExt {
+    /// Number of bitmaps.
     pub nb_bitmaps: u32,
+    /// Bitmap directory size, bytes.
     pub directory_size: u64,
+    /// Host offset of the bitmap directory.
     pub directory_offset: u64,
 }
 
 /// A validated qcow2 header.
 #[derive(Debug, Clone)]
 pub struct Header {
+    /// qcow2 version (2 or 3).
     pub version: u32,
+    /// log2 of the cluster size.
     pub cluster_bits: u32,
+    /// Virtual size, bytes.
     pub size: u64,
+    /// Encryption method (0: none).
     pub crypt_method: u32,
+    /// L1 table entries.
     pub l1_size: u32,
+    /// Host offset of the L1 table.
     pub l1_table_offset: u64,
+    /// Host offset of the refcount table.
     pub refcount_table_offset: u64,
+    /// Clusters of the refcount table.
     pub refcount_table_clusters: u32,
+    /// Number of internal snapshots.
     pub nb_snapshots: u32,
+    /// Host offset of the snapshot table.
     pub snapshots_offset: u64,
+    /// Incompatible feature bits.
     pub incompatible_features: u64,
+    /// Compatible feature bits.
     pub compatible_features: u64,
+    /// Autoclear feature bits.
     pub autoclear_features: u64,
+    /// log2 of the refcount width in bits.
     pub refcount_order: u32,
+    /// Length of the header, bytes.
     pub header_length: u32,
+    /// Compression type (0 zlib, 1 zstd).
     pub compression_type: u8,
+    /// The backing file name as written.
     pub backing_file: Option<String>,
+    /// The backing file format as written.
     pub backing_format: Option<String>,
+    /// The bitmaps extension.
     pub bitmaps: Option<BitmapsExt>,
     /// Names from the feature-name table: (type, bit, name).
     pub feature_names: Vec<(u8, u8, String)>,
@@ -100,6 +140,7 @@ pub fn has_magic(buf: &[u8]) -> bool {
 }
 
 impl Header {
+    /// Bytes per cluster.
     pub fn cluster_size(&self) -> u64 {
         1 << self.cluster_bits
     }
@@ -216,67 +257,52 @@ impl Header {
             }
         }
 
-        // Header extensions: between the header and the backing file name (or
-        // the end of the first cluster).
-        let ext_end = if backing_file_offset != 0 {
-            backing_file_offset.min(cluster_size)
-        } else {
-            cluster_size
-        };
-        let ext_end = (ext_end as usize).min(buf.len());
-        let mut off = h.header_length as usize;
-        let mut saw_data_file_ext = false;
-        loop {
-            if off + 8 > ext_end {
-                // QEMU accepts a header without an end marker when the
-                // extension area is exhausted.
-                break;
-            }
-            let ty = be32(buf, off);
-            let len = be32(buf, off + 4) as usize;
-            let data_off = off + 8;
-            if ty == EXT_END {
-                break;
-            }
-            if data_off + len > ext_end {
+        let saw_data_file_ext = h.parse_extensions(path, buf, backing_file_offset)?;
+
+        h.check_features(path, saw_data_file_ext)?;
+        h.check_tables(path, file_len)?;
+
+        // Backing file name.
+        if backing_file_offset != 0 {
+            if backing_file_size > 1023 {
                 return Err(corrupt(format!(
-                    "header extension 0x{ty:08x} at byte {off} runs past the end of the header area"
+                    "backing file name too long ({backing_file_size} bytes, at most 1023)"
                 )));
             }
-            let data = &buf[data_off..data_off + len];
-            match ty {
-                EXT_BACKING_FORMAT => {
-                    h.backing_format = Some(
-                        String::from_utf8_lossy(data)
-                            .trim_end_matches('\0')
-                            .to_string(),
-                    );
-                }
-                EXT_FEATURE_TABLE => {
-                    for entry in data.chunks_exact(48) {
-                        let name = String::from_utf8_lossy(&entry[2..])
-                            .trim_end_matches('\0')
-                            .to_string();
-                        h.feature_names.push((entry[0], entry[1], name));
-                    }
-                }
-                EXT_BITMAPS => {
-                    if len < 24 {
-                        return Err(corrupt("bitmaps header extension is too short".into()));
-                    }
-                    h.bitmaps = Some(BitmapsExt {
-                        nb_bitmaps: be32(data, 0),
-                        directory_size: be64(data, 8),
-                        directory_offset: be64(data, 16),
-                    });
-                }
-                EXT_DATA_FILE => saw_data_file_ext = true,
-                EXT_CRYPTO => {}
-                _ => {} // unknown extensions are ignored, as QEMU does
+            let end = backing_file_offset.saturating_add(u64::from(backing_file_size));
+            if end > cluster_size {
+                return Err(corrupt(
+                    "backing file name lies outside the first cluster".into(),
+                ));
             }
-            off = data_off + len.div_ceil(8) * 8;
+            if end as usize > buf.len() {
+                return Err(corrupt(
+                    "truncated header: the file ends inside the backing file name".into(),
+                ));
+            }
+            let name = &buf[backing_file_offset as usize..end as usize];
+            let name = String::from_utf8(name.to_vec())
+                .map_err(|_| corrupt("backing file name is not valid UTF-8".into()))?;
+            if !name.is_empty() {
+                h.backing_file = Some(name);
+            }
         }
+        Ok(h)
+    }
 
+    /// Refuse feature bits, compression, encryption and sizes imgbackup
+    /// cannot honour.
+    fn check_features(&self, path: &Path, saw_data_file_ext: bool) -> Result<(), BlockError> {
+        let corrupt = |detail: String| BlockError::Corrupt {
+            path: path.to_path_buf(),
+            offset: None,
+            detail,
+        };
+        let unsupported = |detail: String| BlockError::Unsupported {
+            path: path.to_path_buf(),
+            detail,
+        };
+        let h = self;
         // Incompatible features: anything we cannot honour is refused.
         let known = INCOMPAT_DIRTY
             | INCOMPAT_CORRUPT
@@ -354,6 +380,18 @@ impl Header {
             return Err(corrupt(format!("virtual size {} is too large", h.size)));
         }
 
+        Ok(())
+    }
+
+    /// Check the L1, refcount and snapshot tables the way QEMU does.
+    fn check_tables(&self, path: &Path, file_len: u64) -> Result<(), BlockError> {
+        let corrupt = |detail: String| BlockError::Corrupt {
+            path: path.to_path_buf(),
+            offset: None,
+            detail,
+        };
+        let h = self;
+        let cluster_size = h.cluster_size();
         // L1 table (QEMU: "Active L1 table too large", "L1 table is too small").
         if u64::from(h.l1_size) * 8 > MAX_L1_BYTES {
             return Err(corrupt(format!(
@@ -403,32 +441,85 @@ impl Header {
             ));
         }
 
-        // Backing file name.
-        if backing_file_offset != 0 {
-            if backing_file_size > 1023 {
+        Ok(())
+    }
+
+    /// Read the header extensions (between the header and the backing file
+    /// name, or the end of the first cluster) into `self`; true when an
+    /// external data file extension is present.
+    fn parse_extensions(
+        &mut self,
+        path: &Path,
+        buf: &[u8],
+        backing_file_offset: u64,
+    ) -> Result<bool, BlockError> {
+        let corrupt = |detail: String| BlockError::Corrupt {
+            path: path.to_path_buf(),
+            offset: None,
+            detail,
+        };
+        let cluster_size = self.cluster_size();
+        let h = self;
+        let ext_end = if backing_file_offset != 0 {
+            backing_file_offset.min(cluster_size)
+        } else {
+            cluster_size
+        };
+        let ext_end = (ext_end as usize).min(buf.len());
+        let mut off = h.header_length as usize;
+        let mut saw_data_file_ext = false;
+        loop {
+            if off + 8 > ext_end {
+                // QEMU accepts a header without an end marker when the
+                // extension area is exhausted.
+                break;
+            }
+            let ty = be32(buf, off);
+            let len = be32(buf, off + 4) as usize;
+            let data_off = off + 8;
+            if ty == EXT_END {
+                break;
+            }
+            if data_off + len > ext_end {
                 return Err(corrupt(format!(
-                    "backing file name too long ({backing_file_size} bytes, at most 1023)"
+                    "header extension 0x{ty:08x} at byte {off} runs past the end of the header area"
                 )));
             }
-            let end = backing_file_offset.saturating_add(u64::from(backing_file_size));
-            if end > cluster_size {
-                return Err(corrupt(
-                    "backing file name lies outside the first cluster".into(),
-                ));
+            let data = &buf[data_off..data_off + len];
+            match ty {
+                EXT_BACKING_FORMAT => {
+                    h.backing_format = Some(
+                        String::from_utf8_lossy(data)
+                            .trim_end_matches('\0')
+                            .to_string(),
+                    );
+                }
+                EXT_FEATURE_TABLE => {
+                    for entry in data.chunks_exact(48) {
+                        let name = String::from_utf8_lossy(&entry[2..])
+                            .trim_end_matches('\0')
+                            .to_string();
+                        h.feature_names.push((entry[0], entry[1], name));
+                    }
+                }
+                EXT_BITMAPS => {
+                    if len < 24 {
+                        return Err(corrupt("bitmaps header extension is too short".into()));
+                    }
+                    h.bitmaps = Some(BitmapsExt {
+                        nb_bitmaps: be32(data, 0),
+                        directory_size: be64(data, 8),
+                        directory_offset: be64(data, 16),
+                    });
+                }
+                EXT_DATA_FILE => saw_data_file_ext = true,
+                EXT_CRYPTO => {}
+                _ => {} // unknown extensions are ignored, as QEMU does
             }
-            if end as usize > buf.len() {
-                return Err(corrupt(
-                    "truncated header: the file ends inside the backing file name".into(),
-                ));
-            }
-            let name = &buf[backing_file_offset as usize..end as usize];
-            let name = String::from_utf8(name.to_vec())
-                .map_err(|_| corrupt("backing file name is not valid UTF-8".into()))?;
-            if !name.is_empty() {
-                h.backing_file = Some(name);
-            }
+            off = data_off + len.div_ceil(8) * 8;
         }
-        Ok(h)
+
+        Ok(saw_data_file_ext)
     }
 
     /// A copy of the header in the shape the qcow2-rs crate opens safely:

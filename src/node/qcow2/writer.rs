@@ -35,7 +35,9 @@ const HEADER_LEN: u32 = 112; // v3 header with the compression-type byte, padded
 /// Options for a new image.
 #[derive(Debug, Clone)]
 pub struct CreateOptions {
+    /// Virtual size, bytes.
     pub size: u64,
+    /// Cluster size, bytes.
     pub cluster_size: u64,
     /// Backing file name as written into the header, and its format.
     pub backing: Option<(String, String)>,
