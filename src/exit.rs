@@ -2,6 +2,7 @@
 
 use crate::copy::CopyError;
 use crate::error::BlockError;
+use crate::job::JobError;
 use crate::job::cancel::Reason;
 
 /// The exit codes of imgbackup.
@@ -42,96 +43,105 @@ impl Exit {
     }
 }
 
-/// An error that already knows its exit code: usage problems found after
-/// parsing, and cancelled jobs.
-#[derive(Debug, thiserror::Error)]
-pub enum AppError {
-    #[error("{0}")]
-    /// A bad combination of options or values (exit 2).
-    Usage(String),
-    #[error("the job was {}", .0.describe())]
-    /// The job was cancelled (exit 129, 130, 143 or 9).
-    Cancelled(Reason),
-    #[error("verification failed: {0}")]
-    /// A verification failed (exit 7).
-    Verify(String),
-    #[error("verification failed: {what} differs from {against} at offset {offset}")]
-    /// Content differs from what it was compared with (exit 7).
-    Mismatch {
-        /// What was cancelled.
-        what: String,
-        /// What it was compared with.
-        against: String,
-        /// Byte offset in the image.
-        offset: u64,
-    },
-}
-
-/// Walk the chain of `err` and pick the exit code of the first cause that
-/// has one.
-pub fn classify(err: &anyhow::Error) -> Exit {
-    // anyhow finds a context value at any layer; the chain below finds the
-    // error types.
-    let app = err.downcast_ref::<AppError>();
-    for cause in app
-        .map(|a| a as &(dyn std::error::Error + 'static))
-        .into_iter()
-        .chain(err.chain())
-    {
-        if let Some(e) = cause.downcast_ref::<AppError>() {
-            return match e {
-                AppError::Usage(_) => Exit::Usage,
-                AppError::Cancelled(Reason::Interrupt) => Exit::Interrupted,
-                AppError::Cancelled(Reason::Terminate) => Exit::Terminated,
-                AppError::Cancelled(Reason::Hangup) => Exit::Hangup,
-                AppError::Cancelled(Reason::Timeout) => Exit::Timeout,
-                AppError::Mismatch { .. } | AppError::Verify(_) => Exit::Mismatch,
+/// The causes of `err`, outermost first, with the error inside each
+/// transparent [`JobError`] variant listed too (its own `source()` skips
+/// it), so every cause can be found by its type.
+pub fn causes(err: &anyhow::Error) -> Vec<&(dyn std::error::Error + 'static)> {
+    let mut out: Vec<&(dyn std::error::Error + 'static)> = Vec::new();
+    for c in err.chain() {
+        out.push(c);
+        if let Some(j) = c.downcast_ref::<JobError>() {
+            let inner: Option<&(dyn std::error::Error + 'static)> = match j {
+                JobError::Lock(e) => Some(e),
+                JobError::Bitmap(e) => Some(e),
+                JobError::Partial(e) => Some(e),
+                JobError::Manifest(e) => Some(e),
+                JobError::Copy(e) => Some(e),
+                JobError::Block(e) => Some(e),
+                _ => None,
             };
-        }
-        if let Some(b) = cause.downcast_ref::<crate::bitmap::BitmapError>() {
-            use crate::bitmap::BitmapError as B;
-            match b {
-                B::Missing { .. }
-                | B::Inconsistent { .. }
-                | B::Damaged { .. }
-                | B::Parent { .. } => {
-                    return Exit::Bitmap;
+            if let Some(i) = inner {
+                out.push(i);
+                if let Some(crate::target::PartialError::Locked(l)) =
+                    i.downcast_ref::<crate::target::PartialError>()
+                {
+                    out.push(l);
                 }
-                B::BadName(_) => return Exit::Usage,
-                // A full file system (or a size limit) under the bitmap file.
-                B::Io { source, .. } if crate::job::policy::is_nospace_io(source) => {
-                    return Exit::TargetWrite;
-                }
-                B::Exists { .. } | B::Io { .. } => {}
             }
         }
-        if cause
-            .downcast_ref::<crate::lock::LockError>()
-            .is_some_and(|l| !matches!(l, crate::lock::LockError::Io { .. }))
-        {
-            return Exit::Locked;
-        }
-        if let Some(crate::manifest::ManifestError::Unbound { .. }) =
-            cause.downcast_ref::<crate::manifest::ManifestError>()
-        {
-            return Exit::Mismatch;
-        }
-        match cause.downcast_ref::<crate::target::PartialError>() {
-            Some(crate::target::PartialError::Io { .. }) => return Exit::TargetWrite,
-            Some(crate::target::PartialError::Locked(_)) => return Exit::Locked,
-            None => {}
-        }
-        if let Some(e) = cause.downcast_ref::<CopyError>() {
-            return match e {
-                CopyError::Source(_) => Exit::SourceRead,
-                CopyError::Target(_) => Exit::TargetWrite,
-                CopyError::Cancelled | CopyError::Timeout { .. } => Exit::Failure,
-                CopyError::Mismatch { .. } => Exit::Mismatch,
-                CopyError::Manifest(_) => Exit::TargetWrite,
-            };
-        }
     }
-    Exit::Failure
+    out
+}
+
+/// The first cause of type `T`.
+fn find<T: std::error::Error + 'static>(err: &anyhow::Error) -> Option<&T> {
+    causes(err).into_iter().find_map(|c| c.downcast_ref::<T>())
+}
+
+/// The exit code of one cause, if its type decides one.
+fn classify_one(cause: &(dyn std::error::Error + 'static)) -> Option<Exit> {
+    if let Some(e) = cause.downcast_ref::<JobError>() {
+        return match e {
+            JobError::Usage(_) => Some(Exit::Usage),
+            JobError::Refused(_) | JobError::Internal(_) => Some(Exit::Failure),
+            JobError::Cancelled(Reason::Interrupt) => Some(Exit::Interrupted),
+            JobError::Cancelled(Reason::Terminate) => Some(Exit::Terminated),
+            JobError::Cancelled(Reason::Hangup) => Some(Exit::Hangup),
+            JobError::Cancelled(Reason::Timeout) => Some(Exit::Timeout),
+            JobError::Mismatch { .. } | JobError::Verify(_) => Some(Exit::Mismatch),
+            // Decided by what is inside (listed next by `causes`).
+            _ => None,
+        };
+    }
+    if let Some(b) = cause.downcast_ref::<crate::bitmap::BitmapError>() {
+        use crate::bitmap::BitmapError as B;
+        return match b {
+            B::Missing { .. } | B::Inconsistent { .. } | B::Damaged { .. } | B::Parent { .. } => {
+                Some(Exit::Bitmap)
+            }
+            B::BadName(_) => Some(Exit::Usage),
+            // A full file system (or a size limit) under the bitmap file.
+            B::Io { source, .. } if crate::job::policy::is_nospace_io(source) => {
+                Some(Exit::TargetWrite)
+            }
+            B::Exists { .. } | B::Io { .. } => None,
+        };
+    }
+    if cause
+        .downcast_ref::<crate::lock::LockError>()
+        .is_some_and(|l| !matches!(l, crate::lock::LockError::Io { .. }))
+    {
+        return Some(Exit::Locked);
+    }
+    if let Some(crate::manifest::ManifestError::Unbound { .. }) =
+        cause.downcast_ref::<crate::manifest::ManifestError>()
+    {
+        return Some(Exit::Mismatch);
+    }
+    match cause.downcast_ref::<crate::target::PartialError>() {
+        Some(crate::target::PartialError::Io { .. }) => return Some(Exit::TargetWrite),
+        Some(crate::target::PartialError::Locked(_)) => return Some(Exit::Locked),
+        None => {}
+    }
+    if let Some(e) = cause.downcast_ref::<CopyError>() {
+        return Some(match e {
+            CopyError::Source(_) => Exit::SourceRead,
+            CopyError::Target(_) => Exit::TargetWrite,
+            CopyError::Cancelled | CopyError::Timeout { .. } => Exit::Failure,
+            CopyError::Mismatch { .. } => Exit::Mismatch,
+            CopyError::Manifest(_) => Exit::TargetWrite,
+        });
+    }
+    None
+}
+
+/// Walk the causes of `err` and pick the exit code of the first one that
+/// has one.
+pub fn classify(err: &anyhow::Error) -> Exit {
+    causes(err)
+        .into_iter()
+        .find_map(classify_one)
+        .unwrap_or(Exit::Failure)
 }
 
 /// What was left on disk, for the end of a hint.
@@ -153,7 +163,7 @@ fn left_behind() -> String {
 /// The hint for a bitmap error: the real image, bitmap and backup names.
 fn bitmap_hint(err: &anyhow::Error) -> String {
     use crate::bitmap::BitmapError as B;
-    let b = err.chain().find_map(|c| c.downcast_ref::<B>());
+    let b = find::<B>(err);
     match b {
         Some(B::Inconsistent { name, image, .. } | B::Parent { name, image, .. }) => {
             let anchor = crate::bitmap::Bitmap::load(image, name)
@@ -181,7 +191,7 @@ fn bitmap_hint(err: &anyhow::Error) -> String {
 /// What to do next, for the error's class.
 pub fn hint(err: &anyhow::Error) -> Option<String> {
     let code = classify(err);
-    let block = err.chain().find_map(|c| c.downcast_ref::<BlockError>());
+    let block = find::<BlockError>(err);
     match code {
         Exit::SourceRead => Some(match block {
             Some(BlockError::Changed { .. }) => format!(
@@ -195,8 +205,8 @@ pub fn hint(err: &anyhow::Error) -> Option<String> {
         }),
         Exit::TargetWrite => {
             let nospc = block.and_then(|b| b.errno()).is_some_and(|e| e == libc::ENOSPC || e == libc::EDQUOT || e == libc::EFBIG)
-                || err.chain().any(|c| {
-                    c.downcast_ref::<crate::bitmap::BitmapError>().is_some_and(|b| matches!(b, crate::bitmap::BitmapError::Io { source, .. } if crate::job::policy::is_nospace_io(source)))
+                || find::<crate::bitmap::BitmapError>(err).is_some_and(|b| {
+                    matches!(b, crate::bitmap::BitmapError::Io { source, .. } if crate::job::policy::is_nospace_io(source))
                 });
             Some(if nospc {
                 format!("the file system is full (or a size or quota limit was hit); free space or choose another target. {}", left_behind())
@@ -205,7 +215,7 @@ pub fn hint(err: &anyhow::Error) -> Option<String> {
             })
         }
         Exit::Mismatch => Some(
-            if err.chain().any(|c| matches!(c.downcast_ref::<crate::manifest::ManifestError>(), Some(crate::manifest::ManifestError::Unbound { .. }))) {
+            if matches!(find::<crate::manifest::ManifestError>(err), Some(crate::manifest::ManifestError::Unbound { .. })) {
                 "the manifest belongs to another file: the backup was replaced or rewritten, or a replacement was interrupted; do not rely on it: make the backup again (with --force to replace it)".into()
             } else {
                 "the data does not match what was recorded; do not rely on this backup: make a new full backup (and check the storage it lives on)".into()
@@ -213,7 +223,7 @@ pub fn hint(err: &anyhow::Error) -> Option<String> {
         ),
         Exit::Bitmap => Some(bitmap_hint(err)),
         Exit::Locked => Some(
-            match err.chain().find_map(|c| c.downcast_ref::<crate::target::PartialError>()) {
+            match find::<crate::target::PartialError>(err) {
                 Some(crate::target::PartialError::Locked(crate::lock::LockError::Target { path, .. })) => format!(
                     "another imgbackup is writing {}; wait for it to finish (or pass --wait-lock DUR)",
                     path.display()

@@ -14,11 +14,11 @@
 //! unaligned otherwise. `hotspot` sends 80 % of the writes into a tenth of the
 //! stripe.
 
-use crate::cli::parse::{parse_duration, parse_size};
 use crate::error::BlockError;
 use crate::job::cancel::Cancel;
 use crate::node::BlockNode;
 use crate::stats::Histogram;
+use crate::units::{parse_duration, parse_size};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};

@@ -15,6 +15,7 @@
 pub mod app;
 pub mod bitmap;
 pub mod cli;
+pub mod compare;
 pub mod copy;
 pub mod error;
 pub mod exit;
@@ -29,3 +30,4 @@ pub mod node;
 pub mod report;
 pub mod stats;
 pub mod target;
+pub mod units;

@@ -414,7 +414,7 @@ fn rebuild(
         .context("cannot install the signal handlers")?;
     let diff = differing_chunks(img.node.as_ref(), &manifest, default_jobs(), &cancel);
     if let Some(r) = cancel.reason() {
-        return Err(crate::exit::AppError::Cancelled(r).into());
+        return Err(crate::job::JobError::Cancelled(r).into());
     }
     let diff = diff?;
     let mut b = match Bitmap::load(image, name) {

@@ -12,8 +12,9 @@ use crate::bitmap::file::list_names;
 use crate::bitmap::{Bitmap, Identity};
 use crate::cli::{GlobalOpts, GuestArgs};
 use crate::error::{BlockError, Op};
-use crate::exit::{AppError, Exit};
+use crate::exit::Exit;
 use crate::guest;
+use crate::job::JobError;
 use crate::job::cancel::Cancel;
 use crate::lock::{Access, Locks};
 use crate::node::BlockNode;
@@ -32,13 +33,13 @@ type Tracked = Arc<Mutex<Vec<(Bitmap, bool)>>>;
 pub fn run(args: &GuestArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
     let image = &args.image;
     if !args.spec.is_bounded() {
-        return Err(AppError::Usage(
+        return Err(JobError::Usage(
             "the guest SPEC needs count= or duration= (it writes into the image itself)".into(),
         )
         .into());
     }
     let probed = probe(image).context("cannot open the image")?;
-    let format = args.format.unwrap_or(probed);
+    let format = args.format.map(Format::from).unwrap_or(probed);
     if format == Format::Raw && probed == Format::Qcow2 {
         bail!(
             "{}: --format raw, but the file is a qcow2 image (it starts with the qcow2 magic); writing into it as raw would destroy its metadata",
@@ -143,7 +144,7 @@ pub fn run(args: &GuestArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
     }
     flushed.context("cannot flush the image")?;
     if let Some(r) = cancel.reason() {
-        return Err(AppError::Cancelled(r).into());
+        return Err(JobError::Cancelled(r).into());
     }
     let report = stats.report();
     if g.json {

@@ -68,7 +68,8 @@ struct InfoDoc {
 
 /// Run `imgbackup info`.
 pub fn run(args: &InfoArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
-    let image = open_image(&args.image, args.format).context("cannot open the image")?;
+    let image =
+        open_image(&args.image, args.format.map(Into::into)).context("cannot open the image")?;
     let mut chain = Vec::new();
     for layer in &image.layers {
         let alloc = allocation(layer.node.as_ref()).with_context(|| {

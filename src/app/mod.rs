@@ -3,7 +3,6 @@
 
 pub mod backup;
 pub mod bitmap;
-pub mod guard;
 pub mod guest;
 pub mod info;
 pub mod restore;

@@ -5,18 +5,17 @@ pub mod complete;
 pub mod deprecated;
 pub mod docs;
 pub mod parse;
+pub mod values;
 
 use crate::guest::{GuestSpec, parse_spec};
-use crate::job::policy::ErrorPolicy;
-use crate::node::cbw::OnCbwError;
 use crate::node::fault::{Rule, parse_rule};
-use crate::node::probe::Format;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use parse::{
     parse_cluster_size, parse_duration, parse_jobs, parse_nonzero_size, parse_rate, parse_size,
 };
 use std::path::PathBuf;
 use std::time::Duration;
+pub use values::{BitmapModeArg, ErrorPolicyArg, FormatArg, OnCbwErrorArg, SyncArg};
 
 /// The exit codes, for `imgbackup --help`.
 const AFTER_LONG_HELP: &str = "\
@@ -136,59 +135,6 @@ pub enum Command {
     },
 }
 
-/// The sync modes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum SyncMode {
-    /// Copy every cluster of the image.
-    Full,
-    /// Copy only the clusters allocated in the top image of SOURCE's
-    /// backing chain (the target's backing file is SOURCE's backing file).
-    Top,
-    /// Copy the clusters dirty in --bitmap; clear them on success (bitmap
-    /// with --bitmap-mode on-success).
-    Incremental,
-    /// Copy the clusters dirty in --bitmap, with --bitmap-mode.
-    Bitmap,
-    /// Copy only what the guest is about to overwrite (fleecing; needs
-    /// --guest with count= or duration=, and a qcow2 target backed by SOURCE).
-    None,
-}
-
-impl std::fmt::Display for SyncMode {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            SyncMode::Full => "full",
-            SyncMode::Top => "top",
-            SyncMode::Incremental => "incremental",
-            SyncMode::Bitmap => "bitmap",
-            SyncMode::None => "none",
-        })
-    }
-}
-
-/// What happens to the bitmap after a job (QEMU's bitmap sync modes).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum BitmapMode {
-    /// Clear what was copied only if the job succeeds.
-    OnSuccess,
-    /// Clear what was copied even if the job fails.
-    Always,
-    /// Leave the bitmap as it was (differential backups).
-    Never,
-}
-
-impl std::fmt::Display for BitmapMode {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            BitmapMode::OnSuccess => "on-success",
-            BitmapMode::Always => "always",
-            BitmapMode::Never => "never",
-        })
-    }
-}
-
 #[derive(Debug, Args)]
 /// `imgbackup backup`.
 pub struct BackupArgs {
@@ -202,8 +148,8 @@ pub struct BackupArgs {
     #[arg(add = complete::outputs())]
     pub target: PathBuf,
     /// What to copy.
-    #[arg(long, value_enum, default_value_t = SyncMode::Full)]
-    pub sync: SyncMode,
+    #[arg(long, value_enum, default_value_t = SyncArg::Full)]
+    pub sync: SyncArg,
     /// The dirty bitmap beside SOURCE. With incremental and bitmap it
     /// selects what to copy; with full and top it (re)anchors the bitmap to
     /// this backup (created if missing, cleared on success).
@@ -211,7 +157,7 @@ pub struct BackupArgs {
     pub bitmap: Option<String>,
     /// What happens to the bitmap after the job [default: on-success].
     #[arg(long, value_enum, value_name = "MODE", requires = "bitmap")]
-    pub bitmap_mode: Option<BitmapMode>,
+    pub bitmap_mode: Option<BitmapModeArg>,
     /// Backing file written into a qcow2 TARGET [default: for incremental
     /// and bitmap, the backup the bitmap is anchored to; for top, SOURCE's
     /// backing file].
@@ -223,7 +169,7 @@ pub struct BackupArgs {
     /// Format of TARGET [default: qcow2 when TARGET ends in .qcow2 or the
     /// sync mode needs qcow2 (top, incremental, bitmap, none), else raw].
     #[arg(short = 'O', long, value_enum, value_name = "FORMAT")]
-    pub output_format: Option<Format>,
+    pub output_format: Option<FormatArg>,
     /// Cluster size of a qcow2 TARGET.
     #[arg(long, value_parser = parse_cluster_size, default_value = "64K", value_name = "SIZE")]
     pub output_cluster_size: u64,
@@ -262,7 +208,7 @@ pub struct BackupArgs {
     /// Format of SOURCE; skips probing (probing reads the qcow2 magic,
     /// anything else is raw).
     #[arg(short, long, value_enum, value_name = "FORMAT")]
-    pub format: Option<Format>,
+    pub format: Option<FormatArg>,
     /// Run a simulated guest that writes into the image while the backup
     /// runs (SPEC: iops=N,bs=SIZE|MIN-MAX,pattern=random|sequential|hotspot,
     /// threads=N,seed=N,count=N|duration=DUR,zero=PCT). Its writes land in
@@ -276,7 +222,7 @@ pub struct BackupArgs {
     /// backup stays consistent), or let it through and fail the job.
     /// [default: break-guest-write]
     #[arg(long, value_enum, value_name = "POLICY", requires = "guest")]
-    pub on_cbw_error: Option<OnCbwError>,
+    pub on_cbw_error: Option<OnCbwErrorArg>,
     /// The longest a guest write may wait for its copy-before-write; past
     /// it the copy counts as failed.
     #[arg(long, value_parser = parse_duration, value_name = "DUR", requires = "guest")]
@@ -297,12 +243,12 @@ pub struct BackupArgs {
     /// (skip the cluster, leave it dirty, finish with exit 3), retry (up to
     /// --retries times), or enospc (retry only when the cause is
     /// ENOSPC/EDQUOT/EFBIG).
-    #[arg(long, value_enum, value_name = "POLICY", default_value_t = ErrorPolicy::Report)]
-    pub on_source_error: ErrorPolicy,
+    #[arg(long, value_enum, value_name = "POLICY", default_value_t = ErrorPolicyArg::Report)]
+    pub on_source_error: ErrorPolicyArg,
     /// What a failed write of TARGET does (as --on-source-error; report is
     /// exit 5).
-    #[arg(long, value_enum, value_name = "POLICY", default_value_t = ErrorPolicy::Report)]
-    pub on_target_error: ErrorPolicy,
+    #[arg(long, value_enum, value_name = "POLICY", default_value_t = ErrorPolicyArg::Report)]
+    pub on_target_error: ErrorPolicyArg,
     /// Retries of a failed range under the retry and enospc policies.
     #[arg(long, value_name = "N", default_value_t = 3)]
     pub retries: u32,
@@ -355,7 +301,7 @@ pub struct VerifyArgs {
         value_name = "FORMAT",
         requires = "against_image"
     )]
-    pub format: Option<Format>,
+    pub format: Option<FormatArg>,
     /// Number of hashing workers [default: the number of CPUs].
     #[arg(short, long, value_parser = parse_jobs, value_name = "N")]
     pub jobs: Option<usize>,
@@ -374,7 +320,7 @@ pub struct RestoreArgs {
     pub output: PathBuf,
     /// Format of OUTPUT [default: qcow2 when OUTPUT ends in .qcow2, else raw].
     #[arg(short = 'O', long, value_enum, value_name = "FORMAT")]
-    pub output_format: Option<Format>,
+    pub output_format: Option<FormatArg>,
     /// Cluster size of a qcow2 OUTPUT.
     #[arg(long, value_parser = parse_cluster_size, default_value = "64K", value_name = "SIZE")]
     pub output_cluster_size: u64,
@@ -556,7 +502,7 @@ pub struct GuestArgs {
     pub spec: GuestSpec,
     /// Format of IMAGE; skips probing.
     #[arg(short, long, value_enum, value_name = "FORMAT")]
-    pub format: Option<Format>,
+    pub format: Option<FormatArg>,
     #[command(flatten)]
     /// Locking options.
     pub lock: LockOpts,
@@ -570,5 +516,5 @@ pub struct InfoArgs {
     pub image: PathBuf,
     /// Format of IMAGE; skips probing.
     #[arg(short, long, value_enum, value_name = "FORMAT")]
-    pub format: Option<Format>,
+    pub format: Option<FormatArg>,
 }

@@ -1,14 +1,19 @@
 //! The backup job: workers that drain the copy bitmap in offset order under
 //! the error policies, cancellation, and the job's outcome.
 
+pub mod backup;
 pub mod cancel;
+pub mod error;
 pub mod parent;
 pub mod policy;
+pub mod restore;
 pub mod sync_bitmap;
+pub mod sync_mode;
+pub mod verify;
 
 use crate::copy::{BlockCopy, Claim, CopyError};
-use crate::exit::AppError;
 use cancel::Cancel;
+pub use error::JobError;
 use policy::{Decision, Policies};
 use std::sync::Mutex;
 use std::sync::atomic::AtomicBool;
@@ -112,11 +117,12 @@ pub fn run_background(
     cancel: &Cancel,
     policies: &Policies,
     plog: &PolicyLog,
-) -> anyhow::Result<()> {
+) -> Result<(), JobError> {
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(jobs)
         .thread_name(|i| format!("imgbackup-copy-{i}"))
-        .build()?;
+        .build()
+        .map_err(JobError::context("cannot start the copy workers"))?;
     pool.scope(|s| {
         for _ in 0..jobs {
             s.spawn(|_| {
@@ -276,14 +282,16 @@ pub fn run_drain(
 }
 
 /// The job's result once its workers (and guest) have stopped.
-pub fn outcome(bc: &BlockCopy, cancel: &Cancel) -> anyhow::Result<()> {
+pub fn outcome(bc: &BlockCopy, cancel: &Cancel) -> Result<(), JobError> {
     if let Some(reason) = cancel.reason() {
-        return Err(AppError::Cancelled(reason).into());
+        return Err(JobError::Cancelled(reason));
     }
     match bc.take_failure() {
-        Some(CopyError::Cancelled) => Err(anyhow::anyhow!("the copy stopped unexpectedly")),
+        Some(CopyError::Cancelled) => {
+            Err(JobError::Internal("the copy stopped unexpectedly".into()))
+        }
         Some(e) => Err(e.into()),
-        None if bc.failed() => Err(anyhow::anyhow!("the job failed")),
+        None if bc.failed() => Err(JobError::Internal("the job failed without a cause".into())),
         None => Ok(()),
     }
 }

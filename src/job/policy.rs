@@ -15,7 +15,7 @@ use crate::copy::CopyError;
 use std::time::Duration;
 
 /// One policy.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ErrorPolicy {
     /// Fail the job.

@@ -23,8 +23,8 @@
 
 use crate::bitmap::file::Anchor;
 use crate::bitmap::{Bitmap, BitmapError, Bits, Identity};
-use crate::cli::BitmapMode;
 use crate::copy::BlockCopy;
+use crate::job::sync_mode::BitmapMode;
 use crate::node::marking::Mark;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};

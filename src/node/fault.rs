@@ -16,8 +16,8 @@
 //! * `delay=DUR` waits DUR before returning the failure.
 
 use super::{BlockNode, Extent};
-use crate::cli::parse::{parse_duration, parse_size};
 use crate::error::{BlockError, Op, Result};
+use crate::units::{parse_duration, parse_size};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::Mutex;

@@ -23,6 +23,7 @@
 pub mod cbw;
 pub mod chain;
 pub mod fault;
+pub mod graph;
 pub mod marking;
 pub mod overlay;
 pub mod probe;

@@ -2,21 +2,17 @@
 //! of every layer for `info`.
 
 use super::BlockNode;
-use super::chain::ChainNode;
-use super::qcow2::{Qcow2Layer, header};
-use super::raw::RawNode;
+use super::qcow2::header;
 use crate::error::{BlockError, Op, Result};
 use crate::files::Kind;
-use std::collections::HashSet;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-/// Longest backing chain imgbackup follows.
-pub const MAX_CHAIN_DEPTH: usize = 64;
+pub use super::graph::MAX_CHAIN_DEPTH;
 
 /// An image format imgbackup reads.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Format {
     /// A raw image: the bytes are the disk.
@@ -98,7 +94,7 @@ pub fn probe(path: &Path) -> Result<Format> {
     probe_file(path, &f)
 }
 
-fn probe_file(path: &Path, f: &File) -> Result<Format> {
+pub(super) fn probe_file(path: &Path, f: &File) -> Result<Format> {
     use std::os::unix::fs::FileExt;
     let mut magic = [0u8; 4];
     let mut got = 0;
@@ -130,135 +126,7 @@ pub fn open_file(path: &Path) -> Result<(File, Kind)> {
     })
 }
 
-/// Open `path` read-only with its backing chain. `format` skips probing of
-/// the top image.
+/// Open `path` read-only with its backing chain (see [`super::graph::open`]).
 pub fn open_image(path: &Path, format: Option<Format>) -> Result<Image> {
-    let mut seen = HashSet::new();
-    let (node, layers) = open_chain(path, format, &mut seen, 0)?;
-    Ok(Image { node, layers })
-}
-
-type Opened = (Arc<dyn BlockNode>, Vec<Layer>);
-
-fn open_chain(
-    path: &Path,
-    format: Option<Format>,
-    seen: &mut HashSet<PathBuf>,
-    depth: usize,
-) -> Result<Opened> {
-    if depth > MAX_CHAIN_DEPTH {
-        return Err(BlockError::Unsupported {
-            path: path.to_path_buf(),
-            detail: format!("backing chain deeper than {MAX_CHAIN_DEPTH} images"),
-        });
-    }
-    let canon = std::fs::canonicalize(path).map_err(|e| BlockError::io(Op::Open, path, 0, 0, e))?;
-    if !seen.insert(canon) {
-        return Err(BlockError::Corrupt {
-            path: path.to_path_buf(),
-            offset: None,
-            detail: "the backing chain loops back to this image".into(),
-        });
-    }
-    let (file, kind) = open_file(path)?;
-    let format = match format {
-        Some(f) => f,
-        None => probe_file(path, &file)?,
-    };
-    let disk_usage = |p: &Path| {
-        use std::os::unix::fs::MetadataExt;
-        std::fs::metadata(p).map(|m| m.blocks() * 512).unwrap_or(0)
-    };
-    match format {
-        Format::Raw => {
-            let raw = Arc::new(RawNode::from_image_file(path, file, kind)?);
-            let file_length = raw.file_len();
-            let info = LayerInfo {
-                path: path.to_path_buf(),
-                format,
-                virtual_size: raw.size(),
-                cluster_size: raw.cluster_size(),
-                file_length,
-                disk_usage: disk_usage(path),
-                backing_file: None,
-                backing_format: None,
-                qcow2_version: None,
-            };
-            let node: Arc<dyn BlockNode> = raw;
-            Ok((node.clone(), vec![Layer { info, node }]))
-        }
-        Format::Qcow2 => {
-            let layer = Arc::new(Qcow2Layer::open_file(path, file, kind)?);
-            let h = layer.header().clone();
-            let info = LayerInfo {
-                path: path.to_path_buf(),
-                format,
-                virtual_size: h.size,
-                cluster_size: h.cluster_size(),
-                file_length: layer.file_len(),
-                disk_usage: disk_usage(path),
-                backing_file: h.backing_file.clone(),
-                backing_format: h.backing_format.clone(),
-                qcow2_version: Some(h.version),
-            };
-            let top: Arc<dyn BlockNode> = layer;
-            let Some(name) = &h.backing_file else {
-                return Ok((top.clone(), vec![Layer { info, node: top }]));
-            };
-            let bpath = resolve_backing(path, name)?;
-            let bformat = match h.backing_format.as_deref() {
-                None => None,
-                Some("raw") => Some(Format::Raw),
-                Some("qcow2") => Some(Format::Qcow2),
-                Some(other) => {
-                    return Err(BlockError::Unsupported {
-                        path: path.to_path_buf(),
-                        detail: format!(
-                            "backing file format '{other}' (imgbackup reads raw and qcow2)"
-                        ),
-                    });
-                }
-            };
-            if !bpath.exists() {
-                return Err(BlockError::Invalid {
-                    path: path.to_path_buf(),
-                    detail: format!(
-                        "backing file '{name}' not found (looked for {}); restore it, or rebase the image with `qemu-img rebase`",
-                        bpath.display()
-                    ),
-                });
-            }
-            let (bnode, mut blayers) = open_chain(&bpath, bformat, seen, depth + 1)?;
-            let node: Arc<dyn BlockNode> = Arc::new(ChainNode::new(top.clone(), Some(bnode)));
-            let mut layers = vec![Layer { info, node: top }];
-            layers.append(&mut blayers);
-            Ok((node, layers))
-        }
-    }
-}
-
-/// Resolve a backing file name the way QEMU does: relative names are
-/// relative to the directory of the image that names them.
-pub fn resolve_backing(image: &Path, name: &str) -> Result<PathBuf> {
-    let is_protocol = name.starts_with("json:")
-        || name.split_once(':').is_some_and(|(p, _)| {
-            !p.is_empty()
-                && !p.contains('/')
-                && p.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '+' || c == '-')
-        });
-    if is_protocol {
-        return Err(BlockError::Unsupported {
-            path: image.to_path_buf(),
-            detail: format!(
-                "backing file '{name}' names a protocol; imgbackup follows plain file names only"
-            ),
-        });
-    }
-    let p = Path::new(name);
-    if p.is_absolute() {
-        return Ok(p.to_path_buf());
-    }
-    let dir = image.parent().unwrap_or(Path::new("."));
-    Ok(dir.join(p))
+    super::graph::open(&super::graph::SourceSpec::file(path, format))
 }

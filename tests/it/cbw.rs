@@ -463,11 +463,11 @@ fn first_difference_finds_the_offset() {
     let na = RawNode::open(&p.join("a.raw")).unwrap();
     let nb = RawNode::open(&p.join("b.raw")).unwrap();
     let off =
-        imgbackup::app::backup::first_difference(&na, &nb, &imgbackup::job::cancel::Cancel::new())
+        imgbackup::compare::first_difference(&na, &nb, &imgbackup::job::cancel::Cancel::new())
             .unwrap();
     assert_eq!(off, Some((4 << 20) + 12345));
     assert_eq!(
-        imgbackup::app::backup::first_difference(&na, &na, &imgbackup::job::cancel::Cancel::new())
+        imgbackup::compare::first_difference(&na, &na, &imgbackup::job::cancel::Cancel::new())
             .unwrap(),
         None
     );

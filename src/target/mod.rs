@@ -14,6 +14,8 @@
 //! data file. A crash between the two renames leaves a manifest that refuses
 //! the old file, never a pair that looks whole but disagrees.
 
+pub mod guard;
+
 use crate::error::BlockError;
 use crate::files;
 use crate::leftovers::{self, Left};
@@ -328,5 +330,157 @@ impl Output {
             Output::Raw(n) => n.flush(),
             Output::Qcow2(n) => n.finish(),
         }
+    }
+}
+
+/// Why a target cannot be created.
+#[derive(Debug, thiserror::Error)]
+pub enum TargetError {
+    /// Its partial file cannot be created (or another run holds it).
+    #[error(transparent)]
+    Partial(#[from] PartialError),
+    /// The image or manifest cannot be started.
+    #[error(transparent)]
+    Copy(#[from] crate::copy::CopyError),
+}
+
+/// Where a job writes: a writable node while it runs, then made complete
+/// and durable, then put into place ([`Target::commit`]) or given up
+/// (dropped: what was written is removed, unless kept). A new kind of
+/// target (a chain consolidated in place, an export through a server) is
+/// one more implementation; the job does not change.
+pub trait Target: Send + Sync {
+    /// The final name.
+    fn path(&self) -> &Path;
+    /// Where it is written until it is committed.
+    fn partial_path(&self) -> &Path;
+    /// The node the copy writes into.
+    fn node(&self) -> Arc<dyn BlockNode>;
+    /// The manifest being built beside it, if any.
+    fn manifest(&self) -> Option<&Arc<crate::manifest::ManifestWriter>>;
+    /// Make the image complete and durable (flush; a qcow2 gets its
+    /// metadata). Nothing is written into the node afterwards.
+    fn complete(&self) -> Result<(), BlockError>;
+    /// Open what was written for reading, through its backing chain.
+    fn reopen(&self) -> Result<crate::node::probe::Image, BlockError>;
+    /// The identity the manifest is bound to (taken after `complete`).
+    fn binding(&self) -> io::Result<crate::manifest::FileBinding>;
+    /// Keep what was written if the job fails.
+    fn keep_on_failure(&mut self);
+    /// Put it into place: the manifest first (bound to the file), then the
+    /// file; a stale manifest of a replaced file is removed.
+    fn commit(self: Box<Self>) -> io::Result<()>;
+}
+
+/// What a [`FileTarget`] is made of.
+#[derive(Debug, Clone)]
+pub struct FileTargetSpec {
+    /// The final name.
+    pub path: PathBuf,
+    /// Raw or qcow2.
+    pub format: Format,
+    /// Virtual size, bytes.
+    pub size: u64,
+    /// qcow2 cluster size.
+    pub cluster_size: u64,
+    /// Backing file name and format written into a qcow2.
+    pub backing: Option<(String, String)>,
+    /// The manifest's geometry (None: no manifest).
+    pub manifest: Option<crate::manifest::Geometry>,
+    /// Permission bits of the new files.
+    pub mode: u32,
+    /// Keep the partial files when the job fails.
+    pub keep_partial: bool,
+    /// Wait this long for another run writing the same target.
+    pub wait: Option<Duration>,
+}
+
+/// A raw or qcow2 file with its manifest: `PATH.partial` and
+/// `PATH.manifest.partial`, renamed into place by [`Target::commit`].
+pub struct FileTarget {
+    spec: FileTargetSpec,
+    partial: Partial,
+    output: Output,
+    mpartial: Option<Partial>,
+    manifest: Option<Arc<crate::manifest::ManifestWriter>>,
+}
+
+impl FileTarget {
+    /// Create the partial files (locked: a second run on the same target is
+    /// refused here) and start the image and the manifest.
+    pub fn create(spec: FileTargetSpec) -> Result<FileTarget, TargetError> {
+        use crate::copy::CopyError;
+        let partial = Partial::create(&spec.path, spec.mode, spec.keep_partial, spec.wait)?;
+        let mpartial = match spec.manifest {
+            Some(_) => Some(Partial::create(
+                &crate::manifest::manifest_path(&spec.path),
+                spec.mode,
+                spec.keep_partial,
+                spec.wait,
+            )?),
+            None => None,
+        };
+        let output = Output::create(
+            &partial,
+            spec.format,
+            spec.size,
+            spec.cluster_size,
+            spec.backing.clone(),
+        )
+        .map_err(CopyError::Target)?;
+        let manifest = match (&mpartial, spec.manifest) {
+            (Some(mp), Some(geo)) => Some(Arc::new(
+                mp.file()
+                    .and_then(|f| crate::manifest::ManifestWriter::create_in(mp.path(), f, geo))
+                    .map_err(CopyError::Manifest)?,
+            )),
+            _ => None,
+        };
+        Ok(FileTarget {
+            spec,
+            partial,
+            output,
+            mpartial,
+            manifest,
+        })
+    }
+}
+
+impl Target for FileTarget {
+    fn path(&self) -> &Path {
+        self.partial.final_path()
+    }
+
+    fn partial_path(&self) -> &Path {
+        self.partial.path()
+    }
+
+    fn node(&self) -> Arc<dyn BlockNode> {
+        self.output.node()
+    }
+
+    fn manifest(&self) -> Option<&Arc<crate::manifest::ManifestWriter>> {
+        self.manifest.as_ref()
+    }
+
+    fn complete(&self) -> Result<(), BlockError> {
+        self.output.complete()
+    }
+
+    fn reopen(&self) -> Result<crate::node::probe::Image, BlockError> {
+        crate::node::probe::open_image(self.partial.path(), Some(self.spec.format))
+    }
+
+    fn binding(&self) -> io::Result<crate::manifest::FileBinding> {
+        self.partial.identity()
+    }
+
+    fn keep_on_failure(&mut self) {
+        self.partial.keep();
+    }
+
+    fn commit(self: Box<Self>) -> io::Result<()> {
+        let me = *self;
+        commit(me.partial, me.mpartial)
     }
 }

@@ -12,16 +12,32 @@
 //!   so) is not replaced: that would break their chains.
 
 use crate::bitmap::file::{bitmap_path, list_names};
-use crate::exit::AppError;
 use crate::files::{self, same_file};
 use crate::manifest::{manifest_path, read_meta};
 use crate::node::probe::Image;
 use crate::target::partial_path;
-use anyhow::bail;
 use std::path::{Path, PathBuf};
 
+/// Why a path may not be written.
+#[derive(Debug, thiserror::Error)]
+pub enum GuardError {
+    /// It would overwrite what the job reads or builds on (exit 2).
+    #[error("{0}")]
+    Conflict(String),
+    /// It cannot be written (exit 1): a missing directory, a directory, a
+    /// special file, an existing file without `--force`.
+    #[error("{0}")]
+    Refused(String),
+}
+
+macro_rules! bail {
+    ($($t:tt)*) => {
+        return Err(GuardError::Refused(format!($($t)*)))
+    };
+}
+
 /// Refuse an output path that cannot be written, or exists without `force`.
-pub fn check_output(path: &Path, force: bool, what: &str) -> anyhow::Result<()> {
+pub fn check_output(path: &Path, force: bool, what: &str) -> Result<(), GuardError> {
     if !files::dir_of(path).is_dir() {
         bail!(
             "the directory of the {what} {} does not exist; create it first",
@@ -121,7 +137,7 @@ impl Protected {
     }
 
     /// Refuse `target` if it, or a file written beside it, is protected.
-    pub fn check(&self, target: &Path, what: &str) -> anyhow::Result<()> {
+    pub fn check(&self, target: &Path, what: &str) -> Result<(), GuardError> {
         let m = manifest_path(target);
         let written = [
             target.to_path_buf(),
@@ -132,12 +148,11 @@ impl Protected {
         for w in &written {
             for (p, is) in &self.files {
                 if same_file(w, p) {
-                    return Err(AppError::Usage(format!(
+                    return Err(GuardError::Conflict(format!(
                         "the {what} {} would overwrite {is} ({}); choose another {what}",
                         target.display(),
                         p.display()
-                    ))
-                    .into());
+                    )));
                 }
             }
         }
@@ -147,7 +162,7 @@ impl Protected {
 
 /// Refuse to replace `target` when other backups in its directory name it
 /// as their parent (found from their manifests).
-pub fn check_children(target: &Path) -> anyhow::Result<()> {
+pub fn check_children(target: &Path) -> Result<(), GuardError> {
     if std::fs::metadata(target).is_err() {
         return Ok(());
     }
@@ -170,12 +185,11 @@ pub fn check_children(target: &Path) -> anyhow::Result<()> {
             if !child.exists() {
                 continue;
             }
-            return Err(AppError::Usage(format!(
+            return Err(GuardError::Conflict(format!(
                 "{} is the parent of the backup {} (its backing file): replacing it would break that chain; write the new backup under another name",
                 target.display(),
                 child.display()
-            ))
-            .into());
+            )));
         }
     }
     Ok(())
