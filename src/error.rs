@@ -145,12 +145,13 @@ pub enum BlockError {
     },
     /// A guest write was refused because its copy-before-write failed
     /// (`--on-cbw-error break-guest-write`).
-    #[error("guest write at offset {offset} refused: its copy-before-write failed: {cause}")]
+    #[error("guest write at offset {offset} refused: its copy-before-write failed")]
     CbwFailed {
         /// Byte offset in the image.
         offset: u64,
-        /// Why the copy failed, with its causes.
-        cause: String,
+        /// Why the copy failed.
+        #[source]
+        source: Box<crate::copy::CopyError>,
     },
     /// The file changed while it was read (something wrote it without
     /// honouring the locks).

@@ -129,7 +129,7 @@ fn classify_one(cause: &(dyn std::error::Error + 'static)) -> Option<Exit> {
             CopyError::Target(_) => Exit::TargetWrite,
             CopyError::Cancelled | CopyError::Timeout { .. } => Exit::Failure,
             CopyError::Mismatch { .. } => Exit::Mismatch,
-            CopyError::Manifest(_) => Exit::TargetWrite,
+            CopyError::Manifest(_) | CopyError::ManifestRead(_) => Exit::TargetWrite,
         });
     }
     None

@@ -394,9 +394,7 @@ impl ManifestWriter {
                     return Err(CopyError::Cancelled);
                 }
                 let b = (a + 4096).min(e);
-                let ds = parent
-                    .digests(a, b)
-                    .map_err(|e| CopyError::Manifest(io::Error::other(e.to_string())))?;
+                let ds = parent.digests(a, b).map_err(CopyError::ManifestRead)?;
                 self.put_many(a, &ds).map_err(CopyError::Manifest)?;
                 a = b;
             }
@@ -713,7 +711,7 @@ impl ManifestChecker {
         let want = self
             .manifest
             .digests(first, first + got.len() as u64)
-            .map_err(|e| CopyError::Manifest(io::Error::other(e.to_string())))?;
+            .map_err(CopyError::ManifestRead)?;
         for (k, (g, w)) in got.iter().zip(&want).enumerate() {
             if g != w {
                 let i = first + k as u64;
@@ -849,9 +847,7 @@ fn first_difference_in(
                     return Ok(());
                 }
                 let got = digests_of(image, geo, a, b, &zero)?;
-                let want = manifest
-                    .digests(a, b)
-                    .map_err(|e| CopyError::Manifest(io::Error::other(e.to_string())))?;
+                let want = manifest.digests(a, b).map_err(CopyError::ManifestRead)?;
                 if let Some(k) = got.iter().zip(&want).position(|(g, w)| g != w) {
                     let i = a + k as u64;
                     if first_bad.fetch_min(i, Ordering::SeqCst) > i
@@ -899,9 +895,7 @@ pub fn differing_chunks(
                 }
                 let b = (a + 64).min(n);
                 let got = digests_of(image, geo, a, b, &zero)?;
-                let want = manifest
-                    .digests(a, b)
-                    .map_err(|e| CopyError::Manifest(io::Error::other(e.to_string())))?;
+                let want = manifest.digests(a, b).map_err(CopyError::ManifestRead)?;
                 let diff: Vec<u64> = got
                     .iter()
                     .zip(&want)

@@ -9,7 +9,6 @@ use crate::job::JobError;
 use crate::job::backup::{Backing, BackupConfig, BackupJob, DryRun, Summary};
 use crate::job::cancel::Cancel;
 use crate::job::policy::Policies;
-use crate::job::sync_mode::SyncMode;
 use crate::node::cbw::OnCbwError;
 use crate::report::{Reporter, human_bytes, human_duration, print_json};
 
@@ -108,14 +107,6 @@ pub fn run(args: &BackupArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
     Ok(Exit::Success)
 }
 
-/// "a full", "an incremental", ...
-fn article(sync: SyncMode) -> String {
-    match sync {
-        SyncMode::Incremental => "an incremental".into(),
-        s => format!("a {s}"),
-    }
-}
-
 /// Print (or return as JSON) what a backup would copy.
 fn render_dry_run(s: &Summary, d: &DryRun, g: &GlobalOpts) -> anyhow::Result<()> {
     if g.json {
@@ -129,15 +120,16 @@ fn render_dry_run(s: &Summary, d: &DryRun, g: &GlobalOpts) -> anyhow::Result<()>
         .as_ref()
         .map(|b| format!(", backed by {b}"))
         .unwrap_or_default();
-    match s.sync {
-        SyncMode::None => crate::errln!(
-            "imgbackup: dry run: a fleecing backup (sync none) of {} into {}{backing} would copy only the clusters the guest overwrites. Nothing was written.",
+    match s.sync.copies_in_background() {
+        false => crate::errln!(
+            "imgbackup: dry run: {} backup of {} into {}{backing} would copy only the clusters the guest overwrites. Nothing was written.",
+            s.sync.article(),
             s.source,
             s.target
         ),
-        _ => crate::errln!(
+        true => crate::errln!(
             "imgbackup: dry run: {} backup of {} into {} ({}{backing}) would examine {} clusters of {}: {} hold data ({} to read and write), the rest read as zeros ({}, not written as data){}. Nothing was written.",
-            article(s.sync),
+            s.sync.article(),
             s.source,
             s.target,
             s.target_format,
@@ -197,10 +189,7 @@ fn print_human(s: &Summary) {
         crate::errln!(
             "  clean:             {} (not copied: {})",
             human_bytes(s.bytes_clean),
-            match s.sync {
-                SyncMode::Top => "not allocated in the top layer",
-                _ => "unchanged since the parent",
-            }
+            s.sync.clean_means()
         );
     }
     print_guest(s);

@@ -56,6 +56,10 @@ pub enum CopyError {
     #[error("cannot write the manifest")]
     /// Writing the manifest failed.
     Manifest(#[source] std::io::Error),
+    /// Reading a manifest's digests failed (a parent's, or the one a
+    /// restore checks against).
+    #[error("cannot read the manifest")]
+    ManifestRead(#[source] crate::manifest::ManifestError),
 }
 
 impl CopyError {
@@ -67,6 +71,7 @@ impl CopyError {
             CopyError::Timeout { .. } => Some(libc::ETIMEDOUT),
             CopyError::Mismatch { .. } => None,
             CopyError::Manifest(e) => e.raw_os_error(),
+            CopyError::ManifestRead(_) => None,
         }
     }
 }
@@ -811,11 +816,13 @@ impl BlockCopy {
                 }
                 tally.zero += j - i;
             } else {
-                let res = if self.cfg.compress {
-                    self.target.write_compressed(pos + i, piece)
-                } else {
-                    self.target.write(pos + i, piece)
-                };
+                let res = self.target.write_with(
+                    pos + i,
+                    piece,
+                    crate::node::WriteFlags {
+                        compress: self.cfg.compress,
+                    },
+                );
                 res.map_err(CopyError::Target)?;
                 tally.copied += j - i;
             }

@@ -25,7 +25,7 @@ use super::cancel::Cancel;
 use super::error::Result;
 use super::policy::Policies;
 use super::sync_bitmap::{Before, SyncBitmap};
-use super::sync_mode::{BitmapMode, SyncMode};
+use super::sync_mode::{BitmapMode, DefaultBacking, SyncMode};
 use super::{PolicyLog, RetryEvent, outcome, run_background, run_drain};
 use crate::bitmap::{Bitmap, BitmapError, Bits, Identity};
 use crate::copy::{BlockCopy, ChunkObserver, Config, CopyError};
@@ -287,22 +287,12 @@ pub fn plan(cfg: &BackupConfig) -> Result<Plan> {
     if sync.needs_qcow2() && target_format != Format::Qcow2 {
         return Err(usage(format!("--sync {sync} needs a qcow2 target")));
     }
-    match (sync.uses_bitmap(), sync, &cfg.bitmap) {
-        (true, _, None) => return Err(usage(format!("--sync {sync} needs --bitmap NAME"))),
-        (_, SyncMode::None, Some(_)) => return Err(usage("--sync none takes no --bitmap".into())),
-        _ => {}
-    }
-    if sync == SyncMode::Incremental && cfg.bitmap_mode.is_some_and(|m| m != BitmapMode::OnSuccess)
-    {
-        return Err(usage(
-            "--sync incremental always uses --bitmap-mode on-success; use --sync bitmap for another mode".into(),
-        ));
-    }
-    if sync.anchors_bitmap() && cfg.bitmap_mode == Some(BitmapMode::Never) {
-        return Err(usage(format!(
-            "--bitmap-mode never is meaningless with --sync {sync}: a full or top backup with --bitmap exists to anchor the bitmap to it (QEMU refuses it too); leave --bitmap-mode out"
-        )));
-    }
+    sync.check(
+        cfg.bitmap.is_some(),
+        cfg.bitmap_mode,
+        cfg.guest.as_ref().map(|g| g.is_bounded()),
+    )
+    .map_err(usage)?;
     if cfg.compress && target_format != Format::Qcow2 {
         return Err(usage("--compress needs a qcow2 target".into()));
     }
@@ -310,21 +300,6 @@ pub fn plan(cfg: &BackupConfig) -> Result<Plan> {
         return Err(usage(
             "--backing and --no-backing need a qcow2 target".into(),
         ));
-    }
-    if sync == SyncMode::None {
-        match &cfg.guest {
-            None => {
-                return Err(usage(
-                    "--sync none needs --guest: it copies only what a guest overwrites".into(),
-                ));
-            }
-            Some(g) if !g.is_bounded() => {
-                return Err(usage(
-                    "--sync none ends when the guest ends: give the --guest SPEC a count= or duration=".into(),
-                ));
-            }
-            _ => {}
-        }
     }
     let target_cs = match target_format {
         Format::Qcow2 => cfg.target_cluster_size,
@@ -701,9 +676,9 @@ impl BackupJob {
     /// What the job would copy, without writing anything.
     pub fn dry_run(&self) -> Result<(Summary, DryRun)> {
         let cs = self.plan.cluster_size;
-        let d = match self.cfg.sync {
-            SyncMode::None => DryRun::default(),
-            _ => dry_run_counts(self.image.node.as_ref(), &self.copy_bits, cs)?,
+        let d = match self.cfg.sync.copies_in_background() {
+            false => DryRun::default(),
+            true => dry_run_counts(self.image.node.as_ref(), &self.copy_bits, cs)?,
         };
         let mut s = self.summary();
         s.dry_run = true;
@@ -792,10 +767,10 @@ fn choose_backing(
             )))?;
             Some(b.clone())
         }
-        Backing::Default => match cfg.sync {
-            SyncMode::None => Some(cfg.source.clone()),
-            SyncMode::Top => image.layers.get(1).map(|l| l.info.path.clone()),
-            _ => None,
+        Backing::Default => match cfg.sync.default_backing() {
+            DefaultBacking::Source => Some(cfg.source.clone()),
+            DefaultBacking::SourceBacking => image.layers.get(1).map(|l| l.info.path.clone()),
+            DefaultBacking::Nothing | DefaultBacking::Parent => None,
         },
     };
     Ok((parent_path, backing_path))

@@ -87,7 +87,9 @@ impl Policies {
     pub fn decide(&self, err: &CopyError, attempt: u32) -> Decision {
         let policy = match err {
             CopyError::Source(_) => self.source,
-            CopyError::Target(_) | CopyError::Manifest(_) => self.target,
+            CopyError::Target(_) | CopyError::Manifest(_) | CopyError::ManifestRead(_) => {
+                self.target
+            }
             CopyError::Cancelled | CopyError::Timeout { .. } | CopyError::Mismatch { .. } => {
                 return Decision::Fail;
             }

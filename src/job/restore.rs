@@ -339,43 +339,45 @@ fn open_device(path: &Path, size: u64) -> Result<Arc<dyn BlockNode>> {
             node.size()
         )));
     }
-    Ok(Arc::new(DeviceWindow { dev: node, size }))
+    Ok(Arc::new(DeviceWindow {
+        dev: Arc::new(node),
+        size,
+    }))
 }
 
 /// The first `size` bytes of a device: what a restore writes (the rest of
 /// the device is left as it was).
 struct DeviceWindow {
-    dev: RawNode,
+    dev: Arc<dyn BlockNode>,
     size: u64,
 }
 
-impl BlockNode for DeviceWindow {
-    fn path(&self) -> &Path {
-        self.dev.path()
+impl crate::node::Filter for DeviceWindow {
+    fn child(&self) -> &Arc<dyn BlockNode> {
+        &self.dev
     }
     fn size(&self) -> u64 {
         self.size
     }
-    fn cluster_size(&self) -> u64 {
-        self.dev.cluster_size()
-    }
     fn read(&self, offset: u64, buf: &mut [u8]) -> crate::error::Result<()> {
-        crate::node::check_range(self.path(), offset, buf.len() as u64, self.size)?;
+        crate::node::check_range(self.dev.path(), offset, buf.len() as u64, self.size)?;
         self.dev.read(offset, buf)
     }
-    fn write(&self, offset: u64, buf: &[u8]) -> crate::error::Result<()> {
-        crate::node::check_range(self.path(), offset, buf.len() as u64, self.size)?;
-        self.dev.write(offset, buf)
+    fn write_with(
+        &self,
+        offset: u64,
+        buf: &[u8],
+        flags: crate::node::WriteFlags,
+    ) -> crate::error::Result<()> {
+        crate::node::check_range(self.dev.path(), offset, buf.len() as u64, self.size)?;
+        self.dev.write_with(offset, buf, flags)
     }
     fn write_zeroes(&self, offset: u64, len: u64) -> crate::error::Result<()> {
-        crate::node::check_range(self.path(), offset, len, self.size)?;
+        crate::node::check_range(self.dev.path(), offset, len, self.size)?;
         self.dev.write_zeroes(offset, len)
     }
-    fn flush(&self) -> crate::error::Result<()> {
-        self.dev.flush()
-    }
     fn block_status(&self, offset: u64, len: u64) -> crate::error::Result<Extent> {
-        crate::node::check_range(self.path(), offset, len, self.size)?;
+        crate::node::check_range(self.dev.path(), offset, len, self.size)?;
         self.dev.block_status(offset, len)
     }
 }

@@ -57,7 +57,80 @@ impl std::fmt::Display for BitmapMode {
     }
 }
 
+/// The backing file a target gets when none is named.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DefaultBacking {
+    /// None: the target is self-contained.
+    Nothing,
+    /// The source itself (fleecing).
+    Source,
+    /// The source's backing file (top).
+    SourceBacking,
+    /// The backup the bitmap is anchored to (incremental, bitmap).
+    Parent,
+}
+
 impl SyncMode {
+    /// Check the settings that depend on the sync mode: `bitmap` (a
+    /// bitmap is named), `mode` (the bitmap mode asked for), `guest` (None:
+    /// no guest; Some(bounded)). The error is the message of a usage error.
+    pub fn check(
+        self,
+        bitmap: bool,
+        mode: Option<BitmapMode>,
+        guest: Option<bool>,
+    ) -> Result<(), String> {
+        if self.uses_bitmap() && !bitmap {
+            return Err(format!("--sync {self} needs --bitmap NAME"));
+        }
+        match self {
+            SyncMode::None if bitmap => Err("--sync none takes no --bitmap".into()),
+            SyncMode::Incremental if mode.is_some_and(|m| m != BitmapMode::OnSuccess) => Err(
+                "--sync incremental always uses --bitmap-mode on-success; use --sync bitmap for another mode".into(),
+            ),
+            SyncMode::Full | SyncMode::Top if mode == Some(BitmapMode::Never) => Err(format!(
+                "--bitmap-mode never is meaningless with --sync {self}: a full or top backup with --bitmap exists to anchor the bitmap to it (QEMU refuses it too); leave --bitmap-mode out"
+            )),
+            SyncMode::None => match guest {
+                None => Err("--sync none needs --guest: it copies only what a guest overwrites".into()),
+                Some(false) => Err(
+                    "--sync none ends when the guest ends: give the --guest SPEC a count= or duration=".into(),
+                ),
+                Some(true) => Ok(()),
+            },
+            _ => Ok(()),
+        }
+    }
+
+    /// The backing file of the target when none is named.
+    pub fn default_backing(self) -> DefaultBacking {
+        match self {
+            SyncMode::Full => DefaultBacking::Nothing,
+            SyncMode::Top => DefaultBacking::SourceBacking,
+            SyncMode::Incremental | SyncMode::Bitmap => DefaultBacking::Parent,
+            SyncMode::None => DefaultBacking::Source,
+        }
+    }
+
+    /// "a full", "an incremental", ... (for messages).
+    pub fn article(self) -> &'static str {
+        match self {
+            SyncMode::Full => "a full",
+            SyncMode::Top => "a top",
+            SyncMode::Incremental => "an incremental",
+            SyncMode::Bitmap => "a bitmap",
+            SyncMode::None => "a fleecing (sync none)",
+        }
+    }
+
+    /// What the bytes a backup of this mode leaves out are.
+    pub fn clean_means(self) -> &'static str {
+        match self {
+            SyncMode::Top => "not allocated in the top layer",
+            _ => "unchanged since the parent",
+        }
+    }
+
     /// The target must be a qcow2 (it has a backing file, or zero clusters
     /// that must shadow one).
     pub fn needs_qcow2(self) -> bool {

@@ -12,11 +12,10 @@
 //! snapshot ([`OnCbwError::BreakSnapshot`]): the request proceeds, every later
 //! request passes straight through, and the job fails.
 
-use super::{BlockNode, Extent};
+use super::{BlockNode, Filter, WriteFlags};
 use crate::copy::{BlockCopy, CopyError};
-use crate::error::{BlockError, Result, error_chain};
+use crate::error::{BlockError, Result};
 use std::cell::RefCell;
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -90,7 +89,7 @@ impl CbwNode {
                     },
                     other => BlockError::CbwFailed {
                         offset,
-                        cause: error_chain(&other),
+                        source: Box::new(other),
                     },
                 })
             }
@@ -102,26 +101,14 @@ impl CbwNode {
     }
 }
 
-impl BlockNode for CbwNode {
-    fn path(&self) -> &Path {
-        self.active.path()
+impl Filter for CbwNode {
+    fn child(&self) -> &Arc<dyn BlockNode> {
+        &self.active
     }
 
-    fn size(&self) -> u64 {
-        self.active.size()
-    }
-
-    fn cluster_size(&self) -> u64 {
-        self.active.cluster_size()
-    }
-
-    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        self.active.read(offset, buf)
-    }
-
-    fn write(&self, offset: u64, buf: &[u8]) -> Result<()> {
+    fn write_with(&self, offset: u64, buf: &[u8], flags: WriteFlags) -> Result<()> {
         self.before_write(offset, buf.len() as u64)?;
-        self.active.write(offset, buf)
+        self.active.write_with(offset, buf, flags)
     }
 
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
@@ -134,11 +121,8 @@ impl BlockNode for CbwNode {
         self.active.discard(offset, len)
     }
 
-    fn flush(&self) -> Result<()> {
-        self.active.flush()
-    }
-
-    fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
-        self.active.block_status(offset, len)
+    fn copy_range_from(&self, _src: &std::fs::File, _offset: u64, _len: u64) -> Result<bool> {
+        // Every write must pass the copy-before-write: copy through memory.
+        Ok(false)
     }
 }

@@ -15,10 +15,9 @@
 //!   (default 0), so a run is repeatable.
 //! * `delay=DUR` waits DUR before returning the failure.
 
-use super::{BlockNode, Extent};
+use super::{BlockNode, Filter, WriteFlags};
 use crate::error::{BlockError, Op, Result};
 use crate::units::{parse_duration, parse_size};
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -207,13 +206,82 @@ struct RuleState {
     rng: u64,
 }
 
-/// A node that fails requests of `inner` according to its rules.
+/// A node that fails requests of `inner` according to its rules, and (like
+/// blkdebug's `suspend`/`resume`) can hold a request until a test resumes
+/// it.
 pub struct FaultNode {
     // set at creation
     inner: Arc<dyn BlockNode>,
     rules: Vec<Rule>,
     // behind a lock
     state: Mutex<Vec<RuleState>>,
+    suspensions: Mutex<Vec<Arc<Suspension>>>,
+}
+
+/// A breakpoint set by [`FaultNode::suspend`]: the first request of its
+/// kind touching its offset waits in the node until [`Suspension::resume`].
+#[derive(Debug)]
+pub struct Suspension {
+    op: FaultOp,
+    at: u64,
+    // (armed, suspended, resumed)
+    state: Mutex<(bool, bool, bool)>,
+    cv: std::sync::Condvar,
+}
+
+impl Suspension {
+    fn lock(&self) -> std::sync::MutexGuard<'_, (bool, bool, bool)> {
+        match self.state.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    /// Wait up to `limit` until a request is held here; true if one is.
+    pub fn wait_suspended(&self, limit: Duration) -> bool {
+        let deadline = std::time::Instant::now() + limit;
+        let mut s = self.lock();
+        while !s.1 {
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            s = match self.cv.wait_timeout(s, deadline - now) {
+                Ok((g, _)) => g,
+                Err(p) => p.into_inner().0,
+            };
+        }
+        true
+    }
+
+    /// Let the held request (and every later one) through.
+    pub fn resume(&self) {
+        let mut s = self.lock();
+        s.0 = false;
+        s.2 = true;
+        drop(s);
+        self.cv.notify_all();
+    }
+
+    /// Hold the calling request if it is the first to hit this breakpoint.
+    fn hit(&self, op: FaultOp, offset: u64, len: u64) {
+        if op != self.op || !(offset <= self.at && self.at < offset + len.max(1)) {
+            return;
+        }
+        let mut s = self.lock();
+        if !s.0 {
+            return;
+        }
+        s.0 = false;
+        s.1 = true;
+        self.cv.notify_all();
+        while !s.2 {
+            s = match self.cv.wait(s) {
+                Ok(g) => g,
+                Err(p) => p.into_inner(),
+            };
+        }
+    }
 }
 
 impl FaultNode {
@@ -223,6 +291,11 @@ impl FaultNode {
         if rules.is_empty() {
             return inner;
         }
+        Arc::new(FaultNode::new(inner, rules))
+    }
+
+    /// A fault node over `inner` with `rules` (of any side).
+    pub fn new(inner: Arc<dyn BlockNode>, rules: Vec<Rule>) -> FaultNode {
         let state = rules
             .iter()
             .map(|r| RuleState {
@@ -230,15 +303,39 @@ impl FaultNode {
                 ..Default::default()
             })
             .collect();
-        Arc::new(FaultNode {
+        FaultNode {
             inner,
             rules,
             state: Mutex::new(state),
-        })
+            suspensions: Mutex::new(Vec::new()),
+        }
     }
 
-    /// Decide whether this request fails; returns the error to give.
+    /// Set a breakpoint (blkdebug's `suspend`): the first `op` request
+    /// touching byte `at` waits until the returned suspension is resumed.
+    pub fn suspend(&self, op: FaultOp, at: u64) -> Arc<Suspension> {
+        let s = Arc::new(Suspension {
+            op,
+            at,
+            state: Mutex::new((true, false, false)),
+            cv: std::sync::Condvar::new(),
+        });
+        if let Ok(mut v) = self.suspensions.lock() {
+            v.push(s.clone());
+        }
+        s
+    }
+
+    /// Decide whether this request fails; returns the error to give. A
+    /// request at a breakpoint waits here first.
     fn check(&self, op: FaultOp, bop: Op, offset: u64, len: u64) -> Result<()> {
+        let held: Vec<Arc<Suspension>> = match self.suspensions.lock() {
+            Ok(v) => v.clone(),
+            Err(p) => p.into_inner().clone(),
+        };
+        for s in held {
+            s.hit(op, offset, len);
+        }
         let mut hit: Option<(i32, String, Option<Duration>)> = None;
         {
             let mut st = match self.state.lock() {
@@ -291,17 +388,9 @@ impl FaultNode {
     }
 }
 
-impl BlockNode for FaultNode {
-    fn path(&self) -> &Path {
-        self.inner.path()
-    }
-
-    fn size(&self) -> u64 {
-        self.inner.size()
-    }
-
-    fn cluster_size(&self) -> u64 {
-        self.inner.cluster_size()
+impl Filter for FaultNode {
+    fn child(&self) -> &Arc<dyn BlockNode> {
+        &self.inner
     }
 
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
@@ -309,14 +398,9 @@ impl BlockNode for FaultNode {
         self.inner.read(offset, buf)
     }
 
-    fn write(&self, offset: u64, buf: &[u8]) -> Result<()> {
+    fn write_with(&self, offset: u64, buf: &[u8], flags: WriteFlags) -> Result<()> {
         self.check(FaultOp::Write, Op::Write, offset, buf.len() as u64)?;
-        self.inner.write(offset, buf)
-    }
-
-    fn write_compressed(&self, offset: u64, buf: &[u8]) -> Result<()> {
-        self.check(FaultOp::Write, Op::Write, offset, buf.len() as u64)?;
-        self.inner.write_compressed(offset, buf)
+        self.inner.write_with(offset, buf, flags)
     }
 
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
@@ -332,10 +416,6 @@ impl BlockNode for FaultNode {
     fn flush(&self) -> Result<()> {
         self.check(FaultOp::Flush, Op::Flush, 0, 0)?;
         self.inner.flush()
-    }
-
-    fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
-        self.inner.block_status(offset, len)
     }
 
     fn copy_source(&self, offset: u64, len: u64) -> Result<Option<&std::fs::File>> {

@@ -2,9 +2,8 @@
 //! passes it on: how dirty bitmaps learn about writes, in a job (the
 //! successor) and in the `guest` command (every enabled bitmap).
 
-use super::{BlockNode, Extent};
+use super::{BlockNode, Filter, WriteFlags};
 use crate::error::Result;
-use std::path::Path;
 use std::sync::Arc;
 
 /// Called with `(offset, len)` of every write, before the write is issued.
@@ -23,22 +22,13 @@ impl MarkingNode {
     }
 }
 
-impl BlockNode for MarkingNode {
-    fn path(&self) -> &Path {
-        self.inner.path()
+impl Filter for MarkingNode {
+    fn child(&self) -> &Arc<dyn BlockNode> {
+        &self.inner
     }
-    fn size(&self) -> u64 {
-        self.inner.size()
-    }
-    fn cluster_size(&self) -> u64 {
-        self.inner.cluster_size()
-    }
-    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        self.inner.read(offset, buf)
-    }
-    fn write(&self, offset: u64, buf: &[u8]) -> Result<()> {
+    fn write_with(&self, offset: u64, buf: &[u8], flags: WriteFlags) -> Result<()> {
         (self.mark)(offset, buf.len() as u64);
-        self.inner.write(offset, buf)
+        self.inner.write_with(offset, buf, flags)
     }
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
         (self.mark)(offset, len);
@@ -48,10 +38,8 @@ impl BlockNode for MarkingNode {
         (self.mark)(offset, len);
         self.inner.discard(offset, len)
     }
-    fn flush(&self) -> Result<()> {
-        self.inner.flush()
-    }
-    fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
-        self.inner.block_status(offset, len)
+    fn copy_range_from(&self, _src: &std::fs::File, _offset: u64, _len: u64) -> Result<bool> {
+        // Writes must be marked one by one: copy through memory.
+        Ok(false)
     }
 }

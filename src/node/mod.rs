@@ -32,6 +32,7 @@ pub mod raw;
 
 use crate::error::{BlockError, Op, Result};
 use std::path::Path;
+use std::sync::Arc;
 
 /// What a range of a node holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -52,6 +53,13 @@ pub struct Extent {
     pub status: Status,
     /// How many bytes the answer covers.
     pub len: u64,
+}
+
+/// How a write is to be stored.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WriteFlags {
+    /// Store the data compressed where the node can.
+    pub compress: bool,
 }
 
 /// One node of the block graph. See the module documentation for the contract.
@@ -77,9 +85,10 @@ pub trait BlockNode: Send + Sync {
         })
     }
 
-    /// Write `buf` at `offset` compressed, where the node can (a new qcow2
-    /// image); elsewhere this is a plain write.
-    fn write_compressed(&self, offset: u64, buf: &[u8]) -> Result<()> {
+    /// Write `buf` at `offset` with `flags` (compressed, where the node
+    /// can: a new qcow2 image); a node that has no use for a flag ignores it.
+    fn write_with(&self, offset: u64, buf: &[u8], flags: WriteFlags) -> Result<()> {
+        let _ = flags;
         self.write(offset, buf)
     }
 
@@ -125,6 +134,100 @@ pub trait BlockNode: Send + Sync {
     /// zeros already).
     fn copy_range_from(&self, _src: &std::fs::File, _offset: u64, _len: u64) -> Result<bool> {
         Ok(false)
+    }
+}
+
+/// A filter: a node over one child that passes every request on unless it
+/// has something to add. Implement [`Filter::child`] and override only
+/// what the filter changes; [`BlockNode`] comes with it. Writes arrive at
+/// [`Filter::write_with`] only, so a filter cannot miss one.
+pub trait Filter: Send + Sync {
+    /// The node below.
+    fn child(&self) -> &Arc<dyn BlockNode>;
+
+    /// See [`BlockNode::path`].
+    fn path(&self) -> &Path {
+        self.child().path()
+    }
+    /// See [`BlockNode::size`].
+    fn size(&self) -> u64 {
+        self.child().size()
+    }
+    /// See [`BlockNode::cluster_size`].
+    fn cluster_size(&self) -> u64 {
+        self.child().cluster_size()
+    }
+    /// See [`BlockNode::read`].
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.child().read(offset, buf)
+    }
+    /// See [`BlockNode::write_with`]: every write of a filter arrives here
+    /// (a plain [`BlockNode::write`] has empty flags).
+    fn write_with(&self, offset: u64, buf: &[u8], flags: WriteFlags) -> Result<()> {
+        self.child().write_with(offset, buf, flags)
+    }
+    /// See [`BlockNode::write_zeroes`].
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        self.child().write_zeroes(offset, len)
+    }
+    /// See [`BlockNode::discard`].
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.child().discard(offset, len)
+    }
+    /// See [`BlockNode::flush`].
+    fn flush(&self) -> Result<()> {
+        self.child().flush()
+    }
+    /// See [`BlockNode::block_status`].
+    fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
+        self.child().block_status(offset, len)
+    }
+    /// See [`BlockNode::copy_source`].
+    fn copy_source(&self, offset: u64, len: u64) -> Result<Option<&std::fs::File>> {
+        self.child().copy_source(offset, len)
+    }
+    /// See [`BlockNode::copy_range_from`].
+    fn copy_range_from(&self, src: &std::fs::File, offset: u64, len: u64) -> Result<bool> {
+        self.child().copy_range_from(src, offset, len)
+    }
+}
+
+impl<F: Filter> BlockNode for F {
+    fn path(&self) -> &Path {
+        Filter::path(self)
+    }
+    fn size(&self) -> u64 {
+        Filter::size(self)
+    }
+    fn cluster_size(&self) -> u64 {
+        Filter::cluster_size(self)
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        Filter::read(self, offset, buf)
+    }
+    fn write(&self, offset: u64, buf: &[u8]) -> Result<()> {
+        Filter::write_with(self, offset, buf, WriteFlags::default())
+    }
+    fn write_with(&self, offset: u64, buf: &[u8], flags: WriteFlags) -> Result<()> {
+        Filter::write_with(self, offset, buf, flags)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        Filter::write_zeroes(self, offset, len)
+    }
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        Filter::discard(self, offset, len)
+    }
+    fn flush(&self) -> Result<()> {
+        Filter::flush(self)
+    }
+    fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
+        Filter::block_status(self, offset, len)
+    }
+    fn copy_source(&self, offset: u64, len: u64) -> Result<Option<&std::fs::File>> {
+        Filter::copy_source(self, offset, len)
+    }
+    fn copy_range_from(&self, src: &std::fs::File, offset: u64, len: u64) -> Result<bool> {
+        Filter::copy_range_from(self, src, offset, len)
     }
 }
 

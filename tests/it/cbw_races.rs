@@ -1,82 +1,22 @@
-//! Deterministic copy-before-write races, with a pause node in the role of
-//! QEMU's blkdebug `suspend`: a read at a chosen offset blocks until the
-//! test releases it.
+//! Deterministic copy-before-write races, with the fault node's
+//! blkdebug-style `suspend`: a read at a chosen offset waits in the node
+//! until the test resumes it.
 
 use crate::common::*;
 use imgbackup::bitmap::Bits;
 use imgbackup::copy::{BlockCopy, Config};
 use imgbackup::error::Result;
 use imgbackup::job::cancel::Cancel;
+use imgbackup::node::BlockNode;
 use imgbackup::node::cbw::{CbwNode, OnCbwError};
+use imgbackup::node::fault::{FaultNode, FaultOp, Suspension};
 use imgbackup::node::overlay::OverlayNode;
 use imgbackup::node::raw::RawNode;
-use imgbackup::node::{BlockNode, Extent};
-use std::path::Path;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 const CS: u64 = 65536;
-
-/// Blocks the first read touching `at` until released.
-struct PauseNode {
-    inner: Arc<dyn BlockNode>,
-    at: u64,
-    state: Mutex<(bool, bool, bool)>, // (armed, entered, released)
-    cv: Condvar,
-}
-
-impl PauseNode {
-    fn new(inner: Arc<dyn BlockNode>, at: u64) -> Arc<PauseNode> {
-        Arc::new(PauseNode {
-            inner,
-            at,
-            state: Mutex::new((true, false, false)),
-            cv: Condvar::new(),
-        })
-    }
-    fn wait_entered(&self) {
-        let mut s = self.state.lock().unwrap();
-        while !s.1 {
-            let (g, t) = self.cv.wait_timeout(s, Duration::from_secs(10)).unwrap();
-            assert!(!t.timed_out(), "the paused read never came");
-            s = g;
-        }
-    }
-    fn release(&self) {
-        self.state.lock().unwrap().2 = true;
-        self.cv.notify_all();
-    }
-}
-
-impl BlockNode for PauseNode {
-    fn path(&self) -> &Path {
-        self.inner.path()
-    }
-    fn size(&self) -> u64 {
-        self.inner.size()
-    }
-    fn cluster_size(&self) -> u64 {
-        self.inner.cluster_size()
-    }
-    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        if offset <= self.at && self.at < offset + buf.len() as u64 {
-            let mut s = self.state.lock().unwrap();
-            if s.0 {
-                s.0 = false;
-                s.1 = true;
-                self.cv.notify_all();
-                while !s.2 {
-                    s = self.cv.wait(s).unwrap();
-                }
-            }
-        }
-        self.inner.read(offset, buf)
-    }
-    fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
-        self.inner.block_status(offset, len)
-    }
-}
 
 /// Counts writes per cluster.
 struct CountingNode {
@@ -84,33 +24,26 @@ struct CountingNode {
     writes: Vec<AtomicU64>,
 }
 
-impl BlockNode for CountingNode {
-    fn path(&self) -> &Path {
-        self.inner.path()
+impl imgbackup::node::Filter for CountingNode {
+    fn child(&self) -> &Arc<dyn BlockNode> {
+        &self.inner
     }
-    fn size(&self) -> u64 {
-        self.inner.size()
-    }
-    fn cluster_size(&self) -> u64 {
-        self.inner.cluster_size()
-    }
-    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        self.inner.read(offset, buf)
-    }
-    fn write(&self, offset: u64, buf: &[u8]) -> Result<()> {
+    fn write_with(
+        &self,
+        offset: u64,
+        buf: &[u8],
+        flags: imgbackup::node::WriteFlags,
+    ) -> Result<()> {
         for c in offset / CS..(offset + buf.len() as u64).div_ceil(CS) {
             self.writes[c as usize].fetch_add(1, Ordering::SeqCst);
         }
-        self.inner.write(offset, buf)
-    }
-    fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
-        self.inner.block_status(offset, len)
+        self.inner.write_with(offset, buf, flags)
     }
 }
 
 struct Rig {
     _dir: tempfile::TempDir,
-    pause: Arc<PauseNode>,
+    pause: Arc<Suspension>,
     overlay: Arc<OverlayNode>,
     target: Arc<CountingNode>,
     bc: Arc<BlockCopy>,
@@ -125,8 +58,9 @@ fn rig(pause_at: u64) -> Rig {
     qemu_io(p, "raw", "src.raw", &["write -P 0x61 0 1M"]);
     let original = std::fs::read(p.join("src.raw")).unwrap();
     let src: Arc<dyn BlockNode> = Arc::new(RawNode::open(&p.join("src.raw")).unwrap());
-    let pause = PauseNode::new(src, pause_at);
-    let overlay = Arc::new(OverlayNode::new(pause.clone(), p).unwrap());
+    let fault = Arc::new(FaultNode::new(src, Vec::new()));
+    let pause = fault.suspend(FaultOp::Read, pause_at);
+    let overlay = Arc::new(OverlayNode::new(fault, p).unwrap());
     let raw: Arc<dyn BlockNode> = Arc::new(RawNode::create(&p.join("t.raw"), 1 << 20).unwrap());
     let target = Arc::new(CountingNode {
         inner: raw,
@@ -179,7 +113,10 @@ fn guest_write_waits_for_the_jobs_copy_in_flight() {
             r.bc.release(c, res.is_ok());
             res.unwrap();
         });
-        r.pause.wait_entered();
+        assert!(
+            r.pause.wait_suspended(Duration::from_secs(10)),
+            "the paused read never came"
+        );
         let guest = s.spawn(|| {
             r.cbw.write(4096, &[0x7a; 8192]).unwrap();
             done.store(true, Ordering::SeqCst);
@@ -189,7 +126,7 @@ fn guest_write_waits_for_the_jobs_copy_in_flight() {
             !done.load(Ordering::SeqCst),
             "the guest write did not wait for the copy in flight"
         );
-        r.pause.release();
+        r.pause.resume();
         job.join().unwrap();
         guest.join().unwrap();
     });
@@ -218,7 +155,10 @@ fn job_skips_a_cluster_whose_copy_before_write_is_in_flight() {
     std::thread::scope(|s| {
         // The guest writes cluster 2; its copy-before-write blocks.
         let g1 = s.spawn(|| r.cbw.write(2 * CS + 100, &[1; 300]).unwrap());
-        r.pause.wait_entered();
+        assert!(
+            r.pause.wait_suspended(Duration::from_secs(10)),
+            "the paused read never came"
+        );
         // A second guest write to the same cluster waits, copies nothing.
         let g2 = s.spawn(|| {
             r.cbw.write(2 * CS + 1000, &[2; 10]).unwrap();
@@ -235,7 +175,7 @@ fn job_skips_a_cluster_whose_copy_before_write_is_in_flight() {
             !done.load(Ordering::SeqCst),
             "the second guest write did not wait"
         );
-        r.pause.release();
+        r.pause.resume();
         g1.join().unwrap();
         g2.join().unwrap();
     });

@@ -526,7 +526,10 @@ impl BlockNode for Qcow2Writer {
         Ok(())
     }
 
-    fn write_compressed(&self, offset: u64, buf: &[u8]) -> Result<()> {
+    fn write_with(&self, offset: u64, buf: &[u8], flags: crate::node::WriteFlags) -> Result<()> {
+        if !flags.compress {
+            return self.write(offset, buf);
+        }
         self.compress_clusters(offset, buf)
     }
 
