@@ -160,12 +160,6 @@ pub enum BlockError {
         /// The file.
         path: PathBuf,
     },
-    /// The operation was cancelled or timed out while it waited.
-    #[error("{what} was cancelled")]
-    Cancelled {
-        /// What was cancelled.
-        what: String,
-    },
 }
 
 fn describe_io(op: Op, path: &std::path::Path, offset: u64, len: u64) -> String {

@@ -36,6 +36,17 @@ pub enum Exit {
     Terminated = 143,
 }
 
+impl From<Reason> for Exit {
+    fn from(r: Reason) -> Exit {
+        match r {
+            Reason::Interrupt => Exit::Interrupted,
+            Reason::Terminate => Exit::Terminated,
+            Reason::Hangup => Exit::Hangup,
+            Reason::Timeout => Exit::Timeout,
+        }
+    }
+}
+
 impl Exit {
     /// The process exit code.
     pub fn code(self) -> i32 {
@@ -84,10 +95,7 @@ fn classify_one(cause: &(dyn std::error::Error + 'static)) -> Option<Exit> {
         return match e {
             JobError::Usage(_) => Some(Exit::Usage),
             JobError::Refused(_) | JobError::Internal(_) => Some(Exit::Failure),
-            JobError::Cancelled(Reason::Interrupt) => Some(Exit::Interrupted),
-            JobError::Cancelled(Reason::Terminate) => Some(Exit::Terminated),
-            JobError::Cancelled(Reason::Hangup) => Some(Exit::Hangup),
-            JobError::Cancelled(Reason::Timeout) => Some(Exit::Timeout),
+            JobError::Cancelled(r) => Some(Exit::from(*r)),
             JobError::Mismatch { .. } | JobError::Verify(_) => Some(Exit::Mismatch),
             // Decided by what is inside (listed next by `causes`).
             _ => None,
@@ -204,7 +212,7 @@ pub fn hint(err: &anyhow::Error) -> Option<String> {
             ),
         }),
         Exit::TargetWrite => {
-            let nospc = block.and_then(|b| b.errno()).is_some_and(|e| e == libc::ENOSPC || e == libc::EDQUOT || e == libc::EFBIG)
+            let nospc = crate::job::policy::is_nospace(block.and_then(BlockError::errno))
                 || find::<crate::bitmap::BitmapError>(err).is_some_and(|b| {
                     matches!(b, crate::bitmap::BitmapError::Io { source, .. } if crate::job::policy::is_nospace_io(source))
                 });

@@ -28,6 +28,7 @@ pub mod logging;
 pub mod manifest;
 pub mod node;
 pub mod report;
+pub mod signals;
 pub mod stats;
 pub mod target;
 pub mod units;

@@ -247,15 +247,80 @@ impl Geometry {
         self.size == 0
     }
 
-    /// Digests of a zero chunk: (full chunk, last chunk).
-    pub fn zero_digests(&self) -> (Sha, Sha) {
+    /// The digests of zero chunks in this geometry.
+    pub fn zero_digests(&self) -> ZeroDigests {
         let last = if self.size == 0 {
             0
         } else {
             self.len(self.chunks() - 1)
         };
-        (zero_digest(self.chunk), zero_digest(last))
+        ZeroDigests {
+            geo: *self,
+            full: zero_digest(self.chunk),
+            last: zero_digest(last),
+        }
     }
+}
+
+/// The digest of a zero chunk of a [`Geometry`]: every chunk is full but
+/// possibly the last, so two digests serve them all.
+#[derive(Debug, Clone, Copy)]
+pub struct ZeroDigests {
+    geo: Geometry,
+    full: Sha,
+    last: Sha,
+}
+
+impl ZeroDigests {
+    /// The digest chunk `i` has when it reads as zeros.
+    pub fn of(&self, i: u64) -> Sha {
+        if self.geo.len(i) == self.geo.chunk {
+            self.full
+        } else {
+            self.last
+        }
+    }
+
+    /// The digests of chunks `[first, end)` read as zeros.
+    pub fn run(&self, first: u64, end: u64) -> Vec<Sha> {
+        (first..end).map(|i| self.of(i)).collect()
+    }
+}
+
+/// Split the chunk `runs` into batches of at most 64 chunks and run `f` on
+/// each batch `[a, b)` in a pool of `jobs` threads, stopping at the first
+/// error or when `cancel` is set: the one loop over a digest table.
+fn for_each_batch<F>(
+    runs: &[(u64, u64)],
+    jobs: usize,
+    cancel: &Cancel,
+    f: F,
+) -> Result<(), CopyError>
+where
+    F: Fn(u64, u64) -> Result<(), CopyError> + Sync,
+{
+    use rayon::prelude::*;
+    const BATCH: u64 = 64;
+    let batches: Vec<(u64, u64)> = runs
+        .iter()
+        .flat_map(|&(s, e)| {
+            (s..e)
+                .step_by(BATCH as usize)
+                .map(move |a| (a, (a + BATCH).min(e)))
+        })
+        .collect();
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(jobs.max(1))
+        .build()
+        .map_err(|e| CopyError::Manifest(io::Error::other(e)))?;
+    pool.install(|| {
+        batches.par_iter().try_for_each(|&(a, b)| {
+            if cancel.is_cancelled() {
+                return Err(CopyError::Cancelled);
+            }
+            f(a, b)
+        })
+    })
 }
 
 /// Builds `TARGET.manifest.partial` while the copy runs.
@@ -264,7 +329,7 @@ pub struct ManifestWriter {
     path: PathBuf,
     file: File,
     geo: Geometry,
-    zero: (Sha, Sha),
+    zero: ZeroDigests,
     // behind a lock
     have: Mutex<Bits>,
 }
@@ -285,14 +350,6 @@ impl ManifestWriter {
     /// The chunk geometry of the manifest being written.
     pub fn geometry(&self) -> Geometry {
         self.geo
-    }
-
-    fn zero_for(&self, i: u64) -> Sha {
-        if self.geo.len(i) == self.geo.chunk {
-            self.zero.0
-        } else {
-            self.zero.1
-        }
     }
 
     /// Record the digest of chunk `i`.
@@ -334,7 +391,7 @@ impl ManifestWriter {
         jobs: usize,
         cancel: &Cancel,
     ) -> Result<(), CopyError> {
-        self.fill_runs(image, jobs, self.missing().runs(), cancel)
+        self.fill_runs(image, jobs, &self.missing().runs(), cancel)
     }
 
     /// Fill the digests of chunks that overlap the byte `ranges` from `node`
@@ -351,33 +408,19 @@ impl ManifestWriter {
             .iter()
             .map(|&(s, e)| (s / c, e.div_ceil(c)))
             .collect();
-        self.fill_runs(node, jobs, runs, cancel)
+        self.fill_runs(node, jobs, &runs, cancel)
     }
 
     fn fill_runs(
         &self,
         image: &dyn BlockNode,
         jobs: usize,
-        runs: Vec<(u64, u64)>,
+        runs: &[(u64, u64)],
         cancel: &Cancel,
     ) -> Result<(), CopyError> {
-        let work: Vec<(u64, u64)> = runs
-            .iter()
-            .flat_map(|&(s, e)| (s..e).step_by(64).map(move |a| (a, (a + 64).min(e))))
-            .collect();
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(jobs.max(1))
-            .build()
-            .map_err(|e| CopyError::Manifest(io::Error::other(e)))?;
-        pool.install(|| {
-            use rayon::prelude::*;
-            work.par_iter().try_for_each(|&(a, b)| {
-                if cancel.is_cancelled() {
-                    return Err(CopyError::Cancelled);
-                }
-                let ds = digests_of(image, self.geo, a, b, &self.zero)?;
-                self.put_many(a, &ds).map_err(CopyError::Manifest)
-            })
+        for_each_batch(runs, jobs, cancel, |a, b| {
+            let ds = digests_of(image, a, b, &self.zero)?;
+            self.put_many(a, &ds).map_err(CopyError::Manifest)
         })
     }
 
@@ -467,8 +510,7 @@ impl ChunkObserver for ManifestWriter {
         let first = offset / c;
         match data {
             ChunkData::Zeroes(len) => {
-                let last = (offset + len).div_ceil(c);
-                let ds: Vec<Sha> = (first..last).map(|i| self.zero_for(i)).collect();
+                let ds = self.zero.run(first, (offset + len).div_ceil(c));
                 self.put_many(first, &ds).map_err(CopyError::Manifest)
             }
             ChunkData::Bytes(buf) => {
@@ -482,11 +524,11 @@ impl ChunkObserver for ManifestWriter {
 /// Digests of chunks `[a, b)` of `image`, reading only what holds data.
 pub fn digests_of(
     image: &dyn BlockNode,
-    geo: Geometry,
     a: u64,
     b: u64,
-    zero: &(Sha, Sha),
+    zero: &ZeroDigests,
 ) -> Result<Vec<Sha>, CopyError> {
+    let geo = zero.geo;
     let start = a * geo.chunk;
     let end = (b * geo.chunk).min(geo.size);
     let mut out = Vec::with_capacity((b - a) as usize);
@@ -505,15 +547,9 @@ pub fn digests_of(
                 ext_end / geo.chunk * geo.chunk
             };
             if zend > pos {
-                while pos < zend {
-                    let i = pos / geo.chunk;
-                    out.push(if geo.len(i) == geo.chunk {
-                        zero.0
-                    } else {
-                        zero.1
-                    });
-                    pos += geo.len(i);
-                }
+                let (i, j) = (pos / geo.chunk, zend.div_ceil(geo.chunk));
+                out.extend(zero.run(i, j));
+                pos = zend;
                 continue;
             }
         }
@@ -697,7 +733,7 @@ impl ManifestFile {
 /// Checks copied data against a manifest (restore).
 pub struct ManifestChecker {
     manifest: ManifestFile,
-    zero: (Sha, Sha),
+    zero: ZeroDigests,
 }
 
 impl ManifestChecker {
@@ -731,15 +767,7 @@ impl ChunkObserver for ManifestChecker {
         let geo = self.manifest.geometry();
         let first = offset / geo.chunk;
         let got: Vec<Sha> = match data {
-            ChunkData::Zeroes(len) => (first..(offset + len).div_ceil(geo.chunk))
-                .map(|i| {
-                    if geo.len(i) == geo.chunk {
-                        self.zero.0
-                    } else {
-                        self.zero.1
-                    }
-                })
-                .collect(),
+            ChunkData::Zeroes(len) => self.zero.run(first, (offset + len).div_ceil(geo.chunk)),
             ChunkData::Bytes(buf) => buf.chunks(geo.chunk as usize).map(digest).collect(),
         };
         self.check(first, &got)
@@ -758,9 +786,11 @@ mod tests {
         };
         assert_eq!(g.chunks(), 4);
         assert_eq!(g.len(3), 512);
-        let (full, last) = g.zero_digests();
-        assert_eq!(full, digest(&vec![0u8; 65536]));
-        assert_eq!(last, digest(&[0u8; 512]));
+        let z = g.zero_digests();
+        assert_eq!(z.of(0), digest(&vec![0u8; 65536]));
+        assert_eq!(z.of(2), digest(&vec![0u8; 65536]));
+        assert_eq!(z.of(3), digest(&[0u8; 512]));
+        assert_eq!(z.run(1, 4), vec![z.of(0), z.of(0), z.of(3)]);
     }
 }
 
@@ -822,48 +852,32 @@ fn first_difference_in(
     jobs: usize,
     cancel: &Cancel,
 ) -> Result<Option<Difference>, CopyError> {
-    use rayon::prelude::*;
     use std::sync::atomic::{AtomicU64, Ordering};
     let geo = manifest.geometry();
     let zero = geo.zero_digests();
     let first_bad = AtomicU64::new(u64::MAX);
     let found: Mutex<Option<Difference>> = Mutex::new(None);
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(jobs.max(1))
-        .build()
-        .map_err(|e| CopyError::Manifest(io::Error::other(e)))?;
-    let batches: Vec<(u64, u64)> = runs
-        .iter()
-        .flat_map(|&(s, e)| (s..e).step_by(64).map(move |a| (a, (a + 64).min(e))))
-        .collect();
-    pool.install(|| {
-        batches
-            .par_iter()
-            .try_for_each(|&(a, b)| -> Result<(), CopyError> {
-                if cancel.is_cancelled() {
-                    return Err(CopyError::Cancelled);
-                }
-                if a > first_bad.load(Ordering::Relaxed) {
-                    return Ok(());
-                }
-                let got = digests_of(image, geo, a, b, &zero)?;
-                let want = manifest.digests(a, b).map_err(CopyError::ManifestRead)?;
-                if let Some(k) = got.iter().zip(&want).position(|(g, w)| g != w) {
-                    let i = a + k as u64;
-                    if first_bad.fetch_min(i, Ordering::SeqCst) > i
-                        && let Ok(mut f) = found.lock()
-                        && f.as_ref().is_none_or(|d| d.chunk > i)
-                    {
-                        *f = Some(Difference {
-                            chunk: i,
-                            offset: i * geo.chunk,
-                            expected: hex(&want[k]),
-                            found: hex(&got[k]),
-                        });
-                    }
-                }
-                Ok(())
-            })
+    for_each_batch(runs, jobs, cancel, |a, b| {
+        if a > first_bad.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let got = digests_of(image, a, b, &zero)?;
+        let want = manifest.digests(a, b).map_err(CopyError::ManifestRead)?;
+        if let Some(k) = got.iter().zip(&want).position(|(g, w)| g != w) {
+            let i = a + k as u64;
+            if first_bad.fetch_min(i, Ordering::SeqCst) > i
+                && let Ok(mut f) = found.lock()
+                && f.as_ref().is_none_or(|d| d.chunk > i)
+            {
+                *f = Some(Difference {
+                    chunk: i,
+                    offset: i * geo.chunk,
+                    expected: hex(&want[k]),
+                    found: hex(&got[k]),
+                });
+            }
+        }
+        Ok(())
     })?;
     Ok(found.into_inner().unwrap_or_else(|p| p.into_inner()))
 }
@@ -876,42 +890,28 @@ pub fn differing_chunks(
     jobs: usize,
     cancel: &Cancel,
 ) -> Result<Bits, CopyError> {
-    use rayon::prelude::*;
     let geo = manifest.geometry();
     let zero = geo.zero_digests();
     let n = geo.chunks();
     let out = Mutex::new(Bits::new(n));
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(jobs.max(1))
-        .build()
-        .map_err(|e| CopyError::Manifest(io::Error::other(e)))?;
-    let batches: Vec<u64> = (0..n).step_by(64).collect();
-    pool.install(|| {
-        batches
-            .par_iter()
-            .try_for_each(|&a| -> Result<(), CopyError> {
-                if cancel.is_cancelled() {
-                    return Err(CopyError::Cancelled);
-                }
-                let b = (a + 64).min(n);
-                let got = digests_of(image, geo, a, b, &zero)?;
-                let want = manifest.digests(a, b).map_err(CopyError::ManifestRead)?;
-                let diff: Vec<u64> = got
-                    .iter()
-                    .zip(&want)
-                    .enumerate()
-                    .filter(|(_, (g, w))| g != w)
-                    .map(|(k, _)| a + k as u64)
-                    .collect();
-                if !diff.is_empty()
-                    && let Ok(mut o) = out.lock()
-                {
-                    for i in diff {
-                        o.set(i);
-                    }
-                }
-                Ok(())
-            })
+    for_each_batch(&[(0, n)], jobs, cancel, |a, b| {
+        let got = digests_of(image, a, b, &zero)?;
+        let want = manifest.digests(a, b).map_err(CopyError::ManifestRead)?;
+        let diff: Vec<u64> = got
+            .iter()
+            .zip(&want)
+            .enumerate()
+            .filter(|(_, (g, w))| g != w)
+            .map(|(k, _)| a + k as u64)
+            .collect();
+        if !diff.is_empty()
+            && let Ok(mut o) = out.lock()
+        {
+            for i in diff {
+                o.set(i);
+            }
+        }
+        Ok(())
     })?;
     Ok(out.into_inner().unwrap_or_else(|p| p.into_inner()))
 }

@@ -5,9 +5,7 @@
 
 use crate::cli::{BackupArgs, GlobalOpts, ProgressMode};
 use crate::exit::Exit;
-use crate::job::JobError;
 use crate::job::backup::{Backing, BackupConfig, BackupJob, DryRun, Summary};
-use crate::job::cancel::Cancel;
 use crate::job::policy::Policies;
 use crate::node::cbw::OnCbwError;
 use crate::report::{Reporter, human_bytes, human_duration, print_json};
@@ -68,10 +66,7 @@ pub fn run(args: &BackupArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
         render_dry_run(&summary, &d, g)?;
         return Ok(Exit::Success);
     }
-    let cancel = Cancel::new();
-    cancel.install_signal_handlers().map_err(JobError::context(
-        "cannot install the SIGINT/SIGTERM/SIGHUP handlers",
-    ))?;
+    let cancel = super::cancel_on_signals()?;
     let mut running = job.start(cancel)?;
     let progress = args.progress.progress;
     let reporter = Reporter::start(

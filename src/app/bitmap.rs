@@ -408,10 +408,7 @@ fn rebuild(
         );
     }
     let img = open_image(image, None).context("cannot open the image")?;
-    let cancel = crate::job::cancel::Cancel::new();
-    cancel
-        .install_signal_handlers()
-        .context("cannot install the signal handlers")?;
+    let cancel = super::cancel_on_signals()?;
     let diff = differing_chunks(img.node.as_ref(), &manifest, default_jobs(), &cancel);
     if let Some(r) = cancel.reason() {
         return Err(crate::job::JobError::Cancelled(r).into());

@@ -15,7 +15,6 @@ use crate::error::{BlockError, Op};
 use crate::exit::Exit;
 use crate::guest;
 use crate::job::JobError;
-use crate::job::cancel::Cancel;
 use crate::lock::{Access, Locks};
 use crate::node::BlockNode;
 use crate::node::marking::MarkingNode;
@@ -115,10 +114,7 @@ pub fn run(args: &GuestArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
             }
         }),
     );
-    let cancel = Cancel::new();
-    cancel
-        .install_signal_handlers()
-        .context("cannot install the signal handlers")?;
+    let cancel = super::cancel_on_signals()?;
     let stop = AtomicBool::new(false);
     let stats = guest::run(&node, &args.spec, &stop, &cancel);
     let flushed = raw.flush();

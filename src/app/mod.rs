@@ -33,6 +33,15 @@ pub fn run(cli: &Cli) -> anyhow::Result<Exit> {
     }
 }
 
+/// A cancellation token that SIGINT, SIGTERM and SIGHUP cancel.
+pub fn cancel_on_signals() -> Result<crate::job::cancel::Cancel, crate::job::JobError> {
+    let cancel = crate::job::cancel::Cancel::new();
+    crate::signals::install(&cancel).map_err(crate::job::JobError::context(
+        "cannot install the SIGINT/SIGTERM/SIGHUP handlers",
+    ))?;
+    Ok(cancel)
+}
+
 /// The default number of workers.
 pub fn default_jobs() -> usize {
     std::thread::available_parallelism()

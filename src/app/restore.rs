@@ -4,17 +4,12 @@
 
 use crate::cli::{GlobalOpts, ProgressMode, RestoreArgs};
 use crate::exit::Exit;
-use crate::job::JobError;
-use crate::job::cancel::Cancel;
 use crate::job::restore::{RestoreConfig, RestoreJob, RestoreSummary};
 use crate::report::{Reporter, human_bytes, human_duration, print_json};
 
 /// Run `imgbackup restore`.
 pub fn run(args: &RestoreArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
-    let cancel = Cancel::new();
-    cancel
-        .install_signal_handlers()
-        .map_err(JobError::context("cannot install the signal handlers"))?;
+    let cancel = super::cancel_on_signals()?;
     let job = RestoreJob::prepare(
         RestoreConfig {
             backup: args.backup.clone(),

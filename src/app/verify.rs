@@ -3,17 +3,12 @@
 
 use crate::cli::{GlobalOpts, VerifyArgs};
 use crate::exit::Exit;
-use crate::job::JobError;
-use crate::job::cancel::Cancel;
 use crate::job::verify::{VerifyConfig, VerifySummary, verify};
 use crate::report::print_json;
 
 /// Run `imgbackup verify`.
 pub fn run(args: &VerifyArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
-    let cancel = Cancel::new();
-    cancel
-        .install_signal_handlers()
-        .map_err(JobError::context("cannot install the signal handlers"))?;
+    let cancel = super::cancel_on_signals()?;
     let doc = verify(
         &VerifyConfig {
             backup: args.backup.clone(),

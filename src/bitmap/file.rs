@@ -241,10 +241,7 @@ fn temp_prefix(image: &Path, name: &str) -> String {
 /// exclusive lock: then no other imgbackup is writing one. Returns what was
 /// removed.
 pub fn remove_stale_temps(image: &Path) -> Vec<PathBuf> {
-    let dir = match image.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
+    let dir = crate::files::dir_of(image);
     let Some(base) = image.file_name().and_then(|n| n.to_str()) else {
         return Vec::new();
     };
@@ -270,10 +267,7 @@ pub fn remove_stale_temps(image: &Path) -> Vec<PathBuf> {
 
 /// Names of the bitmaps beside `image`, sorted.
 pub fn list_names(image: &Path) -> io::Result<Vec<String>> {
-    let dir = match image.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
+    let dir = crate::files::dir_of(image);
     let Some(base) = image.file_name().and_then(|n| n.to_str()) else {
         return Ok(Vec::new());
     };
@@ -569,10 +563,7 @@ impl Bitmap {
             path: path.clone(),
             source: e,
         };
-        let dir = match path.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
+        let dir = crate::files::dir_of(&path);
         let mut tmp = tempfile::Builder::new()
             .prefix(&temp_prefix(image, name))
             .tempfile_in(&dir)

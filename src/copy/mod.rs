@@ -20,6 +20,7 @@ pub mod throttle;
 use crate::bitmap::Bits;
 use crate::error::BlockError;
 use crate::job::cancel::Cancel;
+use crate::node::ranges::InFlight;
 use crate::node::{BlockNode, Status, is_zero};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -172,7 +173,7 @@ impl Ctx<'_> {
 
 struct Inner {
     bitmap: Bits,
-    inflight: Vec<(u64, u64)>,
+    inflight: InFlight,
     cursor: u64,
 }
 
@@ -262,7 +263,7 @@ impl BlockCopy {
             observer,
             inner: Mutex::new(Inner {
                 bitmap,
-                inflight: Vec::new(),
+                inflight: InFlight::default(),
                 cursor: 0,
             }),
             changed: Condvar::new(),
@@ -368,7 +369,7 @@ impl BlockCopy {
             start: start * cs,
             end: (end * cs).min(self.len),
         };
-        g.inflight.push((claim.start, claim.end));
+        g.inflight.insert(claim.start, claim.end);
         tracing::trace!("claim {}..{}", claim.start, claim.end);
         Some(claim)
     }
@@ -377,13 +378,7 @@ impl BlockCopy {
     pub fn release(&self, claim: Claim, ok: bool) {
         let cs = self.cfg.cluster_size;
         let mut g = self.lock();
-        if let Some(i) = g
-            .inflight
-            .iter()
-            .position(|&r| r == (claim.start, claim.end))
-        {
-            g.inflight.swap_remove(i);
-        }
+        g.inflight.remove(claim.start, claim.end);
         if !ok {
             g.bitmap.set_range(claim.start / cs, claim.end.div_ceil(cs));
         }
@@ -397,14 +392,12 @@ impl BlockCopy {
     pub fn split_claim(&self, c: Claim) -> Vec<Claim> {
         let cs = self.cfg.cluster_size;
         let mut g = self.lock();
-        if let Some(i) = g.inflight.iter().position(|&r| r == (c.start, c.end)) {
-            g.inflight.swap_remove(i);
-        }
+        g.inflight.remove(c.start, c.end);
         let mut out = Vec::new();
         let mut s = c.start;
         while s < c.end {
             let e = ((s / cs + 1) * cs).min(c.end);
-            g.inflight.push((s, e));
+            g.inflight.insert(s, e);
             out.push(Claim { start: s, end: e });
             s = e;
         }
@@ -427,7 +420,7 @@ impl BlockCopy {
         let last = (offset + len).div_ceil(cs);
         let (s, e) = (first * cs, (last * cs).min(self.len));
         let mut g = self.lock();
-        while g.inflight.iter().any(|&(a, b)| a < e && s < b) {
+        while g.inflight.overlaps(s, e) {
             if self.cancel.is_cancelled() {
                 return Err(CopyError::Cancelled);
             }
@@ -453,7 +446,7 @@ impl BlockCopy {
                 start: s * cs,
                 end: (e * cs).min(self.len),
             };
-            g.inflight.push((c.start, c.end));
+            g.inflight.insert(c.start, c.end);
             claims.push(c);
             i = e;
         }
@@ -557,9 +550,7 @@ impl BlockCopy {
         // Settle: the clusters leave the in-flight list with their bits
         // still clear; the job skips them and guest writes need not wait.
         let mut g = self.lock();
-        if let Some(i) = g.inflight.iter().position(|&r| r == (c.start, c.end)) {
-            g.inflight.swap_remove(i);
-        }
+        g.inflight.remove(c.start, c.end);
         drop(g);
         self.changed.notify_all();
         Ok(true)

@@ -2,46 +2,40 @@
 //! reason; every worker, every wait and every phase (copy, manifest,
 //! verification, overlay export, restore) checks it between requests.
 //!
-//! Signals are received by a dedicated thread (not in a signal handler), so
-//! the second signal can say what stopping at once leaves behind
-//! ([`crate::leftovers`]) before the process ends.
+//! The command line routes signals here (`crate::signals`).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-/// Why a job was cancelled; the value is the exit code it leads to.
+/// Why a job was cancelled (`crate::exit` maps each to its exit code).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reason {
-    /// SIGINT (exit 130).
+    /// SIGINT.
     Interrupt,
-    /// SIGTERM (exit 143).
+    /// SIGTERM.
     Terminate,
-    /// SIGHUP (exit 129).
+    /// SIGHUP.
     Hangup,
-    /// --timeout expired (exit 9).
+    /// --timeout expired.
     Timeout,
 }
 
 impl Reason {
-    /// The exit code this cancellation leads to.
-    pub fn exit_code(self) -> i32 {
-        match self {
-            Reason::Interrupt => 130,
-            Reason::Terminate => 143,
-            Reason::Hangup => 129,
-            Reason::Timeout => 9,
-        }
+    const ALL: [Reason; 4] = [
+        Reason::Interrupt,
+        Reason::Terminate,
+        Reason::Hangup,
+        Reason::Timeout,
+    ];
+
+    /// The value stored in a [`Cancel`] (0 means not cancelled).
+    fn index(self) -> usize {
+        self as usize + 1
     }
 
-    fn from_code(c: usize) -> Option<Reason> {
-        match c {
-            130 => Some(Reason::Interrupt),
-            143 => Some(Reason::Terminate),
-            129 => Some(Reason::Hangup),
-            9 => Some(Reason::Timeout),
-            _ => None,
-        }
+    fn from_index(i: usize) -> Option<Reason> {
+        i.checked_sub(1).and_then(|i| Reason::ALL.get(i).copied())
     }
 
     /// What happened, in words.
@@ -58,7 +52,7 @@ impl Reason {
 /// A cancellation token shared by the job, its workers and signal handlers.
 #[derive(Debug, Clone, Default)]
 pub struct Cancel {
-    code: Arc<AtomicUsize>,
+    reason: Arc<AtomicUsize>,
     /// `--timeout`: checked by every poll, so a deadline that passed while
     /// the process was stopped is seen at once.
     deadline: Arc<std::sync::OnceLock<Instant>>,
@@ -70,68 +64,23 @@ impl Cancel {
         Cancel::default()
     }
 
-    /// Route SIGINT, SIGTERM and SIGHUP to this token (once per process).
-    /// A second signal ends the process at once (exit 130/143/129), after
-    /// one line on stderr naming what it leaves behind and how to recover.
-    pub fn install_signal_handlers(&self) -> std::io::Result<()> {
-        use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-        use std::sync::atomic::AtomicBool;
-        static INSTALLED: AtomicBool = AtomicBool::new(false);
-        if INSTALLED.swap(true, Ordering::SeqCst) {
-            return Ok(());
-        }
-        let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])?;
-        let me = self.clone();
-        std::thread::Builder::new()
-            .name("imgbackup-signals".into())
-            .spawn(move || {
-                let mut seen = 0;
-                for sig in signals.forever() {
-                    let reason = match sig {
-                        SIGINT => Reason::Interrupt,
-                        SIGTERM => Reason::Terminate,
-                        _ => Reason::Hangup,
-                    };
-                    seen += 1;
-                    if seen == 1 {
-                        me.cancel(reason);
-                        continue;
-                    }
-                    crate::errln!(
-                        "imgbackup: a second signal ({}): stopping at once; {}",
-                        match sig {
-                            SIGINT => "SIGINT",
-                            SIGTERM => "SIGTERM",
-                            _ => "SIGHUP",
-                        },
-                        crate::leftovers::describe()
-                    );
-                    std::process::exit(reason.exit_code());
-                }
-            })?;
-        Ok(())
-    }
-
     /// Cancel with `reason` unless already cancelled.
     pub fn cancel(&self, reason: Reason) {
-        let _ = self.code.compare_exchange(
-            0,
-            reason.exit_code() as usize,
-            Ordering::SeqCst,
-            Ordering::SeqCst,
-        );
+        let _ = self
+            .reason
+            .compare_exchange(0, reason.index(), Ordering::SeqCst, Ordering::SeqCst);
     }
 
     /// Why it was cancelled, if it was (the --timeout deadline included).
     pub fn reason(&self) -> Option<Reason> {
         self.poll_deadline();
-        Reason::from_code(self.code.load(Ordering::SeqCst))
+        Reason::from_index(self.reason.load(Ordering::SeqCst))
     }
 
     /// True once cancelled (or past the --timeout deadline).
     pub fn is_cancelled(&self) -> bool {
         self.poll_deadline();
-        self.code.load(Ordering::Relaxed) != 0
+        self.reason.load(Ordering::Relaxed) != 0
     }
 
     fn poll_deadline(&self) {
@@ -171,5 +120,24 @@ impl Cancel {
             }
             std::thread::sleep((until - now).min(Duration::from_millis(20)));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_reason_is_kept() {
+        let c = Cancel::new();
+        assert_eq!(c.reason(), None);
+        assert!(!c.is_cancelled());
+        for r in Reason::ALL {
+            assert_eq!(Reason::from_index(r.index()), Some(r));
+        }
+        c.cancel(Reason::Hangup);
+        c.cancel(Reason::Interrupt);
+        assert_eq!(c.reason(), Some(Reason::Hangup));
+        assert!(c.is_cancelled());
     }
 }

@@ -28,6 +28,7 @@ pub mod marking;
 pub mod overlay;
 pub mod probe;
 pub mod qcow2;
+pub mod ranges;
 pub mod raw;
 
 use crate::error::{BlockError, Op, Result};

@@ -7,6 +7,7 @@
 //! partly fills the rest from the source first (serialized per granule
 //! range, so concurrent guest writes never lose each other's bytes).
 
+use super::ranges::RangeLocks;
 use super::{BlockNode, Extent, Status, check_range};
 use crate::bitmap::Bits;
 use crate::error::{BlockError, Op, Result};
@@ -14,7 +15,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 /// Overlay granule.
 pub const GRANULE: u64 = 4096;
@@ -24,54 +25,6 @@ pub const MEMORY_LIMIT: u64 = 32 << 20;
 enum Store {
     Memory(Mutex<HashMap<u64, Box<[u8]>>>),
     File(File),
-}
-
-/// Serializes overlapping byte ranges.
-#[derive(Default)]
-pub struct RangeLocks {
-    held: Mutex<Vec<(u64, u64)>>,
-    freed: Condvar,
-}
-
-/// A held range; released on drop.
-pub struct RangeGuard<'a> {
-    locks: &'a RangeLocks,
-    range: (u64, u64),
-}
-
-impl RangeLocks {
-    /// Lock `[start, end)` (bytes) until the guard is dropped.
-    pub fn lock(&self, start: u64, end: u64) -> RangeGuard<'_> {
-        let mut held = match self.held.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
-        while held.iter().any(|&(a, b)| a < end && start < b) {
-            held = match self.freed.wait(held) {
-                Ok(g) => g,
-                Err(p) => p.into_inner(),
-            };
-        }
-        held.push((start, end));
-        RangeGuard {
-            locks: self,
-            range: (start, end),
-        }
-    }
-}
-
-impl Drop for RangeGuard<'_> {
-    fn drop(&mut self) {
-        let mut held = match self.locks.held.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
-        if let Some(i) = held.iter().position(|&r| r == self.range) {
-            held.swap_remove(i);
-        }
-        drop(held);
-        self.locks.freed.notify_all();
-    }
 }
 
 /// A writable overlay over a read-only base.

@@ -18,10 +18,13 @@ fn shim() -> &'static Path {
         let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("crash-shim");
         std::fs::create_dir_all(&dir).unwrap();
         let so = dir.join("crash.so");
+        // Test processes build it side by side: each builds its own and
+        // renames it into place, so none loads a half-written library.
+        let tmp = dir.join(format!("crash.so.{}.tmp", std::process::id()));
         let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/crash/shim.c");
         let o = Command::new("cc")
             .args(["-shared", "-fPIC", "-O2", "-o"])
-            .arg(&so)
+            .arg(&tmp)
             .arg(&src)
             .arg("-ldl")
             .output()
@@ -31,6 +34,7 @@ fn shim() -> &'static Path {
             "cc: {}",
             String::from_utf8_lossy(&o.stderr)
         );
+        std::fs::rename(&tmp, &so).unwrap();
         so
     })
 }
