@@ -1,13 +1,6 @@
 //! backup --sync full end to end, with qemu-img as the oracle.
 
-use crate::common::*;
-use std::path::Path;
-
-fn backup_ok(dir: &Path, args: &[&str]) -> std::process::Output {
-    let o = run_in(dir, args);
-    assert_eq!(code(&o), 0, "imgbackup {args:?}: {}", stderr(&o));
-    o
-}
+use crate::fixture::*;
 
 #[test]
 fn every_format_pair_is_byte_exact() {
@@ -23,7 +16,7 @@ fn every_format_pair_is_byte_exact() {
         ("src.qcow2", "q-to.raw"),
         ("src.qcow2", "q-to.qcow2"),
     ] {
-        backup_ok(p, &["backup", "-q", src, tgt]);
+        Backup::new(p, src, tgt).ok();
         assert!(identical(p, src, tgt), "{src} -> {tgt} differs");
         let info = info_json(p, tgt);
         let want = if tgt.ends_with(".qcow2") {
@@ -54,31 +47,15 @@ fn explicit_target_format_overrides_the_extension() {
     let d = tempdir();
     let p = d.path();
     make_qcow2(p, "src.qcow2", "");
-    backup_ok(
-        p,
-        &[
-            "backup",
-            "-q",
-            "--output-format",
-            "qcow2",
-            "src.qcow2",
-            "out.img",
-        ],
-    );
+    Backup::new(p, "src.qcow2", "out.img")
+        .output_format("qcow2")
+        .ok();
     assert_eq!(info_json(p, "out.img")["format"], "qcow2");
     check_clean(p, "out.img");
     assert!(identical(p, "src.qcow2", "out.img"));
-    backup_ok(
-        p,
-        &[
-            "backup",
-            "-q",
-            "--output-format",
-            "raw",
-            "src.qcow2",
-            "out2.qcow2",
-        ],
-    );
+    Backup::new(p, "src.qcow2", "out2.qcow2")
+        .output_format("raw")
+        .ok();
     assert_eq!(info_json(p, "out2.qcow2")["format"], "raw");
     assert!(identical_fmt(p, "src.qcow2", "qcow2", "out2.qcow2", "raw"));
 }
@@ -99,8 +76,7 @@ fn sparse_source_gives_sparse_targets() {
             "write -P 0x4 1023M 1M",
         ],
     );
-    let o = backup_ok(p, &["backup", "--json", "sparse.raw", "t.raw"]);
-    let doc: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json summary");
+    let doc = Backup::new(p, "sparse.raw", "t.raw").ok();
     assert_eq!(doc["bytes_copied"], 4 << 20);
     assert_eq!(doc["bytes_skipped_zero"], (1u64 << 30) - (4 << 20));
     assert_eq!(doc["virtual_size"], 1u64 << 30);
@@ -112,14 +88,16 @@ fn sparse_source_gives_sparse_targets() {
     assert!(identical(p, "sparse.raw", "t.raw"));
 
     // raw -> raw without a manifest copies inside the kernel; still sparse.
-    backup_ok(p, &["backup", "-q", "--no-manifest", "sparse.raw", "k.raw"]);
+    Backup::new(p, "sparse.raw", "k.raw")
+        .args(&["--no-manifest"])
+        .ok();
     assert!(
         disk_usage(&p.join("k.raw")) < 16 << 20,
         "kernel-copied target not sparse"
     );
     assert!(identical(p, "sparse.raw", "k.raw"));
 
-    backup_ok(p, &["backup", "-q", "sparse.raw", "t.qcow2"]);
+    Backup::new(p, "sparse.raw", "t.qcow2").ok();
     assert!(
         std::fs::metadata(p.join("t.qcow2")).unwrap().len() < 16 << 20,
         "qcow2 target too large"
@@ -140,8 +118,7 @@ fn all_zero_data_is_not_written() {
         "z.qcow2",
         &["write -P 0 0 4M", "write -P 0x9 4M 64k"],
     );
-    let o = backup_ok(p, &["backup", "--json", "z.qcow2", "z-out.qcow2"]);
-    let doc: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let doc = Backup::new(p, "z.qcow2", "z-out.qcow2").ok();
     assert_eq!(doc["bytes_copied"], 65536);
     check_clean(p, "z-out.qcow2");
     assert!(identical(p, "z.qcow2", "z-out.qcow2"));
@@ -185,18 +162,14 @@ fn jobs_chunk_and_cluster_sizes_give_the_same_image() {
     .enumerate()
     {
         let tgt = format!("out{i}.qcow2");
-        let mut args = vec!["backup", "-q"];
-        args.extend(extra.iter().copied());
-        args.push("src.qcow2");
-        args.push(&tgt);
-        backup_ok(p, &args);
+        Backup::new(p, "src.qcow2", &tgt).args(extra).ok();
         check_clean(p, &tgt);
         assert!(identical(p, "src.qcow2", &tgt), "{extra:?}");
         let info = info_json(p, &tgt);
         let want_cs = extra
             .iter()
             .position(|a| *a == "--output-cluster-size")
-            .map(|i| crate::common::parse_size(extra[i + 1]))
+            .map(|i| crate::fixture::parse_size(extra[i + 1]))
             .unwrap_or(65536);
         assert_eq!(info["cluster-size"], want_cs, "{extra:?}");
     }
@@ -219,7 +192,7 @@ fn existing_target_needs_force() {
         std::fs::read(p.join("old.raw")).unwrap(),
         b"previous backup"
     );
-    backup_ok(p, &["backup", "-q", "--force", "src.raw", "old.raw"]);
+    Backup::new(p, "src.raw", "old.raw").force().ok();
     assert!(identical(p, "src.raw", "old.raw"));
 }
 
@@ -240,10 +213,10 @@ fn dry_run_writes_nothing() {
     let d = tempdir();
     let p = d.path();
     make_qcow2(p, "src.qcow2", "");
-    let o = backup_ok(p, &["backup", "--dry-run", "src.qcow2", "out.qcow2"]);
+    let o = run_ok(p, &["backup", "--dry-run", "src.qcow2", "out.qcow2"]);
     assert!(stderr(&o).contains("dry run"), "{}", stderr(&o));
     assert!(!p.join("out.qcow2").exists() && !p.join("out.qcow2.partial").exists());
-    let o = backup_ok(
+    let o = run_ok(
         p,
         &["backup", "--dry-run", "--json", "src.qcow2", "out.qcow2"],
     );
@@ -275,7 +248,7 @@ fn json_summary_is_the_only_stdout() {
     let d = tempdir();
     let p = d.path();
     make_qcow2(p, "src.qcow2", "");
-    let o = backup_ok(
+    let o = run_ok(
         p,
         &[
             "backup",
@@ -307,8 +280,7 @@ fn json_summary_is_the_only_stdout() {
 fn plain_progress_prints_lines_for_logs() {
     let d = tempdir();
     let p = d.path();
-    qemu_img(p, &["create", "-f", "raw", "src.raw", "8M"]);
-    qemu_io(p, "raw", "src.raw", &["write -P 0x3 0 8M"]);
+    filled_disk(p, "src.raw", 8, 0x3);
     let o = bin()
         .current_dir(p)
         .env("IMGBACKUP_PROGRESS_INTERVAL", "300ms")
@@ -341,8 +313,7 @@ fn plain_progress_prints_lines_for_logs() {
 fn speed_limits_throughput() {
     let d = tempdir();
     let p = d.path();
-    qemu_img(p, &["create", "-f", "raw", "src.raw", "6M"]);
-    qemu_io(p, "raw", "src.raw", &["write -P 0x3 0 6M"]);
+    filled_disk(p, "src.raw", 6, 0x3);
     let t = std::time::Instant::now();
     let o = run_in(
         p,
@@ -420,7 +391,7 @@ fn raw_with_odd_size_reads_like_qemu() {
     let p = d.path();
     let data: Vec<u8> = (0..1000u32).map(|i| (i * 7 + 3) as u8).collect();
     std::fs::write(p.join("odd.raw"), &data).unwrap();
-    backup_ok(p, &["backup", "-q", "odd.raw", "odd-out.qcow2"]);
+    Backup::new(p, "odd.raw", "odd-out.qcow2").ok();
     check_clean(p, "odd-out.qcow2");
     assert!(identical(p, "odd.raw", "odd-out.qcow2"));
     assert_eq!(info_json(p, "odd-out.qcow2")["virtual-size"], 1024);

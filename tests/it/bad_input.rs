@@ -1,7 +1,7 @@
 //! Bad input: a clear message naming the file, the right exit code, no
 //! panic, no target (and no partial), and the source unchanged.
 
-use crate::common::*;
+use crate::fixture::*;
 use std::path::Path;
 
 /// Run a backup of `src` into a fresh directory and check the failure.

@@ -1,7 +1,7 @@
 //! Dirty bitmaps beside the image, incremental chains, staleness, import,
 //! and QEMU's iotest 257 bitmap outcomes.
 
-use crate::common::*;
+use crate::fixture::*;
 use serde_json::Value;
 use std::time::{Duration, Instant};
 
@@ -10,7 +10,7 @@ fn incremental_chain_restores_and_follows_the_dirty_data() {
     let d = tempdir();
     let p = d.path();
     data_disk(p, "disk.raw", 64);
-    let doc = ok(p, &["backup", "--bitmap", "b0", "disk.raw", "full.qcow2"]);
+    let doc = Backup::new(p, "disk.raw", "full.qcow2").bitmap("b0").ok();
     assert_eq!(doc["bitmap"]["dirty_granules"], 0);
     assert!(
         doc["bitmap"]["anchored_backup"]
@@ -32,18 +32,10 @@ fn incremental_chain_restores_and_follows_the_dirty_data() {
         .as_u64()
         .unwrap();
     assert!(dirty1 > 0);
-    let inc1 = ok(
-        p,
-        &[
-            "backup",
-            "--sync",
-            "incremental",
-            "--bitmap",
-            "b0",
-            "disk.raw",
-            "inc1.qcow2",
-        ],
-    );
+    let inc1 = Backup::new(p, "disk.raw", "inc1.qcow2")
+        .sync("incremental")
+        .bitmap("b0")
+        .ok();
     assert_eq!(inc1["backing"], "full.qcow2");
     assert_eq!(inc1["bitmap"]["dirty_granules"], 0);
     assert_eq!(
@@ -62,18 +54,10 @@ fn incremental_chain_restores_and_follows_the_dirty_data() {
             "iops=0,count=20,bs=128K,zero=100,seed=8",
         ],
     );
-    let inc2 = ok(
-        p,
-        &[
-            "backup",
-            "--sync",
-            "incremental",
-            "--bitmap",
-            "b0",
-            "disk.raw",
-            "inc2.qcow2",
-        ],
-    );
+    let inc2 = Backup::new(p, "disk.raw", "inc2.qcow2")
+        .sync("incremental")
+        .bitmap("b0")
+        .ok();
     assert_eq!(inc2["backing"], "inc1.qcow2");
     check_clean(p, "inc2.qcow2");
     let zero_own = map_json(p, "inc2.qcow2")
@@ -116,20 +100,12 @@ fn a_write_behind_imgbackups_back_is_caught_and_rebuild_recovers() {
     let d = tempdir();
     let p = d.path();
     data_disk(p, "disk.raw", 16);
-    ok(p, &["backup", "--bitmap", "b0", "disk.raw", "full.qcow2"]);
+    Backup::new(p, "disk.raw", "full.qcow2").bitmap("b0").ok();
     ok(p, &["guest", "disk.raw", "iops=0,count=10,seed=1"]);
-    ok(
-        p,
-        &[
-            "backup",
-            "--sync",
-            "incremental",
-            "--bitmap",
-            "b0",
-            "disk.raw",
-            "inc1.qcow2",
-        ],
-    );
+    Backup::new(p, "disk.raw", "inc1.qcow2")
+        .sync("incremental")
+        .bitmap("b0")
+        .ok();
     // Someone writes the image without marking the bitmap.
     std::thread::sleep(Duration::from_millis(20));
     qemu_io(p, "raw", "disk.raw", &["write -P 0xee 5M 8k"]);
@@ -166,18 +142,10 @@ fn a_write_behind_imgbackups_back_is_caught_and_rebuild_recovers() {
         ],
     );
     assert_eq!(r["bitmap"]["dirty_granules"], 1, "{r}");
-    let inc2 = ok(
-        p,
-        &[
-            "backup",
-            "--sync",
-            "incremental",
-            "--bitmap",
-            "b0",
-            "disk.raw",
-            "inc2.qcow2",
-        ],
-    );
+    let inc2 = Backup::new(p, "disk.raw", "inc2.qcow2")
+        .sync("incremental")
+        .bitmap("b0")
+        .ok();
     assert_eq!(inc2["backing"], "inc1.qcow2");
     let want = sha256_file(&p.join("disk.raw"));
     ok(p, &["restore", "inc2.qcow2", "r.raw"]);
@@ -189,7 +157,7 @@ fn a_damaged_or_abandoned_bitmap_is_refused() {
     let d = tempdir();
     let p = d.path();
     data_disk(p, "disk.raw", 16);
-    ok(p, &["backup", "--bitmap", "b0", "disk.raw", "full.qcow2"]);
+    Backup::new(p, "disk.raw", "full.qcow2").bitmap("b0").ok();
     ok(p, &["guest", "disk.raw", "iops=0,count=10,seed=2"]);
     let bm = p.join("disk.raw.b0.bitmap");
     let good = std::fs::read(&bm).unwrap();
@@ -256,7 +224,7 @@ fn a_damaged_or_abandoned_bitmap_is_refused() {
     assert_eq!(show["in_use"], true);
     // A full backup with --bitmap starts the bitmap afresh (under a new
     // name: the backup the bitmap is anchored to is never overwritten).
-    ok(p, &["backup", "--bitmap", "b0", "disk.raw", "full2.qcow2"]);
+    Backup::new(p, "disk.raw", "full2.qcow2").bitmap("b0").ok();
     assert_eq!(dirty(p, "disk.raw", "b0"), 0);
 }
 
@@ -265,7 +233,7 @@ fn cancelling_an_incremental_keeps_the_bitmap() {
     let d = tempdir();
     let p = d.path();
     data_disk(p, "disk.raw", 32);
-    ok(p, &["backup", "--bitmap", "b0", "disk.raw", "full.qcow2"]);
+    Backup::new(p, "disk.raw", "full.qcow2").bitmap("b0").ok();
     let mut seed = 99u64;
     for round in 0..6u64 {
         // Dirty the bitmap (again), then cancel an incremental at a random moment.
@@ -330,18 +298,10 @@ fn cancelling_an_incremental_keeps_the_bitmap() {
         );
     }
     // The next incremental succeeds and the chain restores.
-    ok(
-        p,
-        &[
-            "backup",
-            "--sync",
-            "incremental",
-            "--bitmap",
-            "b0",
-            "disk.raw",
-            "last.qcow2",
-        ],
-    );
+    Backup::new(p, "disk.raw", "last.qcow2")
+        .sync("incremental")
+        .bitmap("b0")
+        .ok();
     ok(p, &["restore", "last.qcow2", "r.raw"]);
     assert_eq!(
         sha256_file(&p.join("r.raw")),
@@ -354,7 +314,7 @@ fn ignored_clusters_stay_dirty() {
     let d = tempdir();
     let p = d.path();
     data_disk(p, "disk.raw", 16);
-    ok(p, &["backup", "--bitmap", "b0", "disk.raw", "full.qcow2"]);
+    Backup::new(p, "disk.raw", "full.qcow2").bitmap("b0").ok();
     ok(p, &["guest", "disk.raw", "iops=0,count=40,bs=64K,seed=4"]);
     let ranges = ok(p, &["bitmap", "show", "disk.raw", "b0"])["dirty_ranges"].clone();
     let first = ranges[0][0].as_u64().unwrap();
@@ -402,7 +362,7 @@ fn case_257(sync: &str, mode: &str, failure: bool) -> (i32, u64) {
     let p = d.path();
     qemu_img(p, &["create", "-f", "qcow2", "img.qcow2", "64M"]);
     qemu_io(p, "qcow2", "img.qcow2", GROUP0);
-    ok(p, &["backup", "img.qcow2", "fbackup0.qcow2"]);
+    Backup::new(p, "img.qcow2", "fbackup0.qcow2").ok();
     ok(p, &["bitmap", "add", "img.qcow2", "bitmap0"]);
     qemu_io(p, "qcow2", "img.qcow2", GROUP1);
     // qemu-io does not mark our bitmap: rebuild it from the reference backup.
@@ -516,7 +476,7 @@ fn sync_top_copies_only_the_top_layer() {
             "write -z 6M 64k",
         ],
     );
-    let doc = ok(p, &["backup", "--sync", "top", "top.qcow2", "t.qcow2"]);
+    let doc = Backup::new(p, "top.qcow2", "t.qcow2").sync("top").ok();
     assert_eq!(doc["backing"], "base.raw");
     check_clean(p, "t.qcow2");
     let own = |img: &str| -> Vec<(u64, u64, bool)> {
@@ -547,7 +507,7 @@ fn import_a_qemu_bitmap_and_back_up_with_it() {
     let p = d.path();
     qemu_img(p, &["create", "-f", "qcow2", "img.qcow2", "64M"]);
     qemu_io(p, "qcow2", "img.qcow2", &["write -P 1 0 64M"]);
-    ok(p, &["backup", "img.qcow2", "full.qcow2"]);
+    Backup::new(p, "img.qcow2", "full.qcow2").ok();
     qemu_img(p, &["bitmap", "--add", "img.qcow2", "bm0"]);
     qemu_io(
         p,
@@ -604,20 +564,11 @@ fn import_a_qemu_bitmap_and_back_up_with_it() {
     assert_eq!(ours, qemu_dirty);
     assert_eq!(show["granularity"], 65536);
     // An incremental driven by it restores the image.
-    let inc = ok(
-        p,
-        &[
-            "backup",
-            "--sync",
-            "incremental",
-            "--bitmap",
-            "imported",
-            "--backing",
-            "full.qcow2",
-            "img.qcow2",
-            "inc.qcow2",
-        ],
-    );
+    let inc = Backup::new(p, "img.qcow2", "inc.qcow2")
+        .sync("incremental")
+        .bitmap("imported")
+        .args(&["--backing", "full.qcow2"])
+        .ok();
     assert_eq!(inc["backing"], "full.qcow2");
     ok(p, &["restore", "inc.qcow2", "r.raw"]);
     assert!(identical(p, "img.qcow2", "r.raw"));

@@ -1,35 +1,8 @@
 //! Copy-before-write end to end: a simulated guest writes while the backup
 //! runs; the backup must equal the source as it was at the start.
 
-use crate::common::*;
+use crate::fixture::*;
 use serde_json::Value;
-use std::path::Path;
-
-/// A source image with data everywhere (so every copy matters).
-fn source(p: &Path, name: &str, size_mib: u64) {
-    let raw = format!("{name}.tmp.raw");
-    qemu_img(p, &["create", "-f", "raw", &raw, &format!("{size_mib}M")]);
-    let mut cmds = Vec::new();
-    for i in 0..size_mib {
-        cmds.push(format!("write -P {} {}M 1M", (i * 37 + 11) % 255 + 1, i));
-    }
-    let cmds: Vec<&str> = cmds.iter().map(String::as_str).collect();
-    qemu_io(p, "raw", &raw, &cmds);
-    if name.ends_with(".qcow2") {
-        qemu_img(p, &["convert", "-O", "qcow2", &raw, name]);
-        std::fs::remove_file(p.join(&raw)).unwrap();
-    } else {
-        std::fs::rename(p.join(&raw), p.join(name)).unwrap();
-    }
-}
-
-fn backup_json(p: &Path, args: &[&str]) -> Value {
-    let mut a = vec!["backup", "--json"];
-    a.extend_from_slice(args);
-    let o = run_in(p, &a);
-    assert_eq!(code(&o), 0, "{a:?}: {}", stderr(&o));
-    serde_json::from_slice(&o.stdout).expect("summary json")
-}
 
 fn check_guest_report(doc: &Value, want_writes: u64) {
     let g = &doc["guest"];
@@ -76,7 +49,7 @@ fn property(src_ext: &str, tgt_ext: &str, seed0: u64) {
     let p = d.path();
     for (seed, threads, bs, size, jobs) in cases(seed0) {
         let src = format!("src{seed}.{src_ext}");
-        source(p, &src, size);
+        data_disk(p, &src, size);
         let before = sha256_file(&p.join(&src));
         let tgt = format!("t{seed}.{tgt_ext}");
         let count = 150 + seed % 200;
@@ -85,13 +58,11 @@ fn property(src_ext: &str, tgt_ext: &str, seed0: u64) {
         );
         // Throttle the job so the guest runs ahead of it.
         let speed = format!("{}M", size * 2);
-        let jobs = jobs.to_string();
-        let doc = backup_json(
-            p,
-            &[
-                "--jobs", &jobs, "--speed", &speed, "--guest", &spec, &src, &tgt,
-            ],
-        );
+        let doc = Backup::new(p, &src, &tgt)
+            .jobs(jobs)
+            .speed(speed)
+            .guest(spec)
+            .ok();
         assert!(
             identical(p, &src, &tgt),
             "case seed={seed} threads={threads} bs={bs} size={size}M jobs={jobs}: target differs"
@@ -132,26 +103,16 @@ fn point_in_time_qcow2_to_qcow2() {
 fn guest_that_rewrites_everything_first_still_gives_the_start() {
     let d = tempdir();
     let p = d.path();
-    source(p, "src.raw", 8);
+    data_disk(p, "src.raw", 8);
     // 128 clusters of 64K: the guest rewrites every one, in order, long
     // before the throttled job reaches them.
-    let doc = backup_json(
-        p,
-        &[
-            "--jobs",
-            "1",
-            "--speed",
-            "1M",
-            "--max-chunk",
-            "64K",
-            "--guest",
-            "iops=0,bs=64K,pattern=sequential,count=128",
-            "--guest-overlay",
-            "guest.qcow2",
-            "src.raw",
-            "t.raw",
-        ],
-    );
+    let doc = Backup::new(p, "src.raw", "t.raw")
+        .jobs(1)
+        .speed("1M")
+        .max_chunk("64K")
+        .guest("iops=0,bs=64K,pattern=sequential,count=128")
+        .args(&["--guest-overlay", "guest.qcow2"])
+        .ok();
     assert!(
         identical(p, "src.raw", "t.raw"),
         "target is not the image at the start"
@@ -181,7 +142,7 @@ fn guest_that_rewrites_everything_first_still_gives_the_start() {
 fn progress_counts_copy_before_write_as_it_happens() {
     let d = tempdir();
     let p = d.path();
-    source(p, "src.raw", 8);
+    data_disk(p, "src.raw", 8);
     let o = bin()
         .current_dir(p)
         .env("IMGBACKUP_PROGRESS_INTERVAL", "200ms")
@@ -226,27 +187,15 @@ fn progress_counts_copy_before_write_as_it_happens() {
 fn failed_copy_before_write_breaks_the_guest_write_by_default() {
     let d = tempdir();
     let p = d.path();
-    source(p, "src.raw", 8);
+    data_disk(p, "src.raw", 8);
     // Thread 1 of 2 starts writing at 4M; the copy of that cluster fails once.
-    let doc = backup_json(
-        p,
-        &[
-            "--jobs",
-            "1",
-            "--speed",
-            "4M",
-            "--guest",
-            "iops=0,bs=4K,pattern=sequential,threads=2,count=2",
-            "--cbw-cache",
-            "0",
-            "--inject",
-            "target:write:EIO@4M,once",
-            "--guest-overlay",
-            "g.qcow2",
-            "src.raw",
-            "t.raw",
-        ],
-    );
+    let doc = Backup::new(p, "src.raw", "t.raw")
+        .jobs(1)
+        .speed("4M")
+        .guest("iops=0,bs=4K,pattern=sequential,threads=2,count=2")
+        .inject("target:write:EIO@4M,once")
+        .args(&["--cbw-cache", "0", "--guest-overlay", "g.qcow2"])
+        .ok();
     let g = &doc["guest"];
     assert_eq!(g["failed_writes"], 1, "{g}");
     assert!(
@@ -269,7 +218,7 @@ fn failed_copy_before_write_breaks_the_guest_write_by_default() {
 fn failed_copy_before_write_with_break_snapshot_fails_the_job() {
     let d = tempdir();
     let p = d.path();
-    source(p, "src.raw", 8);
+    data_disk(p, "src.raw", 8);
     for tgt in ["t.raw", "t.qcow2"] {
         let o = run_in(
             p,
@@ -301,27 +250,15 @@ fn failed_copy_before_write_with_break_snapshot_fails_the_job() {
 fn cbw_timeout_bounds_the_guest_wait() {
     let d = tempdir();
     let p = d.path();
-    source(p, "src.raw", 8);
+    data_disk(p, "src.raw", 8);
     // Every target write takes 300 ms; a guest write may wait 50 ms.
-    let doc = backup_json(
-        p,
-        &[
-            "--jobs",
-            "1",
-            "--max-chunk",
-            "64K",
-            "--guest",
-            "iops=0,bs=4K,pattern=sequential,threads=2,count=4",
-            "--cbw-cache",
-            "0",
-            "--cbw-timeout",
-            "50ms",
-            "--inject",
-            "target:write:EIO@4M-5M,count=1,delay=300ms",
-            "src.raw",
-            "t.raw",
-        ],
-    );
+    let doc = Backup::new(p, "src.raw", "t.raw")
+        .jobs(1)
+        .max_chunk("64K")
+        .guest("iops=0,bs=4K,pattern=sequential,threads=2,count=4")
+        .inject("target:write:EIO@4M-5M,count=1,delay=300ms")
+        .args(&["--cbw-cache", "0", "--cbw-timeout", "50ms"])
+        .ok();
     let g = &doc["guest"];
     assert!(g["failed_writes"].as_u64().unwrap() >= 1, "{g}");
     assert!(identical(p, "src.raw", "t.raw"));
@@ -331,22 +268,14 @@ fn cbw_timeout_bounds_the_guest_wait() {
 fn fleecing_copies_exactly_what_the_guest_overwrites() {
     let d = tempdir();
     let p = d.path();
-    source(p, "src.qcow2", 16);
+    data_disk(p, "src.qcow2", 16);
     let before = sha256_file(&p.join("src.qcow2"));
-    let doc = backup_json(
-        p,
-        &[
-            "--sync",
-            "none",
-            "--guest",
-            "iops=0,bs=512-128K,threads=3,seed=5,count=300,zero=30",
-            "--guest-overlay",
-            "g.qcow2",
-            "--verify",
-            "src.qcow2",
-            "fleece.qcow2",
-        ],
-    );
+    let doc = Backup::new(p, "src.qcow2", "fleece.qcow2")
+        .sync("none")
+        .guest("iops=0,bs=512-128K,threads=3,seed=5,count=300,zero=30")
+        .verify()
+        .args(&["--guest-overlay", "g.qcow2"])
+        .ok();
     assert_eq!(doc["sync"], "none");
     assert_eq!(doc["verified"], true);
     check_guest_report(&doc, 300);
@@ -394,17 +323,11 @@ fn merge(v: &mut Vec<(u64, u64)>) {
 fn verify_and_usage_rules() {
     let d = tempdir();
     let p = d.path();
-    source(p, "src.raw", 4);
-    let doc = backup_json(
-        p,
-        &[
-            "--verify",
-            "--guest",
-            "iops=0,count=50",
-            "src.raw",
-            "t.qcow2",
-        ],
-    );
+    data_disk(p, "src.raw", 4);
+    let doc = Backup::new(p, "src.raw", "t.qcow2")
+        .verify()
+        .guest("iops=0,count=50")
+        .ok();
     assert_eq!(doc["verified"], true);
     // sync none needs a bounded guest and a qcow2 target.
     for (args, msg) in [
@@ -477,50 +400,34 @@ fn first_difference_finds_the_offset() {
 fn the_cbw_cache_keeps_the_point_in_time_and_its_bound() {
     let d = tempdir();
     let p = d.path();
-    source(p, "src.raw", 16);
+    data_disk(p, "src.raw", 16);
     // Small cache, a fast guest, a slow job: the cache fills and drains.
-    let doc = backup_json(
-        p,
-        &[
-            "--jobs",
-            "2",
-            "--speed",
-            "4M",
-            "--cbw-cache",
-            "512K",
-            "--guest",
-            "iops=0,threads=3,bs=4K-128K,count=400,seed=21",
-            "src.raw",
-            "t.qcow2",
-        ],
-    );
+    let doc = Backup::new(p, "src.raw", "t.qcow2")
+        .jobs(2)
+        .speed("4M")
+        .guest("iops=0,threads=3,bs=4K-128K,count=400,seed=21")
+        .args(&["--cbw-cache", "512K"])
+        .ok();
     assert!(identical(p, "src.raw", "t.qcow2"));
     let peak = doc["cbw_cache_peak_bytes"].as_u64().unwrap();
     assert!(peak > 0 && peak <= 512 << 10, "peak {peak}");
     assert!(doc["copy_before_write_copies"].as_u64().unwrap() > 0);
     check_guest_report(&doc, 400);
     // A transient target failure while draining is retried from the cache.
-    let doc = backup_json(
-        p,
-        &[
-            "--jobs",
-            "1",
-            "--speed",
-            "2M",
+    let doc = Backup::new(p, "src.raw", "t2.raw")
+        .jobs(1)
+        .speed("2M")
+        .guest("iops=0,bs=64K,pattern=sequential,threads=2,count=8")
+        .inject("target:write:EIO@8M,once")
+        .args(&[
             "--cbw-cache",
             "8M",
             "--on-target-error",
             "retry",
             "--retry-delay",
             "10ms",
-            "--guest",
-            "iops=0,bs=64K,pattern=sequential,threads=2,count=8",
-            "--inject",
-            "target:write:EIO@8M,once",
-            "src.raw",
-            "t2.raw",
-        ],
-    );
+        ])
+        .ok();
     assert_eq!(doc["retries"], 1, "{doc}");
     let ev = doc["retry_events"].as_array().unwrap();
     assert_eq!(ev.len(), 1, "the drain's retry is in the summary: {doc}");

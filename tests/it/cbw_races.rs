@@ -2,7 +2,7 @@
 //! blkdebug-style `suspend`: a read at a chosen offset waits in the node
 //! until the test resumes it.
 
-use crate::common::*;
+use crate::fixture::*;
 use imgbackup::bitmap::Bits;
 use imgbackup::copy::{BlockCopy, Config};
 use imgbackup::error::Result;
@@ -54,8 +54,7 @@ struct Rig {
 fn rig(pause_at: u64) -> Rig {
     let d = tempdir();
     let p = d.path();
-    qemu_img(p, &["create", "-f", "raw", "src.raw", "1M"]);
-    qemu_io(p, "raw", "src.raw", &["write -P 0x61 0 1M"]);
+    filled_disk(p, "src.raw", 1, 0x61);
     let original = std::fs::read(p.join("src.raw")).unwrap();
     let src: Arc<dyn BlockNode> = Arc::new(RawNode::open(&p.join("src.raw")).unwrap());
     let fault = Arc::new(FaultNode::new(src, Vec::new()));

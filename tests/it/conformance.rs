@@ -3,7 +3,7 @@
 //! oracle (`qemu-img convert -O raw`), out-of-range requests fail cleanly,
 //! and writable nodes read back what was written.
 
-use crate::common::*;
+use crate::fixture::*;
 use imgbackup::error::BlockError;
 use imgbackup::node::probe::open_image;
 use imgbackup::node::qcow2::{CreateOptions, Qcow2Layer, Qcow2Writer};
@@ -279,8 +279,7 @@ fn qcow2_writer_from_many_threads() {
 fn qcow2_writer_with_backing_and_zero_clusters() {
     let d = tempdir();
     let p = d.path();
-    qemu_img(p, &["create", "-f", "raw", "base.raw", "1M"]);
-    qemu_io(p, "raw", "base.raw", &["write -P 0x31 0 1M"]);
+    filled_disk(p, "base.raw", 1, 0x31);
     let w = Qcow2Writer::create(
         &p.join("over.qcow2"),
         &CreateOptions {

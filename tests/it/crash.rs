@@ -6,7 +6,7 @@
 //! and the documented recovery (run again; `bitmap rebuild` as the hint
 //! says) leaves a chain that restores to the source.
 
-use crate::common::*;
+use crate::fixture::*;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
@@ -134,7 +134,7 @@ fn check_backup(p: &Path, name: &str, states: &[&[u8]], at: u64) {
 
 fn setup_force(p: &Path) {
     data_disk(p, "disk.raw", 4);
-    ok(p, &["backup", "disk.raw", "t.qcow2"]);
+    Backup::new(p, "disk.raw", "t.qcow2").ok();
     ok(p, &["guest", "disk.raw", "iops=0,count=30,seed=5"]);
 }
 
@@ -162,7 +162,7 @@ fn kill_at_every_step_of_a_forced_full_backup() {
             assert_eq!(rc, 7, "crash at {at}: an unbound manifest verified");
         }
         // Recovery: run it again.
-        ok(p, &["backup", "--force", "disk.raw", "t.qcow2"]);
+        Backup::new(p, "disk.raw", "t.qcow2").force().ok();
         assert_eq!(content(p, "t.qcow2"), new, "crash at {at}: recovery");
         ok(p, &["verify", "t.qcow2"]);
         assert!(
@@ -173,7 +173,7 @@ fn kill_at_every_step_of_a_forced_full_backup() {
 
 fn setup_inc(p: &Path) {
     data_disk(p, "disk.raw", 4);
-    ok(p, &["backup", "--bitmap", "b0", "disk.raw", "full.qcow2"]);
+    Backup::new(p, "disk.raw", "full.qcow2").bitmap("b0").ok();
     ok(p, &["guest", "disk.raw", "iops=0,count=30,seed=6"]);
 }
 
@@ -213,7 +213,7 @@ fn kill_at_every_step_of_an_incremental() {
 
 fn setup_guest(p: &Path) {
     data_disk(p, "disk.raw", 4);
-    ok(p, &["backup", "--bitmap", "b0", "disk.raw", "full.qcow2"]);
+    Backup::new(p, "disk.raw", "full.qcow2").bitmap("b0").ok();
 }
 
 #[test]

@@ -24,7 +24,7 @@ fn docs_are_current() {
 
 #[test]
 fn help_and_version() {
-    let o = crate::common::bin().arg("--help").output().unwrap();
+    let o = crate::fixture::bin().arg("--help").output().unwrap();
     assert_eq!(o.status.code(), Some(0));
     let text = String::from_utf8_lossy(&o.stdout);
     assert!(text.contains("backup") && text.contains("info") && text.contains("Exit status"));
@@ -32,7 +32,7 @@ fn help_and_version() {
         !text.contains("generate-docs"),
         "internal command shown in help"
     );
-    let o = crate::common::bin().arg("--version").output().unwrap();
+    let o = crate::fixture::bin().arg("--version").output().unwrap();
     assert!(String::from_utf8_lossy(&o.stdout).starts_with("imgbackup "));
 }
 
@@ -67,7 +67,7 @@ fn every_help_follows_the_conventions() {
     for path in paths {
         let mut args: Vec<&str> = path.iter().map(String::as_str).collect();
         args.push("--help");
-        let o = crate::common::bin().args(&args).output().unwrap();
+        let o = crate::fixture::bin().args(&args).output().unwrap();
         assert_eq!(o.status.code(), Some(0), "{args:?}");
         let text = String::from_utf8_lossy(&o.stdout).into_owned();
         let global = text
@@ -106,7 +106,7 @@ fn every_help_follows_the_conventions() {
         }
     }
     // The long help has the whole exit-code table.
-    let o = crate::common::bin().arg("--help").output().unwrap();
+    let o = crate::fixture::bin().arg("--help").output().unwrap();
     let text = String::from_utf8_lossy(&o.stdout);
     for code in [
         "0 ", "1 ", "2 ", "3 ", "4 ", "5 ", "6 ", "7 ", "8 ", "9 ", "129", "130", "143",
@@ -191,10 +191,10 @@ fn man_pages_are_whole_and_see_also_points_at_pages_that_exist() {
 /// The spellings of 0.1 still work for one release, with a note.
 #[test]
 fn old_option_spellings_work_with_a_deprecation_note() {
-    let d = crate::common::tempdir();
+    let d = crate::fixture::tempdir();
     let p = d.path();
-    crate::common::make_raw(p, "src.raw", "4M");
-    let o = crate::common::run_in(
+    crate::fixture::make_raw(p, "src.raw", "4M");
+    let o = crate::fixture::run_in(
         p,
         &[
             "backup",
@@ -208,7 +208,7 @@ fn old_option_spellings_work_with_a_deprecation_note() {
             "t.img",
         ],
     );
-    let err = crate::common::stderr(&o);
+    let err = crate::fixture::stderr(&o);
     assert_eq!(o.status.code(), Some(0), "{err}");
     assert!(
         err.contains("--target-format is deprecated") && err.contains("--output-format"),
@@ -218,10 +218,10 @@ fn old_option_spellings_work_with_a_deprecation_note() {
         err.contains("--cluster-size is deprecated") && err.contains("--granularity"),
         "{err}"
     );
-    assert_eq!(crate::common::info_json(p, "t.img")["format"], "qcow2");
-    let o = crate::common::run_in(p, &["verify", "t.img", "--against", "src.raw"]);
-    assert_eq!(o.status.code(), Some(0), "{}", crate::common::stderr(&o));
-    let o = crate::common::run_in(
+    assert_eq!(crate::fixture::info_json(p, "t.img")["format"], "qcow2");
+    let o = crate::fixture::run_in(p, &["verify", "t.img", "--against", "src.raw"]);
+    assert_eq!(o.status.code(), Some(0), "{}", crate::fixture::stderr(&o));
+    let o = crate::fixture::run_in(
         p,
         &[
             "restore",
@@ -233,14 +233,17 @@ fn old_option_spellings_work_with_a_deprecation_note() {
             "r.qcow2",
         ],
     );
-    assert_eq!(o.status.code(), Some(0), "{}", crate::common::stderr(&o));
-    assert_eq!(crate::common::info_json(p, "r.qcow2")["cluster-size"], 4096);
+    assert_eq!(o.status.code(), Some(0), "{}", crate::fixture::stderr(&o));
+    assert_eq!(
+        crate::fixture::info_json(p, "r.qcow2")["cluster-size"],
+        4096
+    );
     // -q silences the note.
-    let o = crate::common::run_in(p, &["-q", "verify", "t.img", "--against", "src.raw"]);
+    let o = crate::fixture::run_in(p, &["-q", "verify", "t.img", "--against", "src.raw"]);
     assert!(
-        crate::common::stderr(&o).is_empty(),
+        crate::fixture::stderr(&o).is_empty(),
         "{}",
-        crate::common::stderr(&o)
+        crate::fixture::stderr(&o)
     );
 }
 
@@ -249,20 +252,20 @@ fn old_option_spellings_work_with_a_deprecation_note() {
 #[test]
 fn usage_errors_with_json_and_quiet_verbose() {
     let (rc, doc, err) =
-        crate::common::json_run(Path::new("."), &["backup", "--speed", "fast", "a", "b"]);
+        crate::fixture::json_run(Path::new("."), &["backup", "--speed", "fast", "a", "b"]);
     assert_eq!(rc, 2, "{err}");
     assert_eq!(doc["ok"], false, "{doc}");
     assert_eq!(doc["exit_code"], 2);
     assert!(doc["error"].as_str().unwrap().contains("fast"), "{doc}");
-    let o = crate::common::bin()
+    let o = crate::fixture::bin()
         .args(["-q", "-v", "info", "x"])
         .output()
         .unwrap();
     assert_eq!(o.status.code(), Some(2));
     assert!(
-        crate::common::stderr(&o).contains("cannot be used with"),
+        crate::fixture::stderr(&o).contains("cannot be used with"),
         "{}",
-        crate::common::stderr(&o)
+        crate::fixture::stderr(&o)
     );
 }
 
@@ -270,14 +273,14 @@ fn usage_errors_with_json_and_quiet_verbose() {
 /// and offers images for images.
 #[test]
 fn completion_offers_bitmap_names_and_images() {
-    let d = crate::common::tempdir();
+    let d = crate::fixture::tempdir();
     let p = d.path();
-    crate::common::make_raw(p, "disk.raw", "4M");
-    crate::common::ok(p, &["bitmap", "add", "disk.raw", "nightly"]);
-    crate::common::ok(p, &["bitmap", "add", "disk.raw", "weekly"]);
+    crate::fixture::make_raw(p, "disk.raw", "4M");
+    crate::fixture::ok(p, &["bitmap", "add", "disk.raw", "nightly"]);
+    crate::fixture::ok(p, &["bitmap", "add", "disk.raw", "weekly"]);
     std::fs::write(p.join("notes.txt"), b"x").unwrap();
     let complete = |words: &[&str]| -> Vec<String> {
-        let o = crate::common::bin()
+        let o = crate::fixture::bin()
             .current_dir(p)
             .env("COMPLETE", "bash")
             .env("_CLAP_COMPLETE_INDEX", (words.len() - 1).to_string())
@@ -286,7 +289,7 @@ fn completion_offers_bitmap_names_and_images() {
             .args(words)
             .output()
             .unwrap();
-        assert!(o.status.success(), "{}", crate::common::stderr(&o));
+        assert!(o.status.success(), "{}", crate::fixture::stderr(&o));
         String::from_utf8_lossy(&o.stdout)
             .lines()
             .filter(|l| !l.starts_with('-'))

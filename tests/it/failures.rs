@@ -1,38 +1,20 @@
 //! Error policies with --inject, a real full file system, damaged images,
 //! locks, and signals at random moments.
 
-use crate::common::*;
+use crate::fixture::*;
 use serde_json::Value;
 use std::path::Path;
 use std::time::Duration;
 
 const K64: u64 = 65536;
 
-fn source(p: &Path) {
-    qemu_img(p, &["create", "-f", "raw", "src.raw", "8M"]);
-    qemu_io(
-        p,
-        "raw",
-        "src.raw",
-        &["write -P 0x31 0 4M", "write -P 0x32 4M 4M"],
-    );
-}
-
-/// Run a backup with `--json --jobs 1 --max-chunk 64K` (requests in offset
-/// order, one cluster each) and the given extra arguments.
-fn run(p: &Path, tgt: &str, extra: &[&str]) -> (i32, Value, String) {
-    let mut a = vec![
-        "backup",
-        "--jobs",
-        "1",
-        "--max-chunk",
-        "64K",
-        "--retry-delay",
-        "10ms",
-    ];
-    a.extend_from_slice(extra);
-    a.extend(["src.raw", tgt]);
-    json_run(p, &a)
+/// A backup of `src.raw` to `tgt` with `--jobs 1 --max-chunk 64K`
+/// (requests in offset order, one cluster each) and quick retries.
+fn in_order(p: &Path, tgt: &str) -> Backup {
+    Backup::new(p, "src.raw", tgt)
+        .jobs(1)
+        .max_chunk("64K")
+        .args(&["--retry-delay", "10ms"])
 }
 
 fn no_target(p: &Path, tgt: &str) {
@@ -60,8 +42,11 @@ fn ranges(doc: &Value) -> Vec<(u64, u64)> {
 fn report_fails_with_4_or_5_and_leaves_nothing() {
     let d = tempdir();
     let p = d.path();
-    source(p);
-    let (rc, doc, err) = run(p, "a.qcow2", &["--inject", "source:read:EIO@nth=3"]);
+    data_disk(p, "src.raw", 8);
+    let (rc, doc, err) = in_order(p, "a.qcow2")
+        .inject("source:read:EIO@nth=3")
+        .run()
+        .into_parts();
     assert_eq!(rc, 4, "{err}");
     assert_eq!(doc["exit_code"], 4);
     assert!(
@@ -69,10 +54,16 @@ fn report_fails_with_4_or_5_and_leaves_nothing() {
         "{err}"
     );
     no_target(p, "a.qcow2");
-    let (rc, _, err) = run(p, "b.raw", &["--inject", "target:write:EIO@nth=3"]);
+    let (rc, _, err) = in_order(p, "b.raw")
+        .inject("target:write:EIO@nth=3")
+        .run()
+        .into_parts();
     assert_eq!(rc, 5, "{err}");
     no_target(p, "b.raw");
-    let (rc, _, err) = run(p, "c.qcow2", &["--inject", "target:flush:EIO"]);
+    let (rc, _, err) = in_order(p, "c.qcow2")
+        .inject("target:flush:EIO")
+        .run()
+        .into_parts();
     assert_eq!(rc, 5, "{err}");
     no_target(p, "c.qcow2");
 }
@@ -81,7 +72,7 @@ fn report_fails_with_4_or_5_and_leaves_nothing() {
 fn ignore_skips_the_failing_clusters_and_exits_3() {
     let d = tempdir();
     let p = d.path();
-    source(p);
+    data_disk(p, "src.raw", 8);
     let want = std::fs::read(p.join("src.raw")).unwrap();
     // Source read errors on one cluster (every time), in a larger request.
     let mut args = vec![
@@ -130,7 +121,7 @@ fn ignore_skips_the_failing_clusters_and_exits_3() {
         "--inject",
         "target:write:EIO@2M",
     ];
-    let (rc, doc, err) = run(p, "b.qcow2", &args);
+    let (rc, doc, err) = in_order(p, "b.qcow2").args(&args).run().into_parts();
     assert_eq!(rc, 3, "{err}");
     assert_eq!(ranges(&doc), vec![(2 << 20, (2 << 20) + K64)]);
     assert_eq!(doc["ok"], false);
@@ -141,19 +132,12 @@ fn ignore_skips_the_failing_clusters_and_exits_3() {
 fn retry_recovers_from_transient_errors_and_logs_each_retry() {
     let d = tempdir();
     let p = d.path();
-    source(p);
-    let (rc, doc, err) = run(
-        p,
-        "a.qcow2",
-        &[
-            "--on-source-error",
-            "retry",
-            "--retries",
-            "3",
-            "--inject",
-            "source:read:EIO@nth=2,count=2",
-        ],
-    );
+    data_disk(p, "src.raw", 8);
+    let (rc, doc, err) = in_order(p, "a.qcow2")
+        .inject("source:read:EIO@nth=2,count=2")
+        .args(&["--on-source-error", "retry", "--retries", "3"])
+        .run()
+        .into_parts();
     assert_eq!(rc, 0, "{err}");
     assert_eq!(doc["retries"], 2);
     let ev = doc["retry_events"].as_array().unwrap();
@@ -170,16 +154,11 @@ fn retry_recovers_from_transient_errors_and_logs_each_retry() {
     );
     assert!(identical(p, "src.raw", "a.qcow2"));
     // Target side.
-    let (rc, doc, err) = run(
-        p,
-        "b.raw",
-        &[
-            "--on-target-error",
-            "retry",
-            "--inject",
-            "target:write:EIO@nth=5,once",
-        ],
-    );
+    let (rc, doc, err) = in_order(p, "b.raw")
+        .inject("target:write:EIO@nth=5,once")
+        .args(&["--on-target-error", "retry"])
+        .run()
+        .into_parts();
     assert_eq!(rc, 0, "{err}");
     assert_eq!(doc["retries"], 1);
     assert!(identical(p, "src.raw", "b.raw"));
@@ -189,35 +168,21 @@ fn retry_recovers_from_transient_errors_and_logs_each_retry() {
 fn retry_gives_up_after_the_last_retry() {
     let d = tempdir();
     let p = d.path();
-    source(p);
-    let (rc, doc, err) = run(
-        p,
-        "a.qcow2",
-        &[
-            "--on-source-error",
-            "retry",
-            "--retries",
-            "2",
-            "--inject",
-            "source:read:EIO@3M",
-        ],
-    );
+    data_disk(p, "src.raw", 8);
+    let (rc, doc, err) = in_order(p, "a.qcow2")
+        .inject("source:read:EIO@3M")
+        .args(&["--on-source-error", "retry", "--retries", "2"])
+        .run()
+        .into_parts();
     assert_eq!(rc, 4, "{err}");
     assert_eq!(err.matches("retry ").count(), 2, "{err}");
     assert_eq!(doc["exit_code"], 4);
     no_target(p, "a.qcow2");
-    let (rc, _, err) = run(
-        p,
-        "b.raw",
-        &[
-            "--on-target-error",
-            "retry",
-            "--retries",
-            "1",
-            "--inject",
-            "target:write:EROFS@3M",
-        ],
-    );
+    let (rc, _, err) = in_order(p, "b.raw")
+        .inject("target:write:EROFS@3M")
+        .args(&["--on-target-error", "retry", "--retries", "1"])
+        .run()
+        .into_parts();
     assert_eq!(rc, 5, "{err}");
     no_target(p, "b.raw");
 }
@@ -226,56 +191,36 @@ fn retry_gives_up_after_the_last_retry() {
 fn enospc_retries_only_no_space() {
     let d = tempdir();
     let p = d.path();
-    source(p);
-    let (rc, doc, err) = run(
-        p,
-        "a.qcow2",
-        &[
-            "--on-target-error",
-            "enospc",
-            "--inject",
-            "target:write:ENOSPC@nth=4,once",
-        ],
-    );
+    data_disk(p, "src.raw", 8);
+    let (rc, doc, err) = in_order(p, "a.qcow2")
+        .inject("target:write:ENOSPC@nth=4,once")
+        .args(&["--on-target-error", "enospc"])
+        .run()
+        .into_parts();
     assert_eq!(rc, 0, "{err}");
     assert_eq!(doc["retries"], 1);
     assert!(identical(p, "src.raw", "a.qcow2"));
-    let (rc, doc, err) = run(
-        p,
-        "b.qcow2",
-        &[
-            "--on-target-error",
-            "enospc",
-            "--inject",
-            "target:write:EDQUOT@nth=4,once",
-        ],
-    );
+    let (rc, doc, err) = in_order(p, "b.qcow2")
+        .inject("target:write:EDQUOT@nth=4,once")
+        .args(&["--on-target-error", "enospc"])
+        .run()
+        .into_parts();
     assert_eq!(rc, 0, "{err}");
     assert_eq!(doc["retries"], 1);
     // Any other cause is reported at once.
-    let (rc, _, err) = run(
-        p,
-        "c.qcow2",
-        &[
-            "--on-target-error",
-            "enospc",
-            "--inject",
-            "target:write:EIO@nth=4,once",
-        ],
-    );
+    let (rc, _, err) = in_order(p, "c.qcow2")
+        .inject("target:write:EIO@nth=4,once")
+        .args(&["--on-target-error", "enospc"])
+        .run()
+        .into_parts();
     assert_eq!(rc, 5, "{err}");
     assert!(!err.contains("retry"), "{err}");
     no_target(p, "c.qcow2");
-    let (rc, _, err) = run(
-        p,
-        "d.qcow2",
-        &[
-            "--on-source-error",
-            "enospc",
-            "--inject",
-            "source:read:EIO@nth=4,once",
-        ],
-    );
+    let (rc, _, err) = in_order(p, "d.qcow2")
+        .inject("source:read:EIO@nth=4,once")
+        .args(&["--on-source-error", "enospc"])
+        .run()
+        .into_parts();
     assert_eq!(rc, 4, "{err}");
     no_target(p, "d.qcow2");
 }
@@ -284,8 +229,7 @@ fn enospc_retries_only_no_space() {
 fn a_full_file_system_is_retried_under_enospc_then_exit_5() {
     let d = tempdir();
     let p = d.path();
-    qemu_img(p, &["create", "-f", "raw", "src.raw", "32M"]);
-    qemu_io(p, "raw", "src.raw", &["write -P 0x3c 0 32M"]);
+    filled_disk(p, "src.raw", 32, 0x3c);
     // A 4 MiB file size limit: writes fail with EFBIG (imgbackup ignores
     // SIGXFSZ itself).
     let o = std::process::Command::new("sh")
@@ -334,7 +278,7 @@ fn damaged_l2_entry_report_or_ignore() {
 fn a_second_imgbackup_on_the_same_image_exits_8() {
     let d = tempdir();
     let p = d.path();
-    source(p);
+    data_disk(p, "src.raw", 8);
     let mut first = bin()
         .current_dir(p)
         .args(["backup", "-q", "--speed", "4M", "src.raw", "a.raw"])
@@ -373,7 +317,7 @@ fn a_second_imgbackup_on_the_same_image_exits_8() {
 fn an_image_a_qemu_holds_writable_exits_8_unless_force_share() {
     let d = tempdir();
     let p = d.path();
-    source(p);
+    data_disk(p, "src.raw", 8);
     let sock = p.join("nbd.sock");
     let mut qsd = std::process::Command::new("qemu-storage-daemon")
         .current_dir(p)
@@ -409,8 +353,7 @@ fn an_image_a_qemu_holds_writable_exits_8_unless_force_share() {
 fn signals_at_random_moments_cancel_cleanly() {
     let d = tempdir();
     let p = d.path();
-    qemu_img(p, &["create", "-f", "raw", "src.raw", "16M"]);
-    qemu_io(p, "raw", "src.raw", &["write -P 0x3c 0 16M"]);
+    filled_disk(p, "src.raw", 16, 0x3c);
     let before = sha256_file(&p.join("src.raw"));
     let mut seed = 12345u64;
     for i in 0..8 {
@@ -454,7 +397,7 @@ fn signals_at_random_moments_cancel_cleanly() {
 fn policies_and_the_bitmap_afterwards() {
     let d = tempdir();
     let p = d.path();
-    source(p);
+    data_disk(p, "src.raw", 8);
     let (rc, _, err) = json_run(p, &["backup", "--bitmap", "b0", "src.raw", "full.qcow2"]);
     assert_eq!(rc, 0, "{err}");
     let (rc, _, err) = json_run(p, &["guest", "src.raw", "iops=0,count=20,bs=64K,seed=11"]);
@@ -541,7 +484,7 @@ fn policies_and_the_bitmap_afterwards() {
         let tgt = format!("inc{i}.qcow2");
         let mut a: Vec<&str> = inc.to_vec();
         a.extend(extra.iter().map(String::as_str));
-        let (rc, doc, err) = run(p, &tgt, &a);
+        let (rc, doc, err) = in_order(p, &tgt).args(&a).run().into_parts();
         assert_eq!(rc, want_rc, "case {i} {extra:?}: {err}");
         assert_eq!(
             dirty(p).0,

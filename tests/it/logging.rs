@@ -2,7 +2,7 @@
 //! understand a slow job or a skipped cluster, while stdout stays one JSON
 //! document.
 
-use crate::common::*;
+use crate::fixture::*;
 
 #[test]
 fn debug_lines_go_to_stderr_and_json_stays_clean() {

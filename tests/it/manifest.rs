@@ -1,26 +1,14 @@
 //! Manifests, verify and restore.
 
-use crate::common::*;
+use crate::fixture::*;
 use std::path::Path;
-
-fn source(p: &Path) {
-    make_qcow2(p, "src.qcow2", "");
-}
-
-fn backup(p: &Path, args: &[&str]) -> serde_json::Value {
-    let mut a = vec!["backup"];
-    a.extend_from_slice(args);
-    let (rc, doc, err) = json_run(p, &a);
-    assert_eq!(rc, 0, "{a:?}: {err}");
-    doc
-}
 
 #[test]
 fn root_digest_matches_an_independent_computation() {
     let d = tempdir();
     let p = d.path();
-    source(p);
-    let doc = backup(p, &["src.qcow2", "b.qcow2"]);
+    make_qcow2(p, "src.qcow2", "");
+    let doc = Backup::new(p, "src.qcow2", "b.qcow2").ok();
     let want = independent_root(p, "src.qcow2", 65536);
     assert_eq!(doc["manifest_root_digest"], want.as_str());
     let (rc, info, _) = json_run(p, &["info", "b.qcow2"]);
@@ -39,17 +27,9 @@ fn root_digest_matches_an_independent_computation() {
     // A 1000-byte-odd size (last chunk short) and a shorter chunk size.
     qemu_img(p, &["create", "-f", "raw", "odd.raw", "1000K"]);
     qemu_io(p, "raw", "odd.raw", &["write -P 0x5 10k 900k"]);
-    let doc = backup(
-        p,
-        &[
-            "--granularity",
-            "4K",
-            "--output-cluster-size",
-            "4K",
-            "odd.raw",
-            "odd.qcow2",
-        ],
-    );
+    let doc = Backup::new(p, "odd.raw", "odd.qcow2")
+        .args(&["--granularity", "4K", "--output-cluster-size", "4K"])
+        .ok();
     assert_eq!(
         doc["manifest_root_digest"],
         independent_root(p, "odd.raw", 4096).as_str()
@@ -60,7 +40,7 @@ fn root_digest_matches_an_independent_computation() {
 fn root_digest_does_not_depend_on_jobs_chunks_or_format() {
     let d = tempdir();
     let p = d.path();
-    source(p);
+    make_qcow2(p, "src.qcow2", "");
     let mut roots = Vec::new();
     for (i, extra) in [
         vec!["--jobs", "1"],
@@ -73,15 +53,13 @@ fn root_digest_does_not_depend_on_jobs_chunks_or_format() {
     .enumerate()
     {
         let t = format!("b{i}.qcow2");
-        let mut args = extra.clone();
-        args.extend(["src.qcow2", t.as_str()]);
-        let doc = backup(p, &args);
+        let doc = Backup::new(p, "src.qcow2", &t).args(&extra).ok();
         roots.push(doc["manifest_root_digest"].as_str().unwrap().to_string());
     }
     assert!(roots.windows(2).all(|w| w[0] == w[1]), "{roots:?}");
     // And the same content in a raw source.
     qemu_img(p, &["convert", "-O", "raw", "src.qcow2", "src.raw"]);
-    let doc = backup(p, &["src.raw", "r.raw"]);
+    let doc = Backup::new(p, "src.raw", "r.raw").ok();
     assert_eq!(doc["manifest_root_digest"].as_str().unwrap(), roots[0]);
 }
 
@@ -89,8 +67,8 @@ fn root_digest_does_not_depend_on_jobs_chunks_or_format() {
 fn verify_accepts_a_whole_backup_and_compares_against_an_image() {
     let d = tempdir();
     let p = d.path();
-    source(p);
-    backup(p, &["src.qcow2", "b.qcow2"]);
+    make_qcow2(p, "src.qcow2", "");
+    Backup::new(p, "src.qcow2", "b.qcow2").ok();
     let (rc, doc, err) = json_run(p, &["verify", "b.qcow2", "--against-image", "src.qcow2"]);
     assert_eq!(rc, 0, "{err}");
     assert_eq!(doc["ok"], true);
@@ -114,8 +92,8 @@ fn flip(path: &Path, at: u64) {
 fn a_flipped_byte_in_a_raw_target_is_found() {
     let d = tempdir();
     let p = d.path();
-    source(p);
-    backup(p, &["src.qcow2", "b.raw"]);
+    make_qcow2(p, "src.qcow2", "");
+    Backup::new(p, "src.qcow2", "b.raw").ok();
     for at in [
         0u64,
         12345 + 100,
@@ -139,8 +117,8 @@ fn a_flipped_byte_in_a_raw_target_is_found() {
 fn a_flipped_byte_in_a_qcow2_data_cluster_is_found() {
     let d = tempdir();
     let p = d.path();
-    source(p);
-    backup(p, &["src.qcow2", "b.qcow2"]);
+    make_qcow2(p, "src.qcow2", "");
+    Backup::new(p, "src.qcow2", "b.qcow2").ok();
     // The host offset of guest offset 15M + 64K (a data cluster), from qemu-img map.
     let map = map_json(p, "b.qcow2");
     let guest = (15u64 << 20) + 65536;
@@ -168,9 +146,9 @@ fn a_flipped_byte_in_a_qcow2_data_cluster_is_found() {
 fn truncated_target_damaged_or_missing_manifest() {
     let d = tempdir();
     let p = d.path();
-    source(p);
-    backup(p, &["src.qcow2", "b.raw"]);
-    backup(p, &["src.qcow2", "q.qcow2"]);
+    make_qcow2(p, "src.qcow2", "");
+    Backup::new(p, "src.qcow2", "b.raw").ok();
+    Backup::new(p, "src.qcow2", "q.qcow2").ok();
     // Truncated raw.
     std::fs::copy(p.join("b.raw"), p.join("t.raw")).unwrap();
     std::fs::copy(p.join("b.raw.manifest"), p.join("t.raw.manifest")).unwrap();
@@ -217,7 +195,9 @@ fn truncated_target_damaged_or_missing_manifest() {
         stderr(&o)
     );
     // --no-manifest writes none.
-    let doc = backup(p, &["--no-manifest", "src.qcow2", "nm.raw"]);
+    let doc = Backup::new(p, "src.qcow2", "nm.raw")
+        .args(&["--no-manifest"])
+        .ok();
     assert!(doc["manifest_root_digest"].is_null());
     assert!(!p.join("nm.raw.manifest").exists());
 }
@@ -244,7 +224,7 @@ fn restore_equals_the_source_and_stays_sparse() {
         ("b.raw", "r4.qcow2"),
     ] {
         if !p.join(tgt).exists() {
-            backup(p, &["sparse.raw", tgt]);
+            Backup::new(p, "sparse.raw", tgt).ok();
         }
         let (rc, doc, err) = json_run(p, &["restore", tgt, out]);
         assert_eq!(rc, 0, "{err}");
@@ -265,8 +245,8 @@ fn restore_equals_the_source_and_stays_sparse() {
 fn restore_refuses_damaged_data_and_leaves_no_output() {
     let d = tempdir();
     let p = d.path();
-    source(p);
-    backup(p, &["src.qcow2", "b.raw"]);
+    make_qcow2(p, "src.qcow2", "");
+    Backup::new(p, "src.qcow2", "b.raw").ok();
     flip(&p.join("b.raw"), (5 << 20) + 10);
     let o = run_in(p, &["restore", "b.raw", "out.raw"]);
     assert_eq!(code(&o), 7, "{}", stderr(&o));
@@ -286,21 +266,14 @@ fn restore_refuses_damaged_data_and_leaves_no_output() {
 fn backup_verify_uses_the_manifest() {
     let d = tempdir();
     let p = d.path();
-    source(p);
-    let doc = backup(p, &["--verify", "src.qcow2", "b.qcow2"]);
+    make_qcow2(p, "src.qcow2", "");
+    let doc = Backup::new(p, "src.qcow2", "b.qcow2").verify().ok();
     assert_eq!(doc["verified"], true);
-    let doc = backup(
-        p,
-        &[
-            "--verify",
-            "--sync",
-            "none",
-            "--guest",
-            "iops=0,count=100",
-            "src.qcow2",
-            "f.qcow2",
-        ],
-    );
+    let doc = Backup::new(p, "src.qcow2", "f.qcow2")
+        .verify()
+        .sync("none")
+        .guest("iops=0,count=100")
+        .ok();
     assert_eq!(doc["verified"], true);
     // A fleecing target's manifest covers the whole image.
     assert_eq!(

@@ -4,18 +4,11 @@
 //! the signal, and continues it, so the signal lands inside that phase.
 //! A second signal ends at once and says what it left behind.
 
-use crate::common::*;
+use crate::fixture::*;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Stdio};
 use std::time::Duration;
-
-/// A raw image of `mib` MiB full of data (hashing and copying it takes a
-/// while).
-fn big_disk(p: &Path, name: &str, mib: u64) {
-    qemu_img(p, &["create", "-f", "raw", name, &format!("{mib}M")]);
-    qemu_io(p, "raw", name, &[&format!("write -P 0x3a 0 {mib}M")]);
-}
 
 /// Start imgbackup with `-v`, wait for a stderr line containing `phase`,
 /// then deliver `sigs` while the process is stopped. Returns the child and
@@ -88,8 +81,8 @@ fn nothing_left(p: &Path, name: &str) {
 fn setup(mib: u64) -> tempfile::TempDir {
     let d = tempdir();
     let p = d.path();
-    big_disk(p, "disk.raw", mib);
-    ok(p, &["backup", "--bitmap", "b0", "disk.raw", "full.qcow2"]);
+    filled_disk(p, "disk.raw", mib, 0x3a);
+    Backup::new(p, "disk.raw", "full.qcow2").bitmap("b0").ok();
     // The manifest phase of a top backup hashes the whole backing file.
     qemu_img(
         p,
@@ -139,18 +132,10 @@ fn cancel_in_phase(
             "{args:?}: the bitmap after the cancel: {b}"
         );
         // An incremental is accepted and exact afterwards.
-        ok(
-            p,
-            &[
-                "backup",
-                "--sync",
-                "incremental",
-                "--bitmap",
-                "b0",
-                "disk.raw",
-                "inc.qcow2",
-            ],
-        );
+        Backup::new(p, "disk.raw", "inc.qcow2")
+            .sync("incremental")
+            .bitmap("b0")
+            .ok();
         assert!(identical(p, "disk.raw", "inc.qcow2"));
         return;
     }
@@ -273,8 +258,8 @@ fn a_signal_during_restore_and_verify_cancels_cleanly() {
 fn a_second_signal_ends_at_once_and_names_what_it_left() {
     let d = tempdir();
     let p = d.path();
-    big_disk(p, "disk.raw", 128);
-    ok(p, &["backup", "--bitmap", "b0", "disk.raw", "full.qcow2"]);
+    filled_disk(p, "disk.raw", 128, 0x3a);
+    Backup::new(p, "disk.raw", "full.qcow2").bitmap("b0").ok();
     let (child, lines) = signal_in_phase(
         p,
         &[
@@ -328,18 +313,10 @@ fn a_second_signal_ends_at_once_and_names_what_it_left() {
         ok(p, &args);
     }
     // The next run on that target removes a leftover partial.
-    ok(
-        p,
-        &[
-            "backup",
-            "--sync",
-            "incremental",
-            "--bitmap",
-            "b0",
-            "disk.raw",
-            "t.qcow2",
-        ],
-    );
+    Backup::new(p, "disk.raw", "t.qcow2")
+        .sync("incremental")
+        .bitmap("b0")
+        .ok();
     assert!(identical(p, "disk.raw", "t.qcow2"));
     assert!(!p.join("t.qcow2.partial").exists());
 }

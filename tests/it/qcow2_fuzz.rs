@@ -9,7 +9,7 @@
 //! and `IMGBACKUP_FUZZ_SEED` varies the seed; a failing image is kept under
 //! target/tmp/qcow2-fuzz for replay.
 
-use crate::common::*;
+use crate::fixture::*;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};

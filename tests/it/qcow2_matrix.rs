@@ -2,7 +2,7 @@
 //! is backed up byte-exactly, or refused as unsupported with exit 1 and no
 //! target.
 
-use crate::common::*;
+use crate::fixture::*;
 use std::path::Path;
 
 /// Back up `img` into raw and qcow2 targets and compare.
@@ -187,8 +187,7 @@ fn three_level_chain_with_relative_names_from_another_directory() {
 fn overlay_larger_than_its_backing_and_raw_backing() {
     let d = tempdir();
     let p = d.path();
-    qemu_img(p, &["create", "-f", "raw", "small.raw", "3M"]);
-    qemu_io(p, "raw", "small.raw", &["write -P 0x71 0 3M"]);
+    filled_disk(p, "small.raw", 3, 0x71);
     qemu_img(
         p,
         &[

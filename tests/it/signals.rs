@@ -1,20 +1,15 @@
 //! SIGINT, SIGTERM and --timeout cancel cleanly: the right exit code, no
 //! TARGET, no partial file, the source unchanged.
 
-use crate::common::*;
+use crate::fixture::*;
 use std::path::Path;
 use std::time::{Duration, Instant};
-
-fn data_image(p: &Path) {
-    qemu_img(p, &["create", "-f", "raw", "src.raw", "32M"]);
-    qemu_io(p, "raw", "src.raw", &["write -P 0x3c 0 32M"]);
-}
 
 /// Start a throttled backup, wait until its partial file exists, send `sig`.
 fn interrupt(sig: i32, tgt: &str, extra: &[&str]) -> (i32, String, tempfile::TempDir) {
     let d = tempdir();
     let p = d.path();
-    data_image(p);
+    filled_disk(p, "src.raw", 32, 0x3c);
     let before = sha256_file(&p.join("src.raw"));
     let mut args = vec!["backup", "--speed", "4M"];
     args.extend_from_slice(extra);
@@ -69,7 +64,7 @@ fn sigint_with_keep_partial_keeps_only_the_partial() {
 fn timeout_exits_9_without_a_target() {
     let d = tempdir();
     let p = d.path();
-    data_image(p);
+    filled_disk(p, "src.raw", 32, 0x3c);
     let t = Instant::now();
     let o = run_in(
         p,
@@ -108,7 +103,7 @@ fn run_with_file_limit(dir: &Path, kib: u64, args: &[&str]) -> std::process::Out
 fn target_out_of_space_is_exit_5_without_a_target() {
     let d = tempdir();
     let p = d.path();
-    data_image(p);
+    filled_disk(p, "src.raw", 32, 0x3c);
     let before = sha256_file(&p.join("src.raw"));
     for tgt in ["out.raw", "out.qcow2"] {
         // 4 MiB limit, 32 MiB of data.

@@ -5,7 +5,7 @@
 //! backup equal to the source as it was, 3 and the skipped ranges listed,
 //! or 4/5 and no TARGET.
 
-use crate::common::*;
+use crate::fixture::*;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 

@@ -2,17 +2,11 @@
 //! One test per defect class, each tried the way users meet it: planted
 //! links, shared directories, replaced backups, devices, pipes, limits.
 
-use crate::common::*;
+use crate::fixture::*;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
-
-/// Run imgbackup (with `--json`); the exit code and stderr.
-fn rc(p: &Path, args: &[&str]) -> (i32, String) {
-    let (rc, _, err) = json_run(p, args);
-    (rc, err)
-}
 
 fn mode(p: &Path) -> u32 {
     std::fs::metadata(p).unwrap().mode() & 0o777
@@ -31,7 +25,7 @@ fn planted_links_and_leftovers_are_replaced_not_followed() {
     // partial goes, and a symlink to /etc/passwd for the restore.
     std::os::unix::fs::symlink(p.join("victim"), p.join("t.raw.partial")).unwrap();
     std::fs::hard_link(p.join("victim2"), p.join("t.raw.manifest.partial")).unwrap();
-    ok(p, &["backup", "src.raw", "t.raw"]);
+    Backup::new(p, "src.raw", "t.raw").ok();
     assert!(identical(p, "src.raw", "t.raw"));
     ok(p, &["verify", "t.raw"]);
     std::os::unix::fs::symlink("/etc/passwd", p.join("r.raw.partial")).unwrap();
@@ -39,18 +33,10 @@ fn planted_links_and_leftovers_are_replaced_not_followed() {
     assert!(identical(p, "src.raw", "r.raw"));
     // The overlay of --guest-overlay, too.
     std::os::unix::fs::symlink(p.join("victim"), p.join("ov.qcow2.partial")).unwrap();
-    ok(
-        p,
-        &[
-            "backup",
-            "--guest",
-            "iops=0,count=20,seed=1",
-            "--guest-overlay",
-            "ov.qcow2",
-            "src.raw",
-            "t2.raw",
-        ],
-    );
+    Backup::new(p, "src.raw", "t2.raw")
+        .guest("iops=0,count=20,seed=1")
+        .args(&["--guest-overlay", "ov.qcow2"])
+        .ok();
     check_clean(p, "ov.qcow2");
     assert_eq!(std::fs::read(p.join("victim")).unwrap(), b"precious");
     assert_eq!(std::fs::read(p.join("victim2")).unwrap(), b"also precious");
@@ -78,19 +64,11 @@ fn new_files_are_no_more_readable_than_the_source() {
             format!("r{m:o}.raw"),
             format!("o{m:o}.qcow2"),
         );
-        ok(p, &["backup", "src.raw", &t]);
-        ok(
-            p,
-            &[
-                "backup",
-                "--guest",
-                "iops=0,count=5",
-                "--guest-overlay",
-                &o,
-                "src.raw",
-                &q,
-            ],
-        );
+        Backup::new(p, "src.raw", &t).ok();
+        Backup::new(p, "src.raw", &q)
+            .guest("iops=0,count=5")
+            .args(&["--guest-overlay", &o])
+            .ok();
         ok(p, &["restore", &t, &r]);
         for f in [t.clone(), format!("{t}.manifest"), q, r, o] {
             assert_eq!(
@@ -109,20 +87,12 @@ fn target_may_not_be_what_the_backup_reads_or_builds_on() {
     let d = tempdir();
     let p = d.path();
     data_disk(p, "disk.raw", 8);
-    ok(p, &["backup", "--bitmap", "b0", "disk.raw", "full.qcow2"]);
+    Backup::new(p, "disk.raw", "full.qcow2").bitmap("b0").ok();
     ok(p, &["guest", "disk.raw", "iops=0,count=20,seed=3"]);
-    ok(
-        p,
-        &[
-            "backup",
-            "--sync",
-            "incremental",
-            "--bitmap",
-            "b0",
-            "disk.raw",
-            "inc1.qcow2",
-        ],
-    );
+    Backup::new(p, "disk.raw", "inc1.qcow2")
+        .sync("incremental")
+        .bitmap("b0")
+        .ok();
     ok(p, &["guest", "disk.raw", "iops=0,count=20,seed=4"]);
     let sums: Vec<String> = ["disk.raw", "full.qcow2", "inc1.qcow2", "disk.raw.b0.bitmap"]
         .iter()
@@ -154,7 +124,7 @@ fn target_may_not_be_what_the_backup_reads_or_builds_on() {
         ),
     ] {
         let a: Vec<&str> = args.iter().map(String::as_str).collect();
-        let (code, err) = rc(p, &a);
+        let (code, _, err) = json_run(p, &a);
         assert_eq!(code, 2, "{why}: {err}");
         assert!(
             err.contains("would overwrite") || err.contains("is the parent of"),
@@ -168,7 +138,7 @@ fn target_may_not_be_what_the_backup_reads_or_builds_on() {
     check_clean(p, "inc1.qcow2");
     // A source whose name makes TARGET.manifest the source itself.
     std::fs::copy(p.join("disk.raw"), p.join("img.manifest")).unwrap();
-    let (code, err) = rc(p, &["backup", "img.manifest", "img"]);
+    let (code, _, err) = json_run(p, &["backup", "img.manifest", "img"]);
     assert_eq!(code, 2, "{err}");
     assert!(!p.join("img").exists());
     // A backing file named by hand, and a file of the source's chain.
@@ -185,9 +155,9 @@ fn target_may_not_be_what_the_backup_reads_or_builds_on() {
             "top.qcow2",
         ],
     );
-    let (code, err) = rc(p, &["backup", "--force", "top.qcow2", "disk.raw"]);
+    let (code, _, err) = json_run(p, &["backup", "--force", "top.qcow2", "disk.raw"]);
     assert_eq!(code, 2, "{err}");
-    let (code, err) = rc(
+    let (code, _, err) = json_run(
         p,
         &[
             "backup",
@@ -215,7 +185,7 @@ fn a_second_run_writing_the_same_target_exits_8() {
         .spawn()
         .unwrap();
     wait_for(&p.join("shared.raw.partial"));
-    let (code, err) = rc(p, &["backup", "--force", "b.raw", "shared.raw"]);
+    let (code, _, err) = json_run(p, &["backup", "--force", "b.raw", "shared.raw"]);
     assert_eq!(code, 8, "{err}");
     assert!(err.contains("being written by another imgbackup"), "{err}");
     assert!(first.wait().unwrap().success());
@@ -236,17 +206,10 @@ fn a_second_run_writing_the_same_target_exits_8() {
         .spawn()
         .unwrap();
     wait_for(&p.join("shared.raw.partial"));
-    ok(
-        p,
-        &[
-            "backup",
-            "--force",
-            "--wait-lock",
-            "30s",
-            "b.raw",
-            "shared.raw",
-        ],
-    );
+    Backup::new(p, "b.raw", "shared.raw")
+        .force()
+        .args(&["--wait-lock", "30s"])
+        .ok();
     assert!(first.wait().unwrap().success());
     assert!(identical(p, "b.raw", "shared.raw"));
     ok(p, &["verify", "shared.raw"]);
@@ -259,16 +222,16 @@ fn a_manifest_is_bound_to_the_file_it_describes() {
     let d = tempdir();
     let p = d.path();
     data_disk(p, "disk.raw", 8);
-    ok(p, &["backup", "--bitmap", "b0", "disk.raw", "full.qcow2"]);
+    Backup::new(p, "disk.raw", "full.qcow2").bitmap("b0").ok();
     ok(p, &["guest", "disk.raw", "iops=0,count=30,seed=7"]);
     // Someone puts another backup in its place (same size, other content)
     // and keeps the old manifest.
-    ok(p, &["backup", "disk.raw", "other.qcow2"]);
+    Backup::new(p, "disk.raw", "other.qcow2").ok();
     std::fs::rename(p.join("other.qcow2"), p.join("full.qcow2")).unwrap();
-    let (code, err) = rc(p, &["verify", "full.qcow2"]);
+    let (code, _, err) = json_run(p, &["verify", "full.qcow2"]);
     assert_eq!(code, 7, "{err}");
     assert!(err.contains("does not describe"), "{err}");
-    let (code, err) = rc(
+    let (code, _, err) = json_run(
         p,
         &[
             "backup",
@@ -283,7 +246,7 @@ fn a_manifest_is_bound_to_the_file_it_describes() {
     assert_eq!(code, 6, "{err}");
     assert!(err.contains("full.qcow2"), "{err}");
     assert!(!p.join("inc.qcow2").exists());
-    let (code, err) = rc(
+    let (code, _, err) = json_run(
         p,
         &[
             "bitmap",
@@ -298,17 +261,17 @@ fn a_manifest_is_bound_to_the_file_it_describes() {
     let info = ok(p, &["info", "full.qcow2"]);
     assert_eq!(info["manifest"]["bound_to_file"], false, "{info}");
     // A copy keeps its content: verify says so and checks it all the same.
-    ok(p, &["backup", "disk.raw", "b.qcow2"]);
+    Backup::new(p, "disk.raw", "b.qcow2").ok();
     std::fs::copy(p.join("b.qcow2"), p.join("c.qcow2")).unwrap();
     std::fs::copy(p.join("b.qcow2.manifest"), p.join("c.qcow2.manifest")).unwrap();
-    let (code, err) = rc(p, &["verify", "c.qcow2"]);
+    let (code, _, err) = json_run(p, &["verify", "c.qcow2"]);
     assert_eq!(code, 0, "{err}");
     assert!(err.contains("does not describe"), "{err}");
     // --force --no-manifest removes the old manifest.
-    ok(
-        p,
-        &["backup", "--force", "--no-manifest", "disk.raw", "b.qcow2"],
-    );
+    Backup::new(p, "disk.raw", "b.qcow2")
+        .force()
+        .args(&["--no-manifest"])
+        .ok();
     assert!(!p.join("b.qcow2.manifest").exists());
 }
 
@@ -393,7 +356,7 @@ fn block_devices_back_up_and_restore_special_files_are_refused() {
         vec!["bitmap", "add", "fifo", "b0"],
     ] {
         let t = Instant::now();
-        let (code, err) = rc(p, &args);
+        let (code, _, err) = json_run(p, &args);
         assert_eq!(code, 1, "{args:?}: {err}");
         assert!(t.elapsed() < Duration::from_secs(5), "{args:?} hung");
         assert!(
@@ -421,24 +384,24 @@ fn block_devices_back_up_and_restore_special_files_are_refused() {
             "write -P 0x33 31M 1M",
         ],
     );
-    let doc = ok(p, &["backup", dev, "lv.qcow2"]);
+    let doc = Backup::new(p, dev, "lv.qcow2").ok();
     assert_eq!(doc["virtual_size"], 32u64 << 20);
     check_clean(p, "lv.qcow2");
     assert!(identical_fmt(p, "lv.qcow2", "qcow2", dev, "raw"));
     ok(p, &["verify", "lv.qcow2", "--against-image", dev]);
-    let doc = ok(p, &["backup", "--no-manifest", dev, "lv.raw"]);
+    let doc = Backup::new(p, dev, "lv.raw").args(&["--no-manifest"]).ok();
     assert!(
         doc["bytes_copied"].as_u64().unwrap() < 3 << 20,
         "zeros are detected: {doc}"
     );
     assert!(identical_fmt(p, "lv.raw", "raw", dev, "raw"));
     // --bitmap on a device is refused: it cannot tell when the device was written.
-    let (code, err) = rc(p, &["backup", "--bitmap", "b0", dev, "x.qcow2"]);
+    let (code, _, err) = json_run(p, &["backup", "--bitmap", "b0", dev, "x.qcow2"]);
     assert_eq!(code, 2, "{err}");
     // Restore onto a device: only with --force, into the device itself.
     let target = dst.0.as_str();
     qemu_io(p, "raw", target, &["write -P 0xee 0 40M"]);
-    let (code, err) = rc(p, &["restore", "lv.qcow2", target]);
+    let (code, _, err) = json_run(p, &["restore", "lv.qcow2", target]);
     assert_eq!(code, 1, "{err}");
     ok(p, &["restore", "--force", "lv.qcow2", target]);
     use std::os::unix::fs::FileTypeExt;
@@ -458,7 +421,7 @@ fn block_devices_back_up_and_restore_special_files_are_refused() {
     let Some(small) = Loop::new(p, "small.img", 16) else {
         return;
     };
-    let (code, err) = rc(p, &["restore", "--force", "lv.qcow2", &small.0]);
+    let (code, _, err) = json_run(p, &["restore", "--force", "lv.qcow2", &small.0]);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("larger device"), "{err}");
 }
@@ -507,7 +470,7 @@ fn empty_images_back_up_verify_and_restore() {
     for src in ["e.raw", "e.qcow2"] {
         for t in ["t.raw", "t.qcow2"] {
             let tgt = format!("{src}.{t}");
-            ok(p, &["backup", src, &tgt]);
+            Backup::new(p, src, &tgt).ok();
             ok(p, &["verify", &tgt]);
             if t == "t.qcow2" {
                 check_clean(p, &tgt);
@@ -591,7 +554,7 @@ fn damaged_l1_and_l2_entries_are_refused_not_read_as_zeros() {
             "{what}: qemu-img check {}",
             String::from_utf8_lossy(&chk.stdout)
         );
-        let (code, err) = rc(p, &["backup", "--force", "bad.qcow2", "t.raw"]);
+        let (code, _, err) = json_run(p, &["backup", "--force", "bad.qcow2", "t.raw"]);
         assert_eq!(code, 4, "{what}: {err}");
         assert!(err.contains("corrupt"), "{what}: {err}");
         assert!(!p.join("t.raw").exists());
@@ -631,7 +594,7 @@ fn bitmap_import_refuses_reserved_bits_and_unknown_flags() {
         let mut b = good.clone();
         b[at] |= bit;
         std::fs::write(p.join("img.qcow2"), &b).unwrap();
-        let (code, err) = rc(p, &["bitmap", "import", "img.qcow2", "bm0", "--as", "x"]);
+        let (code, _, err) = json_run(p, &["bitmap", "import", "img.qcow2", "bm0", "--as", "x"]);
         assert_eq!(code, 6, "{what}: {err}");
         assert!(!p.join("img.qcow2.x.bitmap").exists());
     }
@@ -645,20 +608,12 @@ fn date_stamped_names_with_colons_work_as_parents() {
     data_disk(p, "disk.raw", 8);
     let full = "full-2026-01-01T12:00:00.qcow2";
     let inc = "inc-2026-01-02T12:00:00.qcow2";
-    ok(p, &["backup", "--bitmap", "b0", "disk.raw", full]);
+    Backup::new(p, "disk.raw", full).bitmap("b0").ok();
     ok(p, &["guest", "disk.raw", "iops=0,count=40,seed=9"]);
-    let doc = ok(
-        p,
-        &[
-            "backup",
-            "--sync",
-            "incremental",
-            "--bitmap",
-            "b0",
-            "disk.raw",
-            inc,
-        ],
-    );
+    let doc = Backup::new(p, "disk.raw", inc)
+        .sync("incremental")
+        .bitmap("b0")
+        .ok();
     assert_eq!(doc["backing"], format!("./{full}"));
     // qemu-img reads the names with './' too (as a user must type them).
     let (dfull, dinc) = (format!("./{full}"), format!("./{inc}"));
@@ -671,18 +626,10 @@ fn date_stamped_names_with_colons_work_as_parents() {
     // A second incremental on top of the first.
     ok(p, &["guest", "disk.raw", "iops=0,count=40,seed=10"]);
     let inc2 = "inc-2026-01-03T12:00:00.qcow2";
-    ok(
-        p,
-        &[
-            "backup",
-            "--sync",
-            "incremental",
-            "--bitmap",
-            "b0",
-            "disk.raw",
-            inc2,
-        ],
-    );
+    Backup::new(p, "disk.raw", inc2)
+        .sync("incremental")
+        .bitmap("b0")
+        .ok();
     assert!(identical(p, "disk.raw", &format!("./{inc2}")));
     ok(p, &["verify", inc2]);
 }
@@ -694,7 +641,7 @@ fn no_command_but_a_full_backup_or_rebuild_launders_a_stale_bitmap() {
     let d = tempdir();
     let p = d.path();
     data_disk(p, "disk.raw", 8);
-    ok(p, &["backup", "--bitmap", "b0", "disk.raw", "full.qcow2"]);
+    Backup::new(p, "disk.raw", "full.qcow2").bitmap("b0").ok();
     ok(p, &["bitmap", "add", "disk.raw", "other"]);
     // Written without marking the bitmaps: they are stale.
     qemu_io(p, "raw", "disk.raw", &["write -P 0x77 3M 64k"]);
@@ -704,7 +651,7 @@ fn no_command_but_a_full_backup_or_rebuild_launders_a_stale_bitmap() {
             .unwrap()
     };
     assert!(!consistent("b0"));
-    let (code, err) = rc(p, &["bitmap", "disable", "disk.raw", "b0"]);
+    let (code, _, err) = json_run(p, &["bitmap", "disable", "disk.raw", "b0"]);
     assert_eq!(code, 0, "{err}");
     assert!(err.contains("stays inconsistent"), "{err}");
     assert!(!consistent("b0"), "disable laundered it");
@@ -725,7 +672,7 @@ fn no_command_but_a_full_backup_or_rebuild_launders_a_stale_bitmap() {
         vec!["bitmap", "clear", "disk.raw", "b0"],
         vec!["bitmap", "merge", "disk.raw", "b0", "--into", "other"],
     ] {
-        let (code, err) = rc(p, &args);
+        let (code, _, err) = json_run(p, &args);
         assert_eq!(code, 6, "{args:?}: {err}");
     }
     ok(p, &["guest", "disk.raw", "iops=0,count=5"]);
@@ -743,18 +690,10 @@ fn no_command_but_a_full_backup_or_rebuild_launders_a_stale_bitmap() {
         ],
     );
     assert!(consistent("b0"));
-    ok(
-        p,
-        &[
-            "backup",
-            "--sync",
-            "incremental",
-            "--bitmap",
-            "b0",
-            "disk.raw",
-            "inc.qcow2",
-        ],
-    );
+    Backup::new(p, "disk.raw", "inc.qcow2")
+        .sync("incremental")
+        .bitmap("b0")
+        .ok();
     assert!(identical(p, "disk.raw", "inc.qcow2"));
 }
 
@@ -765,13 +704,13 @@ fn backing_must_be_the_anchored_backup() {
     let d = tempdir();
     let p = d.path();
     data_disk(p, "disk.raw", 8);
-    ok(p, &["backup", "--bitmap", "b0", "disk.raw", "a.qcow2"]);
+    Backup::new(p, "disk.raw", "a.qcow2").bitmap("b0").ok();
     // Same content, another file: same root digest.
-    ok(p, &["backup", "disk.raw", "a-copy.qcow2"]);
+    Backup::new(p, "disk.raw", "a-copy.qcow2").ok();
     ok(p, &["guest", "disk.raw", "iops=0,count=30,seed=5"]);
-    ok(p, &["backup", "disk.raw", "other.qcow2"]);
+    Backup::new(p, "disk.raw", "other.qcow2").ok();
     ok(p, &["guest", "disk.raw", "iops=0,count=30,seed=6"]);
-    let (code, err) = rc(
+    let (code, _, err) = json_run(
         p,
         &[
             "backup",
@@ -788,20 +727,11 @@ fn backing_must_be_the_anchored_backup() {
     assert_eq!(code, 6, "{err}");
     assert!(err.contains("a.qcow2"), "names the anchored backup: {err}");
     assert!(!p.join("inc.qcow2").exists());
-    ok(
-        p,
-        &[
-            "backup",
-            "--sync",
-            "incremental",
-            "--bitmap",
-            "b0",
-            "--backing",
-            "a-copy.qcow2",
-            "disk.raw",
-            "inc.qcow2",
-        ],
-    );
+    Backup::new(p, "disk.raw", "inc.qcow2")
+        .sync("incremental")
+        .bitmap("b0")
+        .args(&["--backing", "a-copy.qcow2"])
+        .ok();
     assert!(identical(p, "disk.raw", "inc.qcow2"));
     ok(p, &["verify", "inc.qcow2"]);
 }
@@ -811,31 +741,23 @@ fn no_backing_incrementals_keep_zeros_and_are_described_truthfully() {
     let d = tempdir();
     let p = d.path();
     data_disk(p, "disk.raw", 8);
-    ok(p, &["backup", "--bitmap", "b0", "disk.raw", "full.qcow2"]);
+    Backup::new(p, "disk.raw", "full.qcow2").bitmap("b0").ok();
     // Data becomes zeros, and other data changes.
     ok(
         p,
         &["guest", "disk.raw", "iops=0,count=60,bs=64K,zero=50,seed=8"],
     );
-    let doc = ok(
-        p,
-        &[
-            "backup",
-            "--sync",
-            "incremental",
-            "--bitmap",
-            "b0",
-            "--no-backing",
-            "disk.raw",
-            "inc.qcow2",
-        ],
-    );
+    let doc = Backup::new(p, "disk.raw", "inc.qcow2")
+        .sync("incremental")
+        .bitmap("b0")
+        .args(&["--no-backing"])
+        .ok();
     assert!(doc["backing"].is_null());
     check_clean(p, "inc.qcow2");
     // verify checks what it holds and says so; restore refuses it alone.
     let v = ok(p, &["verify", "inc.qcow2"]);
     assert!(v["detached_chunks_checked"].as_u64().unwrap() > 0, "{v}");
-    let (code, err) = rc(p, &["restore", "inc.qcow2", "r.raw"]);
+    let (code, _, err) = json_run(p, &["restore", "inc.qcow2", "r.raw"]);
     assert_ne!(code, 0);
     assert!(err.contains("qemu-img rebase"), "{err}");
     let info = ok(p, &["info", "inc.qcow2"]);
@@ -865,7 +787,7 @@ fn bitmap_leftovers_and_meaningless_options() {
     let p = d.path();
     data_disk(p, "disk.raw", 4);
     for sync in ["full", "top"] {
-        let (code, err) = rc(
+        let (code, _, err) = json_run(
             p,
             &[
                 "backup",
@@ -882,7 +804,7 @@ fn bitmap_leftovers_and_meaningless_options() {
         assert_eq!(code, 2, "{sync}: {err}");
     }
     // A failed full backup does not leave a new bitmap behind.
-    let (code, err) = rc(
+    let (code, _, err) = json_run(
         p,
         &[
             "backup",
@@ -898,12 +820,12 @@ fn bitmap_leftovers_and_meaningless_options() {
     assert!(!p.join("disk.raw.b0.bitmap").exists());
     // A temp file of a killed run is removed by the next run.
     std::fs::write(p.join(".disk.raw.b0.bitmap.tmpAbC123"), b"half").unwrap();
-    ok(p, &["backup", "--bitmap", "b0", "disk.raw", "f.qcow2"]);
+    Backup::new(p, "disk.raw", "f.qcow2").bitmap("b0").ok();
     assert!(!p.join(".disk.raw.b0.bitmap.tmpAbC123").exists());
     // guest --format raw on a qcow2 image is refused.
     make_qcow2(p, "img.qcow2", "");
     let before = sha256_file(&p.join("img.qcow2"));
-    let (code, err) = rc(
+    let (code, _, err) = json_run(
         p,
         &["guest", "--format", "raw", "img.qcow2", "iops=0,count=5"],
     );
@@ -961,7 +883,7 @@ fn a_full_file_system_under_the_bitmap_is_exit_5() {
     // Fill the file system.
     let _ = std::fs::write(mnt.join("fill"), vec![1u8; 4 << 20]);
     let tgt = p.join("t.qcow2");
-    let (code, err) = rc(
+    let (code, _, err) = json_run(
         &mnt,
         &[
             "backup",
@@ -1046,7 +968,7 @@ fn guest_with_ignore_policies_finishes_with_exit_3() {
         let op = if side == "target" { "write" } else { "read" };
         let rule = format!("{side}:{op}:EIO,prob=0.3,seed=2");
         let t = Instant::now();
-        let (code, err) = rc(
+        let (code, _, err) = json_run(
             p,
             &[
                 "backup",
@@ -1077,34 +999,27 @@ fn in_kernel_copies_go_through_policies_and_injection() {
     let d = tempdir();
     let p = d.path();
     data_disk(p, "disk.raw", 8);
-    let doc = ok(
-        p,
-        &[
-            "backup",
+    let doc = Backup::new(p, "disk.raw", "t.raw")
+        .jobs(1)
+        .max_chunk("64K")
+        .inject("target:write:ENOSPC@nth=3,once")
+        .args(&[
             "--no-manifest",
-            "--jobs",
-            "1",
-            "--max-chunk",
-            "64K",
             "--on-target-error",
             "retry",
             "--retries",
             "2",
             "--retry-delay",
             "1ms",
-            "--inject",
-            "target:write:ENOSPC@nth=3,once",
-            "disk.raw",
-            "t.raw",
-        ],
-    );
+        ])
+        .ok();
     assert_eq!(doc["retries"], 1, "{doc}");
     assert_eq!(doc["retry_events"][0]["offset"], 128 << 10, "{doc}");
     assert_eq!(doc["retry_events"][0]["length"], 64 << 10, "{doc}");
     assert!(doc["bytes_copied_in_kernel"].as_u64().unwrap() > 0, "{doc}");
     assert!(identical(p, "disk.raw", "t.raw"));
     // Without a retry: exit 5 naming the request (one cluster of 64 KiB).
-    let (code, err) = rc(
+    let (code, _, err) = json_run(
         p,
         &[
             "backup",
@@ -1123,7 +1038,7 @@ fn in_kernel_copies_go_through_policies_and_injection() {
     assert!(err.contains("65536 bytes at offset 131072"), "{err}");
     assert!(!p.join("t2.raw").exists());
     // Source read errors on that path are source errors (exit 4).
-    let (code, err) = rc(
+    let (code, _, err) = json_run(
         p,
         &[
             "backup",
@@ -1143,10 +1058,10 @@ fn hints_name_the_real_image_bitmap_and_backup() {
     let d = tempdir();
     let p = d.path();
     data_disk(p, "disk.raw", 4);
-    ok(p, &["backup", "--bitmap", "b0", "disk.raw", "full.qcow2"]);
+    Backup::new(p, "disk.raw", "full.qcow2").bitmap("b0").ok();
     ok(p, &["bitmap", "add", "disk.raw", "b1"]);
     // A missing bitmap lists the ones that exist.
-    let (code, err) = rc(
+    let (code, _, err) = json_run(
         p,
         &[
             "backup",
@@ -1162,7 +1077,7 @@ fn hints_name_the_real_image_bitmap_and_backup() {
     assert!(err.contains("b0, b1"), "{err}");
     // A stale bitmap: the hint names the image, the bitmap and the backup.
     qemu_io(p, "raw", "disk.raw", &["write -P 9 0 64k"]);
-    let (code, err) = rc(
+    let (code, _, err) = json_run(
         p,
         &[
             "backup",
@@ -1191,7 +1106,7 @@ fn hints_name_the_real_image_bitmap_and_backup() {
     let show = ok(p, &["bitmap", "show", "disk.raw", "b0"]);
     assert_eq!(show["consistent"], false);
     // A kept partial: the hint says where it is.
-    let (code, err) = rc(
+    let (code, _, err) = json_run(
         p,
         &[
             "backup",
