@@ -792,6 +792,103 @@ mod tests {
         assert_eq!(z.of(3), digest(&[0u8; 512]));
         assert_eq!(z.run(1, 4), vec![z.of(0), z.of(0), z.of(3)]);
     }
+    fn meta() -> Meta {
+        Meta {
+            format_version: 0,
+            virtual_size: 0,
+            chunk_size: 0,
+            chunks: 0,
+            root_digest: String::new(),
+            source: "src".into(),
+            source_format: "raw".into(),
+            target_format: "raw".into(),
+            sync: "full".into(),
+            bitmap: None,
+            parent: None,
+            started: String::new(),
+            finished: String::new(),
+            created_by: String::new(),
+            incomplete: Vec::new(),
+            file: None,
+            detached: false,
+        }
+    }
+
+    /// A manifest of `image` written in `dir`, then opened.
+    fn write(dir: &Path, image: &dyn BlockNode, chunk: u64) -> ManifestFile {
+        let path = dir.join("m");
+        let file = File::create_new(&path).unwrap();
+        let geo = Geometry {
+            size: image.size(),
+            chunk,
+        };
+        let w = ManifestWriter::create_in(&path, file, geo).unwrap();
+        assert_eq!(w.missing().count(), geo.chunks());
+        w.fill_from(image, 3, &Cancel::new()).unwrap();
+        assert_eq!(w.missing().count(), 0);
+        let mut m = meta();
+        w.finish(&mut m).unwrap();
+        ManifestFile::open(&path).unwrap()
+    }
+
+    #[test]
+    fn digests_root_and_differences() {
+        use crate::node::mem::MemNode;
+        let d = tempfile::tempdir().unwrap();
+        let chunk = 4096u64;
+        // 100 chunks and a short last one; a zero run in the middle.
+        let mut bytes: Vec<u8> = (0..100 * chunk + 100).map(|i| (i % 253) as u8).collect();
+        bytes[(10 * chunk) as usize..(30 * chunk) as usize].fill(0);
+        let image = MemNode::new("img", bytes.clone(), chunk);
+        let m = write(d.path(), &image, chunk);
+        assert_eq!(m.meta.chunks, 101);
+        let want: Vec<Sha> = bytes.chunks(chunk as usize).map(digest).collect();
+        assert_eq!(m.digests(0, 101).unwrap(), want);
+        let mut root = Sha256::new();
+        for w in &want {
+            root.update(w);
+        }
+        assert_eq!(m.meta.root_digest, hex(&root.finalize()));
+        let cancel = Cancel::new();
+        assert_eq!(check_image(&image, &m, 2, &cancel).unwrap(), None);
+
+        // Two changed bytes: the first difference and every differing chunk.
+        image.write(77 * chunk + 5, &[0xff]).unwrap();
+        image.write(12 * chunk, &[1]).unwrap();
+        let diff = check_image(&image, &m, 2, &cancel).unwrap().unwrap();
+        assert_eq!((diff.chunk, diff.offset), (12, 12 * chunk));
+        assert_eq!(diff.expected, hex(&want[12]));
+        let bits = differing_chunks(&image, &m, 2, &cancel).unwrap();
+        let set: Vec<u64> = (0..101).filter(|&i| bits.get(i)).collect();
+        assert_eq!(set, vec![12, 77]);
+    }
+
+    #[test]
+    fn a_changed_byte_anywhere_in_the_file_is_refused() {
+        use crate::node::mem::MemNode;
+        let d = tempfile::tempdir().unwrap();
+        let image = MemNode::new("img", vec![7; 9000], 4096);
+        let m = write(d.path(), &image, 4096);
+        let len = std::fs::metadata(&m.path).unwrap().len();
+        let good = std::fs::read(&m.path).unwrap();
+        for at in [0, 9, 40, TABLE_OFFSET + 3, len - 1] {
+            let mut bad = good.clone();
+            bad[at as usize] ^= 1;
+            std::fs::write(&m.path, &bad).unwrap();
+            assert!(
+                matches!(
+                    ManifestFile::open(&m.path),
+                    Err(ManifestError::Damaged { .. })
+                ),
+                "a flipped bit at {at} was accepted"
+            );
+        }
+        std::fs::write(&m.path, &good[..good.len() - 32]).unwrap();
+        assert!(
+            ManifestFile::open(&m.path).is_err(),
+            "a truncated manifest was accepted"
+        );
+    }
 }
 
 /// The first chunk whose digest differs, when checking an image against a

@@ -880,3 +880,6 @@ impl BlockCopy {
         self.target.flush().map_err(CopyError::Target)
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -690,25 +690,38 @@ impl BackupJob {
         Ok((s, d))
     }
 
-    /// Create the target (locked: a second run writing it is refused
-    /// here), freeze the bitmap, and build the graph. `cancel` is checked
-    /// by every worker and phase.
-    pub fn start(self, cancel: Cancel) -> Result<Running> {
-        if let Some(t) = self.cfg.timeout {
-            cancel.arm_timeout(t);
-        }
-        let mode = crate::files::mode_from(&self.cfg.source);
-        let target: Box<dyn Target> = Box::new(FileTarget::create(FileTargetSpec {
+    /// What [`BackupJob::start`] writes: the file pair at `--target`.
+    pub fn file_target_spec(&self) -> FileTargetSpec {
+        FileTargetSpec {
             path: self.cfg.target.clone(),
             format: self.plan.target_format,
             size: self.image.node.size(),
             cluster_size: self.plan.target_cluster_size,
             backing: self.backing.clone(),
             manifest: self.cfg.manifest.then_some(self.geo),
-            mode,
+            mode: crate::files::mode_from(&self.cfg.source),
             keep_partial: self.cfg.keep_partial,
             wait: self.cfg.wait_lock,
-        })?);
+        }
+    }
+
+    /// Create the file target (locked: a second run writing it is refused
+    /// here), then [`BackupJob::start_with`] it. `cancel` is checked by
+    /// every worker and phase.
+    pub fn start(self, cancel: Cancel) -> Result<Running> {
+        if let Some(t) = self.cfg.timeout {
+            cancel.arm_timeout(t);
+        }
+        let target = FileTarget::create(self.file_target_spec())?;
+        self.start_with(Box::new(target), cancel)
+    }
+
+    /// Start the job writing into `target` (any [`Target`]): freeze the
+    /// bitmap and build the graph. `--timeout` is armed on `cancel`.
+    pub fn start_with(self, target: Box<dyn Target>, cancel: Cancel) -> Result<Running> {
+        if let Some(t) = self.cfg.timeout {
+            cancel.arm_timeout(t);
+        }
         // From here on the bitmap is frozen and in use; dropping the job's
         // bitmap on any failure puts it back (with the writes made meanwhile).
         let mut job = self;
@@ -1033,8 +1046,9 @@ impl Running {
     }
 
     /// The job failed (`err`): with `--bitmap-mode always` the bitmap
-    /// forgets what was copied, so what was copied is kept. Everything else
-    /// is cleaned up as the job is dropped.
+    /// forgets what was copied, so what was copied is kept; otherwise the
+    /// target is removed. The bitmap, the overlay and the locks are
+    /// released as the job is dropped.
     pub fn abort(mut self, err: JobError) -> JobError {
         if self.job.plan.bitmap_mode == BitmapMode::Always
             && self.sync_bitmap.is_some()
@@ -1046,6 +1060,8 @@ impl Running {
                 self.target.partial_path().display()
             );
         }
+        let Running { target, .. } = self;
+        target.abort();
         err.within("the backup failed")
     }
 

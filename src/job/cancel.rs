@@ -92,10 +92,13 @@ impl Cancel {
     }
 
     /// Cancel with [`Reason::Timeout`] after `after`, from a watcher thread.
+    /// Only the first call arms a deadline.
     pub fn arm_timeout(&self, after: Duration) {
         let me = self.clone();
         let deadline = Instant::now() + after;
-        let _ = self.deadline.set(deadline);
+        if self.deadline.set(deadline).is_err() {
+            return;
+        }
         std::thread::spawn(move || {
             while Instant::now() < deadline {
                 if me.is_cancelled() {

@@ -25,6 +25,7 @@ pub mod chain;
 pub mod fault;
 pub mod graph;
 pub mod marking;
+pub mod mem;
 pub mod overlay;
 pub mod probe;
 pub mod qcow2;

@@ -370,6 +370,10 @@ pub trait Target: Send + Sync {
     /// Put it into place: the manifest first (bound to the file), then the
     /// file; a stale manifest of a replaced file is removed.
     fn commit(self: Box<Self>) -> io::Result<()>;
+    /// Give up: remove what was written, unless
+    /// [`Target::keep_on_failure`] asked to keep it. A target dropped
+    /// without [`Target::commit`] is aborted the same way.
+    fn abort(self: Box<Self>);
 }
 
 /// What a [`FileTarget`] is made of.
@@ -482,5 +486,11 @@ impl Target for FileTarget {
     fn commit(self: Box<Self>) -> io::Result<()> {
         let me = *self;
         commit(me.partial, me.mpartial)
+    }
+
+    fn abort(self: Box<Self>) {
+        // The partial files remove themselves (or report that they were
+        // kept) when dropped.
+        drop(self);
     }
 }

@@ -5,6 +5,7 @@
 
 use crate::fixture::*;
 use imgbackup::error::BlockError;
+use imgbackup::node::mem::MemNode;
 use imgbackup::node::probe::open_image;
 use imgbackup::node::qcow2::{CreateOptions, Qcow2Layer, Qcow2Writer};
 use imgbackup::node::raw::RawNode;
@@ -122,6 +123,16 @@ fn raw_nodes() {
         std::fs::read(p.join("w.raw")).unwrap() == expect,
         "w.raw differs"
     );
+}
+
+#[test]
+fn memory_nodes() {
+    let mut expect: Vec<u8> = (0..4u32 << 20).map(|i| (i / 4096 % 251) as u8).collect();
+    expect[1 << 20..2 << 20].fill(0);
+    let n = MemNode::new("mem", expect.clone(), 65536);
+    conform_read(&n, &expect);
+    conform_write(&n, &mut expect);
+    assert!(n.contents() == expect, "memory node differs");
 }
 
 #[test]

@@ -12,6 +12,7 @@ mod crash;
 mod docs;
 mod failures;
 mod fixture;
+mod layout;
 mod logging;
 mod manifest;
 mod phases;

@@ -39,6 +39,15 @@ pub const MAX_REFTABLE_BYTES: u64 = 8 << 20;
 /// QEMU's limit on internal snapshots (QCOW_MAX_SNAPSHOTS).
 pub const MAX_SNAPSHOTS: u32 = 65536;
 
+/// L1/L2 entry flag: the cluster's refcount is exactly one.
+pub const OFLAG_COPIED: u64 = 1 << 63;
+/// L2 entry flag: the cluster is compressed.
+pub const OFLAG_COMPRESSED: u64 = 1 << 62;
+/// L2 entry flag (version 3): the cluster reads as zeros.
+pub const OFLAG_ZERO: u64 = 1;
+/// The host offset bits of an L1 or standard L2 entry.
+pub const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+
 /// End of the header extensions.
 pub const EXT_END: u32 = 0;
 /// Header extension: backing file format.

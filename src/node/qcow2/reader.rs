@@ -18,7 +18,7 @@
 //! [`Status::Unallocated`] and read as zeros here; the chain node decides what
 //! lies below.
 
-use super::header::Header;
+use super::header::{Header, OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO};
 use crate::error::{BlockError, Op, Result};
 use crate::node::{BlockNode, Extent, Status, check_range};
 use futures::executor::block_on;
@@ -39,10 +39,6 @@ const L2_CACHE_BYTES: usize = 512 << 10;
 /// Bytes of raw L2 tables the adapter keeps to validate entries.
 const RAW_L2_CACHE_BYTES: u64 = 8 << 20;
 
-const OFLAG_COPIED: u64 = 1 << 63;
-const OFLAG_COMPRESSED: u64 = 1 << 62;
-const OFLAG_ZERO: u64 = 1;
-const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 /// Reserved bits of an L1 entry (QEMU's L1E_RESERVED_MASK).
 const L1E_RESERVED: u64 = 0x7f00_0000_0000_01ff;
 /// Reserved bits of a standard L2 entry (QEMU's L2E_STD_RESERVED_MASK).
@@ -363,70 +359,25 @@ impl Qcow2Layer {
         Ok(t)
     }
 
-    /// Check the raw L2 entry of the cluster at `offset` the way `qemu-img
-    /// check` does: reserved bits, alignment, a zero flag in a version 2
-    /// image, a compressed cluster marked COPIED, data inside the file and
-    /// not on top of metadata.
+    /// Check the raw L2 entry of the cluster at `offset` (see
+    /// [`check_l2_entry`]).
     fn check_entry(&self, l2_off: u64, offset: u64) -> Result<()> {
         let cs = self.header.cluster_size();
         let t = self.raw_l2_table(l2_off)?;
         let idx = ((offset / cs) % (cs / 8)) as usize;
         let e = t.get(idx).copied().unwrap_or(0);
-        let corrupt = |detail: String| BlockError::Corrupt {
+        let image = EntryImage {
+            cluster_bits: self.header.cluster_bits,
+            version: self.header.version,
+            size: self.header.size,
+            file_len: self.file_len,
+            metadata: &self.metadata,
+        };
+        check_l2_entry(e, offset, &image).map_err(|detail| BlockError::Corrupt {
             path: self.path.clone(),
             offset: Some(offset),
             detail,
-        };
-        if e & OFLAG_COMPRESSED != 0 {
-            if e & OFLAG_COPIED != 0 {
-                return Err(corrupt(format!(
-                    "compressed L2 entry {e:#x} has the COPIED flag"
-                )));
-            }
-            let shift = 62 - (self.header.cluster_bits - 8);
-            let host = e & ((1u64 << shift) - 1);
-            let sectors = ((e >> shift) & ((1u64 << (self.header.cluster_bits - 8)) - 1)) + 1;
-            let end = (host & !511) + sectors * 512;
-            let (first, last) = (host / cs, (end - 1) / cs);
-            if (first..=last).any(|c| self.metadata.contains(&c)) {
-                return Err(corrupt(format!(
-                    "compressed data at host offset {host:#x} overlaps the image's metadata"
-                )));
-            }
-            return Ok(());
-        }
-        if e & L2E_STD_RESERVED != 0 {
-            return Err(corrupt(format!("L2 entry {e:#x} has reserved bits set")));
-        }
-        let host = e & OFFSET_MASK;
-        if e & OFLAG_ZERO != 0 && self.header.version < 3 {
-            return Err(corrupt(format!(
-                "zero-cluster L2 entry {e:#x} in a version 2 image"
-            )));
-        }
-        if host == 0 {
-            return Ok(());
-        }
-        if !host.is_multiple_of(cs) {
-            return Err(corrupt(format!(
-                "L2 entry {e:#x} points to an unaligned cluster ({host:#x})"
-            )));
-        }
-        if self.metadata.contains(&(host / cs)) {
-            return Err(corrupt(format!(
-                "L2 entry points to host cluster {host:#x}, which holds the image's metadata"
-            )));
-        }
-        if e & OFLAG_ZERO == 0 {
-            let in_image = (self.header.size - (offset - offset % cs)).min(cs);
-            if host.saturating_add(in_image) > self.file_len {
-                return Err(corrupt(format!(
-                    "L2 entry points to a data cluster at {host:#x}, past the end of the file ({} bytes)",
-                    self.file_len
-                )));
-            }
-        }
-        Ok(())
+        })
     }
 
     /// Map the cluster containing `offset`, checking what the image says.
@@ -492,6 +443,72 @@ impl Qcow2Layer {
         out.copy_from_slice(&cluster[in_cluster..in_cluster + out.len()]);
         Ok(())
     }
+}
+
+/// What checking an L2 entry needs to know of its image.
+struct EntryImage<'a> {
+    cluster_bits: u32,
+    version: u32,
+    /// Virtual size, bytes.
+    size: u64,
+    /// Length of the image file, bytes.
+    file_len: u64,
+    /// Host clusters holding metadata.
+    metadata: &'a HashSet<u64>,
+}
+
+/// Check the L2 entry `e` of the cluster at guest `offset` the way `qemu-img
+/// check` does: reserved bits, alignment, a zero flag in a version 2 image,
+/// a compressed cluster marked COPIED, data inside the file and not on top
+/// of metadata. The error says what is wrong.
+fn check_l2_entry(e: u64, offset: u64, img: &EntryImage<'_>) -> std::result::Result<(), String> {
+    let cs = 1u64 << img.cluster_bits;
+    if e & OFLAG_COMPRESSED != 0 {
+        if e & OFLAG_COPIED != 0 {
+            return Err(format!("compressed L2 entry {e:#x} has the COPIED flag"));
+        }
+        let shift = 62 - (img.cluster_bits - 8);
+        let host = e & ((1u64 << shift) - 1);
+        let sectors = ((e >> shift) & ((1u64 << (img.cluster_bits - 8)) - 1)) + 1;
+        let end = (host & !511) + sectors * 512;
+        let (first, last) = (host / cs, (end - 1) / cs);
+        if (first..=last).any(|c| img.metadata.contains(&c)) {
+            return Err(format!(
+                "compressed data at host offset {host:#x} overlaps the image's metadata"
+            ));
+        }
+        return Ok(());
+    }
+    if e & L2E_STD_RESERVED != 0 {
+        return Err(format!("L2 entry {e:#x} has reserved bits set"));
+    }
+    let host = e & OFFSET_MASK;
+    if e & OFLAG_ZERO != 0 && img.version < 3 {
+        return Err(format!("zero-cluster L2 entry {e:#x} in a version 2 image"));
+    }
+    if host == 0 {
+        return Ok(());
+    }
+    if !host.is_multiple_of(cs) {
+        return Err(format!(
+            "L2 entry {e:#x} points to an unaligned cluster ({host:#x})"
+        ));
+    }
+    if img.metadata.contains(&(host / cs)) {
+        return Err(format!(
+            "L2 entry points to host cluster {host:#x}, which holds the image's metadata"
+        ));
+    }
+    if e & OFLAG_ZERO == 0 {
+        let in_image = (img.size - (offset - offset % cs)).min(cs);
+        if host.saturating_add(in_image) > img.file_len {
+            return Err(format!(
+                "L2 entry points to a data cluster at {host:#x}, past the end of the file ({} bytes)",
+                img.file_len
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The host clusters holding metadata, and the L1 entries that are damaged
@@ -668,5 +685,66 @@ impl BlockNode for Qcow2Layer {
         })();
         self.put_dev(dev);
         result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CS: u64 = 65536;
+
+    fn check(e: u64, version: u32) -> std::result::Result<(), String> {
+        // Clusters 0-3 hold metadata; the file is 16 clusters long.
+        let metadata: HashSet<u64> = (0..4).collect();
+        let img = EntryImage {
+            cluster_bits: 16,
+            version,
+            size: 64 * CS,
+            file_len: 16 * CS,
+            metadata: &metadata,
+        };
+        check_l2_entry(e, 5 * CS, &img)
+    }
+
+    #[test]
+    fn good_entries_pass() {
+        assert_eq!(check(0, 3), Ok(()), "unallocated");
+        assert_eq!(check(OFLAG_COPIED | (8 * CS), 3), Ok(()), "data");
+        assert_eq!(check(8 * CS, 2), Ok(()), "data without COPIED");
+        assert_eq!(check(OFLAG_ZERO, 3), Ok(()), "zero, no host");
+        assert_eq!(
+            check(OFLAG_ZERO | OFLAG_COPIED | (9 * CS), 3),
+            Ok(()),
+            "preallocated zero"
+        );
+        assert_eq!(
+            check(OFLAG_COMPRESSED | (10 * CS + 512), 3),
+            Ok(()),
+            "compressed"
+        );
+    }
+
+    #[test]
+    fn damaged_entries_are_named() {
+        let cases = [
+            ((1u64 << 56) | (8 * CS), 3, "reserved bits"),
+            (OFLAG_COPIED | (8 * CS + 512), 3, "unaligned"),
+            (OFLAG_COPIED | (2 * CS), 3, "metadata"),
+            (OFLAG_COPIED | (16 * CS), 3, "past the end of the file"),
+            (OFLAG_ZERO, 2, "version 2"),
+            (OFLAG_COMPRESSED | OFLAG_COPIED | (10 * CS), 3, "COPIED"),
+            (
+                OFLAG_COMPRESSED | (3 * CS),
+                3,
+                "overlaps the image's metadata",
+            ),
+        ];
+        for (e, version, what) in cases {
+            match check(e, version) {
+                Err(msg) => assert!(msg.contains(what), "{e:#x}: {msg}"),
+                Ok(()) => panic!("{e:#x} (version {version}) passed; want {what}"),
+            }
+        }
     }
 }

@@ -16,7 +16,10 @@
 //! Callers serialize writes to one cluster (the block-copy state's range
 //! locks do); different clusters may be written concurrently.
 
-use super::header::{EXT_BACKING_FORMAT, MAGIC, MAX_L1_BYTES};
+use super::header::{
+    EXT_BACKING_FORMAT, MAGIC, MAX_L1_BYTES, OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED,
+    OFLAG_ZERO,
+};
 use crate::error::{BlockError, Op, Result};
 use crate::node::{BlockNode, Extent, Status, check_range};
 use std::fs::File;
@@ -25,10 +28,6 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 
-const OFLAG_COPIED: u64 = 1 << 63;
-const OFLAG_COMPRESSED: u64 = 1 << 62;
-const OFLAG_ZERO: u64 = 1;
-const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 const REFCOUNT_ORDER: u32 = 4; // 16-bit refcounts, as qemu-img creates them
 const HEADER_LEN: u32 = 112; // v3 header with the compression-type byte, padded
 
