@@ -3,12 +3,15 @@
 
     cargo build --release
     bench/bench.py [--images DIR] [--size 2G] [--runs 5] [--only NAME ...] [--out BENCHMARKS.md]
+    bench/bench.py --baseline OLD_BINARY [...]   # this build (A) against another build (B)
 
 Images come from ../shared/anchors/make_images.sh (made once into --images):
 full.raw, sparse.qcow2 (25 %), top.qcow2 over base.raw (10 %), bitmap.qcow2
 with a persistent bitmap bm0 (5 % dirty). Each timing pair runs alternately
-(A B A B ...) after a warm-up, with outputs deleted (untimed) before every
-run; the table gives medians and the median of the per-pair ratios A/B.
+(A B, B A, A B, ...) after a warm-up, with outputs deleted (untimed) before every
+run; the table gives medians, and the median and the geometric mean of the
+per-pair ratios A/B (with A B / B A order, the geometric mean cancels what
+running second costs).
 Wall time is measured around fork..reap; CPU and peak RSS (ru_maxrss, as
 /usr/bin/time -v reports it) come from the reaped child's rusage. Guest
 write latency (4 KiB random writes at 500/s during a full backup) is read
@@ -101,6 +104,30 @@ def pairs():
          ["qemu-img", "convert", "-c", "-m", "8", "-W", "-O", "qcow2", "full.raw", "out-b.qcow2"],
          ["out-a.qcow2", "out-b.qcow2"], "size"),
     ]
+
+
+def baseline_pairs(base):
+    """The same imgbackup commands run by this build (A) and by `base` (B),
+    e.g. the previous commit's release binary: a restructuring must keep
+    every ratio <= 1.05."""
+    cases = [
+        ("full raw->qcow2", ["backup", "-q", "full.raw", "OUT.qcow2"], "qcow2", None),
+        ("full raw->raw", ["backup", "-q", "full.raw", "OUT.raw"], "raw", None),
+        ("sparse qcow2->qcow2", ["backup", "-q", "sparse.qcow2", "OUT.qcow2"], "qcow2", None),
+        ("sync top", ["backup", "-q", "--sync", "top", "top.qcow2", "OUT.qcow2"], "qcow2", None),
+        ("incremental 5 %", ["backup", "-q", "--sync", "bitmap", "--bitmap", "bm0", "--bitmap-mode", "never",
+                             "--backing", "bitmap-full.qcow2", "bitmap.qcow2", "OUT.qcow2"], "qcow2", "bitmap"),
+        ("compress", ["backup", "-q", "--compress", "full.raw", "OUT.qcow2"], "qcow2", None),
+        ("guest iops=500 during a full backup", ["backup", "-q", "--guest", "iops=500,bs=4K,seed=1", "full.raw",
+                                                 "OUT.qcow2"], "qcow2", None),
+    ]
+    out = []
+    for name, args, ext, extra in cases:
+        oa, ob = "out-a." + ext, "out-b." + ext
+        ca = [BIN] + [x.replace("OUT." + ext, oa) for x in args]
+        cb = [base] + [x.replace("OUT." + ext, ob) for x in args]
+        out.append(("baseline " + name, "this build (A) vs %s (B); target <= 1.05" % base, ca, cb, [oa, ob], extra))
+    return out
 
 
 def setup_bitmap(images):
@@ -205,6 +232,7 @@ def main():
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--only", nargs="*")
     ap.add_argument("--out")
+    ap.add_argument("--baseline", help="another imgbackup binary to compare this build with (only those pairs run)")
     a = ap.parse_args()
     if not os.path.exists(BIN):
         sys.exit("build first: cargo build --release")
@@ -219,11 +247,11 @@ def main():
                 break
     head = "## %s — %s, nproc %d, %s images, %d pairs after a warm-up" % (
         time.strftime("%Y-%m-%d"), cpu, os.cpu_count(), a.size, a.runs)
-    lines = [head, "", "| pair | A median s | B median s | A/B median | A peak RSS MiB | B peak RSS MiB |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    lines = [head, "", "| pair | A median s | B median s | A/B median | A/B geomean | A peak RSS MiB | B peak RSS MiB |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     print(head)
     commands = []
-    for name, what, ca, cb, outs, extra in pairs():
+    for name, what, ca, cb, outs, extra in (baseline_pairs(a.baseline) if a.baseline else pairs()):
         if a.only and name not in a.only:
             continue
         if extra == "bitmap":
@@ -232,11 +260,20 @@ def main():
         ra, rb, ratios = [], [], []
         for i in range(runs + 1):
             clean(outs, a.images)
-            x = timed(ca, a.images)
-            sa = os.path.getsize(os.path.join(a.images, outs[0]))
-            clean(outs[:1], a.images)
-            y = timed(cb, a.images)
-            sb = os.path.getsize(os.path.join(a.images, outs[1]))
+            # A B, then B A: a run that is slower for following another
+            # (writeback of the last run's output) is not always the same side.
+            if i % 2 == 1:
+                x = timed(ca, a.images)
+                sa = os.path.getsize(os.path.join(a.images, outs[0]))
+                clean(outs[:1], a.images)
+                y = timed(cb, a.images)
+                sb = os.path.getsize(os.path.join(a.images, outs[1]))
+            else:
+                y = timed(cb, a.images)
+                sb = os.path.getsize(os.path.join(a.images, outs[1]))
+                clean(outs[1:], a.images)
+                x = timed(ca, a.images)
+                sa = os.path.getsize(os.path.join(a.images, outs[0]))
             clean(outs, a.images)
             if i == 0:
                 continue  # warm-up
@@ -244,15 +281,16 @@ def main():
             rb.append(y)
             ratios.append(x["wall"] / y["wall"])
         med = lambda rs, k: statistics.median(r[k] for r in rs)
-        row = "| %s: %s | %.3f | %.3f | %.3f | %.1f | %.1f |" % (
-            name, what, med(ra, "wall"), med(rb, "wall"), statistics.median(ratios),
+        geo = statistics.geometric_mean(ratios)
+        row = "| %s: %s | %.3f | %.3f | %.3f | %.3f | %.1f | %.1f |" % (
+            name, what, med(ra, "wall"), med(rb, "wall"), statistics.median(ratios), geo,
             max(r["rss_mib"] for r in ra), max(r["rss_mib"] for r in rb))
         if extra == "size":
             row += " sizes A/B = %.3f |" % (sa / sb)
         print(row, flush=True)
         lines.append(row)
         commands.append("* %s: A `%s`; B `%s`" % (name, shlex.join(ca), shlex.join(cb)))
-    if not a.only or "latency" in a.only:
+    if not a.baseline and (not a.only or "latency" in a.only):
         lines += ["", "Guest 4 KiB random writes at 500/s during a full raw->qcow2 backup (medians over %d runs):" % a.runs, "",
                   "| backup | guest p50 ms | guest p99 ms | backup wall s |", "| --- | --- | --- | --- |"]
         for label, res in latency(a.images, a.runs):
@@ -260,7 +298,7 @@ def main():
                                                   statistics.median(res["wall"]))
             print(row, flush=True)
             lines.append(row)
-    if not a.only or "speed" in a.only:
+    if not a.baseline and (not a.only or "speed" in a.only):
         clean(["spd.qcow2"], a.images)
         rate = 256 << 20
         r = timed([BIN, "backup", "--json", "--speed", str(rate), "full.raw", "spd.qcow2"], a.images)
