@@ -420,26 +420,42 @@ fn rfc3339(t: SystemTime) -> String {
 
 /// The identity of every file of the source's chain, to tell at the end
 /// whether something wrote them during the backup.
-fn chain_identities(image: &Image) -> Vec<(PathBuf, Option<Identity>)> {
+fn chain_identities(image: &Image) -> Vec<SourceFile> {
     image
         .layers
         .iter()
-        .map(|l| (l.info.path.clone(), Identity::of(&l.info.path).ok()))
+        .filter_map(|l| {
+            let now = l.node.identity()?;
+            Some(SourceFile {
+                node: l.node.clone(),
+                was: now.ok(),
+            })
+        })
         .collect()
 }
 
+/// A file of the source's chain, as it was when the job started: the
+/// changed-source check asks its node (a node with no file behind it has
+/// nothing to check).
+struct SourceFile {
+    node: Arc<dyn BlockNode>,
+    was: Option<Identity>,
+}
+
 /// Fail (exit 4) if a file of the source's chain changed since `before`.
-fn check_unchanged(before: &[(PathBuf, Option<Identity>)]) -> Result<()> {
-    for (path, was) in before {
-        let now = Identity::of(path).ok();
-        let changed = match (was, &now) {
+fn check_unchanged(before: &[SourceFile]) -> Result<()> {
+    for f in before {
+        let now = f.node.identity().and_then(|r| r.ok());
+        let changed = match (&f.was, &now) {
             (Some(a), Some(b)) => a != b,
             _ => true,
         };
         if changed {
             return Err(JobError::step(
                 "the backup is not point-in-time",
-                CopyError::Source(crate::error::BlockError::Changed { path: path.clone() }),
+                CopyError::Source(crate::error::BlockError::Changed {
+                    path: f.node.path().to_path_buf(),
+                }),
             ));
         }
     }
@@ -506,7 +522,7 @@ pub struct BackupJob {
     started: SystemTime,
     t0: Instant,
     identity: Identity,
-    source_ids: Vec<(PathBuf, Option<Identity>)>,
+    source_ids: Vec<SourceFile>,
     bitmap: Option<(Bitmap, Before)>,
     copy_bits: Bits,
     parent_path: Option<PathBuf>,

@@ -53,6 +53,10 @@ impl BlockNode for ChainNode {
         self.top.path()
     }
 
+    fn identity(&self) -> Option<std::io::Result<crate::bitmap::Identity>> {
+        self.top.identity()
+    }
+
     fn size(&self) -> u64 {
         self.top.size()
     }

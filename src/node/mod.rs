@@ -118,6 +118,15 @@ pub trait BlockNode: Send + Sync {
     /// Status of a prefix of `[offset, offset + len)`, for this layer only.
     fn block_status(&self, offset: u64, len: u64) -> Result<Extent>;
 
+    /// The identity (size, modification time, inode, device) of the file
+    /// this node stores its data in, taken now: how "did the source change
+    /// while it was read" is asked. `None` for a node with no file of its
+    /// own behind it (an image in memory, a network export); filters and
+    /// chains answer for the node they stand for.
+    fn identity(&self) -> Option<std::io::Result<crate::bitmap::Identity>> {
+        None
+    }
+
     /// For an in-kernel copy (`copy_file_range`) of `[offset, offset+len)`
     /// out of this node: the file whose bytes at those offsets are the
     /// node's bytes (a plain raw file), or None (the caller reads the bytes
@@ -184,6 +193,10 @@ pub trait Filter: Send + Sync {
     fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
         self.child().block_status(offset, len)
     }
+    /// See [`BlockNode::identity`].
+    fn identity(&self) -> Option<std::io::Result<crate::bitmap::Identity>> {
+        self.child().identity()
+    }
     /// See [`BlockNode::copy_source`].
     fn copy_source(&self, offset: u64, len: u64) -> Result<Option<&std::fs::File>> {
         self.child().copy_source(offset, len)
@@ -230,6 +243,9 @@ impl<F: Filter> BlockNode for F {
     }
     fn copy_range_from(&self, src: &std::fs::File, offset: u64, len: u64) -> Result<bool> {
         Filter::copy_range_from(self, src, offset, len)
+    }
+    fn identity(&self) -> Option<std::io::Result<crate::bitmap::Identity>> {
+        Filter::identity(self)
     }
 }
 

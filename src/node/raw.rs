@@ -217,6 +217,10 @@ impl RawNode {
 }
 
 impl BlockNode for RawNode {
+    fn identity(&self) -> Option<std::io::Result<crate::bitmap::Identity>> {
+        Some(crate::bitmap::Identity::of(self.path()))
+    }
+
     fn path(&self) -> &Path {
         &self.path
     }

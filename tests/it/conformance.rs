@@ -114,6 +114,8 @@ fn raw_nodes() {
     let n = RawNode::open(&p.join("a.raw")).unwrap();
     conform_read(&n, &expect);
     assert!(n.write(0, &[1]).is_err(), "read-only raw accepted a write");
+    let id = n.identity().expect("a raw file has an identity").unwrap();
+    assert_eq!(id.size, 4 << 20);
 
     let w = RawNode::create(&p.join("w.raw"), 4 << 20).unwrap();
     let mut expect = vec![0u8; 4 << 20];
@@ -133,6 +135,7 @@ fn memory_nodes() {
     conform_read(&n, &expect);
     conform_write(&n, &mut expect);
     assert!(n.contents() == expect, "memory node differs");
+    assert!(n.identity().is_none(), "a memory node has no file to stat");
 }
 
 #[test]

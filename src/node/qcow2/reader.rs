@@ -582,6 +582,10 @@ fn metadata_clusters(
 }
 
 impl BlockNode for Qcow2Layer {
+    fn identity(&self) -> Option<std::io::Result<crate::bitmap::Identity>> {
+        Some(crate::bitmap::Identity::of(self.path()))
+    }
+
     fn path(&self) -> &Path {
         &self.path
     }
