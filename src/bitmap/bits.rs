@@ -91,42 +91,72 @@ impl Bits {
 
     /// Number of set bits in `[start, end)`.
     pub fn count_range(&self, start: u64, end: u64) -> u64 {
-        (start..end.min(self.len)).filter(|&i| self.get(i)).count() as u64
+        let end = end.min(self.len);
+        if start >= end {
+            return 0;
+        }
+        let (first, last) = ((start / 64) as usize, ((end - 1) / 64) as usize);
+        let mut n = 0;
+        for w in first..=last {
+            let mut word = self.words[w];
+            if w == first {
+                word &= u64::MAX << (start % 64);
+            }
+            if w == last && !end.is_multiple_of(64) {
+                word &= (1u64 << (end % 64)) - 1;
+            }
+            n += u64::from(word.count_ones());
+        }
+        n
     }
 
     /// First set bit at or after `from`.
     pub fn next_set(&self, from: u64) -> Option<u64> {
-        self.next(from, false)
+        self.next_in(from, self.len, false)
     }
 
     /// First clear bit at or after `from`.
     pub fn next_clear(&self, from: u64) -> Option<u64> {
-        self.next(from, true)
+        self.next_in(from, self.len, true)
     }
 
-    fn next(&self, from: u64, invert: bool) -> Option<u64> {
-        if from >= self.len {
+    /// First set bit in `[from, end)`: the scan stops at `end`.
+    pub fn next_set_in(&self, from: u64, end: u64) -> Option<u64> {
+        self.next_in(from, end, false)
+    }
+
+    /// First clear bit in `[from, end)`: the scan stops at `end`.
+    pub fn next_clear_in(&self, from: u64, end: u64) -> Option<u64> {
+        self.next_in(from, end, true)
+    }
+
+    /// Word at a time, from `from` to `end` (clamped to the length) and no
+    /// further.
+    fn next_in(&self, from: u64, end: u64, invert: bool) -> Option<u64> {
+        let end = end.min(self.len);
+        if from >= end {
             return None;
         }
+        let flip = if invert { u64::MAX } else { 0 };
+        let last = ((end - 1) / 64) as usize;
         let mut w = (from / 64) as usize;
-        let mut word = self.words[w] ^ if invert { u64::MAX } else { 0 };
-        word &= u64::MAX << (from % 64);
+        let mut word = (self.words[w] ^ flip) & (u64::MAX << (from % 64));
         loop {
             if word != 0 {
                 let i = w as u64 * 64 + u64::from(word.trailing_zeros());
-                return (i < self.len).then_some(i);
+                return (i < end).then_some(i);
             }
             w += 1;
-            if w >= self.words.len() {
+            if w > last {
                 return None;
             }
-            word = self.words[w] ^ if invert { u64::MAX } else { 0 };
+            word = self.words[w] ^ flip;
         }
     }
 
     /// True if any bit in `[start, end)` is set.
     pub fn any_in(&self, start: u64, end: u64) -> bool {
-        self.next_set(start).is_some_and(|i| i < end)
+        self.next_set_in(start, end).is_some()
     }
 
     /// Set every bit that is set in `other` (same length).
@@ -185,5 +215,39 @@ mod tests {
         assert_eq!(f.count(), 70);
         assert_eq!(f.next_clear(0), None);
         assert_eq!(Bits::from_words(vec![u64::MAX; 2], 70).count(), 70);
+    }
+
+    proptest::proptest! {
+        /// Every search and count agrees with a plain vector of booleans,
+        /// bounded scans included.
+        #[test]
+        fn searches_agree_with_a_model(
+            len in 0..300u64,
+            ops in proptest::collection::vec((proptest::bool::ANY, 0..320u64, 0..320u64), 0..12),
+            queries in proptest::collection::vec((0..320u64, 0..320u64), 1..12),
+        ) {
+            let mut b = Bits::new(len);
+            let mut m = vec![false; len as usize];
+            for (set, a, z) in ops {
+                let (a, z) = (a.min(z), a.max(z));
+                if set { b.set_range(a, z) } else { b.clear_range(a, z) }
+                for v in m.iter_mut().take(z.min(len) as usize).skip(a as usize) {
+                    *v = set;
+                }
+            }
+            let find = |from: u64, end: u64, want: bool| {
+                (from..end.min(len)).find(|&i| m[i as usize] == want)
+            };
+            for (from, end) in queries {
+                proptest::prop_assert_eq!(b.next_set_in(from, end), find(from, end, true));
+                proptest::prop_assert_eq!(b.next_clear_in(from, end), find(from, end, false));
+                proptest::prop_assert_eq!(b.next_set(from), find(from, len, true));
+                proptest::prop_assert_eq!(b.next_clear(from), find(from, len, false));
+                let count = (from..end.min(len)).filter(|&i| m[i as usize]).count() as u64;
+                proptest::prop_assert_eq!(b.count_range(from, end), count);
+                proptest::prop_assert_eq!(b.any_in(from, end), count > 0);
+            }
+            proptest::prop_assert_eq!(b.count(), m.iter().filter(|&&v| v).count() as u64);
+        }
     }
 }

@@ -196,6 +196,9 @@ pub struct BlockCopy {
     /// Clusters given up on that must not be copied again (a cached
     /// copy-before-write an ignore policy dropped: the source has changed).
     lost: Mutex<Bits>,
+    /// Clusters where the source held nothing when the copy started (a
+    /// hint for claim sizes; see [`BlockCopy::map_holes`]).
+    holes: std::sync::OnceLock<Bits>,
     // atomic
     /// Progress counters, read by the display.
     pub progress: Progress,
@@ -217,6 +220,9 @@ struct CbwCache {
     ready: Condvar,
     peak: AtomicU64,
 }
+
+/// The largest claim over a hole ([`BlockCopy::map_holes`]).
+pub const HOLE_CLAIM: u64 = 64 << 20;
 
 /// A claimed run of clusters `[start, end)` in bytes (end clamped to the
 /// image size).
@@ -271,6 +277,7 @@ impl BlockCopy {
             failed: std::sync::atomic::AtomicBool::new(false),
             cache,
             lost: Mutex::new(Bits::new(0)),
+            holes: std::sync::OnceLock::new(),
             progress,
         }
     }
@@ -351,6 +358,51 @@ impl BlockCopy {
         self.lock().bitmap.clone()
     }
 
+    /// Map, before the workers start, the clusters still to copy where the
+    /// source holds nothing (zero or unallocated through its chain),
+    /// walking the source's extents over the runs of the copy bitmap. The
+    /// map is a hint for [`BlockCopy::claim_next`]: a claim that starts in
+    /// a hole may reach to the hole's end (up to [`HOLE_CLAIM`] bytes)
+    /// instead of `max_chunk`, so an empty or sparse terabyte costs its
+    /// extents rather than one claim per `max_chunk`, while claims still
+    /// go in offset order (a failure stops the job where it would have
+    /// stopped). Every claim checks the source again when it is copied. An
+    /// error or a cancel leaves the map out; the copy is the same without
+    /// it.
+    pub fn map_holes(&self) {
+        let cs = self.cfg.cluster_size;
+        let bits = self.bitmap();
+        let mut holes = Bits::new(bits.len());
+        for (s, e) in bits.runs() {
+            let (mut pos, end) = (s * cs, (e * cs).min(self.len));
+            while pos < end {
+                if self.cancel.is_cancelled() {
+                    return;
+                }
+                let ext = match self.source.block_status(pos, end - pos) {
+                    Ok(ext) => ext,
+                    Err(e) => {
+                        tracing::debug!("no hole map: block status at {pos}: {e}");
+                        return;
+                    }
+                };
+                let ext_end = pos + ext.len;
+                let aligned_end = if ext_end == end {
+                    end
+                } else {
+                    ext_end / cs * cs
+                };
+                if ext.status != Status::Data && aligned_end > pos {
+                    holes.set_range(pos / cs, aligned_end.div_ceil(cs));
+                    pos = aligned_end;
+                } else {
+                    pos = (ext_end.div_ceil(cs) * cs).max(pos + cs).min(end);
+                }
+            }
+        }
+        let _ = self.holes.set(holes);
+    }
+
     /// Claim the next run of clusters to copy at or after the job's cursor,
     /// at most `max_chunk` bytes. `None` when nothing is left ahead.
     pub fn claim_next(&self) -> Option<Claim> {
@@ -358,11 +410,18 @@ impl BlockCopy {
         let max = (self.cfg.max_chunk / cs).max(1);
         let mut g = self.lock();
         let start = g.bitmap.next_set(g.cursor)?;
-        let end = g
-            .bitmap
-            .next_clear(start)
-            .unwrap_or(g.bitmap.len())
-            .min(start + max);
+        // The run ends at the first clear bit, looked for no further than
+        // the largest claim: a full bitmap is not scanned to its end on
+        // every claim. A claim that starts in a hole may cover the hole.
+        let len = g.bitmap.len();
+        let limit = match self.holes.get() {
+            Some(h) if h.get(start) => {
+                let far = (start + (HOLE_CLAIM / cs).max(max)).min(len);
+                h.next_clear_in(start, far).unwrap_or(far)
+            }
+            _ => (start + max).min(len),
+        };
+        let end = g.bitmap.next_clear_in(start, limit).unwrap_or(limit);
         g.bitmap.clear_range(start, end);
         g.cursor = end;
         let claim = Claim {
@@ -439,8 +498,11 @@ impl BlockCopy {
         }
         let mut claims = Vec::new();
         let mut i = first;
-        while let Some(s) = g.bitmap.next_set(i).filter(|&s| s < last) {
-            let e = g.bitmap.next_clear(s).unwrap_or(g.bitmap.len()).min(last);
+        while let Some(s) = g.bitmap.next_set_in(i, last) {
+            let e = g
+                .bitmap
+                .next_clear_in(s, last)
+                .unwrap_or(last.min(g.bitmap.len()));
             g.bitmap.clear_range(s, e);
             let c = Claim {
                 start: s * cs,

@@ -159,6 +159,41 @@ fn split_pieces_release_on_their_own() {
     );
 }
 
+#[test]
+fn a_claim_in_a_hole_covers_the_hole_and_data_claims_stay_small() {
+    // 64 clusters: data in 0..2 and 40..41, zeros elsewhere.
+    let mut bytes = vec![0u8; 64 * CS as usize];
+    bytes[..2 * CS as usize].fill(1);
+    bytes[40 * CS as usize..41 * CS as usize].fill(2);
+    let src = Arc::new(MemNode::new("src", bytes.clone(), CS));
+    let target = Arc::new(MemNode::new("t", vec![9; bytes.len()], CS));
+    let bc = BlockCopy::new(
+        src,
+        target.clone(),
+        config(CS, 0),
+        Bits::full(64),
+        Cancel::new(),
+        None,
+    );
+    bc.map_holes();
+    let mut claims = Vec::new();
+    let mut buf = Vec::new();
+    while let Some(c) = bc.claim_next() {
+        bc.copy_claimed(c, &mut buf).unwrap();
+        bc.release(c, true);
+        claims.push((c.start / CS, c.end / CS));
+    }
+    assert_eq!(claims, vec![(0, 1), (1, 2), (2, 40), (40, 41), (41, 64)]);
+    // Holes are left as they are in a target that reads as zeros.
+    let t = target.contents();
+    assert_eq!(t[..2 * CS as usize], bytes[..2 * CS as usize]);
+    assert_eq!(
+        t[40 * CS as usize..41 * CS as usize],
+        bytes[40 * CS as usize..41 * CS as usize]
+    );
+    assert_eq!(bc.progress.zero.load(Ordering::Relaxed), 61 * CS);
+}
+
 /// One step of a backup with a guest: the job copies its next claim, or
 /// the guest writes through the copy-before-write filter.
 #[derive(Debug, Clone)]
@@ -180,18 +215,26 @@ fn step(size: u64) -> impl Strategy<Value = Step> {
     ]
 }
 
-fn cases() -> impl Strategy<Value = (u64, u64, u64, Vec<Step>)> {
-    (1..24u64, 1..5u64, prop_oneof![Just(0u64), Just(3 * CS)]).prop_flat_map(
-        |(clusters, chunk, cache)| {
+/// (size, max_chunk, cache bytes, holes in the source, steps)
+type Case = (u64, u64, u64, bool, Vec<Step>);
+
+fn cases() -> impl Strategy<Value = Case> {
+    (
+        1..24u64,
+        1..5u64,
+        prop_oneof![Just(0u64), Just(3 * CS)],
+        any::<bool>(),
+    )
+        .prop_flat_map(|(clusters, chunk, cache, holes)| {
             let size = clusters * CS - if clusters % 3 == 0 { 700 } else { 0 };
             (
                 Just(size),
                 Just(chunk * CS),
                 Just(cache),
+                Just(holes),
                 proptest::collection::vec(step(size), 0..60),
             )
-        },
-    )
+        })
 }
 
 proptest! {
@@ -202,8 +245,16 @@ proptest! {
     /// it was when the job started, and the source ends up as the guest
     /// left it.
     #[test]
-    fn copy_before_write_keeps_the_point_in_time((size, max_chunk, cache, steps) in cases()) {
-        let original = pattern(size, 7);
+    fn copy_before_write_keeps_the_point_in_time((size, max_chunk, cache, holes, steps) in cases()) {
+        let mut original = pattern(size, 7);
+        if holes {
+            // Every third cluster reads as zeros: claims over holes grow.
+            for (i, c) in original.chunks_mut(CS as usize).enumerate() {
+                if i % 3 == 1 {
+                    c.fill(0);
+                }
+            }
+        }
         let src = Arc::new(MemNode::new("src", original.clone(), CS));
         let target = Arc::new(MemNode::new("t", vec![0; size as usize], CS));
         let bc = Arc::new(BlockCopy::new(
@@ -215,6 +266,7 @@ proptest! {
             None,
         ));
         let cbw = CbwNode::new(src.clone(), bc.clone(), OnCbwError::BreakGuestWrite, None);
+        bc.map_holes();
         let mut guest_view = original.clone();
         let mut buf = Vec::new();
         let mut copied = BTreeSet::new();

@@ -118,6 +118,7 @@ pub fn run_background(
     policies: &Policies,
     plog: &PolicyLog,
 ) -> Result<(), JobError> {
+    bc.map_holes();
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(jobs)
         .thread_name(|i| format!("imgbackup-copy-{i}"))

@@ -448,3 +448,36 @@ fn compressed_targets_are_valid_and_exact() {
     let o = run_in(p, &["backup", "--compress", "src.raw", "c.raw"]);
     assert_eq!(code(&o), 2, "{}", stderr(&o));
 }
+
+#[test]
+fn a_terabyte_sparse_image_backs_up_exactly() {
+    // Claims over holes grow to the hole: a terabyte of nothing costs its
+    // extents. The copy must stay exact around the data.
+    let d = tempdir();
+    let p = d.path();
+    qemu_img(p, &["create", "-q", "-f", "qcow2", "big.qcow2", "1T"]);
+    qemu_io(
+        p,
+        "qcow2",
+        "big.qcow2",
+        &[
+            "write -P 1 0 1M",
+            "write -P 2 100G 64k",
+            "write -z 200G 1M",
+            "write -P 3 1023G 1M",
+            "write -P 4 1099511562240 65536",
+        ],
+    );
+    for tgt in ["t.qcow2", "t.raw"] {
+        let doc = Backup::new(p, "big.qcow2", tgt)
+            .args(&["--no-manifest"])
+            .ok();
+        assert_eq!(doc["bytes_copied"], (2 << 20) + 2 * 65536, "{tgt}: {doc}");
+        assert!(identical(p, "big.qcow2", tgt), "{tgt} differs");
+    }
+    check_clean(p, "t.qcow2");
+    assert!(
+        disk_usage(&p.join("t.raw")) < 64 << 20,
+        "the raw target is not sparse"
+    );
+}

@@ -981,6 +981,9 @@ fn guest_with_ignore_policies_finishes_with_exit_3() {
                 &rule,
                 "--jobs",
                 "2",
+                // 256 requests: some are sure to fail at prob=0.3.
+                "--max-chunk",
+                "64K",
                 "--cbw-cache",
                 "0",
                 "disk.raw",
