@@ -99,6 +99,18 @@ def pairs():
           "--bitmap-mode never --backing bitmap-full.qcow2 bitmap.qcow2 out-a.qcow2" % (b, b)],
          q + ["-f", "qcow2", "-s", "bitmap", "--bitmap", "bm0", "--bitmap-mode", "never", "-O", "qcow2",
               "--target-cache", "writeback", "--preserve-bitmap", "bitmap.qcow2", "out-b.qcow2"], ["out-a.qcow2", "out-b.qcow2"], "bitmap"),
+        ("tb-empty-vs-qemu-img", "1 TiB empty qcow2 -> qcow2 (A) vs qemu-img convert -O qcow2 (B); target <= 1.5",
+         [b, "backup", "-q", "tb-empty.qcow2", "out-a.qcow2"],
+         ["qemu-img", "convert", "-O", "qcow2", "tb-empty.qcow2", "out-b.qcow2"], ["out-a.qcow2", "out-b.qcow2"], "scale"),
+        ("tb-empty-no-manifest-vs-qemu-img", "the same with --no-manifest (A) vs qemu-img convert (B)",
+         [b, "backup", "-q", "--no-manifest", "tb-empty.qcow2", "out-a.qcow2"],
+         ["qemu-img", "convert", "-O", "qcow2", "tb-empty.qcow2", "out-b.qcow2"], ["out-a.qcow2", "out-b.qcow2"], "scale"),
+        ("tb-data-vs-qemu-img", "1 TiB qcow2 with 64 MiB of data -> qcow2 (A) vs qemu-img convert -O qcow2 (B); target <= 1.5",
+         [b, "backup", "-q", "tb-data.qcow2", "out-a.qcow2"],
+         ["qemu-img", "convert", "-O", "qcow2", "tb-data.qcow2", "out-b.qcow2"], ["out-a.qcow2", "out-b.qcow2"], "scale"),
+        ("tb-data-no-manifest-vs-qemu-img", "the same with --no-manifest (A) vs qemu-img convert (B)",
+         [b, "backup", "-q", "--no-manifest", "tb-data.qcow2", "out-a.qcow2"],
+         ["qemu-img", "convert", "-O", "qcow2", "tb-data.qcow2", "out-b.qcow2"], ["out-a.qcow2", "out-b.qcow2"], "scale"),
         ("compress-vs-qemu-img", "--compress (A) vs qemu-img convert -c -m 8 -W (B); target <= 0.5",
          [b, "backup", "-q", "--compress", "full.raw", "out-a.qcow2"],
          ["qemu-img", "convert", "-c", "-m", "8", "-W", "-O", "qcow2", "full.raw", "out-b.qcow2"],
@@ -128,6 +140,24 @@ def baseline_pairs(base):
         cb = [base] + [x.replace("OUT." + ext, ob) for x in args]
         out.append(("baseline " + name, "this build (A) vs %s (B); target <= 1.05" % base, ca, cb, [oa, ob], extra))
     return out
+
+
+def setup_scale(images):
+    """1 TiB qcow2 images, made once: empty, and with 64 MiB of keystream
+    data in four 16 MiB pieces spread over the image."""
+    empty = os.path.join(images, "tb-empty.qcow2")
+    if not os.path.exists(empty):
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", empty, "1T"], check=True)
+    data = os.path.join(images, "tb-data.qcow2")
+    if not os.path.exists(data):
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", data, "1T"], check=True)
+        piece = os.path.join(images, "tb-piece.raw")
+        with open(os.path.join(images, "full.raw"), "rb") as f, open(piece, "wb") as out:
+            out.write(f.read(16 << 20))
+        for at in ("0", "300G", "700G", "1023G"):
+            subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -s %s %s 16M" % (piece, at), data],
+                           check=True, stdout=subprocess.DEVNULL)
+        os.remove(piece)
 
 
 def setup_bitmap(images):
@@ -256,6 +286,8 @@ def main():
             continue
         if extra == "bitmap":
             setup_bitmap(a.images)
+        if extra == "scale":
+            setup_scale(a.images)
         runs = a.runs if extra != "size" else max(2, a.runs // 2)
         ra, rb, ratios = [], [], []
         for i in range(runs + 1):
