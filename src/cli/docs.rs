@@ -311,7 +311,8 @@ Backing files are resolved relative to the directory of the image that names
 them, as QEMU does; raw and qcow2 backing files are followed, and a backing
 file shorter than its overlay reads as zeros past its end.
 .PP
-qcow2 images that use encryption, zstd compression, extended L2 entries, an
+Compressed clusters are read in deflate and zstd (compression_type=zstd).
+qcow2 images that use encryption, extended L2 entries, an
 external data file or unknown incompatible features are refused as
 unsupported (exit 1), as are images marked corrupt by QEMU and images whose
 persistent bitmaps QEMU would refuse to load. L1 and L2 entries are checked

@@ -358,11 +358,8 @@ impl Header {
                             .into(),
                     ));
                 }
-                1 => {
-                    return Err(unsupported(
-                        "zstd compression (compression_type=zstd)".into(),
-                    ));
-                }
+                // zstd: compressed clusters are decompressed by the reader.
+                1 => {}
                 t => return Err(unsupported(format!("compression type {t}"))),
             }
         } else if h.compression_type != 0 {

@@ -436,9 +436,7 @@ impl Qcow2Layer {
             .read_exact_at(&mut comp, offset)
             .map_err(|e| BlockError::io(Op::Read, &self.path, offset, avail as u64, e))?;
         let mut cluster = vec![0u8; cs];
-        let mut d = flate2::Decompress::new(false);
-        let res = d.decompress(&comp, &mut cluster, flate2::FlushDecompress::Finish);
-        if res.is_err() || d.total_out() as usize != cs {
+        if !decompress_cluster(self.header.compression_type, &comp, &mut cluster) {
             return Err(BlockError::Corrupt {
                 path: self.path.clone(),
                 offset: Some(guest),
@@ -450,6 +448,42 @@ impl Qcow2Layer {
         let in_cluster = (guest % cs as u64) as usize;
         out.copy_from_slice(&cluster[in_cluster..in_cluster + out.len()]);
         Ok(())
+    }
+}
+
+/// Decompress one cluster (`out` is its size) from `comp`, the bytes its
+/// descriptor names (whole sectors: a zstd frame may be followed by
+/// padding). `compression_type` is the header's: 0 deflate, 1 zstd. False
+/// when the data does not give exactly one full cluster; for zstd, as
+/// QEMU's qcow2_zstd_decompress, also when the frame does not end there.
+fn decompress_cluster(compression_type: u8, comp: &[u8], out: &mut [u8]) -> bool {
+    match compression_type {
+        0 => {
+            let mut d = flate2::Decompress::new(false);
+            let res = d.decompress(comp, out, flate2::FlushDecompress::Finish);
+            res.is_ok() && d.total_out() as usize == out.len()
+        }
+        1 => {
+            use zstd::stream::raw::{Decoder, InBuffer, Operation, OutBuffer};
+            let Ok(mut d) = Decoder::new() else {
+                return false;
+            };
+            let mut input = InBuffer::around(comp);
+            let mut output = OutBuffer::around(out);
+            let mut last = 1;
+            while output.pos() < output.capacity() {
+                let (in_before, out_before) = (input.pos(), output.pos());
+                match d.run(&mut input, &mut output) {
+                    Ok(hint) => last = hint,
+                    Err(_) => return false,
+                }
+                if input.pos() <= in_before && output.pos() <= out_before {
+                    return false;
+                }
+            }
+            last == 0
+        }
+        _ => false,
     }
 }
 
@@ -751,6 +785,33 @@ mod tests {
             Ok(()),
             "compressed"
         );
+    }
+
+    #[test]
+    fn clusters_decompress_from_deflate_and_zstd() {
+        use std::io::Write;
+        let cluster: Vec<u8> = (0..65536u32).map(|i| (i / 100) as u8).collect();
+        let mut e = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::fast());
+        e.write_all(&cluster).unwrap();
+        let deflated = e.finish().unwrap();
+        let mut zstd = zstd::bulk::compress(&cluster, 3).unwrap();
+        let mut out = vec![0u8; cluster.len()];
+        assert!(decompress_cluster(0, &deflated, &mut out) && out == cluster);
+        out.fill(0);
+        assert!(decompress_cluster(1, &zstd, &mut out) && out == cluster);
+        // Padding to the sector after the frame is ignored, as in QEMU.
+        zstd.resize(zstd.len().div_ceil(512) * 512, 0xaa);
+        out.fill(0);
+        assert!(decompress_cluster(1, &zstd, &mut out) && out == cluster);
+        // A truncated frame, a frame of another size, a damaged frame and
+        // an unknown type are refused.
+        assert!(!decompress_cluster(1, &zstd[..zstd.len() / 2], &mut out));
+        let short = zstd::bulk::compress(&cluster[..4096], 3).unwrap();
+        assert!(!decompress_cluster(1, &short, &mut out));
+        let mut bad = zstd::bulk::compress(&cluster, 3).unwrap();
+        bad[0] ^= 0xff;
+        assert!(!decompress_cluster(1, &bad, &mut out));
+        assert!(!decompress_cluster(2, &deflated, &mut out));
     }
 
     #[test]
