@@ -99,6 +99,15 @@ def pairs():
           "--bitmap-mode never --backing bitmap-full.qcow2 bitmap.qcow2 out-a.qcow2" % (b, b)],
          q + ["-f", "qcow2", "-s", "bitmap", "--bitmap", "bm0", "--bitmap-mode", "never", "-O", "qcow2",
               "--target-cache", "writeback", "--preserve-bitmap", "bitmap.qcow2", "out-b.qcow2"], ["out-a.qcow2", "out-b.qcow2"], "bitmap"),
+        ("compress-files-vs-qemu-img", "--compress on file-system content (A) vs qemu-img convert -c -m 8 -W (B); "
+         "target <= 0.5, size <= 1.0",
+         [b, "backup", "-q", "--compress", "files.raw", "out-a.qcow2"],
+         ["qemu-img", "convert", "-c", "-m", "8", "-W", "-O", "qcow2", "files.raw", "out-b.qcow2"],
+         ["out-a.qcow2", "out-b.qcow2"], "files"),
+        ("full-files-vs-qemu-img", "full backup of file-system content (A) vs qemu-img convert -t writeback -O qcow2 (B)",
+         [b, "backup", "-q", "files.raw", "out-a.qcow2"],
+         ["qemu-img", "convert", "-t", "writeback", "-O", "qcow2", "files.raw", "out-b.qcow2"],
+         ["out-a.qcow2", "out-b.qcow2"], "files"),
         ("tb-empty-vs-qemu-img", "1 TiB empty qcow2 -> qcow2 (A) vs qemu-img convert -O qcow2 (B); target <= 1.5",
          [b, "backup", "-q", "tb-empty.qcow2", "out-a.qcow2"],
          ["qemu-img", "convert", "-O", "qcow2", "tb-empty.qcow2", "out-b.qcow2"], ["out-a.qcow2", "out-b.qcow2"], "scale"),
@@ -140,6 +149,45 @@ def baseline_pairs(base):
         cb = [base] + [x.replace("OUT." + ext, ob) for x in args]
         out.append(("baseline " + name, "this build (A) vs %s (B); target <= 1.05" % base, ca, cb, [oa, ob], extra))
     return out
+
+
+def setup_files(images):
+    """files.raw, made once: 1 GiB of real file-system content (the files
+    under /usr, concatenated in a fixed order; repeated if /usr is
+    smaller), with a 256 MiB hole in the middle as a used disk has."""
+    path = os.path.join(images, "files.raw")
+    if os.path.exists(path):
+        return
+    want, hole = 1 << 30, 256 << 20
+    files = []
+    for root, dirs, names in os.walk("/usr"):
+        dirs.sort()
+        for n in sorted(names):
+            f = os.path.join(root, n)
+            if os.path.isfile(f) and not os.path.islink(f):
+                files.append(f)
+    with open(path + ".tmp", "wb") as out:
+        written = 0
+        while written < want - hole:
+            for f in files:
+                try:
+                    with open(f, "rb") as src:
+                        data = src.read(want - hole - written)
+                except OSError:
+                    continue
+                out.write(data)
+                written += len(data)
+                if written >= want - hole:
+                    break
+        # The hole: the second half moves up by `hole` bytes.
+        out.truncate(want - hole)
+    with open(path + ".tmp", "rb") as src, open(path, "wb") as out:
+        half = (want - hole) // 2
+        out.write(src.read(half))
+        out.seek(half + hole)
+        out.write(src.read())
+        out.truncate(want)
+    os.remove(path + ".tmp")
 
 
 def setup_scale(images):
@@ -288,7 +336,9 @@ def main():
             setup_bitmap(a.images)
         if extra == "scale":
             setup_scale(a.images)
-        runs = a.runs if extra != "size" else max(2, a.runs // 2)
+        if extra == "files":
+            setup_files(a.images)
+        runs = a.runs if extra not in ("size", "files") else max(2, a.runs // 2)
         ra, rb, ratios = [], [], []
         for i in range(runs + 1):
             clean(outs, a.images)
@@ -317,7 +367,7 @@ def main():
         row = "| %s: %s | %.3f | %.3f | %.3f | %.3f | %.1f | %.1f |" % (
             name, what, med(ra, "wall"), med(rb, "wall"), statistics.median(ratios), geo,
             max(r["rss_mib"] for r in ra), max(r["rss_mib"] for r in rb))
-        if extra == "size":
+        if extra in ("size", "files"):
             row += " sizes A/B = %.3f |" % (sa / sb)
         print(row, flush=True)
         lines.append(row)

@@ -9,9 +9,11 @@ pub mod values;
 
 use crate::guest::{GuestSpec, parse_spec};
 use crate::node::fault::{Rule, parse_rule};
+use crate::node::qcow2::Compression;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use parse::{
-    parse_cluster_size, parse_duration, parse_jobs, parse_nonzero_size, parse_rate, parse_size,
+    parse_cluster_size, parse_compression, parse_duration, parse_jobs, parse_nonzero_size,
+    parse_rate, parse_size,
 };
 use std::path::PathBuf;
 use std::time::Duration;
@@ -177,10 +179,20 @@ pub struct BackupArgs {
     /// max(64K, TARGET's cluster size)].
     #[arg(long, value_parser = parse_cluster_size, value_name = "SIZE")]
     pub granularity: Option<u64>,
-    /// Write compressed clusters (deflate, as QEMU's default zlib type) into
-    /// a qcow2 TARGET; clusters that do not shrink are written as they are.
-    #[arg(long)]
-    pub compress: bool,
+    /// Write compressed clusters into a qcow2 TARGET: `--compress` alone is
+    /// deflate (QEMU's default zlib type) at level 6; `--compress=zstd`
+    /// writes zstd (compression_type=zstd, read by QEMU 5.1 and later);
+    /// a level may follow (deflate 1-9, zstd 1-19, e.g. `--compress=zstd:9`).
+    /// Clusters that do not shrink are written as they are.
+    #[arg(
+        long,
+        value_name = "ALGO[:LEVEL]",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "deflate",
+        value_parser = parse_compression
+    )]
+    pub compress: Option<Compression>,
     /// Number of copy workers [default: the number of CPUs].
     #[arg(short, long, value_parser = parse_jobs, value_name = "N")]
     pub jobs: Option<usize>,

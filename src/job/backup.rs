@@ -40,7 +40,7 @@ use crate::node::graph::SourceSpec;
 use crate::node::marking::MarkingNode;
 use crate::node::overlay::OverlayNode;
 use crate::node::probe::{Format, Image, format_for};
-use crate::node::qcow2::{CreateOptions, Qcow2Writer};
+use crate::node::qcow2::{Compression, CreateOptions, Qcow2Writer};
 use crate::node::{BlockNode, Status, for_each_extent};
 use crate::target::guard::{self, GuardError};
 use crate::target::{FileTarget, FileTargetSpec, Partial, Target};
@@ -92,7 +92,7 @@ pub struct BackupConfig {
     /// Backup granularity (None: max(64K, the target's cluster size)).
     pub granularity: Option<u64>,
     /// Write compressed clusters.
-    pub compress: bool,
+    pub compress: Option<Compression>,
     /// Copy workers (None: the number of CPUs).
     pub jobs: Option<usize>,
     /// Largest single request (None: max(2M, granularity)).
@@ -293,7 +293,7 @@ pub fn plan(cfg: &BackupConfig) -> Result<Plan> {
         cfg.guest.as_ref().map(|g| g.is_bounded()),
     )
     .map_err(usage)?;
-    if cfg.compress && target_format != Format::Qcow2 {
+    if cfg.compress.is_some() && target_format != Format::Qcow2 {
         return Err(usage("--compress needs a qcow2 target".into()));
     }
     if cfg.backing != Backing::Default && target_format != Format::Qcow2 {
@@ -716,6 +716,7 @@ impl BackupJob {
             backing: self.backing.clone(),
             manifest: self.cfg.manifest.then_some(self.geo),
             mode: crate::files::mode_from(&self.cfg.source),
+            compression: self.cfg.compress.unwrap_or_default(),
             keep_partial: self.cfg.keep_partial,
             wait: self.cfg.wait_lock,
         }
@@ -913,7 +914,7 @@ impl Running {
                 // the file is attached to later (--no-backing incrementals).
                 write_zeroes: job.backing.is_some() || job.parent_path.is_some(),
                 speed: cfg.speed,
-                compress: cfg.compress,
+                compress: cfg.compress.is_some(),
                 cbw_cache: match (&cfg.guest, cfg.cbw_cache) {
                     (None, _) => 0,
                     (Some(_), Some(c)) => c,
@@ -1357,6 +1358,7 @@ fn export_overlay(
                 backing_name(file, source)?,
                 job.image.layers[0].info.format.to_string(),
             )),
+            compression: Compression::default(),
         },
     )?;
     let mut buf = vec![0u8; cluster_size as usize];

@@ -302,7 +302,8 @@ fn open_output(
         cfg.keep_partial,
         None,
     )?;
-    let output = Output::create(&partial, format, size, out_cs, None).map_err(CopyError::Target)?;
+    let output = Output::create(&partial, format, size, out_cs, None, Default::default())
+        .map_err(CopyError::Target)?;
     let node = output.node();
     Ok((Some(partial), node, Some(output), false))
 }

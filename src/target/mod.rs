@@ -22,7 +22,7 @@ use crate::leftovers::{self, Left};
 use crate::lock::LockError;
 use crate::node::BlockNode;
 use crate::node::probe::Format;
-use crate::node::qcow2::{CreateOptions, Qcow2Writer};
+use crate::node::qcow2::{Compression, CreateOptions, Qcow2Writer};
 use crate::node::raw::RawNode;
 use std::fs::File;
 use std::io;
@@ -297,6 +297,7 @@ impl Output {
         size: u64,
         cluster_size: u64,
         backing: Option<(String, String)>,
+        compression: Compression,
     ) -> Result<Output, BlockError> {
         let path = partial.path();
         let file = partial
@@ -311,6 +312,7 @@ impl Output {
                     size,
                     cluster_size,
                     backing,
+                    compression,
                 },
             )?)),
         })
@@ -393,6 +395,8 @@ pub struct FileTargetSpec {
     pub manifest: Option<crate::manifest::Geometry>,
     /// Permission bits of the new files.
     pub mode: u32,
+    /// How compressed clusters are compressed (a qcow2 target).
+    pub compression: Compression,
     /// Keep the partial files when the job fails.
     pub keep_partial: bool,
     /// Wait this long for another run writing the same target.
@@ -430,6 +434,7 @@ impl FileTarget {
             spec.size,
             spec.cluster_size,
             spec.backing.clone(),
+            spec.compression,
         )
         .map_err(CopyError::Target)?;
         let manifest = match (&mpartial, spec.manifest) {

@@ -208,6 +208,7 @@ fn qcow2_writer() {
                 size,
                 cluster_size: cs,
                 backing: None,
+                compression: Default::default(),
             },
         )
         .unwrap();
@@ -257,6 +258,7 @@ fn qcow2_writer_from_many_threads() {
                 size,
                 cluster_size: cs,
                 backing: None,
+                compression: Default::default(),
             },
         )
         .unwrap(),
@@ -300,6 +302,7 @@ fn qcow2_writer_with_backing_and_zero_clusters() {
             size: 1 << 20,
             cluster_size: 65536,
             backing: Some(("base.raw".into(), "raw".into())),
+            compression: Default::default(),
         },
     )
     .unwrap();

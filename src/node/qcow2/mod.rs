@@ -7,4 +7,4 @@ pub mod writer;
 
 pub use header::Header;
 pub use reader::Qcow2Layer;
-pub use writer::{CreateOptions, Qcow2Writer};
+pub use writer::{Compression, CreateOptions, Qcow2Writer};

@@ -456,7 +456,7 @@ impl Qcow2Layer {
 /// padding). `compression_type` is the header's: 0 deflate, 1 zstd. False
 /// when the data does not give exactly one full cluster; for zstd, as
 /// QEMU's qcow2_zstd_decompress, also when the frame does not end there.
-fn decompress_cluster(compression_type: u8, comp: &[u8], out: &mut [u8]) -> bool {
+pub(crate) fn decompress_cluster(compression_type: u8, comp: &[u8], out: &mut [u8]) -> bool {
     match compression_type {
         0 => {
             let mut d = flate2::Decompress::new(false);
