@@ -104,6 +104,11 @@ def pairs():
          [b, "backup", "-q", "--compress", "files.raw", "out-a.qcow2"],
          ["qemu-img", "convert", "-c", "-m", "8", "-W", "-O", "qcow2", "files.raw", "out-b.qcow2"],
          ["out-a.qcow2", "out-b.qcow2"], "files"),
+        ("compress-zstd-files-vs-qemu-img", "--compress=zstd on file-system content (A) vs qemu-img convert -c -o "
+         "compression_type=zstd -m 8 -W (B); target <= 0.5, size <= 1.0",
+         [b, "backup", "-q", "--compress=zstd", "files.raw", "out-a.qcow2"],
+         ["qemu-img", "convert", "-c", "-o", "compression_type=zstd", "-m", "8", "-W", "-O", "qcow2", "files.raw",
+          "out-b.qcow2"], ["out-a.qcow2", "out-b.qcow2"], "files"),
         ("full-files-vs-qemu-img", "full backup of file-system content (A) vs qemu-img convert -t writeback -O qcow2 (B)",
          [b, "backup", "-q", "files.raw", "out-a.qcow2"],
          ["qemu-img", "convert", "-t", "writeback", "-O", "qcow2", "files.raw", "out-b.qcow2"],
