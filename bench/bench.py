@@ -68,6 +68,13 @@ def pairs():
         ("manifest-overhead", "full raw->qcow2 with the manifest (A) vs --no-manifest (B); target <= 1.15",
          [b, "backup", "-q", "full.raw", "out-a.qcow2"],
          [b, "backup", "-q", "--no-manifest", "full.raw", "out-b.qcow2"], ["out-a.qcow2", "out-b.qcow2"], None),
+        ("manifest-blake3-overhead", "full raw->qcow2 with a --digest blake3 manifest (A) vs --no-manifest (B); "
+         "target <= 1.2",
+         [b, "backup", "-q", "--digest", "blake3", "full.raw", "out-a.qcow2"],
+         [b, "backup", "-q", "--no-manifest", "full.raw", "out-b.qcow2"], ["out-a.qcow2", "out-b.qcow2"], None),
+        ("manifest-files-overhead", "file-system content raw->qcow2 with the manifest (A) vs --no-manifest (B)",
+         [b, "backup", "-q", "files.raw", "out-a.qcow2"],
+         [b, "backup", "-q", "--no-manifest", "files.raw", "out-b.qcow2"], ["out-a.qcow2", "out-b.qcow2"], "files"),
         ("full-vs-qemu-img", "full raw->qcow2 (A) vs qemu-img convert -t writeback -O qcow2 (B); target <= 0.8",
          [b, "backup", "-q", "full.raw", "out-a.qcow2"],
          ["qemu-img", "convert", "-t", "writeback", "-O", "qcow2", "full.raw", "out-b.qcow2"],

@@ -121,8 +121,10 @@ fn classify_one(cause: &(dyn std::error::Error + 'static)) -> Option<Exit> {
     {
         return Some(Exit::Locked);
     }
-    if let Some(crate::manifest::ManifestError::Unbound { .. }) =
-        cause.downcast_ref::<crate::manifest::ManifestError>()
+    if let Some(
+        crate::manifest::ManifestError::Unbound { .. }
+        | crate::manifest::ManifestError::Parent { .. },
+    ) = cause.downcast_ref::<crate::manifest::ManifestError>()
     {
         return Some(Exit::Mismatch);
     }
@@ -137,6 +139,11 @@ fn classify_one(cause: &(dyn std::error::Error + 'static)) -> Option<Exit> {
             CopyError::Target(_) => Exit::TargetWrite,
             CopyError::Cancelled | CopyError::Timeout { .. } => Exit::Failure,
             CopyError::Mismatch { .. } => Exit::Mismatch,
+            CopyError::ManifestRead(
+                crate::manifest::ManifestError::Unbound { .. }
+                | crate::manifest::ManifestError::Parent { .. }
+                | crate::manifest::ManifestError::Damaged { .. },
+            ) => Exit::Mismatch,
             CopyError::Manifest(_) | CopyError::ManifestRead(_) => Exit::TargetWrite,
         });
     }
@@ -225,6 +232,8 @@ pub fn hint(err: &anyhow::Error) -> Option<String> {
         Exit::Mismatch => Some(
             if matches!(find::<crate::manifest::ManifestError>(err), Some(crate::manifest::ManifestError::Unbound { .. })) {
                 "the manifest belongs to another file: the backup was replaced or rewritten, or a replacement was interrupted; do not rely on it: make the backup again (with --force to replace it)".into()
+            } else if matches!(find::<crate::manifest::ManifestError>(err), Some(crate::manifest::ManifestError::Parent { .. })) {
+                "this backup's manifest is checked through its parent's: put the parent backup's manifest back beside it (restore --no-verify reads the chain without checking)".into()
             } else {
                 "the data does not match what was recorded; do not rely on this backup: make a new full backup (and check the storage it lives on)".into()
             },

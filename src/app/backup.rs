@@ -53,6 +53,7 @@ impl From<&BackupArgs> for BackupConfig {
             force_share: a.force_share,
             wait_lock: a.wait_lock,
             manifest: !a.no_manifest,
+            digest: a.digest.map(Into::into),
             inject: a.inject.clone(),
         }
     }

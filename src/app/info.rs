@@ -196,6 +196,17 @@ pub fn run(args: &InfoArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
                     meta.chunks,
                     human_bytes(meta.chunk_size)
                 );
+                out += &if meta.format_version >= 2 {
+                    format!(
+                        "  stored:       format {}, {} {} digests of data chunks in {} runs\n",
+                        meta.format_version, meta.data_chunks, meta.digest, meta.runs
+                    )
+                } else {
+                    format!(
+                        "  stored:       format {}, {} digests of every chunk\n",
+                        meta.format_version, meta.digest
+                    )
+                };
             }
             (None, Some(e)) => out += &format!("manifest:       {} is unusable: {e}\n", m.path),
             (None, None) => {}

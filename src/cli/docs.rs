@@ -77,16 +77,23 @@ left unallocated.
 .TP
 .I TARGET.manifest
 What the backup holds, written beside it unless \fB\-\-no\-manifest\fR (as
-TARGET.manifest.partial, renamed just before TARGET). Format version 1,
+TARGET.manifest.partial, renamed just before TARGET). Format version 2,
 integers big\-endian: bytes 0\-7 the magic "IMGBKMAN"; 8\-11 the format
 version; 12\-15 the length L of the JSON metadata; 16\-23 the offset T of the
-digest table (16384); 24\-31 the number of chunks N; 32 onwards the JSON
-metadata, zero\-padded up to T; at T, N sha256 digests of 32 bytes, one per
-chunk of the whole point\-in\-time image in order (the last chunk may be
-short); then 32 bytes: the sha256 of every preceding byte of the file. The
-JSON metadata holds format_version, virtual_size, chunk_size (64 KiB, or the
-backup cluster size if smaller), chunks, root_digest (the sha256 over the N
-digests, in order, as hex), source, source_format, target_format, sync,
+run table (32 + L rounded up to 8); 24\-31 the number of runs R; 32 onwards
+the JSON metadata, zero\-padded up to T; at T, R run records of 16 bytes
+(first chunk; kind in bits 63\-62 and number of chunks in bits 61\-0; kind 0
+zero, 1 data, 2 as in the parent's manifest) that cover the image in order;
+then the 32\-byte digest of every chunk of the data runs, in order; then 32
+bytes: the sha256 of every preceding byte of the file. Runs of zero chunks
+and an incremental's unchanged chunks take one record each, so the size of
+a manifest follows the data. The JSON metadata holds format_version,
+virtual_size, chunk_size (64 KiB, or the backup cluster size if smaller),
+chunks, root_digest (hex sha256 over "imgbackup\-root\-v2", the algorithm,
+the sizes, then 'Z' and a count for each maximal run of zero chunks and 'D'
+and the digest for each other chunk: it identifies the image, however the
+manifest stores it), digest (sha256 or blake3), data_chunks, runs, source,
+source_format, target_format, sync,
 bitmap, parent (path and root_digest of the backup an incremental builds on),
 started and finished (RFC 3339), created_by, incomplete (byte ranges the
 backup does not hold), file (the identity of the data file it describes:
@@ -99,9 +106,13 @@ old file, and \fBverify\fR (exit 7), bitmap anchoring (exit 6) and
 \fBbitmap rebuild \-\-against\-backup\fR (exit 7) refuse it. A copied backup keeps
 its content but not its inode: \fBverify\fR says so and checks the content.
 \fB\-\-force \-\-no\-manifest\fR removes the replaced backup's manifest.
-\fBimgbackup verify\fR recomputes every digest of the backup through its
-backing chain; \fBimgbackup restore\fR checks them while it writes.
-docs/manifest.md in the source tree has the same description.
+\fBimgbackup verify\fR recomputes the digests of the backup through its
+backing chain, reading only what the manifest or the backup says holds
+data; \fBimgbackup restore\fR checks every chunk while it writes. Version 1
+manifests (a digest for every chunk at offset 16384, root digest the sha256
+over all of them) are still read, and may be the parent of a version 2
+incremental. docs/manifest.md in the source tree has the byte\-by\-byte
+description.
 "#;
 
 const FILE_BITMAP: &str = r#".TP

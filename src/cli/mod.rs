@@ -17,7 +17,7 @@ use parse::{
 };
 use std::path::PathBuf;
 use std::time::Duration;
-pub use values::{BitmapModeArg, ErrorPolicyArg, FormatArg, OnCbwErrorArg, SyncArg};
+pub use values::{BitmapModeArg, DigestArg, ErrorPolicyArg, FormatArg, OnCbwErrorArg, SyncArg};
 
 /// The exit codes, for `imgbackup --help`.
 const AFTER_LONG_HELP: &str = "\
@@ -284,6 +284,10 @@ pub struct BackupArgs {
     /// `restore` check).
     #[arg(long)]
     pub no_manifest: bool,
+    /// Chunk digest of the manifest: sha256, or blake3 (several times
+    /// cheaper per byte) [default: an incremental's parent's, else sha256].
+    #[arg(long, value_enum, value_name = "ALGO", conflicts_with = "no_manifest")]
+    pub digest: Option<DigestArg>,
     /// Fault injection for testing error handling, like QEMU's blkdebug
     /// (repeatable): NODE:OP:ERRNO[@WHERE][,once|,count=N|,prob=P,seed=S][,delay=DUR].
     /// See imgbackup(1), FAULT INJECTION.

@@ -59,6 +59,24 @@ impl From<BitmapModeArg> for BitmapMode {
     }
 }
 
+/// A manifest's chunk digest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DigestArg {
+    /// SHA-256.
+    Sha256,
+    /// BLAKE3.
+    Blake3,
+}
+
+impl From<DigestArg> for crate::manifest::DigestAlgo {
+    fn from(a: DigestArg) -> crate::manifest::DigestAlgo {
+        match a {
+            DigestArg::Sha256 => crate::manifest::DigestAlgo::Sha256,
+            DigestArg::Blake3 => crate::manifest::DigestAlgo::Blake3,
+        }
+    }
+}
+
 /// An image format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum FormatArg {

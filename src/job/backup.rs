@@ -32,7 +32,7 @@ use crate::copy::{BlockCopy, ChunkObserver, Config, CopyError};
 use crate::guest::{self, GuestReport, GuestSpec};
 use crate::lock::{Access, Locks};
 use crate::manifest::{
-    Geometry, ManifestFile, Meta, Parent, check_held, check_image, manifest_path, unhex,
+    DigestAlgo, Geometry, ManifestFile, Meta, Parent, check_held, check_image, manifest_path, unhex,
 };
 use crate::node::cbw::{CbwNode, OnCbwError};
 use crate::node::fault::{FaultNode, Rule, Side};
@@ -125,6 +125,8 @@ pub struct BackupConfig {
     pub wait_lock: Option<Duration>,
     /// Write TARGET.manifest.
     pub manifest: bool,
+    /// The manifest's chunk digest (None: the parent's, else sha256).
+    pub digest: Option<DigestAlgo>,
     /// Fault injection.
     pub inject: Vec<Rule>,
 }
@@ -529,6 +531,7 @@ pub struct BackupJob {
     backing: Option<(String, String)>,
     parent: Option<ManifestFile>,
     geo: Geometry,
+    digest: DigestAlgo,
 }
 
 impl BackupJob {
@@ -601,6 +604,12 @@ impl BackupJob {
                 .ok()
                 .filter(|m| m.geometry() == geo && m.check_bound(p).is_ok())
         });
+        // An incremental's manifest takes its parent's algorithm, so that
+        // its clean chunks are one reference instead of a re-read.
+        let digest = cfg
+            .digest
+            .or(parent.as_ref().map(|m| m.algo()))
+            .unwrap_or_default();
         let job = BackupJob {
             cfg,
             plan,
@@ -616,6 +625,7 @@ impl BackupJob {
             backing,
             parent,
             geo,
+            digest,
         };
         job.log_plan();
         Ok(job)
@@ -715,6 +725,7 @@ impl BackupJob {
             cluster_size: self.plan.target_cluster_size,
             backing: self.backing.clone(),
             manifest: self.cfg.manifest.then_some(self.geo),
+            digest: self.digest,
             mode: crate::files::mode_from(&self.cfg.source),
             compression: self.cfg.compress.unwrap_or_default(),
             keep_partial: self.cfg.keep_partial,
@@ -1240,8 +1251,7 @@ impl Running {
         m.fill_ranges_from(written.node.as_ref(), skipped, jobs, cancel)
             .map_err(JobError::context(what))?;
         if let Some(p) = &job.parent {
-            m.fill_from_parent(p, cancel)
-                .map_err(JobError::context(what))?;
+            m.fill_from_parent(p);
         }
         m.fill_from(job.image.node.as_ref(), jobs, cancel)
             .map_err(JobError::context(what))?;
@@ -1261,6 +1271,9 @@ impl Running {
             chunk_size: m.geometry().chunk,
             chunks: m.geometry().chunks(),
             root_digest: String::new(),
+            digest: m.algo(),
+            data_chunks: 0,
+            runs: 0,
             source: canonical(&job.cfg.source),
             source_format: job.image.layers[0].info.format.to_string(),
             target_format: job.plan.target_format.to_string(),
@@ -1280,7 +1293,8 @@ impl Running {
             file: Some(binding),
             detached: job.cfg.backing == Backing::Nothing && job.parent_path.is_some(),
         };
-        m.finish(&mut meta).map_err(CopyError::Manifest)?;
+        m.finish(&mut meta, job.parent.as_ref())
+            .map_err(CopyError::Manifest)?;
         Ok(meta)
     }
 

@@ -393,6 +393,8 @@ pub struct FileTargetSpec {
     pub backing: Option<(String, String)>,
     /// The manifest's geometry (None: no manifest).
     pub manifest: Option<crate::manifest::Geometry>,
+    /// The manifest's chunk digest.
+    pub digest: crate::manifest::DigestAlgo,
     /// Permission bits of the new files.
     pub mode: u32,
     /// How compressed clusters are compressed (a qcow2 target).
@@ -440,7 +442,9 @@ impl FileTarget {
         let manifest = match (&mpartial, spec.manifest) {
             (Some(mp), Some(geo)) => Some(Arc::new(
                 mp.file()
-                    .and_then(|f| crate::manifest::ManifestWriter::create_in(mp.path(), f, geo))
+                    .and_then(|f| {
+                        crate::manifest::ManifestWriter::create_in(mp.path(), f, geo, spec.digest)
+                    })
                     .map_err(CopyError::Manifest)?,
             )),
             _ => None,

@@ -480,6 +480,26 @@ fn a_terabyte_sparse_image_backs_up_exactly() {
         disk_usage(&p.join("t.raw")) < 64 << 20,
         "the raw target is not sparse"
     );
+    // With the manifest: its size follows the 34 data chunks (a version 1
+    // manifest held 512 MiB of digests), and verify agrees with it.
+    let doc = Backup::new(p, "big.qcow2", "m.qcow2").ok();
+    assert_eq!(doc["bytes_copied"], (2 << 20) + 2 * 65536, "{doc}");
+    let len = std::fs::metadata(p.join("m.qcow2.manifest")).unwrap().len();
+    assert!(len < 8192, "a manifest of {len} bytes");
+    let (rc, info, err) = json_run(p, &["info", "m.qcow2"]);
+    assert_eq!(rc, 0, "{err}");
+    assert_eq!(info["manifest"]["data_chunks"], 34, "{info}");
+    assert_eq!(info["manifest"]["format_version"], 2);
+    let (rc, v, err) = json_run(p, &["verify", "m.qcow2"]);
+    assert_eq!((rc, &v["ok"]), (0, &serde_json::json!(true)), "{err}");
+    qemu_io(p, "qcow2", "m.qcow2", &["write -P 9 500G 4k"]);
+    let o = run_in(p, &["verify", "m.qcow2"]);
+    assert_eq!(code(&o), 7, "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains(&format!("offset {}", 500u64 << 30)),
+        "{}",
+        stderr(&o)
+    );
 }
 
 #[test]

@@ -52,7 +52,7 @@ fn the_core_never_imports_the_command_line() {
         "src/job/",
         "src/bitmap/",
         "src/target/",
-        "src/manifest.rs",
+        "src/manifest/",
         "src/compare.rs",
         "src/files.rs",
         "src/units.rs",

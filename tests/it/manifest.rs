@@ -177,7 +177,8 @@ fn truncated_target_damaged_or_missing_manifest() {
     // A damaged manifest.
     std::fs::copy(p.join("b.raw"), p.join("m.raw")).unwrap();
     std::fs::copy(p.join("b.raw.manifest"), p.join("m.raw.manifest")).unwrap();
-    flip(&p.join("m.raw.manifest"), 16384 + 40);
+    let mlen = std::fs::metadata(p.join("m.raw.manifest")).unwrap().len();
+    flip(&p.join("m.raw.manifest"), mlen - 40);
     let o = run_in(p, &["verify", "m.raw"]);
     assert_eq!(code(&o), 7, "{}", stderr(&o));
     assert!(
@@ -282,4 +283,142 @@ fn backup_verify_uses_the_manifest() {
     );
     let (rc, _, err) = json_run(p, &["verify", "f.qcow2"]);
     assert_eq!(rc, 0, "{err}");
+}
+
+#[test]
+fn an_incremental_manifest_refers_to_its_parent_and_keeps_the_full_root() {
+    let d = tempdir();
+    let p = d.path();
+    data_disk(p, "disk.raw", 64);
+    Backup::new(p, "disk.raw", "full.qcow2")
+        .bitmap("b0")
+        .args(&["--digest", "blake3"])
+        .ok();
+    ok(
+        p,
+        &[
+            "guest",
+            "disk.raw",
+            "iops=0,count=12,bs=4K-64K,zero=25,seed=3",
+        ],
+    );
+    let inc = Backup::new(p, "disk.raw", "inc.qcow2")
+        .sync("incremental")
+        .bitmap("b0")
+        .ok();
+    // The parent's algorithm; one digest per dirty data chunk at most; the
+    // root of the whole image as it was.
+    let (rc, info, err) = json_run(p, &["info", "inc.qcow2"]);
+    assert_eq!(rc, 0, "{err}");
+    let m = &info["manifest"];
+    assert_eq!(m["digest"], "blake3");
+    let dirty_chunks = (inc["bytes_copied"].as_u64().unwrap()
+        + inc["bytes_skipped_zero"].as_u64().unwrap())
+        / 65536;
+    assert!(
+        m["data_chunks"].as_u64().unwrap() <= dirty_chunks,
+        "{m} for {dirty_chunks} dirty chunks"
+    );
+    let len = std::fs::metadata(p.join("inc.qcow2.manifest"))
+        .unwrap()
+        .len();
+    assert!(len < 4096 + dirty_chunks * 48, "a manifest of {len} bytes");
+    // A full backup of the same image made now has the same root.
+    let full2 = Backup::new(p, "disk.raw", "full2.raw")
+        .args(&["--digest", "blake3"])
+        .ok();
+    assert_eq!(inc["manifest_root_digest"], full2["manifest_root_digest"]);
+    let (rc, _, err) = json_run(p, &["verify", "inc.qcow2"]);
+    assert_eq!(rc, 0, "{err}");
+    let (rc, doc, err) = json_run(p, &["restore", "inc.qcow2", "r.raw"]);
+    assert_eq!(
+        (rc, &doc["verified"]),
+        (0, &serde_json::json!(true)),
+        "{err}"
+    );
+    assert!(identical(p, "disk.raw", "r.raw"));
+    // The parent's manifest replaced: the incremental's is refused, naming it.
+    std::fs::rename(p.join("full.qcow2.manifest"), p.join("saved")).unwrap();
+    std::fs::copy(p.join("full2.raw.manifest"), p.join("full.qcow2.manifest")).unwrap();
+    let o = run_in(p, &["verify", "inc.qcow2"]);
+    assert_eq!(code(&o), 7, "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("full.qcow2.manifest") && stderr(&o).contains("root digest"),
+        "{}",
+        stderr(&o)
+    );
+    std::fs::remove_file(p.join("full.qcow2.manifest")).unwrap();
+    let o = run_in(p, &["restore", "inc.qcow2", "r2.raw"]);
+    assert_ne!(code(&o), 0, "{}", stderr(&o));
+    assert!(stderr(&o).contains("is missing"), "{}", stderr(&o));
+    assert!(!p.join("r2.raw").exists());
+    std::fs::rename(p.join("saved"), p.join("full.qcow2.manifest")).unwrap();
+    let (rc, _, err) = json_run(p, &["verify", "inc.qcow2"]);
+    assert_eq!(rc, 0, "{err}");
+}
+
+/// Rewrite the manifest of `backup` in format version 1 (as imgbackup 0.1
+/// wrote it), bound to the file, from the content of `image`.
+fn write_v1_manifest(p: &Path, backup: &str, image: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let data = raw_content(p, image);
+    let digests: Vec<[u8; 32]> = data
+        .chunks(65536)
+        .map(|c| Sha256::digest(c).into())
+        .collect();
+    let mut root = Sha256::new();
+    digests.iter().for_each(|d| root.update(d));
+    let root = hex(&root.finalize());
+    let old: serde_json::Value = {
+        let (_, info, _) = json_run(p, &["info", backup]);
+        info["manifest"].clone()
+    };
+    let json = serde_json::json!({
+        "format_version": 1, "virtual_size": data.len(), "chunk_size": 65536,
+        "chunks": digests.len(), "root_digest": root, "source": old["source"],
+        "source_format": old["source_format"], "target_format": old["target_format"],
+        "sync": "full", "bitmap": null, "parent": null, "started": old["started"],
+        "finished": old["finished"], "created_by": "imgbackup 0.1.0", "incomplete": [],
+        "file": old["file"]
+    })
+    .to_string();
+    let mut f = vec![0u8; 16384];
+    f[..8].copy_from_slice(b"IMGBKMAN");
+    f[8..12].copy_from_slice(&1u32.to_be_bytes());
+    f[12..16].copy_from_slice(&(json.len() as u32).to_be_bytes());
+    f[16..24].copy_from_slice(&16384u64.to_be_bytes());
+    f[24..32].copy_from_slice(&(digests.len() as u64).to_be_bytes());
+    f[32..32 + json.len()].copy_from_slice(json.as_bytes());
+    digests.iter().for_each(|d| f.extend_from_slice(d));
+    let sum = Sha256::digest(&f);
+    f.extend_from_slice(&sum);
+    std::fs::write(p.join(format!("{backup}.manifest")), f).unwrap();
+    root
+}
+
+#[test]
+fn version_1_manifests_still_verify_and_restore() {
+    let d = tempdir();
+    let p = d.path();
+    make_qcow2(p, "src.qcow2", "");
+    Backup::new(p, "src.qcow2", "b.qcow2").ok();
+    let root = write_v1_manifest(p, "b.qcow2", "src.qcow2");
+    let (rc, info, err) = json_run(p, &["info", "b.qcow2"]);
+    assert_eq!(rc, 0, "{err}");
+    assert_eq!(info["manifest"]["format_version"], 1);
+    let (rc, v, err) = json_run(p, &["verify", "b.qcow2"]);
+    assert_eq!(rc, 0, "{err}");
+    assert_eq!(v["root_digest"], root.as_str());
+    let (rc, doc, err) = json_run(p, &["restore", "b.qcow2", "r.raw"]);
+    assert_eq!(
+        (rc, &doc["verified"]),
+        (0, &serde_json::json!(true)),
+        "{err}"
+    );
+    assert!(identical(p, "src.qcow2", "r.raw"));
+    // A changed cluster is still found through the version 1 table.
+    qemu_io(p, "qcow2", "b.qcow2", &["write -P 0x77 3M 512"]);
+    let o = run_in(p, &["verify", "b.qcow2"]);
+    assert_eq!(code(&o), 7, "{}", stderr(&o));
+    assert!(stderr(&o).contains("offset 3145728"), "{}", stderr(&o));
 }

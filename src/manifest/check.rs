@@ -1,0 +1,236 @@
+//! Checking images against manifests, at the cost of the data: chunks the
+//! manifest says are zero and the image does not hold are equal without a
+//! read.
+
+use super::runs::union;
+use super::{ManifestFile, Sha, ZeroDigests, hex};
+use crate::bitmap::Bits;
+use crate::copy::CopyError;
+use crate::job::cancel::Cancel;
+use crate::node::{BlockNode, Status};
+use std::io;
+use std::sync::Mutex;
+
+/// Split the chunk `runs` into batches of at most 64 chunks and run `f` on
+/// each batch `[a, b)` in a pool of `jobs` threads, stopping at the first
+/// error or when `cancel` is set: the one loop over digests.
+pub(super) fn for_each_batch<F>(
+    runs: &[(u64, u64)],
+    jobs: usize,
+    cancel: &Cancel,
+    f: F,
+) -> Result<(), CopyError>
+where
+    F: Fn(u64, u64) -> Result<(), CopyError> + Sync,
+{
+    use rayon::prelude::*;
+    const BATCH: u64 = 64;
+    if runs.is_empty() {
+        return Ok(());
+    }
+    let batches: Vec<(u64, u64)> = runs
+        .iter()
+        .flat_map(|&(s, e)| {
+            (s..e)
+                .step_by(BATCH as usize)
+                .map(move |a| (a, (a + BATCH).min(e)))
+        })
+        .collect();
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(jobs.max(1))
+        .build()
+        .map_err(|e| CopyError::Manifest(io::Error::other(e)))?;
+    pool.install(|| {
+        batches.par_iter().try_for_each(|&(a, b)| {
+            if cancel.is_cancelled() {
+                return Err(CopyError::Cancelled);
+            }
+            f(a, b)
+        })
+    })
+}
+
+/// Digests of chunks `[a, b)` of `image`, reading only what holds data.
+pub(super) fn digests_of(
+    image: &dyn BlockNode,
+    a: u64,
+    b: u64,
+    zero: &ZeroDigests,
+) -> Result<Vec<Sha>, CopyError> {
+    let geo = zero.geometry();
+    let start = a * geo.chunk;
+    let end = (b * geo.chunk).min(geo.size);
+    let mut out = Vec::with_capacity((b - a) as usize);
+    let mut buf = vec![0u8; geo.chunk as usize];
+    let mut pos = start;
+    while pos < end {
+        let ext = image
+            .block_status(pos, end - pos)
+            .map_err(CopyError::Source)?;
+        let ext_end = pos + ext.len;
+        // Whole chunks inside a zero extent need no I/O.
+        if ext.status != Status::Data {
+            let zend = if ext_end == end {
+                end
+            } else {
+                ext_end / geo.chunk * geo.chunk
+            };
+            if zend > pos {
+                let (i, j) = geo.chunks_of(pos, zend);
+                out.extend(zero.run(i, j));
+                pos = zend;
+                continue;
+            }
+        }
+        let i = pos / geo.chunk;
+        let n = geo.len(i) as usize;
+        image.read(pos, &mut buf[..n]).map_err(CopyError::Source)?;
+        out.push(zero.of_data(i, &buf[..n]));
+        pos += n as u64;
+    }
+    Ok(out)
+}
+
+/// The first chunk whose digest differs, when checking an image against a
+/// manifest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Difference {
+    /// Index of the chunk.
+    pub chunk: u64,
+    /// Byte offset of the chunk.
+    pub offset: u64,
+    /// Digest the manifest holds (hex).
+    pub expected: String,
+    /// Digest of the data (hex).
+    pub found: String,
+}
+
+/// The chunk runs where `image` and `manifest` may differ: what the
+/// manifest says is not zero, and what the image holds as data.
+fn runs_to_check(
+    image: &dyn BlockNode,
+    manifest: &ManifestFile,
+) -> Result<Vec<(u64, u64)>, CopyError> {
+    let geo = manifest.geometry();
+    let mut runs = manifest
+        .data_runs(0, geo.chunks())
+        .map_err(CopyError::ManifestRead)?;
+    let end = image.size().min(geo.size);
+    crate::node::for_each_extent(image, 0, end, |pos, ext| {
+        if ext.status == Status::Data {
+            runs.push(geo.chunks_of(pos, pos + ext.len));
+        }
+    })
+    .map_err(CopyError::Source)?;
+    Ok(union(runs))
+}
+
+/// Recompute the chunk digests of `image` in parallel and compare with
+/// `manifest`. Returns the first (lowest) differing chunk.
+pub fn check_image(
+    image: &dyn BlockNode,
+    manifest: &ManifestFile,
+    jobs: usize,
+    cancel: &Cancel,
+) -> Result<Option<Difference>, CopyError> {
+    let runs = runs_to_check(image, manifest)?;
+    first_difference_in(image, manifest, &runs, jobs, cancel)
+}
+
+/// Check the chunks a layer holds itself (allocated, as data or zeros)
+/// against `manifest`: what can be checked of a detached incremental, which
+/// holds only what it copied. Returns the first differing chunk and the
+/// number of chunks checked.
+pub fn check_held(
+    layer: &dyn BlockNode,
+    manifest: &ManifestFile,
+    jobs: usize,
+    cancel: &Cancel,
+) -> Result<(Option<Difference>, u64), CopyError> {
+    let geo = manifest.geometry();
+    let mut held = Vec::new();
+    crate::node::for_each_extent(layer, 0, layer.size(), |pos, ext| {
+        if ext.status != Status::Unallocated {
+            held.push(geo.chunks_of(pos, pos + ext.len));
+        }
+    })
+    .map_err(CopyError::Source)?;
+    let held = union(held);
+    let count = held.iter().map(|(s, e)| e - s).sum();
+    let d = first_difference_in(layer, manifest, &held, jobs, cancel)?;
+    Ok((d, count))
+}
+
+/// The first (lowest) chunk in the chunk `runs` whose digest in `image`
+/// differs from `manifest`, hashed in parallel batches; batches past a
+/// difference already found are skipped.
+fn first_difference_in(
+    image: &dyn BlockNode,
+    manifest: &ManifestFile,
+    runs: &[(u64, u64)],
+    jobs: usize,
+    cancel: &Cancel,
+) -> Result<Option<Difference>, CopyError> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let geo = manifest.geometry();
+    let zero = manifest.zero_digests();
+    let first_bad = AtomicU64::new(u64::MAX);
+    let found: Mutex<Option<Difference>> = Mutex::new(None);
+    for_each_batch(runs, jobs, cancel, |a, b| {
+        if a > first_bad.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let got = digests_of(image, a, b, &zero)?;
+        let want = manifest.digests(a, b).map_err(CopyError::ManifestRead)?;
+        if let Some(k) = got.iter().zip(&want).position(|(g, w)| g != w) {
+            let i = a + k as u64;
+            if first_bad.fetch_min(i, Ordering::SeqCst) > i
+                && let Ok(mut f) = found.lock()
+                && f.as_ref().is_none_or(|d| d.chunk > i)
+            {
+                *f = Some(Difference {
+                    chunk: i,
+                    offset: i * geo.chunk,
+                    expected: hex(&want[k]),
+                    found: hex(&got[k]),
+                });
+            }
+        }
+        Ok(())
+    })?;
+    Ok(found.into_inner().unwrap_or_else(|p| p.into_inner()))
+}
+
+/// Chunks of `image` whose digest differs from `manifest` (same geometry),
+/// computed in parallel.
+pub fn differing_chunks(
+    image: &dyn BlockNode,
+    manifest: &ManifestFile,
+    jobs: usize,
+    cancel: &Cancel,
+) -> Result<Bits, CopyError> {
+    let geo = manifest.geometry();
+    let zero = manifest.zero_digests();
+    let runs = runs_to_check(image, manifest)?;
+    let out = Mutex::new(Bits::new(geo.chunks()));
+    for_each_batch(&runs, jobs, cancel, |a, b| {
+        let got = digests_of(image, a, b, &zero)?;
+        let want = manifest.digests(a, b).map_err(CopyError::ManifestRead)?;
+        let diff: Vec<u64> = got
+            .iter()
+            .zip(&want)
+            .enumerate()
+            .filter(|(_, (g, w))| g != w)
+            .map(|(k, _)| a + k as u64)
+            .collect();
+        if !diff.is_empty()
+            && let Ok(mut o) = out.lock()
+        {
+            for i in diff {
+                o.set(i);
+            }
+        }
+        Ok(())
+    })?;
+    Ok(out.into_inner().unwrap_or_else(|p| p.into_inner()))
+}

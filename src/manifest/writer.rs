@@ -1,0 +1,342 @@
+//! Writing a version 2 manifest while the copy runs.
+//!
+//! Digests of data chunks go to a scratch file (unlinked, sparse: digest
+//! of chunk `i` at `32 * i`), what each chunk is goes to a [`RunMap`], so
+//! neither memory nor disk follows the virtual size. [`ManifestWriter::finish`]
+//! streams the runs and digests into the manifest in chunk order.
+
+use super::check::{digests_of, for_each_batch};
+use super::file::{MAX_META_V2, ManifestFile, Piece, run_table_offset};
+use super::runs::{Kind, RunMap};
+use super::{DigestAlgo, Geometry, MAGIC, Meta, RootHasher, Sha, VERSION, ZeroDigests, hex};
+use crate::copy::{ChunkData, ChunkObserver, CopyError};
+use crate::job::cancel::Cancel;
+use crate::node::{BlockNode, Status};
+use sha2::{Digest, Sha256};
+use std::fs::File;
+use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+/// Digests read from the scratch file at once.
+const BLOCK: u64 = 4096;
+
+/// Builds `TARGET.manifest.partial` while the copy runs.
+pub struct ManifestWriter {
+    path: PathBuf,
+    file: File,
+    scratch: File,
+    geo: Geometry,
+    zero: ZeroDigests,
+    map: Mutex<RunMap>,
+}
+
+impl ManifestWriter {
+    /// Build a manifest in the new, empty `file` (at `path`), chunk digests
+    /// with `algo`.
+    pub fn create_in(
+        path: &Path,
+        file: File,
+        geo: Geometry,
+        algo: DigestAlgo,
+    ) -> io::Result<ManifestWriter> {
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        let scratch = tempfile::tempfile_in(dir)?;
+        Ok(ManifestWriter {
+            path: path.to_path_buf(),
+            file,
+            scratch,
+            zero: geo.zero_digests(algo),
+            geo,
+            map: Mutex::new(RunMap::new()),
+        })
+    }
+
+    /// The chunk geometry of the manifest being written.
+    pub fn geometry(&self) -> Geometry {
+        self.geo
+    }
+
+    /// The chunk digest algorithm.
+    pub fn algo(&self) -> DigestAlgo {
+        self.zero.algo()
+    }
+
+    fn with_map<T>(&self, f: impl FnOnce(&mut RunMap) -> T) -> T {
+        match self.map.lock() {
+            Ok(mut m) => f(&mut m),
+            Err(p) => f(&mut p.into_inner()),
+        }
+    }
+
+    /// Record that chunks `[first, end)` read as zeros.
+    pub fn put_zeros(&self, first: u64, end: u64) {
+        self.with_map(|m| m.insert(first, end, Kind::Zero));
+    }
+
+    /// Record the digests of consecutive chunks from `first` (zero digests
+    /// are recorded as zero runs).
+    pub fn put_many(&self, first: u64, ds: &[Sha]) -> io::Result<()> {
+        let mut runs: Vec<(u64, u64, Kind)> = Vec::new();
+        let mut k = 0;
+        while k < ds.len() {
+            let i = first + k as u64;
+            let zero = self.zero.is_zero(i, &ds[k]);
+            let mut j = k + 1;
+            while j < ds.len() && self.zero.is_zero(first + j as u64, &ds[j]) == zero {
+                j += 1;
+            }
+            if zero {
+                runs.push((i, first + j as u64, Kind::Zero));
+            } else {
+                let bytes: Vec<u8> = ds[k..j].iter().flatten().copied().collect();
+                self.scratch.write_all_at(&bytes, i * 32)?;
+                runs.push((i, first + j as u64, Kind::Data));
+            }
+            k = j;
+        }
+        self.with_map(|m| {
+            for (s, e, kind) in runs {
+                m.insert(s, e, kind);
+            }
+        });
+        Ok(())
+    }
+
+    /// Chunk runs nothing was recorded for yet.
+    pub fn gaps(&self) -> Vec<(u64, u64)> {
+        let n = self.geo.chunks();
+        self.with_map(|m| m.gaps(n))
+    }
+
+    /// Fill the chunks not recorded yet from `image` (the point-in-time
+    /// image): zero and unallocated extents without I/O, the rest read and
+    /// hashed in parallel.
+    pub fn fill_from(
+        &self,
+        image: &dyn BlockNode,
+        jobs: usize,
+        cancel: &Cancel,
+    ) -> Result<(), CopyError> {
+        let geo = self.geo;
+        let mut data = Vec::new();
+        for (s, e) in self.gaps() {
+            let (start, end) = (s * geo.chunk, (e * geo.chunk).min(geo.size));
+            let mut zero_from = s;
+            crate::node::for_each_extent(image, start, end, |pos, ext| {
+                if ext.status == Status::Data {
+                    let (a, b) = geo.chunks_of(pos, pos + ext.len);
+                    if a > zero_from {
+                        self.put_zeros(zero_from, a);
+                    }
+                    data.push((a.max(zero_from), b));
+                    zero_from = zero_from.max(b);
+                }
+            })
+            .map_err(CopyError::Source)?;
+            if e > zero_from {
+                self.put_zeros(zero_from, e);
+            }
+        }
+        self.fill_runs(image, jobs, &super::runs::union(data), cancel)
+    }
+
+    /// Fill the digests of chunks that overlap the byte `ranges` from `node`
+    /// (what a backup holds where an ignore policy skipped data).
+    pub fn fill_ranges_from(
+        &self,
+        node: &dyn BlockNode,
+        ranges: &[(u64, u64)],
+        jobs: usize,
+        cancel: &Cancel,
+    ) -> Result<(), CopyError> {
+        let runs: Vec<(u64, u64)> = ranges
+            .iter()
+            .map(|&(s, e)| self.geo.chunks_of(s, e))
+            .collect();
+        self.fill_runs(node, jobs, &super::runs::union(runs), cancel)
+    }
+
+    fn fill_runs(
+        &self,
+        image: &dyn BlockNode,
+        jobs: usize,
+        runs: &[(u64, u64)],
+        cancel: &Cancel,
+    ) -> Result<(), CopyError> {
+        for_each_batch(runs, jobs, cancel, |a, b| {
+            let ds = digests_of(image, a, b, &self.zero)?;
+            self.put_many(a, &ds).map_err(CopyError::Manifest)
+        })
+    }
+
+    /// Say that the chunks not recorded yet are as in `parent`'s manifest
+    /// (an incremental's clean chunks): one run record each, no digest is
+    /// copied. `parent` must have this geometry and digest algorithm
+    /// (otherwise nothing is recorded and [`Self::fill_from`] hashes them).
+    pub fn fill_from_parent(&self, parent: &ManifestFile) {
+        if parent.geometry() != self.geo || parent.algo() != self.algo() {
+            return;
+        }
+        let gaps = self.gaps();
+        self.with_map(|m| {
+            for (s, e) in gaps {
+                m.insert(s, e, Kind::Parent);
+            }
+        });
+    }
+
+    fn read_scratch(&self, first: u64, n: u64, out: &mut Vec<Sha>) -> io::Result<()> {
+        let mut raw = vec![0u8; (n * 32) as usize];
+        self.scratch.read_exact_at(&mut raw, first * 32)?;
+        out.clear();
+        out.extend(raw.chunks_exact(32).map(|c| {
+            let mut d = [0u8; 32];
+            d.copy_from_slice(c);
+            d
+        }));
+        Ok(())
+    }
+
+    /// Compute the root digest, write the runs, the digests, the metadata
+    /// and the checksum, and sync. `meta.root_digest` and the geometry
+    /// fields are filled in; every chunk must be recorded, and `parent`
+    /// given when chunks refer to it.
+    pub fn finish(&self, meta: &mut Meta, parent: Option<&ManifestFile>) -> io::Result<()> {
+        let internal = |what: &str| io::Error::other(format!("internal error: {what}"));
+        if !self.gaps().is_empty() {
+            return Err(internal("the manifest lacks digests"));
+        }
+        let runs = self.with_map(|m| m.runs());
+        let mut root = RootHasher::new(self.geo, self.algo());
+        let mut data = 0u64;
+        let mut buf = Vec::new();
+        for &(s, e, kind) in &runs {
+            match kind {
+                Kind::Zero => root.zeros(e - s),
+                Kind::Data => {
+                    data += e - s;
+                    let mut i = s;
+                    while i < e {
+                        let j = (i + BLOCK).min(e);
+                        self.read_scratch(i, j - i, &mut buf)?;
+                        buf.iter().for_each(|d| root.chunk(d));
+                        i = j;
+                    }
+                }
+                Kind::Parent => {
+                    let p = parent.ok_or_else(|| internal("no parent manifest"))?;
+                    p.visit(s, e, &mut |piece| {
+                        match piece {
+                            Piece::Zero(a, b) => root.zeros(b - a),
+                            Piece::Digests(_, ds) => ds.iter().for_each(|d| root.chunk(d)),
+                        }
+                        Ok(())
+                    })
+                    .map_err(io::Error::other)?;
+                }
+            }
+        }
+        let root = root
+            .finish()
+            .ok_or_else(|| internal("the runs do not cover the image"))?;
+        meta.root_digest = hex(&root);
+        meta.chunk_size = self.geo.chunk;
+        meta.chunks = self.geo.chunks();
+        meta.virtual_size = self.geo.size;
+        meta.format_version = VERSION;
+        meta.digest = self.algo();
+        meta.data_chunks = data;
+        meta.runs = runs.len() as u64;
+        let json = serde_json::to_vec(meta).map_err(io::Error::other)?;
+        if json.len() > MAX_META_V2 {
+            return Err(io::Error::other(
+                "manifest metadata too long (source path?)",
+            ));
+        }
+        let table = run_table_offset(json.len());
+        let mut out = Summed {
+            w: io::BufWriter::with_capacity(1 << 20, &self.file),
+            sum: Sha256::new(),
+        };
+        out.write_all(MAGIC)?;
+        out.write_all(&VERSION.to_be_bytes())?;
+        out.write_all(&(json.len() as u32).to_be_bytes())?;
+        out.write_all(&table.to_be_bytes())?;
+        out.write_all(&(runs.len() as u64).to_be_bytes())?;
+        out.write_all(&json)?;
+        out.write_all(&vec![0u8; (table - 32 - json.len() as u64) as usize])?;
+        for &(s, e, kind) in &runs {
+            out.write_all(&s.to_be_bytes())?;
+            out.write_all(&((kind.code() << 62) | (e - s)).to_be_bytes())?;
+        }
+        for &(s, e, kind) in &runs {
+            if kind != Kind::Data {
+                continue;
+            }
+            let mut i = s;
+            while i < e {
+                let j = (i + BLOCK).min(e);
+                self.read_scratch(i, j - i, &mut buf)?;
+                for d in &buf {
+                    out.write_all(d)?;
+                }
+                i = j;
+            }
+        }
+        let sum: Sha = out.sum.finalize().into();
+        let mut w = out.w;
+        w.write_all(&sum)?;
+        w.flush()?;
+        drop(w);
+        self.file.sync_all()
+    }
+
+    /// Where the manifest is being written.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// A writer that hashes what goes through it.
+struct Summed<W: Write> {
+    w: W,
+    sum: Sha256,
+}
+
+impl<W: Write> Write for Summed<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.w.write(buf)?;
+        self.sum.update(&buf[..n]);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.w.flush()
+    }
+}
+
+impl ChunkObserver for ManifestWriter {
+    fn copied(&self, offset: u64, data: ChunkData<'_>) -> Result<(), CopyError> {
+        let c = self.geo.chunk;
+        let first = offset / c;
+        match data {
+            ChunkData::Zeroes(len) => {
+                self.put_zeros(first, (offset + len).div_ceil(c));
+                Ok(())
+            }
+            ChunkData::Bytes(buf) => {
+                let ds: Vec<Sha> = buf
+                    .chunks(c as usize)
+                    .enumerate()
+                    .map(|(k, b)| self.zero.of_data(first + k as u64, b))
+                    .collect();
+                self.put_many(first, &ds).map_err(CopyError::Manifest)
+            }
+        }
+    }
+}
