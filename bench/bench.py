@@ -132,6 +132,17 @@ def pairs():
         ("tb-data-no-manifest-vs-qemu-img", "the same with --no-manifest (A) vs qemu-img convert (B)",
          [b, "backup", "-q", "--no-manifest", "tb-data.qcow2", "out-a.qcow2"],
          ["qemu-img", "convert", "-O", "qcow2", "tb-data.qcow2", "out-b.qcow2"], ["out-a.qcow2", "out-b.qcow2"], "scale"),
+        ("chain-restore-vs-full", "restore of the 30th incremental of a chain (A) vs restore of one full backup of "
+         "the same image (B), 512 MiB, to raw; target <= 1.3",
+         [b, "restore", "-q", "chain-30.qcow2", "out-a.raw"],
+         [b, "restore", "-q", "chain-flat.qcow2", "out-b.raw"], ["out-a.raw", "out-b.raw"], "chain"),
+        ("chain-verify-vs-full", "verify of the 30th incremental of a chain (A) vs verify of one full backup of the "
+         "same image (B); target <= 1.3",
+         [b, "verify", "-q", "chain-30.qcow2"],
+         [b, "verify", "-q", "chain-flat.qcow2"], [], "chain"),
+        ("chain-restore-vs-qemu-img", "restore of the 30th incremental (A) vs qemu-img convert -O raw of it (B)",
+         [b, "restore", "-q", "chain-30.qcow2", "out-a.raw"],
+         ["qemu-img", "convert", "-O", "raw", "chain-30.qcow2", "out-b.raw"], ["out-a.raw", "out-b.raw"], "chain"),
         ("compress-vs-qemu-img", "--compress (A) vs qemu-img convert -c -m 8 -W (B); target <= 0.5",
          [b, "backup", "-q", "--compress", "full.raw", "out-a.qcow2"],
          ["qemu-img", "convert", "-c", "-m", "8", "-W", "-O", "qcow2", "full.raw", "out-b.qcow2"],
@@ -218,6 +229,34 @@ def setup_scale(images):
             subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -s %s %s 16M" % (piece, at), data],
                            check=True, stdout=subprocess.DEVNULL)
         os.remove(piece)
+
+
+def setup_chain(images):
+    """A 512 MiB raw image of file-system content (the first half of
+    files.raw), a full backup with bitmap b0, then 30 nights of guest writes
+    (4-64 KiB, 1 % zeros) each followed by an incremental: chain-00.qcow2 ..
+    chain-30.qcow2. Beside them, chain-flat.qcow2: one full backup of the
+    image as it is after the last night, the reference for restore time.
+    Made once, untimed."""
+    last = os.path.join(images, "chain-30.qcow2")
+    if os.path.exists(last) and os.path.exists(os.path.join(images, "chain-flat.qcow2")):
+        return
+    setup_files(images)
+    disk = os.path.join(images, "chain.raw")
+    # In pieces: the harness's peak RSS would carry a large read (a forked
+    # child starts with its parent's high-water mark).
+    with open(os.path.join(images, "files.raw"), "rb") as src, open(disk, "wb") as out:
+        for _ in range(32):
+            out.write(src.read(16 << 20))
+    for f in os.listdir(images):
+        if f.startswith("chain-") or f.startswith("chain.raw."):
+            os.remove(os.path.join(images, f))
+    run = lambda *a: subprocess.run([BIN] + list(a), cwd=images, check=True, stdout=subprocess.DEVNULL)
+    run("backup", "-q", "--bitmap", "b0", "chain.raw", "chain-00.qcow2")
+    for night in range(1, 31):
+        run("guest", "chain.raw", "iops=0,count=200,bs=4K-64K,zero=1,seed=%d" % night)
+        run("backup", "-q", "--sync", "incremental", "--bitmap", "b0", "chain.raw", "chain-%02d.qcow2" % night)
+    run("backup", "-q", "chain.raw", "chain-flat.qcow2")
 
 
 def setup_bitmap(images):
@@ -350,6 +389,8 @@ def main():
             setup_scale(a.images)
         if extra == "files":
             setup_files(a.images)
+        if extra == "chain":
+            setup_chain(a.images)
         runs = a.runs if extra not in ("size", "files") else max(2, a.runs // 2)
         ra, rb, ratios = [], [], []
         for i in range(runs + 1):
@@ -358,16 +399,16 @@ def main():
             # (writeback of the last run's output) is not always the same side.
             if i % 2 == 1:
                 x = timed(ca, a.images)
-                sa = os.path.getsize(os.path.join(a.images, outs[0]))
+                sa = os.path.getsize(os.path.join(a.images, outs[0])) if outs else 0
                 clean(outs[:1], a.images)
                 y = timed(cb, a.images)
-                sb = os.path.getsize(os.path.join(a.images, outs[1]))
+                sb = os.path.getsize(os.path.join(a.images, outs[1])) if outs else 0
             else:
                 y = timed(cb, a.images)
-                sb = os.path.getsize(os.path.join(a.images, outs[1]))
+                sb = os.path.getsize(os.path.join(a.images, outs[1])) if outs else 0
                 clean(outs[1:], a.images)
                 x = timed(ca, a.images)
-                sa = os.path.getsize(os.path.join(a.images, outs[0]))
+                sa = os.path.getsize(os.path.join(a.images, outs[0])) if outs else 0
             clean(outs, a.images)
             if i == 0:
                 continue  # warm-up

@@ -1,18 +1,18 @@
-//! One qcow2 layer, read-only, through the qcow2-rs crate behind this adapter.
+//! One qcow2 layer, read-only.
 //!
-//! What the adapter adds to the crate (../docs/qcow2.md):
-//! * the header is validated first ([`Header::parse`]), and the crate sees a
-//!   normalized copy of it (no backing file, no extensions);
-//! * the crate's file I/O is ours: positional reads of the whole request,
-//!   every short read an error (the crate would read a truncated file as
-//!   zeros);
-//! * L1 entries and L2 mappings are checked before any data is read
-//!   (alignment, inside the file), so a damaged image fails with the guest
-//!   offset named instead of reading garbage or zeros;
+//! How it reads (../docs/qcow2.md):
+//! * the header is validated first ([`Header::parse`]); the qcow2-rs crate
+//!   loads a normalized copy of it (no backing file, no extensions) and the
+//!   image's tables once at open time, as a second opinion, through our
+//!   file I/O (every short read an error);
+//! * L1 entries and L2 entries are checked before any data is read
+//!   (alignment, inside the file, not on metadata), so a damaged image fails
+//!   with the guest offset named instead of reading garbage or zeros;
+//! * clusters are mapped here, from the raw L2 tables read to check them
+//!   (one bounded cache per layer, no lock held while reading data): a
+//!   chain of 30 layers asks 30 tables, not 30 devices;
 //! * data clusters are read with one `pread` per run of contiguous host
-//!   clusters; compressed clusters are inflated here;
-//! * the crate's device is not `Sync`: a small pool holds one device per
-//!   concurrent caller (each holds a bounded L2 cache).
+//!   clusters; compressed clusters (deflate, zstd) are inflated here.
 //!
 //! The layer answers for itself only: clusters it does not allocate are
 //! [`Status::Unallocated`] and read as zeros here; the chain node decides what
@@ -24,7 +24,7 @@ use crate::node::{BlockNode, Extent, Status, check_range};
 use futures::executor::block_on;
 use qcow2_rs::dev::{Qcow2Dev, Qcow2DevParams};
 use qcow2_rs::error::Qcow2Result;
-use qcow2_rs::meta::{Mapping, MappingSource, Qcow2Header};
+use qcow2_rs::meta::Qcow2Header;
 use qcow2_rs::ops::Qcow2IoOps;
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
@@ -34,7 +34,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-/// Bytes of L2 cache per pooled device.
+/// Bytes of L2 cache of the crate's device (used at open time).
 const L2_CACHE_BYTES: usize = 512 << 10;
 /// Bytes of raw L2 tables the adapter keeps to validate entries.
 const RAW_L2_CACHE_BYTES: u64 = 8 << 20;
@@ -126,10 +126,41 @@ impl Qcow2IoOps for HostIo {
     }
 }
 
-/// A pooled crate device and the state its file layer shares with us.
+/// The crate's device and the state its file layer shares with us.
 struct Dev {
     dev: Qcow2Dev<HostIo>,
     state: Arc<IoState>,
+}
+
+/// Maps clusters of one layer in ascending order, holding the current L2
+/// table: one cache look-up per L2 span instead of one per cluster.
+struct Mapper<'a> {
+    layer: &'a Qcow2Layer,
+    span: u64,
+    idx: usize,
+    table: Option<Arc<Vec<u64>>>,
+}
+
+impl<'a> Mapper<'a> {
+    fn new(layer: &'a Qcow2Layer) -> Mapper<'a> {
+        let cs = layer.header.cluster_size();
+        Mapper {
+            layer,
+            span: cs * (cs / 8),
+            idx: usize::MAX,
+            table: None,
+        }
+    }
+
+    fn map(&mut self, offset: u64) -> Result<Map> {
+        let idx = (offset / self.span) as usize;
+        if idx != self.idx {
+            self.table = self.layer.l2_table(idx, offset)?;
+            self.idx = idx;
+        }
+        self.layer
+            .map_in(self.table.as_deref().map(|v| v.as_slice()), offset)
+    }
 }
 
 /// Where the data of one cluster comes from.
@@ -166,8 +197,7 @@ pub struct Qcow2Layer {
     /// L1 entries that are damaged, with why: a read through one of them
     /// fails (as in QEMU, which finds them when it follows them).
     bad_l1: HashMap<usize, String>,
-    // behind locks: idle devices; raw L2 tables read for validation
-    pool: Mutex<Vec<Dev>>,
+    // behind a lock: raw L2 tables, read to check and decode entries
     raw_l2: Mutex<HashMap<u64, Arc<Vec<u64>>>>,
 }
 
@@ -234,14 +264,13 @@ impl Qcow2Layer {
             l1,
             metadata,
             bad_l1,
-            pool: Mutex::new(Vec::new()),
             raw_l2: Mutex::new(HashMap::new()),
         };
-        // Open one device now so a failure shows at open time (an empty
-        // image has no table for the library to load).
+        // qcow2-rs loads the image's tables once, as a second opinion at
+        // open time (an empty image has no table for it to load); mapping
+        // and reads are ours.
         if layer.header.l1_entries_needed() > 0 {
-            let dev = layer.new_dev()?;
-            layer.put_dev(dev);
+            drop(layer.new_dev()?);
         }
         Ok(layer)
     }
@@ -287,20 +316,6 @@ impl Qcow2Layer {
         block_on(dev.dev.qcow2_prep_io()).map_err(|e| self.lib_error(&dev, None, e))?;
         dev.state.lenient.store(false, Ordering::Relaxed);
         Ok(dev)
-    }
-
-    fn take_dev(&self) -> Result<Dev> {
-        let idle = self.pool.lock().ok().and_then(|mut p| p.pop());
-        match idle {
-            Some(d) => Ok(d),
-            None => self.new_dev(),
-        }
-    }
-
-    fn put_dev(&self, dev: Dev) {
-        if let Ok(mut p) = self.pool.lock() {
-            p.push(dev);
-        }
     }
 
     /// Turn a crate error into ours, preferring the I/O error our file layer saw.
@@ -359,13 +374,9 @@ impl Qcow2Layer {
         Ok(t)
     }
 
-    /// Check the raw L2 entry of the cluster at `offset` (see
+    /// Check the raw L2 entry `e` of the cluster at `offset` (see
     /// [`check_l2_entry`]).
-    fn check_entry(&self, l2_off: u64, offset: u64) -> Result<()> {
-        let cs = self.header.cluster_size();
-        let t = self.raw_l2_table(l2_off)?;
-        let idx = ((offset / cs) % (cs / 8)) as usize;
-        let e = t.get(idx).copied().unwrap_or(0);
+    fn check_entry(&self, e: u64, offset: u64) -> Result<()> {
         let image = EntryImage {
             cluster_bits: self.header.cluster_bits,
             version: self.header.version,
@@ -388,44 +399,55 @@ impl Qcow2Layer {
         self.l1.get(idx).copied().unwrap_or(0) & OFFSET_MASK == 0
     }
 
-    /// Map the cluster containing `offset`, checking what the image says.
-    fn map(&self, dev: &Dev, offset: u64) -> Result<Map> {
-        let cs = self.header.cluster_size();
-        let l2_span = cs * (cs / 8);
-        let idx = (offset / l2_span) as usize;
-        let l1e = self.l1.get(idx).copied().unwrap_or(0);
-        let l2_off = l1e & OFFSET_MASK;
+    /// The raw L2 table of the L1 entry `idx` (None: the entry is empty,
+    /// its span unallocated). A damaged L1 entry fails here, as in QEMU.
+    fn l2_table(&self, idx: usize, offset: u64) -> Result<Option<Arc<Vec<u64>>>> {
+        let l2_off = self.l1.get(idx).copied().unwrap_or(0) & OFFSET_MASK;
         if l2_off == 0 {
+            return Ok(None);
+        }
+        // The L1 entries were checked at open (metadata_clusters).
+        if let Some(why) = self.bad_l1.get(&idx) {
+            return Err(BlockError::Corrupt {
+                path: self.path.clone(),
+                offset: Some(offset),
+                detail: why.clone(),
+            });
+        }
+        self.raw_l2_table(l2_off).map(Some)
+    }
+
+    /// Map the cluster containing `offset` whose L2 table is `table`,
+    /// checking what the image says: the L2 entry is decoded here
+    /// (docs/interop/qcow2.rst, "Cluster mapping").
+    fn map_in(&self, table: Option<&[u64]>, offset: u64) -> Result<Map> {
+        let Some(t) = table else {
+            return Ok(Map::Unallocated);
+        };
+        let cs = self.header.cluster_size();
+        let e = t
+            .get(((offset / cs) % (cs / 8)) as usize)
+            .copied()
+            .unwrap_or(0);
+        if e == 0 {
             return Ok(Map::Unallocated);
         }
+        self.check_entry(e, offset)?;
         let corrupt = |detail: String| BlockError::Corrupt {
             path: self.path.clone(),
             offset: Some(offset),
             detail,
         };
-        // The L1 entries were checked at open (metadata_clusters).
-        if let Some(why) = self.bad_l1.get(&idx) {
-            return Err(corrupt(why.clone()));
-        }
-        self.check_entry(l2_off, offset)?;
-        let m: Mapping = block_on(dev.dev.get_mapping(offset))
-            .map_err(|e| self.lib_error(dev, Some(offset), e))?;
-        Ok(match m.source {
-            MappingSource::DataFile => Map::Data(m.cluster_offset.unwrap_or(0)),
-            MappingSource::Compressed => {
-                let off = m.cluster_offset.unwrap_or(0);
-                let len = m.compressed_length.unwrap_or(0);
-                if off >= self.file_len {
-                    return Err(corrupt(format!(
-                        "L2 entry points to compressed data at {off:#x}, past the end of the file ({} bytes)",
-                        self.file_len
-                    )));
-                }
-                Map::Compressed { offset: off, len }
+        match decode_l2_entry(e, self.header.cluster_bits) {
+            Err(()) => Err(corrupt(format!("L2 entry {e:#x} cannot be decoded"))),
+            Ok(Map::Compressed { offset: off, .. }) if off >= self.file_len => {
+                Err(corrupt(format!(
+                    "L2 entry points to compressed data at {off:#x}, past the end of the file ({} bytes)",
+                    self.file_len
+                )))
             }
-            MappingSource::Zero => Map::Zero,
-            MappingSource::Unallocated | MappingSource::Backing => Map::Unallocated,
-        })
+            Ok(m) => Ok(m),
+        }
     }
 
     fn read_compressed(&self, offset: u64, len: usize, out: &mut [u8], guest: u64) -> Result<()> {
@@ -497,6 +519,35 @@ struct EntryImage<'a> {
     file_len: u64,
     /// Host clusters holding metadata.
     metadata: &'a HashSet<u64>,
+}
+
+/// What the (checked) L2 entry `e` of an image with `cluster_bits` maps its
+/// cluster to. A compressed cluster's descriptor holds the host offset in
+/// bits 0..x-1 and the number of 512-byte sectors beyond the first in bits
+/// x..61, x = 62 - (cluster_bits - 8); its data runs from the offset to the
+/// end of the last sector. A standard cluster with the zero flag reads as
+/// zeros (preallocated or not); without a host offset it is unallocated.
+fn decode_l2_entry(e: u64, cluster_bits: u32) -> std::result::Result<Map, ()> {
+    if !(9..=21).contains(&cluster_bits) {
+        return Err(());
+    }
+    if e & OFLAG_COMPRESSED != 0 {
+        let shift = 62 - (cluster_bits - 8);
+        let host = e & ((1u64 << shift) - 1);
+        let sectors = ((e >> shift) & ((1u64 << (cluster_bits - 8)) - 1)) + 1;
+        let len = sectors * 512 - (host & 511);
+        return Ok(Map::Compressed {
+            offset: host,
+            len: len as usize,
+        });
+    }
+    if e & OFLAG_ZERO != 0 {
+        return Ok(Map::Zero);
+    }
+    match e & OFFSET_MASK {
+        0 => Ok(Map::Unallocated),
+        host => Ok(Map::Data(host)),
+    }
 }
 
 /// Check the L2 entry `e` of the cluster at guest `offset` the way `qemu-img
@@ -646,18 +697,18 @@ impl BlockNode for Qcow2Layer {
             return Ok(());
         }
         let cs = self.header.cluster_size();
-        let dev = self.take_dev()?;
-        let result = (|| {
+        let mut mapper = Mapper::new(self);
+        {
             let end = offset + buf.len() as u64;
             let mut pos = offset;
             while pos < end {
-                let m = self.map(&dev, pos)?;
+                let m = mapper.map(pos)?;
                 // Extend a data run over clusters whose host clusters follow.
                 let mut run_end = ((pos / cs + 1) * cs).min(end);
                 if let Map::Data(host) = m {
                     let mut next_host = host + cs;
                     while run_end < end {
-                        match self.map(&dev, run_end)? {
+                        match mapper.map(run_end)? {
                             Map::Data(h) if h == next_host => {
                                 next_host += cs;
                                 run_end = (run_end + cs).min(end);
@@ -680,18 +731,16 @@ impl BlockNode for Qcow2Layer {
                 pos = run_end;
             }
             Ok(())
-        })();
-        self.put_dev(dev);
-        result
+        }
     }
 
     fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
         check_range(&self.path, offset, len, self.header.size)?;
         let cs = self.header.cluster_size();
         let end = offset + len;
-        let dev = self.take_dev()?;
-        let result = (|| {
-            let first = self.map(&dev, offset)?;
+        let mut mapper = Mapper::new(self);
+        {
+            let first = mapper.map(offset)?;
             let limit = offset.saturating_add(MAX_STATUS_CLUSTERS * cs);
             let mut pos = (offset / cs + 1) * cs;
             if let Map::Data(host) = first {
@@ -700,7 +749,7 @@ impl BlockNode for Qcow2Layer {
                 // as zeros and needs no I/O.
                 let mut next = host + cs;
                 while pos < end && pos < limit {
-                    match self.map(&dev, pos)? {
+                    match mapper.map(pos)? {
                         Map::Data(h) if h == next => {
                             next += cs;
                             pos += cs;
@@ -734,7 +783,7 @@ impl BlockNode for Qcow2Layer {
                     pos = next;
                     continue;
                 }
-                if self.map(&dev, pos)?.status() != status {
+                if mapper.map(pos)?.status() != status {
                     break;
                 }
                 pos += cs;
@@ -744,9 +793,7 @@ impl BlockNode for Qcow2Layer {
                 status,
                 len: pos.min(end) - offset,
             })
-        })();
-        self.put_dev(dev);
-        result
+        }
     }
 }
 
@@ -755,6 +802,39 @@ mod tests {
     use super::*;
 
     const CS: u64 = 65536;
+
+    #[test]
+    fn l2_entries_decode_as_the_qcow2_spec_says() {
+        // 64 KiB clusters: x = 62 - 8 = 54; 3 more sectors after the first.
+        let e = OFLAG_COMPRESSED | (3u64 << 54) | 0x1_2345;
+        assert!(matches!(
+            decode_l2_entry(e, 16),
+            Ok(Map::Compressed {
+                offset: 0x1_2345,
+                len: 1723
+            })
+        ));
+        // 4 KiB clusters: x = 58, a 4-bit sector count.
+        let e = OFLAG_COMPRESSED | (15u64 << 58) | 0x200;
+        assert!(matches!(
+            decode_l2_entry(e, 12),
+            Ok(Map::Compressed {
+                offset: 0x200,
+                len: 8192
+            })
+        ));
+        assert!(matches!(decode_l2_entry(OFLAG_ZERO, 16), Ok(Map::Zero)));
+        assert!(matches!(
+            decode_l2_entry(OFLAG_ZERO | OFLAG_COPIED | 0x30000, 16),
+            Ok(Map::Zero)
+        ));
+        assert!(matches!(
+            decode_l2_entry(OFLAG_COPIED | 0x30000, 16),
+            Ok(Map::Data(0x30000))
+        ));
+        assert!(matches!(decode_l2_entry(0, 16), Ok(Map::Unallocated)));
+        assert!(decode_l2_entry(0, 30).is_err());
+    }
 
     fn check(e: u64, version: u32) -> std::result::Result<(), String> {
         // Clusters 0-3 hold metadata; the file is 16 clusters long.
