@@ -75,6 +75,10 @@ def pairs():
         ("manifest-files-overhead", "file-system content raw->qcow2 with the manifest (A) vs --no-manifest (B)",
          [b, "backup", "-q", "files.raw", "out-a.qcow2"],
          [b, "backup", "-q", "--no-manifest", "files.raw", "out-b.qcow2"], ["out-a.qcow2", "out-b.qcow2"], "files"),
+        ("manifest-blake3-files-overhead", "file-system content raw->qcow2 with a --digest blake3 manifest (A) vs "
+         "--no-manifest (B); target <= 1.2",
+         [b, "backup", "-q", "--digest", "blake3", "files.raw", "out-a.qcow2"],
+         [b, "backup", "-q", "--no-manifest", "files.raw", "out-b.qcow2"], ["out-a.qcow2", "out-b.qcow2"], "files"),
         ("full-vs-qemu-img", "full raw->qcow2 (A) vs qemu-img convert -t writeback -O qcow2 (B); target <= 0.8",
          [b, "backup", "-q", "full.raw", "out-a.qcow2"],
          ["qemu-img", "convert", "-t", "writeback", "-O", "qcow2", "full.raw", "out-b.qcow2"],
