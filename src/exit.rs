@@ -123,7 +123,8 @@ fn classify_one(cause: &(dyn std::error::Error + 'static)) -> Option<Exit> {
     }
     if let Some(
         crate::manifest::ManifestError::Unbound { .. }
-        | crate::manifest::ManifestError::Parent { .. },
+        | crate::manifest::ManifestError::Parent { .. }
+        | crate::manifest::ManifestError::Backing { .. },
     ) = cause.downcast_ref::<crate::manifest::ManifestError>()
     {
         return Some(Exit::Mismatch);
@@ -142,6 +143,7 @@ fn classify_one(cause: &(dyn std::error::Error + 'static)) -> Option<Exit> {
             CopyError::ManifestRead(
                 crate::manifest::ManifestError::Unbound { .. }
                 | crate::manifest::ManifestError::Parent { .. }
+                | crate::manifest::ManifestError::Backing { .. }
                 | crate::manifest::ManifestError::Damaged { .. },
             ) => Exit::Mismatch,
             CopyError::Manifest(_) | CopyError::ManifestRead(_) => Exit::TargetWrite,
@@ -232,6 +234,8 @@ pub fn hint(err: &anyhow::Error) -> Option<String> {
         Exit::Mismatch => Some(
             if matches!(find::<crate::manifest::ManifestError>(err), Some(crate::manifest::ManifestError::Unbound { .. })) {
                 "the manifest belongs to another file: the backup was replaced or rewritten, or a replacement was interrupted; do not rely on it: make the backup again (with --force to replace it)".into()
+            } else if matches!(find::<crate::manifest::ManifestError>(err), Some(crate::manifest::ManifestError::Backing { .. })) {
+                "the backup takes these chunks from its backing file, which is no longer the one it was made with: restore the backing file it was made with, or make a new backup (--sync full does not depend on one)".into()
             } else if matches!(find::<crate::manifest::ManifestError>(err), Some(crate::manifest::ManifestError::Parent { .. })) {
                 "this backup's manifest is checked through its parent's: put the parent backup's manifest back beside it (restore --no-verify reads the chain without checking)".into()
             } else {

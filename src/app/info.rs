@@ -164,56 +164,68 @@ pub fn run(args: &InfoArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
         );
     }
     if let Some(m) = &doc.manifest {
-        match (&m.meta, &m.error) {
-            (Some(meta), _) => {
-                out += &format!("manifest:       {}\n", m.path);
-                out += &format!("  root digest:  {}\n", meta.root_digest);
-                if let Some(why) = &m.unbound_because {
-                    out += &format!("  DOES NOT DESCRIBE THIS FILE: {why}\n");
-                }
-                if meta.detached {
-                    out += "  holds:        only the clusters this incremental copied (written with --no-backing); attach it to its parent with `qemu-img rebase -u` before restoring\n";
-                }
-                out += &format!(
-                    "  sync mode:    {}{}\n",
-                    meta.sync,
-                    meta.bitmap
-                        .as_ref()
-                        .map(|b| format!(" (bitmap {b})"))
-                        .unwrap_or_default()
-                );
-                out += &format!("  source:       {} ({})\n", meta.source, meta.source_format);
-                match &meta.parent {
-                    Some(p) => {
-                        out += &format!("  parent:       {} (root {})\n", p.path, p.root_digest)
-                    }
-                    None => out += "  parent:       none (a full backup)\n",
-                }
-                out += &format!("  started:      {}\n", meta.started);
-                out += &format!("  finished:     {}\n", meta.finished);
-                out += &format!(
-                    "  chunks:       {} of {}\n",
-                    meta.chunks,
-                    human_bytes(meta.chunk_size)
-                );
-                out += &if meta.format_version >= 2 {
-                    format!(
-                        "  stored:       format {}, {} {} digests of data chunks in {} runs\n",
-                        meta.format_version, meta.data_chunks, meta.digest, meta.runs
-                    )
-                } else {
-                    format!(
-                        "  stored:       format {}, {} digests of every chunk\n",
-                        meta.format_version, meta.digest
-                    )
-                };
-            }
-            (None, Some(e)) => out += &format!("manifest:       {} is unusable: {e}\n", m.path),
-            (None, None) => {}
-        }
+        out += &render_manifest(m);
     }
     crate::outln!("{}", out.trim_end_matches('\n'));
     Ok(Exit::Success)
+}
+
+/// The manifest part of `info`'s human output.
+fn render_manifest(m: &ManifestDoc) -> String {
+    let mut out = String::new();
+    match (&m.meta, &m.error) {
+        (Some(meta), _) => {
+            out += &format!("manifest:       {}\n", m.path);
+            if meta.root_known() {
+                out += &format!("  root digest:  {}\n", meta.root_digest);
+            } else {
+                out += "  root digest:  not recorded (the chunks of the backing file are recorded by its identity)\n";
+            }
+            if let Some(why) = &m.unbound_because {
+                out += &format!("  DOES NOT DESCRIBE THIS FILE: {why}\n");
+            }
+            if meta.detached {
+                out += "  holds:        only the clusters this incremental copied (written with --no-backing); attach it to its parent with `qemu-img rebase -u` before restoring\n";
+            }
+            out += &format!(
+                "  sync mode:    {}{}\n",
+                meta.sync,
+                meta.bitmap
+                    .as_ref()
+                    .map(|b| format!(" (bitmap {b})"))
+                    .unwrap_or_default()
+            );
+            out += &format!("  source:       {} ({})\n", meta.source, meta.source_format);
+            match &meta.parent {
+                Some(p) => out += &format!("  parent:       {} (root {})\n", p.path, p.root_digest),
+                None => out += "  parent:       none (a full backup)\n",
+            }
+            out += &format!("  started:      {}\n", meta.started);
+            out += &format!("  finished:     {}\n", meta.finished);
+            out += &format!(
+                "  chunks:       {} of {}\n",
+                meta.chunks,
+                human_bytes(meta.chunk_size)
+            );
+            for b in &meta.backing_files {
+                out += &format!("  backing file: {} ({}), by identity\n", b.path, b.format);
+            }
+            out += &if meta.format_version >= 2 {
+                format!(
+                    "  stored:       format {}, {} {} digests of data chunks in {} runs\n",
+                    meta.format_version, meta.data_chunks, meta.digest, meta.runs
+                )
+            } else {
+                format!(
+                    "  stored:       format {}, {} digests of every chunk\n",
+                    meta.format_version, meta.digest
+                )
+            };
+        }
+        (None, Some(e)) => out += &format!("manifest:       {} is unusable: {e}\n", m.path),
+        (None, None) => {}
+    }
+    out
 }
 
 fn manifest_doc(image: &std::path::Path) -> Option<ManifestDoc> {

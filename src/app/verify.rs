@@ -39,16 +39,24 @@ fn render(doc: &VerifySummary, g: &GlobalOpts) -> anyhow::Result<()> {
             );
         }
     } else if !g.quiet {
-        crate::errln!(
-            "imgbackup: {} is whole: {} chunks match its manifest (root {}){}",
-            doc.backup,
-            doc.chunks,
-            doc.root_digest,
-            doc.against
-                .as_ref()
-                .map(|a| format!(", and equals {a}"))
-                .unwrap_or_default()
-        );
+        let against = doc
+            .against
+            .as_ref()
+            .map(|a| format!(", and equals {a}"))
+            .unwrap_or_default();
+        match (&doc.root_digest, doc.backing_chunks, &doc.backing_file) {
+            (_, Some(n), Some(f)) => crate::errln!(
+                "imgbackup: {} is whole: {} chunks match its manifest, and the other {n} come from its backing file {f}, unchanged since the backup{against}",
+                doc.backup,
+                doc.chunks - n,
+            ),
+            (root, _, _) => crate::errln!(
+                "imgbackup: {} is whole: {} chunks match its manifest (root {}){against}",
+                doc.backup,
+                doc.chunks,
+                root.as_deref().unwrap_or("not recorded"),
+            ),
+        }
     }
     if !doc.incomplete.is_empty() {
         crate::errln!(

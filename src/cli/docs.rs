@@ -83,7 +83,11 @@ version; 12\-15 the length L of the JSON metadata; 16\-23 the offset T of the
 run table (32 + L rounded up to 8); 24\-31 the number of runs R; 32 onwards
 the JSON metadata, zero\-padded up to T; at T, R run records of 16 bytes
 (first chunk; kind in bits 63\-62 and number of chunks in bits 61\-0; kind 0
-zero, 1 data, 2 as in the parent's manifest) that cover the image in order;
+zero, 1 data, 2 as in the parent's manifest, 3 as the source's backing file
+reads: \fB\-\-sync top\fR records the backing chain by identity in
+backing_files and digests it when a check needs it, refusing with exit 7 if
+a file of it changed; its root_digest is then empty) that cover the image in
+order;
 then the 32\-byte digest of every chunk of the data runs, in order; then 32
 bytes: the sha256 of every preceding byte of the file. Runs of zero chunks
 and an incremental's unchanged chunks take one record each, so the size of

@@ -32,7 +32,8 @@ use crate::copy::{BlockCopy, ChunkObserver, Config, CopyError};
 use crate::guest::{self, GuestReport, GuestSpec};
 use crate::lock::{Access, Locks};
 use crate::manifest::{
-    DigestAlgo, Geometry, ManifestFile, Meta, Parent, check_held, check_image, manifest_path, unhex,
+    DigestAlgo, Geometry, ManifestFile, Meta, Parent, check_backup, check_held, manifest_path,
+    unhex,
 };
 use crate::node::cbw::{CbwNode, OnCbwError};
 use crate::node::fault::{FaultNode, Rule, Side};
@@ -434,6 +435,46 @@ fn chain_identities(image: &Image) -> Vec<SourceFile> {
             })
         })
         .collect()
+}
+
+/// The source's backing chain a `--sync top` manifest may take its
+/// unchanged chunks from by identity instead of hashing them: top without a
+/// bitmap (an anchored bitmap needs the root digest now), every file below
+/// the top a regular file whose identity was taken at the start. Empty:
+/// hash them.
+fn lazy_backing_files(job: &BackupJob) -> Vec<crate::manifest::BackingFile> {
+    if !job.cfg.sync.leaves_the_rest_to_the_backing_file()
+        || job.cfg.bitmap.is_some()
+        || job.image.layers.len() < 2
+    {
+        return Vec::new();
+    }
+    let mut out = Vec::new();
+    for l in &job.image.layers[1..] {
+        let is_file = std::fs::metadata(&l.info.path).is_ok_and(|m| m.is_file());
+        let was = job
+            .source_ids
+            .iter()
+            .find(|s| s.node.path() == l.node.path())
+            .and_then(|s| s.was);
+        let (true, Some(id)) = (is_file, was) else {
+            return Vec::new();
+        };
+        out.push(crate::manifest::BackingFile {
+            path: std::fs::canonicalize(&l.info.path)
+                .unwrap_or_else(|_| l.info.path.clone())
+                .display()
+                .to_string(),
+            format: l.info.format.to_string(),
+            file: crate::manifest::FileBinding {
+                size: id.size,
+                mtime_sec: id.mtime_sec,
+                mtime_nsec: id.mtime_nsec,
+                inode: id.inode,
+            },
+        });
+    }
+    out
 }
 
 /// A file of the source's chain, as it was when the job started: the
@@ -1118,7 +1159,8 @@ impl Running {
         if self.target.manifest().is_some() {
             self.clock.next("manifest");
             let meta = self.finish_manifest(&skipped);
-            summary.manifest_root_digest = Some(phase(&self.cancel, meta)?.root_digest);
+            summary.manifest_root_digest =
+                Some(phase(&self.cancel, meta)?.root_digest).filter(|r| !r.is_empty());
         }
         if self.job.cfg.verify {
             self.clock.next("verify");
@@ -1253,8 +1295,15 @@ impl Running {
         if let Some(p) = &job.parent {
             m.fill_from_parent(p);
         }
-        m.fill_from(job.image.node.as_ref(), jobs, cancel)
-            .map_err(JobError::context(what))?;
+        // `--sync top`: what the copy did not see is the backing file's,
+        // recorded by identity and digested when a check needs it.
+        let backing_files = lazy_backing_files(job);
+        if backing_files.is_empty() {
+            m.fill_from(job.image.node.as_ref(), jobs, cancel)
+                .map_err(JobError::context(what))?;
+        } else {
+            m.fill_from_backing();
+        }
         let binding = self
             .target
             .binding()
@@ -1292,6 +1341,7 @@ impl Running {
             incomplete: skipped.iter().map(|&(s, e)| [s, e]).collect(),
             file: Some(binding),
             detached: job.cfg.backing == Backing::Nothing && job.parent_path.is_some(),
+            backing_files,
         };
         m.finish(&mut meta, job.parent.as_ref())
             .map_err(CopyError::Manifest)?;
@@ -1314,12 +1364,16 @@ impl Running {
             let diff = if detached {
                 check_held(got.top().as_ref(), &mf, job.plan.jobs, &self.cancel)?.0
             } else {
-                check_image(got.node.as_ref(), &mf, job.plan.jobs, &self.cancel)?
+                check_backup(&got, &mf, job.plan.jobs, &self.cancel)?
             };
             if let Some(d) = diff {
                 return Err(JobError::Verify(format!(
-                    "chunk {} at offset {} of the new backup does not match its manifest (expected sha256 {}, found {}); it was not kept",
-                    d.chunk, d.offset, d.expected, d.found
+                    "chunk {} at offset {} of the new backup does not match its manifest (expected {} {}, found {}); it was not kept",
+                    d.chunk,
+                    d.offset,
+                    mf.algo(),
+                    d.expected,
+                    d.found
                 )));
             }
         }

@@ -137,12 +137,20 @@ impl RestoreJob {
             65536
         };
         let cluster = out_cs.max(chunk).max(65536);
-        let root = manifest.as_ref().map(|m| m.meta.root_digest.clone());
+        let root = manifest
+            .as_ref()
+            .map(|m| m.meta.root_digest.clone())
+            .filter(|r| !r.is_empty());
         let (partial, node, output, write_zeroes) =
             open_output(&cfg, on_device, format, size, out_cs)?;
         let verified = manifest.is_some();
-        let observer: Option<Arc<dyn ChunkObserver>> =
-            manifest.map(|m| Arc::new(ManifestChecker::new(m)) as Arc<dyn ChunkObserver>);
+        let observer: Option<Arc<dyn ChunkObserver>> = match manifest {
+            Some(m) => {
+                let trusted = crate::manifest::read_from_recorded_backing(&image, &m)?;
+                Some(Arc::new(ManifestChecker::new(m).trusting(trusted)) as Arc<dyn ChunkObserver>)
+            }
+            None => None,
+        };
         let bc = Arc::new(BlockCopy::new(
             image.node.clone(),
             node.clone(),

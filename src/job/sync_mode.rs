@@ -137,6 +137,13 @@ impl SyncMode {
         !matches!(self, SyncMode::Full)
     }
 
+    /// What the job does not copy is the source's backing chain's, which
+    /// the job checks is unchanged (top): a manifest may record it by the
+    /// files' identity instead of hashing it.
+    pub fn leaves_the_rest_to_the_backing_file(self) -> bool {
+        matches!(self, SyncMode::Top)
+    }
+
     /// The clusters to copy are those a bitmap marks dirty.
     pub fn uses_bitmap(self) -> bool {
         matches!(self, SyncMode::Incremental | SyncMode::Bitmap)

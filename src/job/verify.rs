@@ -6,7 +6,7 @@ use super::JobError;
 use super::cancel::Cancel;
 use super::error::Result;
 use crate::copy::CopyError;
-use crate::manifest::{ManifestError, ManifestFile, check_held, check_image, manifest_path};
+use crate::manifest::{ManifestError, ManifestFile, check_backup, check_held, manifest_path};
 use crate::node::probe::{Format, open_image};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -37,8 +37,16 @@ pub struct VerifySummary {
     pub backup: String,
     /// Its manifest.
     pub manifest: String,
-    /// The manifest's root digest.
-    pub root_digest: String,
+    /// The manifest's root digest (None for a `--sync top` manifest, whose
+    /// root is not recorded: its backing chunks are checked by identity).
+    pub root_digest: Option<String>,
+    /// A `--sync top` backup: the chunks taken from the backing file, and
+    /// the file, found unchanged since the backup.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backing_chunks: Option<u64>,
+    /// The backing file those chunks come from.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backing_file: Option<String>,
     /// Number of chunks.
     pub chunks: u64,
     /// Bytes per chunk.
@@ -116,7 +124,7 @@ pub fn verify(cfg: &VerifyConfig, cancel: &Cancel) -> Result<VerifySummary> {
     let res = if detached {
         check_held(image.top().as_ref(), &manifest, jobs, cancel).map(|(d, n)| (d, Some(n)))
     } else {
-        check_image(image.node.as_ref(), &manifest, jobs, cancel).map(|d| (d, None))
+        check_backup(&image, &manifest, jobs, cancel).map(|d| (d, None))
     };
     if let Some(r) = cancel.reason() {
         return Err(JobError::Cancelled(r));
@@ -128,10 +136,11 @@ pub fn verify(cfg: &VerifyConfig, cancel: &Cancel) -> Result<VerifySummary> {
             .map(|u| format!("; {u}"))
             .unwrap_or_default();
         return Err(JobError::Verify(format!(
-            "chunk {} at offset {} of the backup {} does not match its manifest (expected sha256 {}, found {}){why}",
+            "chunk {} at offset {} of the backup {} does not match its manifest (expected {} {}, found {}){why}",
             d.chunk,
             d.offset,
             cfg.backup.display(),
+            manifest.algo(),
             d.expected,
             d.found
         )));
@@ -160,13 +169,25 @@ pub fn verify(cfg: &VerifyConfig, cancel: &Cancel) -> Result<VerifySummary> {
         }
     }
     let incomplete = manifest.meta.incomplete.clone();
+    let root_digest = manifest
+        .meta
+        .root_known()
+        .then(|| manifest.meta.root_digest.clone());
+    let backing_chunks = (manifest.backing_chunks() > 0).then(|| manifest.backing_chunks());
     Ok(VerifySummary {
         ok: incomplete.is_empty(),
         exit_code: if incomplete.is_empty() { 0 } else { 3 },
         command: "verify",
         backup: cfg.backup.display().to_string(),
         manifest: mpath.display().to_string(),
-        root_digest: manifest.meta.root_digest.clone(),
+        root_digest,
+        backing_chunks,
+        backing_file: manifest
+            .meta
+            .backing_files
+            .first()
+            .filter(|_| backing_chunks.is_some())
+            .map(|b| b.path.clone()),
         chunks: manifest.meta.chunks,
         chunk_size: manifest.meta.chunk_size,
         against: cfg.against_image.as_ref().map(|p| p.display().to_string()),

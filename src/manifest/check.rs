@@ -125,6 +125,139 @@ fn runs_to_check(
     Ok(union(runs))
 }
 
+/// Check a backup opened as `image` (its chain) against its `manifest`.
+/// Where the manifest takes chunks from the source's backing file
+/// (`--sync top`) and the backup's own backing chain is that very file,
+/// unchanged, and the backup itself holds nothing there, the chunks read
+/// the same bytes on both sides and are not hashed; everything else is
+/// compared as [`check_image`] does.
+pub fn check_backup(
+    image: &crate::node::probe::Image,
+    manifest: &ManifestFile,
+    jobs: usize,
+    cancel: &Cancel,
+) -> Result<Option<Difference>, CopyError> {
+    let backing = manifest.backing_runs();
+    if backing.is_empty() || !same_backing_chain(image, manifest) {
+        return check_image(image.node.as_ref(), manifest, jobs, cancel);
+    }
+    manifest.check_backing().map_err(CopyError::ManifestRead)?;
+    let own = top_held(image, manifest)?;
+    let runs = runs_outside_backing(image, manifest, &backing)?;
+    let runs = union(runs.into_iter().chain(own).collect());
+    first_difference_in(image.node.as_ref(), manifest, &runs, jobs, cancel)
+}
+
+/// The chunks a backup opened as `image` reads from the very backing file
+/// its manifest's backing runs were recorded from (same files, unchanged,
+/// and the backup holds nothing of its own there): equal by construction,
+/// so they need no digest. Empty when the manifest has no backing runs or
+/// the backup's chain is another.
+pub fn read_from_recorded_backing(
+    image: &crate::node::probe::Image,
+    manifest: &ManifestFile,
+) -> Result<Vec<(u64, u64)>, CopyError> {
+    let backing = manifest.backing_runs();
+    if backing.is_empty() || !same_backing_chain(image, manifest) {
+        return Ok(Vec::new());
+    }
+    manifest.check_backing().map_err(CopyError::ManifestRead)?;
+    let own = top_held(image, manifest)?;
+    let n = manifest.geometry().chunks();
+    let free = complement(&own, n);
+    Ok(union(
+        backing
+            .iter()
+            .flat_map(|&(a, b)| intersect(&free, a, b))
+            .collect(),
+    ))
+}
+
+/// The chunks the top layer of `image` holds itself (data or zeros).
+fn top_held(
+    image: &crate::node::probe::Image,
+    manifest: &ManifestFile,
+) -> Result<Vec<(u64, u64)>, CopyError> {
+    let geo = manifest.geometry();
+    let mut out = Vec::new();
+    let end = image.top().size().min(geo.size);
+    crate::node::for_each_extent(image.top().as_ref(), 0, end, |pos, ext| {
+        if ext.status != Status::Unallocated {
+            out.push(geo.chunks_of(pos, pos + ext.len));
+        }
+    })
+    .map_err(CopyError::Source)?;
+    Ok(union(out))
+}
+
+/// Outside the manifest's `backing` runs: what the manifest says holds
+/// data, and what the chain holds as data.
+fn runs_outside_backing(
+    image: &crate::node::probe::Image,
+    manifest: &ManifestFile,
+    backing: &[(u64, u64)],
+) -> Result<Vec<(u64, u64)>, CopyError> {
+    let geo = manifest.geometry();
+    let outside = complement(backing, geo.chunks());
+    let mut runs: Vec<(u64, u64)> = manifest
+        .data_runs(0, geo.chunks())
+        .map_err(CopyError::ManifestRead)?
+        .into_iter()
+        .flat_map(|(a, b)| intersect(&outside, a, b))
+        .collect();
+    let end = image.node.size().min(geo.size);
+    crate::node::for_each_extent(image.node.as_ref(), 0, end, |pos, ext| {
+        if ext.status == Status::Data {
+            let (a, b) = geo.chunks_of(pos, pos + ext.len);
+            runs.extend(intersect(&outside, a, b));
+        }
+    })
+    .map_err(CopyError::Source)?;
+    Ok(runs)
+}
+
+/// True when `image`'s backing chain (below its top) is the chain the
+/// manifest's backing runs were recorded from: same files, same formats.
+/// (Their identities are checked by [`ManifestFile::check_backing`].)
+fn same_backing_chain(image: &crate::node::probe::Image, manifest: &ManifestFile) -> bool {
+    let below = &image.layers[1.min(image.layers.len())..];
+    below.len() == manifest.meta.backing_files.len()
+        && below
+            .iter()
+            .zip(&manifest.meta.backing_files)
+            .all(|(l, b)| {
+                let p = std::fs::canonicalize(&l.info.path).unwrap_or_else(|_| l.info.path.clone());
+                p.as_os_str() == std::ffi::OsStr::new(&b.path)
+                    && l.info.format.to_string() == b.format
+            })
+}
+
+/// The runs of `[0, n)` not in the sorted disjoint `runs`.
+fn complement(runs: &[(u64, u64)], n: u64) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    let mut pos = 0;
+    for &(s, e) in runs {
+        if s > pos {
+            out.push((pos, s));
+        }
+        pos = pos.max(e);
+    }
+    if pos < n {
+        out.push((pos, n));
+    }
+    out
+}
+
+/// The parts of the sorted disjoint `runs` inside `[a, b)`.
+fn intersect(runs: &[(u64, u64)], a: u64, b: u64) -> Vec<(u64, u64)> {
+    let k = runs.partition_point(|r| r.1 <= a);
+    runs[k..]
+        .iter()
+        .take_while(|r| r.0 < b)
+        .map(|&(s, e)| (s.max(a), e.min(b)))
+        .collect()
+}
+
 /// Recompute the chunk digests of `image` in parallel and compare with
 /// `manifest`. Returns the first (lowest) differing chunk.
 pub fn check_image(

@@ -11,7 +11,9 @@
 //!     32   L  JSON metadata (UTF-8), zero padding up to T
 //!      T R*16 runs, in chunk order, together covering every chunk:
 //!               first chunk (u64), kind << 62 | number of chunks (u64);
-//!               kind 0 zero, 1 data, 2 as in the parent's manifest
+//!               kind 0 zero, 1 data, 2 as in the parent's manifest,
+//!               3 as the source's backing file reads (digests computed
+//!               when needed)
 //!  T+R*16 D*32 the digest of every chunk of the data runs, in order
 //!     ... 32  sha256 of every byte before it (the manifest's own checksum)
 //! ```
@@ -24,11 +26,13 @@ use super::{
     DigestAlgo, Geometry, MAGIC, ManifestError, Meta, RootHasher, Sha, ZeroDigests, unhex,
 };
 use crate::copy::{ChunkData, ChunkObserver, CopyError};
+use crate::node::BlockNode;
 use sha2::{Digest, Sha256};
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::OnceLock;
 
 /// Where a version 1 digest table starts.
@@ -73,6 +77,7 @@ pub struct ManifestFile {
     digests_at: u64,
     zero: ZeroDigests,
     parent: OnceLock<Result<Box<ManifestFile>, ManifestError>>,
+    backing: OnceLock<Result<Arc<dyn BlockNode>, (PathBuf, String)>>,
 }
 
 fn be64(b: &[u8]) -> u64 {
@@ -232,6 +237,7 @@ impl ManifestFile {
             digests_at,
             zero,
             parent: OnceLock::new(),
+            backing: OnceLock::new(),
         })
     }
 
@@ -281,6 +287,11 @@ impl ManifestFile {
                     "run {k} refers to a parent, and the metadata names none"
                 )));
             }
+            if kind == Kind::Backing && meta.backing_files.is_empty() {
+                return Err(damaged(format!(
+                    "run {k} refers to a backing file, and the metadata names none"
+                )));
+            }
             runs.push(Run {
                 start,
                 end: start + count,
@@ -327,11 +338,73 @@ impl ManifestFile {
 
     /// Chunks whose digests come from the parent's manifest.
     pub fn parent_chunks(&self) -> u64 {
+        self.chunks_of(Kind::Parent)
+    }
+
+    /// Chunks read from the source's backing file, digested when needed.
+    pub fn backing_chunks(&self) -> u64 {
+        self.chunks_of(Kind::Backing)
+    }
+
+    fn chunks_of(&self, kind: Kind) -> u64 {
         self.runs
             .iter()
-            .filter(|r| r.kind == Kind::Parent)
+            .filter(|r| r.kind == kind)
             .map(|r| r.end - r.start)
             .sum()
+    }
+
+    /// The chunk runs `[s, e)` recorded as read from the backing file.
+    pub fn backing_runs(&self) -> Vec<(u64, u64)> {
+        self.runs
+            .iter()
+            .filter(|r| r.kind == Kind::Backing)
+            .map(|r| (r.start, r.end))
+            .collect()
+    }
+
+    /// Check that every file of the backing chain the backing runs read
+    /// from is the one recorded (and open it).
+    pub fn check_backing(&self) -> Result<(), ManifestError> {
+        self.backing_node().map(|_| ())
+    }
+
+    /// The source's backing chain the backing runs read from, opened once
+    /// after checking that every file of it is the one recorded.
+    fn backing_node(&self) -> Result<&Arc<dyn BlockNode>, ManifestError> {
+        let r = self.backing.get_or_init(|| {
+            let files = &self.meta.backing_files;
+            let Some(first) = files.first() else {
+                return Err((self.path.clone(), "is not named".into()));
+            };
+            for f in files {
+                let p = PathBuf::from(&f.path);
+                let now = match super::FileBinding::of_path(&p) {
+                    Ok(b) => b,
+                    Err(e) => return Err((p, format!("cannot be read ({e})"))),
+                };
+                if let Some(d) = f.file.difference(&now) {
+                    return Err((p, format!("changed since the backup ({d})")));
+                }
+            }
+            let p = PathBuf::from(&first.path);
+            let fmt = match first.format.as_str() {
+                "qcow2" => Some(crate::node::probe::Format::Qcow2),
+                "raw" => Some(crate::node::probe::Format::Raw),
+                _ => None,
+            };
+            match crate::node::probe::open_image(&p, fmt) {
+                Ok(img) if img.node.size() >= self.meta.virtual_size => Ok(img.node),
+                Ok(_) => Err((p, "is smaller than the image".into())),
+                Err(e) => Err((p, format!("cannot be opened ({e})"))),
+            }
+        });
+        r.as_ref().map_err(|(p, detail)| ManifestError::Backing {
+            path: self.path.clone(),
+            backing: p.clone(),
+            what: format!("{} chunks", self.backing_chunks()),
+            detail: detail.clone(),
+        })
     }
 
     /// Check that this manifest describes the file `data` as it is now.
@@ -453,6 +526,22 @@ impl ManifestFile {
                     }
                 }
                 Kind::Parent => self.parent()?.visit(s, e, f)?,
+                Kind::Backing => {
+                    let node = self.backing_node()?;
+                    let mut i = s;
+                    while i < e {
+                        let j = (i + 64).min(e);
+                        let ds = super::check::digests_of(node.as_ref(), i, j, &self.zero)
+                            .map_err(|err| ManifestError::Backing {
+                                path: self.path.clone(),
+                                backing: node.path().to_path_buf(),
+                                what: format!("chunk {i}"),
+                                detail: format!("cannot be read ({err})"),
+                            })?;
+                        f(Piece::Digests(i, &ds))?;
+                        i = j;
+                    }
+                }
             }
             k += 1;
         }
@@ -471,6 +560,7 @@ impl ManifestFile {
                 Kind::Zero => {}
                 Kind::Data => out.push((s, e)),
                 Kind::Parent => out.extend(self.parent()?.data_runs(s, e)?),
+                Kind::Backing => out.push((s, e)),
             }
             k += 1;
         }
@@ -526,13 +616,48 @@ impl ManifestFile {
 pub struct ManifestChecker {
     manifest: ManifestFile,
     zero: ZeroDigests,
+    /// Sorted disjoint chunk runs that need no check (read from the very
+    /// backing file the manifest recorded by identity).
+    trusted: Vec<(u64, u64)>,
 }
 
 impl ManifestChecker {
     /// Check copies against `manifest`.
     pub fn new(manifest: ManifestFile) -> ManifestChecker {
         let zero = manifest.zero_digests();
-        ManifestChecker { manifest, zero }
+        ManifestChecker {
+            manifest,
+            zero,
+            trusted: Vec::new(),
+        }
+    }
+
+    /// Do not check the chunk runs `trusted` (see
+    /// [`super::read_from_recorded_backing`]).
+    pub fn trusting(mut self, trusted: Vec<(u64, u64)>) -> ManifestChecker {
+        self.trusted = trusted;
+        self
+    }
+
+    /// The first chunk at or after `i` outside the trusted runs, and where
+    /// the untrusted stretch from it ends.
+    fn untrusted_from(&self, i: u64, end: u64) -> Option<(u64, u64)> {
+        let k = self.trusted.partition_point(|r| r.1 <= i);
+        let mut start = i;
+        if let Some(&(s, e)) = self.trusted.get(k)
+            && s <= start
+        {
+            start = e;
+        }
+        if start >= end {
+            return None;
+        }
+        let stop = self
+            .trusted
+            .get(k..)
+            .and_then(|rest| rest.iter().find(|r| r.0 > start))
+            .map_or(end, |r| r.0.min(end));
+        Some((start, stop))
     }
 
     fn check(&self, first: u64, got: &[Sha]) -> Result<(), CopyError> {
@@ -563,14 +688,28 @@ impl ChunkObserver for ManifestChecker {
     fn copied(&self, offset: u64, data: ChunkData<'_>) -> Result<(), CopyError> {
         let geo = self.manifest.geometry();
         let first = offset / geo.chunk;
-        let got: Vec<Sha> = match data {
-            ChunkData::Zeroes(len) => self.zero.run(first, (offset + len).div_ceil(geo.chunk)),
-            ChunkData::Bytes(buf) => buf
-                .chunks(geo.chunk as usize)
-                .enumerate()
-                .map(|(k, c)| self.zero.of_data(first + k as u64, c))
-                .collect(),
+        let end = match data {
+            ChunkData::Zeroes(len) => (offset + len).div_ceil(geo.chunk),
+            ChunkData::Bytes(buf) => (offset + buf.len() as u64).div_ceil(geo.chunk),
         };
-        self.check(first, &got)
+        let mut i = first;
+        while let Some((a, b)) = self.untrusted_from(i, end) {
+            let got: Vec<Sha> = match data {
+                ChunkData::Zeroes(_) => self.zero.run(a, b),
+                ChunkData::Bytes(buf) => {
+                    let c = geo.chunk as usize;
+                    let from = (a - first) as usize * c;
+                    let to = ((b - first) as usize * c).min(buf.len());
+                    buf[from..to]
+                        .chunks(c)
+                        .enumerate()
+                        .map(|(k, piece)| self.zero.of_data(a + k as u64, piece))
+                        .collect()
+                }
+            };
+            self.check(a, &got)?;
+            i = b;
+        }
+        Ok(())
     }
 }

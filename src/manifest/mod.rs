@@ -26,7 +26,9 @@ pub mod file;
 pub mod runs;
 mod writer;
 
-pub use check::{Difference, check_held, check_image, differing_chunks};
+pub use check::{
+    Difference, check_backup, check_held, check_image, differing_chunks, read_from_recorded_backing,
+};
 pub use file::{ManifestChecker, ManifestFile, read_meta};
 pub use writer::ManifestWriter;
 
@@ -255,6 +257,32 @@ pub struct Meta {
     /// rest comes from once it is attached (`qemu-img rebase -u`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub detached: bool,
+    /// The source's backing chain (top first) that `backing` runs read
+    /// from, by identity: a `--sync top` manifest does not hash the backing
+    /// file at backup time; its digests are computed when a check needs
+    /// them, from these files if they are unchanged. The root digest of such
+    /// a manifest is computed then too (`root_digest` is empty).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub backing_files: Vec<BackingFile>,
+}
+
+impl Meta {
+    /// True when the root digest is recorded (not deferred to the first
+    /// check, as in a `--sync top` manifest with backing runs).
+    pub fn root_known(&self) -> bool {
+        !self.root_digest.is_empty()
+    }
+}
+
+/// A file of the source's backing chain a manifest takes chunks from.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BackingFile {
+    /// Its absolute path.
+    pub path: String,
+    /// Its format (the first file only is opened; it finds the rest).
+    pub format: String,
+    /// Its identity when the backup was made.
+    pub file: FileBinding,
 }
 
 /// Errors reading a manifest.
@@ -293,9 +321,22 @@ pub enum ManifestError {
         /// How the file differs from the one recorded.
         detail: String,
     },
-    #[error("the manifest {} takes the digests of its unchanged chunks from its parent's manifest {}, which {detail}; restore the parent backup with its manifest", path.display(), parent.display())]
+    /// A file of the backing chain a `--sync top` manifest takes chunks
+    /// from changed since the backup (or is gone).
+    #[error("the manifest {} takes {what} from the backing file {}, which {detail}; the backup can no longer be checked (and restores what the backing file holds now)", path.display(), backing.display())]
+    Backing {
+        /// The manifest.
+        path: PathBuf,
+        /// The backing file.
+        backing: PathBuf,
+        /// Which chunks.
+        what: String,
+        /// How it changed.
+        detail: String,
+    },
     /// The parent manifest a version 2 manifest refers to is missing or
     /// is not the one it was made against.
+    #[error("the manifest {} takes the digests of its unchanged chunks from its parent's manifest {}, which {detail}; restore the parent backup with its manifest", path.display(), parent.display())]
     Parent {
         /// The manifest.
         path: PathBuf,

@@ -12,6 +12,9 @@ pub enum Kind {
     Data,
     /// The chunks have the digests the parent's manifest gives them.
     Parent,
+    /// The chunks read as the source's backing file (`backing_files`)
+    /// reads them; their digests are computed when needed.
+    Backing,
 }
 
 impl Kind {
@@ -21,6 +24,7 @@ impl Kind {
             Kind::Zero => 0,
             Kind::Data => 1,
             Kind::Parent => 2,
+            Kind::Backing => 3,
         }
     }
 
@@ -30,6 +34,7 @@ impl Kind {
             0 => Some(Kind::Zero),
             1 => Some(Kind::Data),
             2 => Some(Kind::Parent),
+            3 => Some(Kind::Backing),
             _ => None,
         }
     }
@@ -141,7 +146,12 @@ mod tests {
     use proptest::prelude::*;
 
     fn kind() -> impl Strategy<Value = Kind> {
-        prop_oneof![Just(Kind::Zero), Just(Kind::Data), Just(Kind::Parent)]
+        prop_oneof![
+            Just(Kind::Zero),
+            Just(Kind::Data),
+            Just(Kind::Parent),
+            Just(Kind::Backing)
+        ]
     }
 
     proptest! {

@@ -97,6 +97,7 @@ fn meta() -> Meta {
         incomplete: Vec::new(),
         file: None,
         detached: false,
+        backing_files: Vec::new(),
     }
 }
 
@@ -404,5 +405,126 @@ fn version_1_manifests_are_read_and_serve_as_parents() {
     assert_eq!(
         check_image(&new_img, &child, 2, &Cancel::new()).unwrap(),
         None
+    );
+}
+
+#[test]
+fn backing_runs_are_digested_when_needed_and_only_from_the_same_file() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    let chunk = 4096usize;
+    let base: Vec<u8> = (0..32 * chunk).map(|i| (i % 241) as u8).collect();
+    std::fs::write(p.join("base.raw"), &base).unwrap();
+    // The image: the base with chunk 5 replaced (a top layer's chunk).
+    let mut image = base.clone();
+    image[5 * chunk..6 * chunk].fill(9);
+    let geo = Geometry {
+        size: image.len() as u64,
+        chunk: chunk as u64,
+    };
+    let path = manifest_path(&p.join("t"));
+    let w = ManifestWriter::create_in(
+        &path,
+        File::create_new(&path).unwrap(),
+        geo,
+        DigestAlgo::Sha256,
+    )
+    .unwrap();
+    w.put_many(5, &[digest(&image[5 * chunk..6 * chunk])])
+        .unwrap();
+    w.fill_from_backing();
+    let mut m = meta();
+    // Without the backing files named, finishing is refused.
+    assert!(w.finish(&mut m.clone(), None).is_err());
+    m.backing_files = vec![BackingFile {
+        path: p.join("base.raw").display().to_string(),
+        format: "raw".into(),
+        file: FileBinding::of_path(&p.join("base.raw")).unwrap(),
+    }];
+    std::fs::remove_file(&path).unwrap();
+    let w2 = ManifestWriter::create_in(
+        &path,
+        File::create_new(&path).unwrap(),
+        geo,
+        DigestAlgo::Sha256,
+    )
+    .unwrap();
+    w2.put_many(5, &[digest(&image[5 * chunk..6 * chunk])])
+        .unwrap();
+    w2.fill_from_backing();
+    w2.finish(&mut m, None).unwrap();
+    let mf = ManifestFile::open(&path).unwrap();
+    assert!(!mf.meta.root_known());
+    assert_eq!(mf.meta.data_chunks, 1);
+    assert_eq!(mf.backing_chunks(), 31);
+    let want: Vec<Sha> = image.chunks(chunk).map(digest).collect();
+    assert_eq!(mf.digests(0, 32).unwrap(), want);
+    assert_eq!(
+        hex(&mf.compute_root().unwrap()),
+        root_of(&image, chunk, DigestAlgo::Sha256)
+    );
+    // The base rewritten (same bytes, another mtime): refused.
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    std::fs::write(p.join("base.raw"), &base).unwrap();
+    let e = ManifestFile::open(&path)
+        .unwrap()
+        .digests(0, 32)
+        .unwrap_err();
+    assert!(matches!(e, ManifestError::Backing { .. }), "{e}");
+    // Chunks of its own still read.
+    assert_eq!(
+        ManifestFile::open(&path).unwrap().digests(5, 6).unwrap(),
+        vec![want[5]]
+    );
+}
+
+#[test]
+fn a_checker_skips_only_the_trusted_chunks() {
+    use crate::copy::{ChunkData, ChunkObserver};
+    let d = tempfile::tempdir().unwrap();
+    let chunk = 4096usize;
+    let bytes: Vec<u8> = (0..10 * chunk).map(|i| (i % 7) as u8 + 1).collect();
+    let m = write(
+        d.path(),
+        "m",
+        &MemNode::new("i", bytes.clone(), 4096),
+        4096,
+        DigestAlgo::Sha256,
+    );
+    let path = m.path.clone();
+    let checker = ManifestChecker::new(m).trusting(vec![(2, 5), (7, 8)]);
+    let mut bad = bytes.clone();
+    for c in [2, 4, 7] {
+        bad[c * chunk] ^= 0xff;
+    }
+    // Wrong only where trusted: accepted, whole or in pieces.
+    checker.copied(0, ChunkData::Bytes(&bad)).unwrap();
+    checker
+        .copied(
+            3 * chunk as u64,
+            ChunkData::Bytes(&bad[3 * chunk..8 * chunk]),
+        )
+        .unwrap();
+    // Zeros over trusted chunks only: accepted; over an untrusted one: not.
+    checker
+        .copied(2 * chunk as u64, ChunkData::Zeroes(3 * chunk as u64))
+        .unwrap();
+    assert!(
+        checker
+            .copied(5 * chunk as u64, ChunkData::Zeroes(chunk as u64))
+            .is_err()
+    );
+    // A wrong untrusted chunk between trusted ones is found.
+    bad[5 * chunk + 9] ^= 1;
+    let e = checker.copied(0, ChunkData::Bytes(&bad)).unwrap_err();
+    assert!(e.to_string().contains(&format!("{}", 5 * chunk)), "{e}");
+    let plain = ManifestChecker::new(ManifestFile::open(&path).unwrap());
+    assert!(
+        plain
+            .copied(
+                2 * chunk as u64,
+                ChunkData::Bytes(&bad[2 * chunk..3 * chunk])
+            )
+            .is_err()
     );
 }

@@ -190,6 +190,19 @@ impl ManifestWriter {
         });
     }
 
+    /// Say that the chunks not recorded yet read as the source's backing
+    /// file reads them (`--sync top`): one run record each, nothing read
+    /// or hashed now. The caller names the backing chain in
+    /// `Meta::backing_files`; the root digest is then deferred.
+    pub fn fill_from_backing(&self) {
+        let gaps = self.gaps();
+        self.with_map(|m| {
+            for (s, e) in gaps {
+                m.insert(s, e, Kind::Backing);
+            }
+        });
+    }
+
     fn read_scratch(&self, first: u64, n: u64, out: &mut Vec<Sha>) -> io::Result<()> {
         let mut raw = vec![0u8; (n * 32) as usize];
         self.scratch.read_exact_at(&mut raw, first * 32)?;
@@ -212,6 +225,10 @@ impl ManifestWriter {
             return Err(internal("the manifest lacks digests"));
         }
         let runs = self.with_map(|m| m.runs());
+        let deferred = runs.iter().any(|r| r.2 == Kind::Backing);
+        if deferred && meta.backing_files.is_empty() {
+            return Err(internal("backing runs without backing files"));
+        }
         let mut root = RootHasher::new(self.geo, self.algo());
         let mut data = 0u64;
         let mut buf = Vec::new();
@@ -228,6 +245,8 @@ impl ManifestWriter {
                         i = j;
                     }
                 }
+                // A deferred root is computed by the first check.
+                Kind::Backing => root.zeros(e - s),
                 Kind::Parent => {
                     let p = parent.ok_or_else(|| internal("no parent manifest"))?;
                     p.visit(s, e, &mut |piece| {
@@ -244,7 +263,7 @@ impl ManifestWriter {
         let root = root
             .finish()
             .ok_or_else(|| internal("the runs do not cover the image"))?;
-        meta.root_digest = hex(&root);
+        meta.root_digest = if deferred { String::new() } else { hex(&root) };
         meta.chunk_size = self.geo.chunk;
         meta.chunks = self.geo.chunks();
         meta.virtual_size = self.geo.size;

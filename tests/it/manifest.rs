@@ -422,3 +422,95 @@ fn version_1_manifests_still_verify_and_restore() {
     assert_eq!(code(&o), 7, "{}", stderr(&o));
     assert!(stderr(&o).contains("offset 3145728"), "{}", stderr(&o));
 }
+
+#[test]
+fn a_top_manifest_takes_the_backing_file_by_identity() {
+    let d = tempdir();
+    let p = d.path();
+    data_disk(p, "base.raw", 32);
+    qemu_img(
+        p,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.raw",
+            "-F",
+            "raw",
+            "top.qcow2",
+            "32M",
+        ],
+    );
+    qemu_io(
+        p,
+        "qcow2",
+        "top.qcow2",
+        &[
+            "write -P 0xa1 64k 64k",
+            "write -P 0xa2 3M 192k",
+            "write -z 6M 64k",
+        ],
+    );
+    let doc = Backup::new(p, "top.qcow2", "t.qcow2").sync("top").ok();
+    // Nothing of the backing file was hashed: the manifest holds the
+    // top's 4 data chunks and names the backing file; its root is deferred.
+    assert!(doc["manifest_root_digest"].is_null(), "{doc}");
+    let (rc, info, err) = json_run(p, &["info", "t.qcow2"]);
+    assert_eq!(rc, 0, "{err}");
+    let m = &info["manifest"];
+    assert_eq!(m["data_chunks"], 4, "{m}");
+    assert_eq!(m["root_digest"], "");
+    let files = m["backing_files"].as_array().unwrap();
+    assert_eq!(files.len(), 1);
+    assert!(files[0]["path"].as_str().unwrap().ends_with("base.raw"));
+    // verify checks the top's chunks by digest and the rest by the backing
+    // file's identity, without hashing it.
+    let (rc, v, err) = json_run(p, &["verify", "t.qcow2"]);
+    assert_eq!(rc, 0, "{err}");
+    assert!(v["root_digest"].is_null(), "{v}");
+    assert_eq!(v["backing_chunks"], 512 - 5, "{v}");
+    // A changed cluster of the backup's own is found.
+    std::fs::copy(p.join("t.qcow2"), p.join("bad.qcow2")).unwrap();
+    std::fs::copy(p.join("t.qcow2.manifest"), p.join("bad.qcow2.manifest")).unwrap();
+    qemu_io(p, "qcow2", "bad.qcow2", &["write -P 0x5 3M 1"]);
+    let o = run_in(p, &["verify", "bad.qcow2"]);
+    assert_eq!(code(&o), 7, "{}", stderr(&o));
+    assert!(stderr(&o).contains("offset 3145728"), "{}", stderr(&o));
+    // So is one the backup holds where it should read the backing file.
+    std::fs::copy(p.join("t.qcow2"), p.join("bad2.qcow2")).unwrap();
+    std::fs::copy(p.join("t.qcow2.manifest"), p.join("bad2.qcow2.manifest")).unwrap();
+    qemu_io(p, "qcow2", "bad2.qcow2", &["write -P 0x6 10M 4k"]);
+    let o = run_in(p, &["verify", "bad2.qcow2"]);
+    assert_eq!(code(&o), 7, "{}", stderr(&o));
+    assert!(stderr(&o).contains("offset 10485760"), "{}", stderr(&o));
+    let (rc, r, err) = json_run(p, &["restore", "t.qcow2", "r.raw"]);
+    assert_eq!((rc, &r["verified"]), (0, &serde_json::json!(true)), "{err}");
+    assert!(identical(p, "top.qcow2", "r.raw"));
+    // A byte of the backing file changed (its mtime too): refused, naming it.
+    qemu_io(p, "raw", "base.raw", &["write -P 0x33 20M 1"]);
+    for args in [
+        &["verify", "t.qcow2"][..],
+        &["restore", "t.qcow2", "r2.raw"],
+    ] {
+        let o = run_in(p, args);
+        assert_eq!(code(&o), 7, "{args:?}: {}", stderr(&o));
+        assert!(
+            stderr(&o).contains("base.raw") && stderr(&o).contains("changed since the backup"),
+            "{}",
+            stderr(&o)
+        );
+    }
+    assert!(!p.join("r2.raw").exists());
+    // With a bitmap to anchor, the root is needed now: the backing file is
+    // hashed as before.
+    let doc = Backup::new(p, "top.qcow2", "tb.qcow2")
+        .sync("top")
+        .bitmap("b0")
+        .ok();
+    assert_eq!(
+        doc["manifest_root_digest"],
+        independent_root(p, "top.qcow2", 65536).as_str()
+    );
+}
