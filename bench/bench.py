@@ -115,6 +115,11 @@ def pairs():
          [b, "backup", "-q", "--compress", "files.raw", "out-a.qcow2"],
          ["qemu-img", "convert", "-c", "-m", "8", "-W", "-O", "qcow2", "files.raw", "out-b.qcow2"],
          ["out-a.qcow2", "out-b.qcow2"], "files"),
+        ("compress-deflate9-files-vs-qemu-img", "--compress=deflate:9 on file-system content (A) vs qemu-img convert -c "
+         "-m 8 -W (B, zlib level 6); size <= 1.0",
+         [b, "backup", "-q", "--compress=deflate:9", "files.raw", "out-a.qcow2"],
+         ["qemu-img", "convert", "-c", "-m", "8", "-W", "-O", "qcow2", "files.raw", "out-b.qcow2"],
+         ["out-a.qcow2", "out-b.qcow2"], "files"),
         ("compress-zstd-files-vs-qemu-img", "--compress=zstd on file-system content (A) vs qemu-img convert -c -o "
          "compression_type=zstd -m 8 -W (B); target <= 0.5, size <= 1.0",
          [b, "backup", "-q", "--compress=zstd", "files.raw", "out-a.qcow2"],
