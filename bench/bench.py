@@ -152,6 +152,10 @@ def pairs():
         ("chain-restore-vs-qemu-img", "restore of the 30th incremental (A) vs qemu-img convert -O raw of it (B)",
          [b, "restore", "-q", "chain-30.qcow2", "out-a.raw"],
          ["qemu-img", "convert", "-O", "raw", "chain-30.qcow2", "out-b.raw"], ["out-a.raw", "out-b.raw"], "chain"),
+        ("64t-vs-1g", "64 TiB qcow2 holding 1 GiB of data -> qcow2 (A) vs the same data in a 1 GiB qcow2 (B); "
+         "target <= 1.5",
+         [b, "backup", "-q", "t64-data.qcow2", "out-a.qcow2"],
+         [b, "backup", "-q", "g1-data.qcow2", "out-b.qcow2"], ["out-a.qcow2", "out-b.qcow2"], "64t"),
         ("compress-vs-qemu-img", "--compress (A) vs qemu-img convert -c -m 8 -W (B); target <= 0.5",
          [b, "backup", "-q", "--compress", "full.raw", "out-a.qcow2"],
          ["qemu-img", "convert", "-c", "-m", "8", "-W", "-O", "qcow2", "full.raw", "out-b.qcow2"],
@@ -268,6 +272,28 @@ def setup_chain(images):
     run("backup", "-q", "chain.raw", "chain-flat.qcow2")
 
 
+def setup_64t(images):
+    """A 64 TiB qcow2 holding 1 GiB of keystream data in four 256 MiB
+    pieces (at 0, 10 TiB, 40 TiB, 63 TiB), and a 1 GiB qcow2 holding the
+    same four pieces back to back. Made once."""
+    piece = os.path.join(images, "piece-256m.raw")
+    for name, size, spots in (("t64-data.qcow2", "64T", ("0", "10T", "40T", "63T")),
+                              ("g1-data.qcow2", "1G", ("0", "256M", "512M", "768M"))):
+        path = os.path.join(images, name)
+        if os.path.exists(path):
+            continue
+        if not os.path.exists(piece):
+            with open(os.path.join(images, "full.raw"), "rb") as f, open(piece, "wb") as out:
+                for _ in range(16):
+                    out.write(f.read(16 << 20))
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", path, size], check=True)
+        for at in spots:
+            subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -s %s %s 256M" % (piece, at), path],
+                           check=True, stdout=subprocess.DEVNULL)
+    if os.path.exists(piece):
+        os.remove(piece)
+
+
 def setup_bitmap(images):
     """A full backup of bitmap.qcow2 to be the incremental's backing file, and
     its QEMU bitmap imported beside it (both untimed, once)."""
@@ -347,12 +373,15 @@ def rss(images):
         subprocess.run(["qemu-io", "-f", "qcow2"] + sum((["-c", "write -P %d %dG 256M" % (i + 1, g)]
                                                        for i, g in enumerate((0, 20, 40, 63))), []) + [sparse],
                        check=True, stdout=subprocess.DEVNULL)
+    setup_64t(images)
     rows = []
     for label, cmd, outs in (
         ("8 GiB raw -> qcow2", [BIN, "backup", "-q", "rss8.raw", "rss-out.qcow2"], ["rss-out.qcow2"]),
         ("8 GiB raw -> qcow2 with --guest iops=500", [BIN, "backup", "-q", "--guest", "iops=500", "rss8.raw", "rss-out.qcow2"], ["rss-out.qcow2"]),
         ("64 GiB sparse qcow2 -> qcow2", [BIN, "backup", "-q", "rss64.qcow2", "rss-out.qcow2"], ["rss-out.qcow2"]),
         ("64 GiB sparse qcow2 -> raw", [BIN, "backup", "-q", "rss64.qcow2", "rss-out.raw"], ["rss-out.raw"]),
+        ("64 TiB sparse qcow2 (1 GiB of data) -> qcow2", [BIN, "backup", "-q", "t64-data.qcow2", "rss-out.qcow2"],
+         ["rss-out.qcow2"]),
     ):
         clean(outs, images)
         kib = max_rss_kib(cmd, images)
@@ -400,6 +429,8 @@ def main():
             setup_files(a.images)
         if extra == "chain":
             setup_chain(a.images)
+        if extra == "64t":
+            setup_64t(a.images)
         runs = a.runs if extra not in ("size", "files") else max(2, a.runs // 2)
         ra, rb, ratios = [], [], []
         for i in range(runs + 1):

@@ -417,7 +417,7 @@ impl Bitmap {
         b.resize(b.len().div_ceil(8) * 8, 0);
         let nbytes = self.bits.len().div_ceil(8) as usize;
         let mut raw = Vec::with_capacity(nbytes);
-        for w in self.bits.words() {
+        for w in self.bits.word_iter() {
             raw.extend_from_slice(&w.to_le_bytes());
         }
         raw.resize(nbytes, 0);

@@ -221,8 +221,9 @@ struct CbwCache {
     peak: AtomicU64,
 }
 
-/// The largest claim over a hole ([`BlockCopy::map_holes`]).
-pub const HOLE_CLAIM: u64 = 64 << 20;
+/// The largest claim over a hole ([`BlockCopy::map_holes`]): 1 GiB, so a
+/// 64 TiB image of holes is 65536 claims.
+pub const HOLE_CLAIM: u64 = 1 << 30;
 
 /// A claimed run of clusters `[start, end)` in bytes (end clamped to the
 /// image size).
