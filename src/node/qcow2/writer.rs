@@ -114,21 +114,41 @@ impl Compression {
     }
 
     /// Compress one cluster into `out`; the length, or None when it does
-    /// not fit (then the cluster is written as it is).
+    /// not fit (then the cluster is written as it is). Each thread keeps its
+    /// compressor (a deflate state, a zstd context): making one per cluster
+    /// cost more than compressing it.
     fn compress(self, src: &[u8], out: &mut [u8]) -> Option<u64> {
+        use std::cell::RefCell;
+        thread_local! {
+            static DEFLATE: RefCell<Option<(u32, flate2::Compress)>> = const { RefCell::new(None) };
+            static ZSTD: RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> = const { RefCell::new(None) };
+        }
         match self {
-            Compression::Deflate(level) => {
-                let mut c = flate2::Compress::new_with_window_bits(
-                    flate2::Compression::new(level),
-                    false,
-                    12,
-                );
+            Compression::Deflate(level) => DEFLATE.with(|cell| {
+                let mut slot = cell.try_borrow_mut().ok()?;
+                if slot.as_ref().is_none_or(|(l, _)| *l != level) {
+                    *slot = Some((
+                        level,
+                        flate2::Compress::new_with_window_bits(
+                            flate2::Compression::new(level),
+                            false,
+                            12,
+                        ),
+                    ));
+                }
+                let (_, c) = slot.as_mut()?;
+                c.reset();
                 let status = c.compress(src, out, flate2::FlushCompress::Finish);
                 matches!(status, Ok(flate2::Status::StreamEnd)).then(|| c.total_out())
-            }
-            Compression::Zstd(level) => zstd::bulk::compress_to_buffer(src, out, level)
-                .ok()
-                .map(|n| n as u64),
+            }),
+            Compression::Zstd(level) => ZSTD.with(|cell| {
+                let mut slot = cell.try_borrow_mut().ok()?;
+                if slot.as_ref().is_none_or(|(l, _)| *l != level) {
+                    *slot = Some((level, zstd::bulk::Compressor::new(level).ok()?));
+                }
+                let (_, c) = slot.as_mut()?;
+                c.compress_to_buffer(src, out).ok().map(|n| n as u64)
+            }),
         }
     }
 }
@@ -502,10 +522,12 @@ impl Qcow2Writer {
             } else {
                 piece
             };
-            // Clusters whose bytes are near-uniform (compressed or encrypted
-            // data) are written as they are without trying; the others are
-            // compressed and kept if they save a sector.
-            if looks_incompressible(src) {
+            // For deflate, clusters whose bytes are near-uniform (compressed
+            // or encrypted data) are written as they are without trying
+            // (deflate is slow on them); zstd gives up on such data faster
+            // than the test costs. Compressed clusters are kept if they save
+            // a sector.
+            if matches!(self.compression, Compression::Deflate(_)) && looks_incompressible(src) {
                 self.write(at, piece)?;
                 continue;
             }
