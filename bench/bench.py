@@ -156,6 +156,12 @@ def pairs():
          "target <= 1.5",
          [b, "backup", "-q", "t64-data.qcow2", "out-a.qcow2"],
          [b, "backup", "-q", "g1-data.qcow2", "out-b.qcow2"], ["out-a.qcow2", "out-b.qcow2"], "64t"),
+        ("restore-vs-qemu-img", "restore of a full 2 GiB backup to raw, checked against its manifest (A) vs qemu-img "
+         "convert -t writeback -O raw of it (B: flushed, as restore is; qemu-img's default cache for convert, unsafe, "
+         "does not flush); target <= 1.0",
+         [b, "restore", "-q", "full-backup.qcow2", "out-a.raw"],
+         ["qemu-img", "convert", "-t", "writeback", "-O", "raw", "full-backup.qcow2", "out-b.raw"],
+         ["out-a.raw", "out-b.raw"], "restore"),
         ("compress-vs-qemu-img", "--compress (A) vs qemu-img convert -c -m 8 -W (B); target <= 0.5",
          [b, "backup", "-q", "--compress", "full.raw", "out-a.qcow2"],
          ["qemu-img", "convert", "-c", "-m", "8", "-W", "-O", "qcow2", "full.raw", "out-b.qcow2"],
@@ -292,6 +298,12 @@ def setup_64t(images):
                            check=True, stdout=subprocess.DEVNULL)
     if os.path.exists(piece):
         os.remove(piece)
+
+
+def setup_restore(images):
+    """A full backup of full.raw (with its manifest) to restore. Made once."""
+    if not os.path.exists(os.path.join(images, "full-backup.qcow2")):
+        subprocess.run([BIN, "backup", "-q", "full.raw", "full-backup.qcow2"], cwd=images, check=True)
 
 
 def setup_bitmap(images):
@@ -431,6 +443,8 @@ def main():
             setup_chain(a.images)
         if extra == "64t":
             setup_64t(a.images)
+        if extra == "restore":
+            setup_restore(a.images)
         runs = a.runs if extra not in ("size", "files") else max(2, a.runs // 2)
         ra, rb, ratios = [], [], []
         for i in range(runs + 1):
