@@ -149,9 +149,11 @@ def pairs():
          "same image (B); target <= 1.3",
          [b, "verify", "-q", "chain-30.qcow2"],
          [b, "verify", "-q", "chain-flat.qcow2"], [], "chain"),
-        ("chain-restore-vs-qemu-img", "restore of the 30th incremental (A) vs qemu-img convert -O raw of it (B)",
+        ("chain-restore-vs-qemu-img", "restore of the 30th incremental (A) vs qemu-img convert -t writeback -O raw "
+         "of it (B, flushed as restore is)",
          [b, "restore", "-q", "chain-30.qcow2", "out-a.raw"],
-         ["qemu-img", "convert", "-O", "raw", "chain-30.qcow2", "out-b.raw"], ["out-a.raw", "out-b.raw"], "chain"),
+         ["qemu-img", "convert", "-t", "writeback", "-O", "raw", "chain-30.qcow2", "out-b.raw"],
+         ["out-a.raw", "out-b.raw"], "chain"),
         ("64t-vs-1g", "64 TiB qcow2 holding 1 GiB of data -> qcow2 (A) vs the same data in a 1 GiB qcow2 (B); "
          "target <= 1.5",
          [b, "backup", "-q", "t64-data.qcow2", "out-a.qcow2"],

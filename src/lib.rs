@@ -26,6 +26,7 @@ pub mod leftovers;
 pub mod lock;
 pub mod logging;
 pub mod manifest;
+pub mod nbd;
 pub mod node;
 pub mod report;
 pub mod signals;

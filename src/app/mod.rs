@@ -6,6 +6,7 @@ pub mod bitmap;
 pub mod guest;
 pub mod info;
 pub mod restore;
+pub mod serve;
 pub mod verify;
 
 use crate::cli::{Cli, Command};
@@ -22,6 +23,7 @@ pub fn run(cli: &Cli) -> anyhow::Result<Exit> {
         Command::Info(a) => info::run(a, g),
         Command::Bitmap(c) => bitmap::run(c, g),
         Command::Guest(a) => guest::run(a, g),
+        Command::Serve(a) => serve::run(a, g),
         Command::GenerateDocs { dir } => {
             for p in crate::cli::docs::write_all(dir)? {
                 if !g.quiet {

@@ -129,6 +129,9 @@ pub enum Command {
     /// Apply a simulated guest workload to IMAGE itself (in place), marking
     /// every enabled bitmap beside it.
     Guest(GuestArgs),
+    /// Export IMAGE over NBD (a VM, qemu-io, qemu-img or nbdcopy connect to
+    /// it); writes mark every enabled bitmap beside IMAGE.
+    Serve(ServeArgs),
     /// Write the man pages and shell completions into DIR (man/ and completions/).
     #[command(hide = true)]
     GenerateDocs {
@@ -516,6 +519,36 @@ pub struct GuestArgs {
     /// The workload (see backup --guest); it needs count= or duration=.
     #[arg(value_parser = parse_spec)]
     pub spec: GuestSpec,
+    /// Format of IMAGE; skips probing.
+    #[arg(short, long, value_enum, value_name = "FORMAT")]
+    pub format: Option<FormatArg>,
+    #[command(flatten)]
+    /// Locking options.
+    pub lock: LockOpts,
+}
+
+#[derive(Debug, Args)]
+/// `imgbackup serve`.
+#[command(group(clap::ArgGroup::new("endpoint").required(true).args(["socket", "listen"])))]
+pub struct ServeArgs {
+    /// The image to export: a raw image (written in place), or with
+    /// --read-only any image or backup (read through its chain).
+    #[arg(add = complete::images())]
+    pub image: PathBuf,
+    /// Listen on this Unix socket (clients use nbd+unix:///NAME?socket=PATH).
+    /// A stale socket left by a killed server is replaced.
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// Listen on TCP HOST:PORT (a bare PORT listens on 127.0.0.1 only).
+    /// There is no TLS: use it on loopback or a trusted network.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub listen: Option<String>,
+    /// The export's name.
+    #[arg(long, value_name = "NAME", default_value = "")]
+    pub export_name: String,
+    /// Refuse writes (any image format; the image is locked shared).
+    #[arg(long)]
+    pub read_only: bool,
     /// Format of IMAGE; skips probing.
     #[arg(short, long, value_enum, value_name = "FORMAT")]
     pub format: Option<FormatArg>,

@@ -53,6 +53,7 @@ fn the_core_never_imports_the_command_line() {
         "src/bitmap/",
         "src/target/",
         "src/manifest/",
+        "src/nbd/",
         "src/compare.rs",
         "src/files.rs",
         "src/units.rs",

@@ -18,6 +18,7 @@ mod manifest;
 mod phases;
 mod qcow2_fuzz;
 mod qcow2_matrix;
+mod serve;
 mod signals;
 mod soak;
 mod trust;

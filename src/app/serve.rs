@@ -1,0 +1,401 @@
+//! `imgbackup serve IMAGE (--socket PATH | --listen HOST:PORT)`: export an
+//! image over NBD. Writable exports are raw images written in place; every
+//! enabled bitmap beside the image is marked before a write is issued (so
+//! before it is acknowledged), saved on every flush, and saved with the
+//! image's new identity when the server stops, so an incremental after a
+//! served session is exact. Read-only exports take any image (a backup and
+//! its chain, a qcow2).
+
+use crate::bitmap::file::list_names;
+use crate::bitmap::{Bitmap, Identity};
+use crate::cli::{GlobalOpts, ServeArgs};
+use crate::error::{BlockError, Op};
+use crate::exit::Exit;
+use crate::job::JobError;
+use crate::lock::{Access, Locks};
+use crate::nbd::{DirtyRuns, Export, Server};
+use crate::node::BlockNode;
+use crate::node::marking::MarkingNode;
+use crate::node::probe::{Format, open_image, probe};
+use crate::node::raw::RawNode;
+use crate::report::print_json;
+use anyhow::{Context, bail};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Bitmaps of a writable export, and whether each was consistent.
+type Tracked = Arc<Mutex<Vec<(Bitmap, bool)>>>;
+
+/// A listening socket.
+enum Listener {
+    Unix(std::os::unix::net::UnixListener, PathBuf),
+    Tcp(std::net::TcpListener),
+}
+
+/// Shuts a connection's socket down.
+type Closer = Box<dyn FnOnce() + Send>;
+
+/// An accepted connection, split into halves, and its closer.
+type Conn = (Box<dyn io::Read + Send>, Box<dyn io::Write + Send>, Closer);
+
+impl Listener {
+    fn accept(&self) -> io::Result<Option<Conn>> {
+        let conn: Conn = match self {
+            Listener::Unix(l, _) => match l.accept() {
+                Ok((s, _)) => {
+                    s.set_nonblocking(false)?;
+                    let (r, w) = (s.try_clone()?, s.try_clone()?);
+                    (
+                        Box::new(r),
+                        Box::new(w),
+                        Box::new(move || {
+                            let _ = s.shutdown(std::net::Shutdown::Both);
+                        }),
+                    )
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+                Err(e) => return Err(e),
+            },
+            Listener::Tcp(l) => match l.accept() {
+                Ok((s, _)) => {
+                    s.set_nonblocking(false)?;
+                    let _ = s.set_nodelay(true);
+                    let (r, w) = (s.try_clone()?, s.try_clone()?);
+                    (
+                        Box::new(r),
+                        Box::new(w),
+                        Box::new(move || {
+                            let _ = s.shutdown(std::net::Shutdown::Both);
+                        }),
+                    )
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+                Err(e) => return Err(e),
+            },
+        };
+        Ok(Some(conn))
+    }
+}
+
+/// Bind `--socket PATH` (a stale socket of a killed server is replaced; a
+/// live one or any other file is refused) or `--listen HOST:PORT`.
+fn listen(args: &ServeArgs) -> anyhow::Result<(Listener, String)> {
+    let name = &args.export_name;
+    if let Some(path) = &args.socket {
+        use std::os::unix::fs::FileTypeExt;
+        if let Ok(m) = std::fs::symlink_metadata(path) {
+            if !m.file_type().is_socket() {
+                bail!(
+                    "{}: exists and is not a socket; choose another --socket path",
+                    path.display()
+                );
+            }
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(JobError::Refused(format!(
+                    "{}: another server is listening there; stop it or choose another --socket path",
+                    path.display()
+                ))
+                .into());
+            }
+            std::fs::remove_file(path)
+                .with_context(|| format!("cannot remove the stale socket {}", path.display()))?;
+        }
+        let l = std::os::unix::net::UnixListener::bind(path)
+            .with_context(|| format!("cannot listen on {}", path.display()))?;
+        l.set_nonblocking(true)?;
+        let abs = std::fs::canonicalize(path).unwrap_or_else(|_| path.clone());
+        let uri = format!("nbd+unix:///{name}?socket={}", abs.display());
+        return Ok((Listener::Unix(l, path.clone()), uri));
+    }
+    let Some(spec) = &args.listen else {
+        return Err(JobError::Usage("give --socket PATH or --listen HOST:PORT".into()).into());
+    };
+    // A bare port listens on loopback only.
+    let addr = if spec.parse::<u16>().is_ok() {
+        format!("127.0.0.1:{spec}")
+    } else {
+        spec.clone()
+    };
+    let l =
+        std::net::TcpListener::bind(&addr).with_context(|| format!("cannot listen on {addr}"))?;
+    l.set_nonblocking(true)?;
+    let local = l.local_addr()?;
+    let uri = format!("nbd://{local}/{name}");
+    Ok((Listener::Tcp(l), uri))
+}
+
+/// Run `imgbackup serve`.
+pub fn run(args: &ServeArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
+    let image = &args.image;
+    let probed = probe(image).context("cannot open the image")?;
+    let format = args.format.map(Format::from).unwrap_or(probed);
+    if format == Format::Raw && probed == Format::Qcow2 {
+        bail!(
+            "{}: --format raw, but the file is a qcow2 image; serving it as raw would expose (and let clients destroy) its metadata",
+            image.display()
+        );
+    }
+    let writable = !args.read_only;
+    if writable && format != Format::Raw {
+        return Err(JobError::Usage(format!(
+            "{}: a {format} image can only be served --read-only (imgbackup does not write qcow2 images in place yet); serve a raw image, or pass --read-only",
+            image.display()
+        ))
+        .into());
+    }
+    if writable && crate::files::check_image_path(image)? == crate::files::Kind::Block {
+        return Err(JobError::Usage(format!(
+            "{}: a block device can only be served --read-only (its bitmaps could not tell what wrote it)",
+            image.display()
+        ))
+        .into());
+    }
+    let mut locks = Locks::new();
+    if writable {
+        locks.exclusive(image, args.lock.wait_lock)?;
+        locks.qemu(image, Access::Write, false, args.lock.wait_lock)?;
+    } else {
+        locks.qemu(image, Access::Read, false, args.lock.wait_lock)?;
+    }
+    let (export, tracked, raw) = if writable {
+        writable_export(args, image)?
+    } else {
+        let img = open_image(image, Some(format)).context("cannot open the image")?;
+        let bitmaps = offered_bitmaps(image, img.node.size(), None);
+        (
+            Export {
+                name: args.export_name.clone(),
+                description: format!("{} (read-only)", image.display()),
+                node: img.node.clone(),
+                read_only: true,
+                bitmaps,
+                on_flush: None,
+            },
+            None,
+            img.node,
+        )
+    };
+    let (listener, uri) = listen(args)?;
+    let cancel = super::cancel_on_signals()?;
+    let shutdown = Arc::new(AtomicBool::new(false));
+    let server = Arc::new(Server::new(export, shutdown.clone()));
+    if !g.quiet {
+        crate::errln!(
+            "imgbackup: serving {} ({}{}) at {uri}",
+            image.display(),
+            format,
+            if writable { "" } else { ", read-only" }
+        );
+    }
+    // Each connection's thread, and how to close its socket at shutdown
+    // (dropped with the thread once it ends, so no descriptor is kept).
+    let mut conns: Vec<(std::thread::JoinHandle<()>, Closer)> = Vec::new();
+    while cancel.reason().is_none() {
+        match listener.accept() {
+            Ok(Some((r, w, close))) => {
+                let server = server.clone();
+                let t = std::thread::spawn(move || {
+                    if let Err(e) = server.serve(r, w) {
+                        tracing::warn!("a client was dropped: {e}");
+                    }
+                });
+                conns.push((t, close));
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+            Err(e) => tracing::warn!("cannot accept a connection: {e}"),
+        }
+        conns.retain(|(t, _)| !t.is_finished());
+    }
+    // Stop: no new connections or requests; what is in flight finishes,
+    // then the connections are closed.
+    shutdown.store(true, Ordering::SeqCst);
+    if let Listener::Unix(_, path) = &listener {
+        let _ = std::fs::remove_file(path);
+    }
+    std::thread::sleep(Duration::from_millis(50));
+    for (t, close) in conns {
+        close();
+        let _ = t.join();
+    }
+    let flushed = raw.flush();
+    if let Some(tracked) = &tracked {
+        save_bitmaps(image, tracked, flushed.is_ok(), false)?;
+    }
+    flushed.context("cannot flush the image")?;
+    let c = &server.counters;
+    if g.json {
+        print_json(&serde_json::json!({
+            "ok": true,
+            "exit_code": 0,
+            "command": "serve",
+            "image": image.display().to_string(),
+            "uri": uri,
+            "connections": c.connections.load(Ordering::Relaxed),
+            "requests": c.requests.load(Ordering::Relaxed),
+            "bytes_written": c.bytes_written.load(Ordering::Relaxed),
+            "bytes_read": c.bytes_read.load(Ordering::Relaxed),
+            "clients_dropped": c.dropped.load(Ordering::Relaxed),
+        }))?;
+    } else if !g.quiet {
+        crate::errln!(
+            "imgbackup: stopped serving {}: {} connections, {} requests",
+            image.display(),
+            c.connections.load(Ordering::Relaxed),
+            c.requests.load(Ordering::Relaxed)
+        );
+    }
+    Ok(Exit::Success)
+}
+
+/// The export of a raw image written in place: every enabled bitmap beside
+/// it marked in use, marked by every write, saved on every flush.
+fn writable_export(
+    args: &ServeArgs,
+    image: &Path,
+) -> anyhow::Result<(Export, Option<Tracked>, Arc<dyn BlockNode>)> {
+    for t in crate::bitmap::file::remove_stale_temps(image) {
+        tracing::info!(
+            "removed a bitmap temporary file left by a killed run: {}",
+            t.display()
+        );
+    }
+    let (file, _) = crate::files::open_image_file(image, true).map_err(|e| match e {
+        crate::files::KindError::Io { source, .. } => BlockError::io(Op::Open, image, 0, 0, source),
+        other => BlockError::Invalid {
+            path: image.to_path_buf(),
+            detail: other.to_string(),
+        },
+    })?;
+    let raw: Arc<dyn BlockNode> = Arc::new(RawNode::from_file(image, file, true)?);
+    let size = raw.size();
+    let before = Identity::of(image).with_context(|| format!("cannot stat {}", image.display()))?;
+    let mut tracked = Vec::new();
+    for name in list_names(image)
+        .with_context(|| format!("cannot list the bitmaps of {}", image.display()))?
+    {
+        match Bitmap::load(image, &name) {
+            Ok(b) if b.enabled => {
+                let consistent = b.inconsistency(size, &before).is_none();
+                if !consistent {
+                    tracing::warn!(
+                        "bitmap '{name}' of {} is already inconsistent; it is marked but stays inconsistent",
+                        image.display()
+                    );
+                }
+                let mut b = b;
+                b.in_use = true;
+                b.save(image)?;
+                tracked.push((b, consistent));
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!("skipping bitmap '{name}': {e}"),
+        }
+    }
+    let tracked: Tracked = Arc::new(Mutex::new(tracked));
+    let marks = tracked.clone();
+    let node: Arc<dyn BlockNode> = Arc::new(MarkingNode::new(
+        raw.clone(),
+        Arc::new(move |offset, len| {
+            if let Ok(mut v) = marks.lock() {
+                for (b, _) in v.iter_mut() {
+                    b.mark(offset, len);
+                }
+            }
+        }),
+    ));
+    let bitmaps = offered_bitmaps(image, size, Some(&tracked));
+    let (t, img) = (tracked.clone(), image.to_path_buf());
+    let export = Export {
+        name: args.export_name.clone(),
+        description: image.display().to_string(),
+        node,
+        read_only: false,
+        bitmaps,
+        on_flush: Some(Arc::new(move || {
+            save_bitmaps(&img, &t, true, true).map_err(io::Error::other)
+        })),
+    };
+    Ok((export, Some(tracked), raw))
+}
+
+/// `qemu:dirty-bitmap:NAME` for the bitmaps beside `image`: the live ones
+/// of a writable export (`tracked`, including the writes of this session),
+/// else every bitmap that loads, as saved.
+fn offered_bitmaps(image: &Path, size: u64, tracked: Option<&Tracked>) -> Vec<(String, DirtyRuns)> {
+    let runs = |bits: &crate::bitmap::Bits, gran: u64, pos: u64, len: u64| -> (bool, u64) {
+        let (first, last) = (pos / gran, (pos + len).div_ceil(gran));
+        let dirty = bits.get(first);
+        let end_bit = if dirty {
+            bits.next_clear_in(first, last)
+        } else {
+            bits.next_set_in(first, last)
+        }
+        .unwrap_or(last);
+        (dirty, (end_bit * gran).min(pos + len).max(pos + 1) - pos)
+    };
+    match tracked {
+        Some(t) => {
+            let names: Vec<String> = match t.lock() {
+                Ok(v) => v.iter().map(|(b, _)| b.name.clone()).collect(),
+                Err(_) => Vec::new(),
+            };
+            names
+                .into_iter()
+                .enumerate()
+                .map(|(k, name)| {
+                    let t = t.clone();
+                    let f: DirtyRuns = Arc::new(move |pos, len| match t.lock() {
+                        Ok(v) => match v.get(k) {
+                            Some((b, _)) => runs(&b.bits, b.granularity, pos, len),
+                            None => (false, len),
+                        },
+                        Err(_) => (true, len),
+                    });
+                    (name, f)
+                })
+                .collect()
+        }
+        None => list_names(image)
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|name| {
+                let b = Bitmap::load(image, &name).ok()?;
+                if b.image_size != size {
+                    return None;
+                }
+                let b = Arc::new(b);
+                let f: DirtyRuns = Arc::new(move |pos, len| runs(&b.bits, b.granularity, pos, len));
+                Some((name, f))
+            })
+            .collect(),
+    }
+}
+
+/// Save the tracked bitmaps: the new identity recorded in those that were
+/// consistent (when the image was flushed), in use while `serving`.
+fn save_bitmaps(
+    image: &Path,
+    tracked: &Tracked,
+    flushed: bool,
+    serving: bool,
+) -> anyhow::Result<()> {
+    let after = Identity::of(image).with_context(|| format!("cannot stat {}", image.display()))?;
+    let mut v = match tracked.lock() {
+        Ok(v) => v,
+        Err(p) => p.into_inner(),
+    };
+    for (b, consistent) in v.iter_mut() {
+        if *consistent && flushed {
+            b.identity = after;
+        }
+        if !*consistent {
+            b.inconsistent = true;
+        }
+        b.in_use = serving;
+        b.save(image)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,307 @@
+//! `imgbackup serve`: real NBD clients (qemu-io, qemu-img) against the
+//! server, with the image, qemu-img and the bitmaps as oracles.
+
+use crate::fixture::*;
+use std::io::Write;
+use std::path::Path;
+use std::process::{Child, Stdio};
+
+/// A running `imgbackup serve`, stopped with SIGTERM when dropped.
+struct Served {
+    child: Option<Child>,
+    socket: std::path::PathBuf,
+}
+
+impl Served {
+    fn start(p: &Path, image: &str, extra: &[&str]) -> Served {
+        let socket = p.join(format!("{image}.sock"));
+        let mut args = vec!["serve", image, "--socket"];
+        let s = socket.display().to_string();
+        args.push(&s);
+        args.extend_from_slice(extra);
+        let child = bin()
+            .current_dir(p)
+            .args(&args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn serve");
+        // Ready once it accepts (a stale socket may be there before).
+        let t = std::time::Instant::now();
+        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+            assert!(
+                t.elapsed() < std::time::Duration::from_secs(10),
+                "the server did not start"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        Served {
+            child: Some(child),
+            socket,
+        }
+    }
+
+    /// The image's NBD URI.
+    fn uri(&self) -> String {
+        format!("nbd+unix:///?socket={}", self.socket.display())
+    }
+
+    /// Stop with SIGTERM; the exit code and stderr.
+    fn stop(mut self) -> (i32, String) {
+        let child = self.child.take().expect("running");
+        signal(&child, libc::SIGTERM);
+        let o = child.wait_with_output().expect("wait");
+        (code(&o), stderr(&o))
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            signal(&c, libc::SIGKILL);
+            let _ = c.wait();
+        }
+    }
+}
+
+/// qemu-io against an NBD URI (raw protocol); the output.
+fn nbd_io(p: &Path, uri: &str, cmds: &[&str]) -> std::process::Output {
+    let mut args = vec!["-f", "raw"];
+    for c in cmds {
+        args.push("-c");
+        args.push(c);
+    }
+    args.push(uri);
+    std::process::Command::new("qemu-io")
+        .current_dir(p)
+        .args(&args)
+        .output()
+        .expect("qemu-io")
+}
+
+#[test]
+fn qemu_clients_read_and_write_a_served_raw_image() {
+    let d = tempdir();
+    let p = d.path();
+    data_disk(p, "disk.raw", 16);
+    std::fs::copy(p.join("disk.raw"), p.join("want.raw")).unwrap();
+    qemu_img(p, &["create", "-q", "-f", "raw", "sparse.raw", "16M"]);
+    let s = Served::start(p, "disk.raw", &[]);
+    let uri = s.uri();
+    // The export is the image.
+    let info: serde_json::Value =
+        serde_json::from_slice(&qemu_img(p, &["info", "--output=json", &uri]).stdout).unwrap();
+    assert_eq!(info["virtual-size"], 16 << 20);
+    assert!(identical_fmt(p, &uri, "raw", "disk.raw", "raw"));
+    // Writes of every kind, FUA, a flush; the same applied locally.
+    let cmds = [
+        "write -P 0x11 0 64k",
+        "write -P 0x22 -f 5M 100k",
+        "write -z 8M 1M",
+        "discard 12M 64k",
+        "write -P 0x33 16773120 4096",
+        "flush",
+    ];
+    let o = nbd_io(p, &uri, &cmds);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    qemu_io(p, "raw", "want.raw", &cmds);
+    let o = nbd_io(p, &uri, &["read -P 0x22 5M 100k", "read -P 0 8M 1M"]);
+    assert!(
+        o.status.success()
+            && !String::from_utf8_lossy(&o.stdout).contains("Pattern verification failed"),
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    // A converted copy equals the image as qemu-io wrote it locally.
+    qemu_img(p, &["convert", "-f", "raw", "-O", "raw", &uri, "copy.raw"]);
+    assert!(identical_fmt(p, "copy.raw", "raw", "want.raw", "raw"));
+    let (rc, err) = s.stop();
+    assert_eq!(rc, 0, "{err}");
+    assert!(identical_fmt(p, "disk.raw", "raw", "want.raw", "raw"));
+    assert!(
+        !p.join("disk.raw.sock").exists(),
+        "the socket was left behind"
+    );
+}
+
+#[test]
+fn block_status_follows_the_image() {
+    let d = tempdir();
+    let p = d.path();
+    qemu_img(p, &["create", "-q", "-f", "raw", "s.raw", "64M"]);
+    qemu_io(
+        p,
+        "raw",
+        "s.raw",
+        &["write -P 1 1M 1M", "write -P 2 40M 64k"],
+    );
+    let s = Served::start(p, "s.raw", &["--read-only"]);
+    let map = |img: &str| -> Vec<(u64, u64)> {
+        let v: Vec<serde_json::Value> = serde_json::from_slice(
+            &qemu_img(p, &["map", "-f", "raw", "--output=json", img]).stdout,
+        )
+        .unwrap();
+        v.iter()
+            .filter(|e| e["data"] == true)
+            .map(|e| (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap()))
+            .collect()
+    };
+    let served = map(&s.uri());
+    assert_eq!(served, map("s.raw"));
+    // The data written, and the first 4 KiB qemu-img allocates when it
+    // creates a raw file.
+    assert_eq!(
+        served.iter().map(|e| e.1).sum::<u64>(),
+        (1 << 20) + 65536 + 4096
+    );
+    // Read-only: writes fail, the image is untouched.
+    let o = nbd_io(p, &s.uri(), &["write -P 9 0 4k"]);
+    let out = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        out.contains("ermission") || out.contains("ead-only") || !o.status.success(),
+        "{out}"
+    );
+    let (rc, err) = s.stop();
+    assert_eq!(rc, 0, "{err}");
+    let o = std::process::Command::new("qemu-io")
+        .current_dir(p)
+        .args(["-f", "raw", "-c", "read -P 0 0 4k", "s.raw"])
+        .output()
+        .unwrap();
+    assert!(!String::from_utf8_lossy(&o.stdout).contains("failed"));
+}
+
+#[test]
+fn a_backup_is_served_read_only_through_its_chain() {
+    let d = tempdir();
+    let p = d.path();
+    data_disk(p, "disk.raw", 16);
+    Backup::new(p, "disk.raw", "full.qcow2").bitmap("b0").ok();
+    ok(
+        p,
+        &["guest", "disk.raw", "iops=0,count=30,bs=4K-64K,seed=5"],
+    );
+    Backup::new(p, "disk.raw", "inc.qcow2")
+        .sync("incremental")
+        .bitmap("b0")
+        .ok();
+    let s = Served::start(p, "inc.qcow2", &["--read-only"]);
+    assert!(identical_fmt(p, &s.uri(), "raw", "disk.raw", "raw"));
+    let (rc, err) = s.stop();
+    assert_eq!(rc, 0, "{err}");
+    // Writable qcow2 is refused with the reason.
+    let o = run_in(p, &["serve", "inc.qcow2", "--socket", "x.sock"]);
+    assert_eq!(code(&o), 2, "{}", stderr(&o));
+    assert!(stderr(&o).contains("--read-only"), "{}", stderr(&o));
+}
+
+#[test]
+fn writes_through_the_server_mark_the_bitmaps_and_the_next_incremental_is_exact() {
+    let d = tempdir();
+    let p = d.path();
+    data_disk(p, "disk.raw", 32);
+    Backup::new(p, "disk.raw", "full.qcow2").bitmap("b0").ok();
+    let s = Served::start(p, "disk.raw", &[]);
+    let uri = s.uri();
+    // Two clients at once, on disjoint ranges.
+    let spawn = |cmds: Vec<String>| {
+        let mut args = vec!["-f".to_string(), "raw".to_string()];
+        for c in cmds {
+            args.push("-c".into());
+            args.push(c);
+        }
+        args.push(uri.clone());
+        std::process::Command::new("qemu-io")
+            .current_dir(p)
+            .args(&args)
+            .output()
+            .unwrap()
+    };
+    let a: Vec<String> = (0..20)
+        .map(|i| format!("write -P {} {} 4k", i + 1, i * (512 << 10)))
+        .collect();
+    let b: Vec<String> = (0..20)
+        .map(|i| format!("write -z {} 64k", (16 << 20) + i * (256 << 10)))
+        .collect();
+    let (oa, ob) = std::thread::scope(|sc| {
+        let ha = sc.spawn(|| spawn(a));
+        let hb = sc.spawn(|| spawn(b));
+        (ha.join().unwrap(), hb.join().unwrap())
+    });
+    assert!(oa.status.success() && ob.status.success());
+    // The dirty bitmap as a meta context: dirty ranges are where the
+    // clients wrote (QEMU's client shows dirty as "data": false).
+    let opts = format!(
+        "driver=nbd,server.type=unix,server.path={},x-dirty-bitmap=qemu:dirty-bitmap:b0",
+        s.socket.display()
+    );
+    let v: Vec<serde_json::Value> = serde_json::from_slice(
+        &qemu_img(p, &["map", "--output=json", "--image-opts", &opts]).stdout,
+    )
+    .unwrap();
+    let dirty: u64 = v
+        .iter()
+        .filter(|e| e["data"] == false)
+        .map(|e| e["length"].as_u64().unwrap())
+        .sum();
+    assert_eq!(dirty, 40 * 65536, "{v:?}");
+    // A client that sends garbage is dropped; the others go on.
+    let mut g = std::os::unix::net::UnixStream::connect(&s.socket).unwrap();
+    let _ = g.write_all(&[0xde; 300]);
+    drop(g);
+    let o = nbd_io(p, &uri, &["read -P 1 0 4k"]);
+    assert!(o.status.success() && !String::from_utf8_lossy(&o.stdout).contains("failed"));
+    let (rc, err) = s.stop();
+    assert_eq!(rc, 0, "{err}");
+    // The bitmap saw every write: 40 clusters dirty, consistent, and the
+    // incremental restores to the image.
+    assert_eq!(dirty_granules(p), 40);
+    Backup::new(p, "disk.raw", "inc.qcow2")
+        .sync("incremental")
+        .bitmap("b0")
+        .ok();
+    qemu_img(p, &["convert", "-O", "raw", "inc.qcow2", "flat.raw"]);
+    assert!(identical_fmt(p, "flat.raw", "raw", "disk.raw", "raw"));
+}
+
+fn dirty_granules(p: &Path) -> u64 {
+    dirty(p, "disk.raw", "b0")
+}
+
+#[test]
+fn a_killed_server_leaves_its_bitmaps_inconsistent_and_a_second_server_is_refused() {
+    let d = tempdir();
+    let p = d.path();
+    data_disk(p, "disk.raw", 8);
+    Backup::new(p, "disk.raw", "full.qcow2").bitmap("b0").ok();
+    let s = Served::start(p, "disk.raw", &[]);
+    let o = nbd_io(p, &s.uri(), &["write -P 7 0 64k"]);
+    assert!(o.status.success());
+    // The image is locked while served.
+    let o = run_in(p, &["serve", "disk.raw", "--socket", "other.sock"]);
+    assert_eq!(code(&o), 8, "{}", stderr(&o));
+    drop(s); // SIGKILL
+    // In use on disk: the next incremental refuses the bitmap (exit 6).
+    let o = run_in(
+        p,
+        &[
+            "backup",
+            "--sync",
+            "incremental",
+            "--bitmap",
+            "b0",
+            "disk.raw",
+            "inc.qcow2",
+        ],
+    );
+    assert_eq!(code(&o), 6, "{}", stderr(&o));
+    // The stale socket is replaced by the next server.
+    let s = Served::start(p, "disk.raw", &[]);
+    let (rc, err) = s.stop();
+    assert_eq!(rc, 0, "{err}");
+}
