@@ -392,6 +392,56 @@ or 2h 5m; rates are sizes per second (100M).
 
 /// The sections a page adds after what clap renders: (files, body,
 /// examples, see also).
+const SERVE_IMAGE: &str = r#".TP
+.I IMAGE
+written in place by the clients (a raw file; any image with
+\fB\-\-read\-only\fR, read through its backing chain), locked like a
+running QEMU locks its disk, flushed when a client flushes and when the
+server stops.
+"#;
+
+const SERVE_BITMAPS: &str = r#"Every enabled bitmap beside a writable IMAGE is marked in use while the
+server runs, marked before each write is issued (so before the client sees
+it acknowledged), saved on every client flush, and saved with the image's
+new identity when the server stops: an incremental backup after a served
+session copies exactly what the clients wrote. A server killed with
+SIGKILL leaves the bitmaps in use, which the next backup refuses (exit 6)
+until \fBbitmap rebuild\fR.
+"#;
+
+const SERVE_PROTOCOL: &str = r#".SH PROTOCOL
+NBD fixed newstyle negotiation with the options GO, INFO, EXPORT_NAME, LIST,
+ABORT, STRUCTURED_REPLY, LIST_META_CONTEXT and SET_META_CONTEXT (STARTTLS is
+refused: there is no TLS); the commands READ, WRITE (with FUA), WRITE_ZEROES
+(with NO_HOLE), TRIM, FLUSH, BLOCK_STATUS and DISC. Metadata contexts:
+\fBbase:allocation\fR (holes and zero clusters are reported as holes that
+read as zeros) and \fBqemu:dirty\-bitmap:NAME\fR for every bitmap beside
+IMAGE (dirty ranges flagged 1, as QEMU reports them). Requests of one
+connection are carried out concurrently and answered as they finish;
+several connections may be open at once (multi\-conn is advertised:
+flushes reach the file all clients share). Reads and writes may be up to
+32 MiB. A client that breaks the protocol is disconnected; the others go
+on. SIGINT and SIGTERM stop the server: no new connections or requests,
+requests in flight finish, the image and bitmaps are flushed and saved, and
+the exit status is 0.
+.PP
+Not yet: writing qcow2 images in place, running a backup inside the
+serving process (a served image is locked; back it up after the server
+stops), the control socket and the overlay export of SPEC section 8.
+"#;
+
+const SERVE_EXAMPLES: &str = r#".TP
+Serve a raw disk to a VM, then back up what it wrote:
+.B imgbackup serve /vm/disk.raw \-\-socket /run/disk.sock
+.br
+.B qemu\-system\-x86_64 \-drive driver=nbd,server.type=unix,server.path=/run/disk.sock ...
+.TP
+Look at a backup with qemu\-img, read\-only:
+.B imgbackup serve \-\-read\-only /backup/inc.qcow2 \-\-socket /tmp/b.sock &
+.br
+.B qemu\-img map nbd+unix:///?socket=/tmp/b.sock
+"#;
+
 fn extras(page: &str) -> (String, String, &'static str, Vec<&'static str>) {
     let bitmap_file = FILE_BITMAP.to_string();
     match page {
@@ -500,54 +550,9 @@ Dirty a bitmap between two backups with 200 seeded 4 KiB writes:
             vec!["imgbackup-backup", "imgbackup-bitmap"],
         ),
         "imgbackup-serve" => (
-            format!(
-                r#".TP
-.I IMAGE
-written in place by the clients (a raw file; any image with
-\fB\-\-read\-only\fR, read through its backing chain), locked like a
-running QEMU locks its disk, flushed when a client flushes and when the
-server stops.
-{bitmap_file}Every enabled bitmap beside a writable IMAGE is marked in use while the
-server runs, marked before each write is issued (so before the client sees
-it acknowledged), saved on every client flush, and saved with the image's
-new identity when the server stops: an incremental backup after a served
-session copies exactly what the clients wrote. A server killed with
-SIGKILL leaves the bitmaps in use, which the next backup refuses (exit 6)
-until \fBbitmap rebuild\fR.
-"#
-            ),
-            r#".SH PROTOCOL
-NBD fixed newstyle negotiation with the options GO, INFO, EXPORT_NAME, LIST,
-ABORT, STRUCTURED_REPLY, LIST_META_CONTEXT and SET_META_CONTEXT (STARTTLS is
-refused: there is no TLS); the commands READ, WRITE (with FUA), WRITE_ZEROES
-(with NO_HOLE), TRIM, FLUSH, BLOCK_STATUS and DISC. Metadata contexts:
-\fBbase:allocation\fR (holes and zero clusters are reported as holes that
-read as zeros) and \fBqemu:dirty\-bitmap:NAME\fR for every bitmap beside
-IMAGE (dirty ranges flagged 1, as QEMU reports them). Requests of one
-connection are carried out concurrently and answered as they finish;
-several connections may be open at once (multi\-conn is advertised:
-flushes reach the file all clients share). Reads and writes may be up to
-32 MiB. A client that breaks the protocol is disconnected; the others go
-on. SIGINT and SIGTERM stop the server: no new connections or requests,
-requests in flight finish, the image and bitmaps are flushed and saved, and
-the exit status is 0.
-.PP
-Not yet: writing qcow2 images in place, running a backup inside the
-serving process (a served image is locked; back it up after the server
-stops), the control socket and the overlay export of SPEC section 8.
-"#
-            .to_string(),
-            r#".TP
-Serve a raw disk to a VM, then back up what it wrote:
-.B imgbackup serve /vm/disk.raw \-\-socket /run/disk.sock
-.br
-.B qemu\-system\-x86_64 \-drive driver=nbd,server.type=unix,server.path=/run/disk.sock ...
-.TP
-Look at a backup with qemu\-img, read\-only:
-.B imgbackup serve \-\-read\-only /backup/inc.qcow2 \-\-socket /tmp/b.sock &
-.br
-.B qemu\-img map nbd+unix:///?socket=/tmp/b.sock
-"#,
+            format!("{SERVE_IMAGE}{bitmap_file}{SERVE_BITMAPS}"),
+            SERVE_PROTOCOL.to_string(),
+            SERVE_EXAMPLES,
             vec!["imgbackup-backup", "imgbackup-bitmap", "imgbackup-guest"],
         ),
         "imgbackup-bitmap" => (

@@ -676,3 +676,261 @@ impl Server {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::node::mem::MemNode;
+    use std::os::unix::net::UnixStream;
+
+    /// A hand-made client on one end of a socket pair; the server on the
+    /// other, in a thread.
+    struct Client {
+        s: UnixStream,
+        server: Option<std::thread::JoinHandle<Result<(), WireError>>>,
+    }
+
+    impl Client {
+        fn new(read_only: bool) -> Client {
+            let (a, b) = UnixStream::pair().unwrap();
+            let node: Arc<dyn BlockNode> = Arc::new(MemNode::new("mem", vec![0u8; 1 << 20], 65536));
+            let server = Server::new(
+                Export {
+                    name: "e".into(),
+                    description: "test".into(),
+                    node,
+                    read_only,
+                    bitmaps: vec![("b".into(), Arc::new(|_, len| (true, len)) as DirtyRuns)],
+                    on_flush: None,
+                },
+                Arc::new(AtomicBool::new(false)),
+            );
+            let (r, w) = (b.try_clone().unwrap(), b);
+            let t = std::thread::spawn(move || server.serve(Box::new(r), Box::new(w)));
+            let mut c = Client {
+                s: a,
+                server: Some(t),
+            };
+            let mut hello = [0u8; 18];
+            c.s.read_exact(&mut hello).unwrap();
+            assert_eq!(&hello[..8], b"NBDMAGIC");
+            assert_eq!(&hello[8..16], b"IHAVEOPT");
+            c.s.write_all(&(NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES).to_be_bytes())
+                .unwrap();
+            c
+        }
+
+        /// Send an option; the replies until a final one: (type, data).
+        fn opt(&mut self, code: u32, data: &[u8]) -> Vec<(u32, Vec<u8>)> {
+            let mut m = NBD_OPTS_MAGIC.to_be_bytes().to_vec();
+            m.extend_from_slice(&code.to_be_bytes());
+            m.extend_from_slice(&(data.len() as u32).to_be_bytes());
+            m.extend_from_slice(data);
+            self.s.write_all(&m).unwrap();
+            let mut out = Vec::new();
+            loop {
+                let mut h = [0u8; 20];
+                self.s.read_exact(&mut h).unwrap();
+                assert_eq!(&h[..8], &NBD_REP_MAGIC.to_be_bytes());
+                assert_eq!(u32::from_be_bytes([h[8], h[9], h[10], h[11]]), code);
+                let kind = u32::from_be_bytes([h[12], h[13], h[14], h[15]]);
+                let len = u32::from_be_bytes([h[16], h[17], h[18], h[19]]);
+                let mut d = vec![0u8; len as usize];
+                self.s.read_exact(&mut d).unwrap();
+                let last = kind == NBD_REP_ACK || kind & (1 << 31) != 0;
+                out.push((kind, d));
+                if last {
+                    return out;
+                }
+            }
+        }
+
+        fn request(
+            &mut self,
+            kind: u16,
+            flags: u16,
+            handle: u64,
+            offset: u64,
+            len: u32,
+            data: &[u8],
+        ) {
+            let mut m = encode_request(&Request {
+                flags,
+                kind,
+                handle,
+                offset,
+                len,
+            })
+            .to_vec();
+            m.extend_from_slice(data);
+            self.s.write_all(&m).unwrap();
+        }
+
+        /// One structured chunk: (flags, type, handle, payload).
+        fn chunk(&mut self) -> (u16, u16, u64, Vec<u8>) {
+            let mut h = [0u8; 20];
+            self.s.read_exact(&mut h).unwrap();
+            assert_eq!(&h[..4], &NBD_STRUCTURED_REPLY_MAGIC.to_be_bytes());
+            let len = u32::from_be_bytes([h[16], h[17], h[18], h[19]]);
+            let mut d = vec![0u8; len as usize];
+            self.s.read_exact(&mut d).unwrap();
+            let mut hd = [0u8; 8];
+            hd.copy_from_slice(&h[8..16]);
+            (
+                u16::from_be_bytes([h[4], h[5]]),
+                u16::from_be_bytes([h[6], h[7]]),
+                u64::from_be_bytes(hd),
+                d,
+            )
+        }
+
+        fn go(&mut self) {
+            let mut d = 1u32.to_be_bytes().to_vec();
+            d.extend_from_slice(b"e");
+            d.extend_from_slice(&0u16.to_be_bytes());
+            let r = self.opt(NBD_OPT_GO, &d);
+            assert_eq!(r.last().unwrap().0, NBD_REP_ACK, "{r:?}");
+        }
+
+        fn finish(mut self) -> Result<(), WireError> {
+            let t = self.server.take().unwrap();
+            drop(self);
+            t.join().unwrap()
+        }
+    }
+
+    fn meta(query: &str) -> Vec<u8> {
+        let mut d = 1u32.to_be_bytes().to_vec();
+        d.extend_from_slice(b"e");
+        d.extend_from_slice(&1u32.to_be_bytes());
+        d.extend_from_slice(&(query.len() as u32).to_be_bytes());
+        d.extend_from_slice(query.as_bytes());
+        d
+    }
+
+    #[test]
+    fn negotiation_answers_every_option() {
+        let mut c = Client::new(false);
+        let r = c.opt(NBD_OPT_LIST, b"");
+        assert_eq!(r[0].0, NBD_REP_SERVER);
+        assert_eq!(&r[0].1, &[0, 0, 0, 1, b'e']);
+        assert_eq!(r[1].0, NBD_REP_ACK);
+        assert_eq!(c.opt(NBD_OPT_STARTTLS, b"")[0].0, NBD_REP_ERR_POLICY);
+        assert_eq!(c.opt(99, b"xyz")[0].0, NBD_REP_ERR_UNSUP);
+        assert_eq!(c.opt(NBD_OPT_LIST, b"x")[0].0, NBD_REP_ERR_INVALID);
+        // Contexts need structured replies first.
+        assert_eq!(
+            c.opt(NBD_OPT_SET_META_CONTEXT, &meta("base:allocation"))[0].0,
+            NBD_REP_ERR_INVALID
+        );
+        assert_eq!(c.opt(NBD_OPT_STRUCTURED_REPLY, b"")[0].0, NBD_REP_ACK);
+        // A malformed GO, an unknown export.
+        assert_eq!(
+            c.opt(NBD_OPT_GO, &[0, 0, 0, 9, b'e'])[0].0,
+            NBD_REP_ERR_INVALID
+        );
+        let mut d = 1u32.to_be_bytes().to_vec();
+        d.extend_from_slice(b"x");
+        d.extend_from_slice(&0u16.to_be_bytes());
+        assert_eq!(c.opt(NBD_OPT_GO, &d)[0].0, NBD_REP_ERR_UNKNOWN);
+        // Listing every context, then selecting two.
+        let mut all = 1u32.to_be_bytes().to_vec();
+        all.extend_from_slice(b"e");
+        all.extend_from_slice(&0u32.to_be_bytes());
+        let r = c.opt(NBD_OPT_LIST_META_CONTEXT, &all);
+        let names: Vec<String> = r
+            .iter()
+            .filter(|x| x.0 == NBD_REP_META_CONTEXT)
+            .map(|x| String::from_utf8_lossy(&x.1[4..]).into_owned())
+            .collect();
+        assert_eq!(names, vec!["base:allocation", "qemu:dirty-bitmap:b"]);
+        let r = c.opt(NBD_OPT_SET_META_CONTEXT, &meta("qemu:dirty-bitmap:b"));
+        assert_eq!(r[0].0, NBD_REP_META_CONTEXT);
+        assert_eq!(&r[0].1[..4], &FIRST_BITMAP_ID.to_be_bytes());
+        // INFO describes without starting; GO starts.
+        let mut d = 1u32.to_be_bytes().to_vec();
+        d.extend_from_slice(b"e");
+        d.extend_from_slice(&1u16.to_be_bytes());
+        d.extend_from_slice(&NBD_INFO_NAME.to_be_bytes());
+        let r = c.opt(NBD_OPT_INFO, &d);
+        let export = &r[0].1;
+        assert_eq!(&export[..2], &NBD_INFO_EXPORT.to_be_bytes());
+        assert_eq!(&export[2..10], &(1u64 << 20).to_be_bytes());
+        assert!(
+            r.iter()
+                .any(|x| x.1.starts_with(&NBD_INFO_NAME.to_be_bytes()))
+        );
+        c.go();
+        c.request(NBD_CMD_BLOCK_STATUS, 0, 5, 0, 65536, b"");
+        let (flags, kind, handle, d) = c.chunk();
+        assert_eq!((flags, kind, handle), (0, NBD_REPLY_TYPE_BLOCK_STATUS, 5));
+        assert_eq!(&d[..4], &FIRST_BITMAP_ID.to_be_bytes());
+        assert_eq!(&d[4..12], &[0, 1, 0, 0, 0, 0, 0, 1]);
+        assert_eq!(c.chunk().0, NBD_REPLY_FLAG_DONE);
+        c.request(NBD_CMD_DISC, 0, 0, 0, 0, b"");
+        assert!(c.finish().is_ok());
+    }
+
+    #[test]
+    fn transmission_reads_writes_and_refuses_what_it_must() {
+        let mut c = Client::new(false);
+        c.opt(NBD_OPT_STRUCTURED_REPLY, b"");
+        c.opt(NBD_OPT_SET_META_CONTEXT, &meta("base:allocation"));
+        c.go();
+        c.request(NBD_CMD_WRITE, NBD_CMD_FLAG_FUA, 1, 4096, 3, b"abc");
+        let mut h = [0u8; 16];
+        c.s.read_exact(&mut h).unwrap();
+        assert_eq!(&h[..4], &NBD_SIMPLE_REPLY_MAGIC.to_be_bytes());
+        assert_eq!(&h[4..8], &[0, 0, 0, 0]);
+        c.request(NBD_CMD_READ, 0, 2, 4095, 5, b"");
+        let (flags, kind, handle, d) = c.chunk();
+        assert_eq!(
+            (flags, kind, handle),
+            (NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_OFFSET_DATA, 2)
+        );
+        assert_eq!(&d[..8], &4095u64.to_be_bytes());
+        assert_eq!(&d[8..], b"\0abc\0");
+        // One extent with REQ_ONE; the data cluster is not a hole.
+        c.request(
+            NBD_CMD_BLOCK_STATUS,
+            NBD_CMD_FLAG_REQ_ONE,
+            3,
+            0,
+            1 << 20,
+            b"",
+        );
+        let (_, kind, _, d) = c.chunk();
+        assert_eq!(kind, NBD_REPLY_TYPE_BLOCK_STATUS);
+        assert_eq!(d.len(), 12);
+        assert_eq!(&d[8..12], &0u32.to_be_bytes());
+        c.chunk();
+        // Past the end, an unknown command, a flag a command does not take.
+        for (kind, flags, off, len) in [
+            (NBD_CMD_READ, 0, (1 << 20) - 1, 2),
+            (42, 0, 0, 0),
+            (NBD_CMD_FLUSH, NBD_CMD_FLAG_REQ_ONE, 0, 0),
+        ] {
+            c.request(kind, flags, 4, off, len, b"");
+            let (flags, kind, _, d) = c.chunk();
+            assert_eq!((flags, kind), (NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_ERROR));
+            assert_eq!(&d[..4], &NBD_EINVAL.to_be_bytes());
+        }
+        c.request(NBD_CMD_WRITE, 0, 6, (1 << 20) - 1, 2, b"zz");
+        let (_, _, _, d) = c.chunk();
+        assert_eq!(&d[..4], &NBD_ENOSPC.to_be_bytes());
+        c.request(NBD_CMD_DISC, 0, 0, 0, 0, b"");
+        assert!(c.finish().is_ok());
+    }
+
+    #[test]
+    fn read_only_exports_refuse_writes_and_garbage_drops_the_client() {
+        let mut c = Client::new(true);
+        c.go();
+        c.request(NBD_CMD_TRIM, 0, 1, 0, 4096, b"");
+        let mut h = [0u8; 16];
+        c.s.read_exact(&mut h).unwrap();
+        assert_eq!(&h[4..8], &NBD_EPERM.to_be_bytes());
+        c.s.write_all(&[0xab; 28]).unwrap();
+        assert!(matches!(c.finish(), Err(WireError::Protocol(_))));
+    }
+}

@@ -305,3 +305,82 @@ fn a_killed_server_leaves_its_bitmaps_inconsistent_and_a_second_server_is_refuse
     let (rc, err) = s.stop();
     assert_eq!(rc, 0, "{err}");
 }
+
+/// A libnbd tool (strict about the protocol) against the server.
+fn libnbd(p: &Path, prog: &str, args: &[&str]) -> String {
+    String::from_utf8_lossy(&tool(p, prog, args).stdout).into_owned()
+}
+
+#[test]
+fn libnbd_clients_agree() {
+    let d = tempdir();
+    let p = d.path();
+    qemu_img(p, &["create", "-q", "-f", "raw", "disk.raw", "32M"]);
+    qemu_io(
+        p,
+        "raw",
+        "disk.raw",
+        &["write -P 5 1M 3M", "write -P 6 20M 64k"],
+    );
+    Backup::new(p, "disk.raw", "full.qcow2").bitmap("b0").ok();
+    let s = Served::start(p, "disk.raw", &["--export-name", "disk"]);
+    let uri = format!("nbd+unix:///disk?socket={}", s.socket.display());
+    // Size, flags and the contexts offered.
+    let info: serde_json::Value =
+        serde_json::from_str(&libnbd(p, "nbdinfo", &["--json", &uri])).unwrap();
+    let e = &info["exports"][0];
+    assert_eq!(e["export-size"], 32 << 20, "{info}");
+    assert_eq!(e["is_read_only"], false, "{info}");
+    assert_eq!(e["can_flush"], true, "{info}");
+    assert_eq!(e["can_multi_conn"], true, "{info}");
+    let ctx = e["contexts"].to_string();
+    assert!(
+        ctx.contains("base:allocation") && ctx.contains("qemu:dirty-bitmap:b0"),
+        "{info}"
+    );
+    let list = libnbd(
+        p,
+        "nbdinfo",
+        &[
+            "--list",
+            "--json",
+            &format!("nbd+unix://?socket={}", s.socket.display()),
+        ],
+    );
+    assert!(list.contains("\"disk\""), "{list}");
+    // The allocation map: data where it was written, holes elsewhere.
+    let map: serde_json::Value =
+        serde_json::from_str(&libnbd(p, "nbdinfo", &["--map", "--json", &uri])).unwrap();
+    let data: u64 = map
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["type"] == 0)
+        .map(|e| e["length"].as_u64().unwrap())
+        .sum();
+    // What was written, and the first 4 KiB qemu-img allocates.
+    assert_eq!(data, (3 << 20) + 65536 + 4096, "{map}");
+    // nbdcopy (several connections, requests in flight) copies it exactly.
+    tool(
+        p,
+        "nbdcopy",
+        &[&uri, &p.join("copy.raw").display().to_string()],
+    );
+    assert!(identical_fmt(p, "copy.raw", "raw", "disk.raw", "raw"));
+    // ... and writes into it: the bitmap sees it.
+    std::fs::write(p.join("patch.raw"), vec![0x77u8; 32 << 20]).unwrap();
+    tool(p, "nbdcopy", &["patch.raw", &uri]);
+    let dirty = libnbd(
+        p,
+        "nbdinfo",
+        &["--map=qemu:dirty-bitmap:b0", "--totals", &uri],
+    );
+    assert!(
+        dirty.contains("100.0%") || dirty.contains("100%"),
+        "{dirty}"
+    );
+    let (rc, err) = s.stop();
+    assert_eq!(rc, 0, "{err}");
+    assert!(identical_fmt(p, "patch.raw", "raw", "disk.raw", "raw"));
+    assert_eq!(dirty_granules(p), 512);
+}
