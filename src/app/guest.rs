@@ -8,25 +8,15 @@
 //! bitmap that was already inconsistent is marked but stays inconsistent.
 //! Raw images only: imgbackup writes qcow2 files only when it creates them.
 
-use crate::bitmap::file::list_names;
-use crate::bitmap::{Bitmap, Identity};
 use crate::cli::{GlobalOpts, GuestArgs};
-use crate::error::{BlockError, Op};
 use crate::exit::Exit;
 use crate::guest;
 use crate::job::JobError;
 use crate::lock::{Access, Locks};
-use crate::node::BlockNode;
-use crate::node::marking::MarkingNode;
 use crate::node::probe::{Format, open_image, probe};
-use crate::node::raw::RawNode;
 use crate::report::{human_bytes, print_json};
 use anyhow::{Context, bail};
 use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, Mutex};
-
-/// Bitmaps being marked, and whether each was consistent when loaded.
-type Tracked = Arc<Mutex<Vec<(Bitmap, bool)>>>;
 
 /// Run `imgbackup guest`.
 pub fn run(args: &GuestArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
@@ -60,84 +50,20 @@ pub fn run(args: &GuestArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
     let mut locks = Locks::new();
     locks.exclusive(image, args.lock.wait_lock)?;
     locks.qemu(image, Access::Write, false, args.lock.wait_lock)?;
-    for t in crate::bitmap::file::remove_stale_temps(image) {
-        tracing::info!(
-            "removed a bitmap temporary file left by a killed run: {}",
-            t.display()
-        );
-    }
     let img = open_image(image, Some(format)).context("cannot open the image")?;
     let size = img.node.size();
-    let before = Identity::of(image).with_context(|| format!("cannot stat {}", image.display()))?;
-
     // The enabled bitmaps, marked in use while we write.
-    let mut tracked = Vec::new();
-    for name in list_names(image)
-        .with_context(|| format!("cannot list the bitmaps of {}", image.display()))?
-    {
-        match Bitmap::load(image, &name) {
-            Ok(b) if b.enabled => {
-                let consistent = b.inconsistency(size, &before).is_none();
-                if !consistent {
-                    tracing::warn!(
-                        "bitmap '{name}' of {} is already inconsistent; it is marked but stays inconsistent",
-                        image.display()
-                    );
-                }
-                let mut b = b;
-                b.in_use = true;
-                b.save(image)?;
-                tracked.push((b, consistent));
-            }
-            Ok(_) => {}
-            Err(e) => tracing::warn!("skipping bitmap '{name}': {e}"),
-        }
-    }
-    let tracked: Tracked = Arc::new(Mutex::new(tracked));
+    let tracked = super::marked::track_enabled(image, size)?;
 
-    let (file, _) = crate::files::open_image_file(image, true).map_err(|e| match e {
-        crate::files::KindError::Io { source, .. } => BlockError::io(Op::Open, image, 0, 0, source),
-        other => BlockError::Invalid {
-            path: image.clone(),
-            detail: other.to_string(),
-        },
-    })?;
-    let raw: Arc<dyn BlockNode> = Arc::new(RawNode::from_file(image, file, true)?);
-    let marks = tracked.clone();
-    let node = MarkingNode::new(
-        raw.clone(),
-        Arc::new(move |offset, len| {
-            if let Ok(mut v) = marks.lock() {
-                for (b, _) in v.iter_mut() {
-                    b.mark(offset, len);
-                }
-            }
-        }),
-    );
+    let raw = super::marked::open_raw(image)?;
+    let node = super::marked::marking(raw.clone(), &tracked);
     let cancel = super::cancel_on_signals()?;
     let stop = AtomicBool::new(false);
     let stats = guest::run(&node, &args.spec, &stop, &cancel);
     let flushed = raw.flush();
-    let after = Identity::of(image).with_context(|| format!("cannot stat {}", image.display()))?;
-
     // Save the bitmaps: marked, in use cleared, the new identity recorded
     // for those that were consistent.
-    let mut names = Vec::new();
-    let list = match tracked.lock() {
-        Ok(v) => v.clone(),
-        Err(p) => p.into_inner().clone(),
-    };
-    for (mut b, consistent) in list {
-        if consistent && flushed.is_ok() {
-            b.identity = after;
-        }
-        if !consistent {
-            b.inconsistent = true;
-        }
-        b.in_use = false;
-        b.save(image)?;
-        names.push(b.name.clone());
-    }
+    let names = super::marked::save(image, &tracked, flushed.is_ok(), false)?;
     flushed.context("cannot flush the image")?;
     if let Some(r) = cancel.reason() {
         return Err(JobError::Cancelled(r).into());

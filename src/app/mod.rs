@@ -5,6 +5,7 @@ pub mod backup;
 pub mod bitmap;
 pub mod guest;
 pub mod info;
+pub mod marked;
 pub mod restore;
 pub mod serve;
 pub mod verify;

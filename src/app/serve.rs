@@ -6,28 +6,24 @@
 //! served session is exact. Read-only exports take any image (a backup and
 //! its chain, a qcow2).
 
+use crate::bitmap::Bitmap;
 use crate::bitmap::file::list_names;
-use crate::bitmap::{Bitmap, Identity};
 use crate::cli::{GlobalOpts, ServeArgs};
-use crate::error::{BlockError, Op};
 use crate::exit::Exit;
 use crate::job::JobError;
 use crate::lock::{Access, Locks};
 use crate::nbd::{DirtyRuns, Export, Server};
 use crate::node::BlockNode;
-use crate::node::marking::MarkingNode;
 use crate::node::probe::{Format, open_image, probe};
-use crate::node::raw::RawNode;
 use crate::report::print_json;
 use anyhow::{Context, bail};
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-/// Bitmaps of a writable export, and whether each was consistent.
-type Tracked = Arc<Mutex<Vec<(Bitmap, bool)>>>;
+use super::marked::Tracked;
 
 /// A listening socket.
 enum Listener {
@@ -222,7 +218,7 @@ pub fn run(args: &ServeArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
     }
     let flushed = raw.flush();
     if let Some(tracked) = &tracked {
-        save_bitmaps(image, tracked, flushed.is_ok(), false)?;
+        super::marked::save(image, tracked, flushed.is_ok(), false)?;
     }
     flushed.context("cannot flush the image")?;
     let c = &server.counters;
@@ -256,56 +252,10 @@ fn writable_export(
     args: &ServeArgs,
     image: &Path,
 ) -> anyhow::Result<(Export, Option<Tracked>, Arc<dyn BlockNode>)> {
-    for t in crate::bitmap::file::remove_stale_temps(image) {
-        tracing::info!(
-            "removed a bitmap temporary file left by a killed run: {}",
-            t.display()
-        );
-    }
-    let (file, _) = crate::files::open_image_file(image, true).map_err(|e| match e {
-        crate::files::KindError::Io { source, .. } => BlockError::io(Op::Open, image, 0, 0, source),
-        other => BlockError::Invalid {
-            path: image.to_path_buf(),
-            detail: other.to_string(),
-        },
-    })?;
-    let raw: Arc<dyn BlockNode> = Arc::new(RawNode::from_file(image, file, true)?);
+    let raw = super::marked::open_raw(image)?;
     let size = raw.size();
-    let before = Identity::of(image).with_context(|| format!("cannot stat {}", image.display()))?;
-    let mut tracked = Vec::new();
-    for name in list_names(image)
-        .with_context(|| format!("cannot list the bitmaps of {}", image.display()))?
-    {
-        match Bitmap::load(image, &name) {
-            Ok(b) if b.enabled => {
-                let consistent = b.inconsistency(size, &before).is_none();
-                if !consistent {
-                    tracing::warn!(
-                        "bitmap '{name}' of {} is already inconsistent; it is marked but stays inconsistent",
-                        image.display()
-                    );
-                }
-                let mut b = b;
-                b.in_use = true;
-                b.save(image)?;
-                tracked.push((b, consistent));
-            }
-            Ok(_) => {}
-            Err(e) => tracing::warn!("skipping bitmap '{name}': {e}"),
-        }
-    }
-    let tracked: Tracked = Arc::new(Mutex::new(tracked));
-    let marks = tracked.clone();
-    let node: Arc<dyn BlockNode> = Arc::new(MarkingNode::new(
-        raw.clone(),
-        Arc::new(move |offset, len| {
-            if let Ok(mut v) = marks.lock() {
-                for (b, _) in v.iter_mut() {
-                    b.mark(offset, len);
-                }
-            }
-        }),
-    ));
+    let tracked = super::marked::track_enabled(image, size)?;
+    let node: Arc<dyn BlockNode> = Arc::new(super::marked::marking(raw.clone(), &tracked));
     let bitmaps = offered_bitmaps(image, size, Some(&tracked));
     let (t, img) = (tracked.clone(), image.to_path_buf());
     let export = Export {
@@ -315,7 +265,9 @@ fn writable_export(
         read_only: false,
         bitmaps,
         on_flush: Some(Arc::new(move || {
-            save_bitmaps(&img, &t, true, true).map_err(io::Error::other)
+            super::marked::save(&img, &t, true, true)
+                .map(|_| ())
+                .map_err(io::Error::other)
         })),
     };
     Ok((export, Some(tracked), raw))
@@ -372,30 +324,4 @@ fn offered_bitmaps(image: &Path, size: u64, tracked: Option<&Tracked>) -> Vec<(S
             })
             .collect(),
     }
-}
-
-/// Save the tracked bitmaps: the new identity recorded in those that were
-/// consistent (when the image was flushed), in use while `serving`.
-fn save_bitmaps(
-    image: &Path,
-    tracked: &Tracked,
-    flushed: bool,
-    serving: bool,
-) -> anyhow::Result<()> {
-    let after = Identity::of(image).with_context(|| format!("cannot stat {}", image.display()))?;
-    let mut v = match tracked.lock() {
-        Ok(v) => v,
-        Err(p) => p.into_inner(),
-    };
-    for (b, consistent) in v.iter_mut() {
-        if *consistent && flushed {
-            b.identity = after;
-        }
-        if !*consistent {
-            b.inconsistent = true;
-        }
-        b.in_use = serving;
-        b.save(image)?;
-    }
-    Ok(())
 }
