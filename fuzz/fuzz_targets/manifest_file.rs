@@ -1,4 +1,5 @@
-//! A manifest file from the fuzzer: open (validate), then read digests.
+//! A manifest file from the fuzzer (version 1 or 2): open (validate), then
+//! read digests, its data runs and its root.
 #![no_main]
 use imgbackup::manifest::ManifestFile;
 use libfuzzer_sys::fuzz_target;
@@ -11,5 +12,7 @@ fuzz_target!(|data: &[u8]| {
     }
     if let Ok(m) = ManifestFile::open(f.path()) {
         let _ = m.digests(0, m.meta.chunks.min(1000));
+        let _ = m.data_runs(0, m.meta.chunks);
+        let _ = m.compute_root();
     }
 });
