@@ -411,6 +411,45 @@ def rss(images):
     return rows
 
 
+def serve_latency(images, runs):
+    """The anchors' seeded NBD write stream (nbd_guest.py: 4 KiB writes,
+    open loop) against `imgbackup serve` and against qemu-nbd, serving the
+    same 512 MiB raw image, at 500 and 5000 writes/s, 8 s each."""
+    rows = []
+    img = os.path.join(images, "serve.raw")
+    sock = os.path.join(images, "serve.sock")
+    with open(os.path.join(images, "full.raw"), "rb") as f, open(img, "wb") as out:
+        for _ in range(32):
+            out.write(f.read(16 << 20))
+    servers = (("imgbackup serve", [BIN, "serve", "-q", img, "--socket", sock]),
+               ("qemu-nbd", ["qemu-nbd", "-f", "raw", "-t", "-k", sock, img]))
+    for label, cmd in servers:
+        for iops in (500, 5000):
+            p50, p99 = [], []
+            for r in range(runs):
+                if os.path.exists(sock):
+                    os.remove(sock)
+                srv = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                for _ in range(100):
+                    if os.path.exists(sock):
+                        break
+                    time.sleep(0.05)
+                time.sleep(0.3)
+                out = subprocess.run([sys.executable, os.path.join(ANCHORS, "nbd_guest.py"), "--socket", sock,
+                                      "--iops", str(iops), "--duration", "8", "--seed", str(r + 1)],
+                                     capture_output=True, text=True).stdout
+                srv.terminate()
+                srv.wait()
+                res = json.loads(out.split("RESULT ", 1)[1].splitlines()[0])["during_cmd"]
+                p50.append(res["p50_us"] / 1000.0)
+                p99.append(res["p99_us"] / 1000.0)
+            row = "| %s | %d | %.2f | %.2f |" % (label, iops, statistics.median(p50), statistics.median(p99))
+            print(row, flush=True)
+            rows.append(row)
+    os.remove(img)
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--images", default="/tmp/imgbackup-bench")
@@ -504,6 +543,10 @@ def main():
         row = "--speed 256M on full.raw: %.1f MiB/s measured over the job, %.2f %% off" % (got / 2**20, abs(got - rate) * 100 / rate)
         print(row)
         lines += ["", row]
+    if a.only and "serve" in a.only:
+        lines += ["", "NBD write stream (nbd_guest.py, 4 KiB, open loop, 8 s) served by imgbackup and by qemu-nbd "
+                  "(medians over %d runs):" % a.runs, "", "| server | writes/s | p50 ms | p99 ms |",
+                  "| --- | --- | --- | --- |"] + serve_latency(a.images, a.runs)
     if a.only and "rss" in a.only:
         lines += ["", "Peak RSS (/usr/bin/time -v) for large images:", ""] + rss(a.images)
     lines += ["", "Commands:", ""] + commands
