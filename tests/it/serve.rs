@@ -384,3 +384,41 @@ fn libnbd_clients_agree() {
     assert!(identical_fmt(p, "patch.raw", "raw", "disk.raw", "raw"));
     assert_eq!(dirty_granules(p), 512);
 }
+
+#[test]
+fn tcp_listens_on_loopback_and_stops_on_sigint() {
+    use std::io::BufRead;
+    let d = tempdir();
+    let p = d.path();
+    data_disk(p, "disk.raw", 4);
+    // Port 0: the kernel picks one; the server says which.
+    let mut child = bin()
+        .current_dir(p)
+        .args(["serve", "disk.raw", "--listen", "0", "--export-name", "d"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stderr.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let uri = line.trim().rsplit(" at ").next().unwrap().to_string();
+    assert!(
+        uri.starts_with("nbd://127.0.0.1:") && uri.ends_with("/d"),
+        "{line}"
+    );
+    assert!(identical_fmt(p, &uri, "raw", "disk.raw", "raw"));
+    let o = nbd_io(p, &uri, &["write -P 0x42 1M 64k", "flush"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    signal(&child, libc::SIGINT);
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0));
+    let bytes = std::fs::read(p.join("disk.raw")).unwrap();
+    assert!(bytes[1 << 20..(1 << 20) + 65536].iter().all(|&b| b == 0x42));
+    // A bare port never listens beyond loopback; a name that is not a
+    // socket is refused.
+    std::fs::write(p.join("file"), b"x").unwrap();
+    let o = run_in(p, &["serve", "disk.raw", "--socket", "file"]);
+    assert_ne!(code(&o), 0);
+    assert!(stderr(&o).contains("not a socket"), "{}", stderr(&o));
+}
