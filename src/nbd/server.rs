@@ -258,6 +258,38 @@ impl Server {
         }
     }
 
+    /// The rest of an option that names an export: refused as invalid when
+    /// it did not parse (`None`), as unknown when it names another export.
+    fn for_this_export<T>(
+        &self,
+        w: &Mutex<Box<dyn Write + Send>>,
+        opt: &Opt,
+        parsed: Option<(String, T)>,
+        what: &str,
+    ) -> Result<Option<T>, WireError> {
+        match parsed {
+            None => {
+                Self::reply(
+                    w,
+                    opt.code,
+                    NBD_REP_ERR_INVALID,
+                    format!("malformed {what}").as_bytes(),
+                )?;
+                Ok(None)
+            }
+            Some((name, _)) if name != self.export.name => {
+                Self::reply(
+                    w,
+                    opt.code,
+                    NBD_REP_ERR_UNKNOWN,
+                    format!("no export named '{name}'").as_bytes(),
+                )?;
+                Ok(None)
+            }
+            Some((_, rest)) => Ok(Some(rest)),
+        }
+    }
+
     /// Answer INFO or GO; true when the export was described (GO then
     /// starts transmission).
     fn info(
@@ -266,34 +298,16 @@ impl Server {
         opt: &Opt,
         s: &Session,
     ) -> Result<bool, WireError> {
-        let mut p = Payload::new(&opt.data);
         let parsed = (|| {
+            let mut p = Payload::new(&opt.data);
             let name = p.lstring()?;
             let n = p.u16()?;
-            let mut wanted = Vec::new();
-            for _ in 0..n {
-                wanted.push(p.u16()?);
-            }
+            let wanted = (0..n).map(|_| p.u16()).collect::<Option<Vec<u16>>>()?;
             p.is_done().then_some((name, wanted))
         })();
-        let Some((name, wanted)) = parsed else {
-            Self::reply(
-                w,
-                opt.code,
-                NBD_REP_ERR_INVALID,
-                b"malformed INFO/GO request",
-            )?;
+        let Some(wanted) = self.for_this_export(w, opt, parsed, "INFO/GO request")? else {
             return Ok(false);
         };
-        if name != self.export.name {
-            Self::reply(
-                w,
-                opt.code,
-                NBD_REP_ERR_UNKNOWN,
-                format!("no export named '{name}'").as_bytes(),
-            )?;
-            return Ok(false);
-        }
         let mut export = NBD_INFO_EXPORT.to_be_bytes().to_vec();
         export.extend_from_slice(&self.export.node.size().to_be_bytes());
         export.extend_from_slice(&self.flags(s).to_be_bytes());
@@ -353,34 +367,19 @@ impl Server {
             )?;
             return Ok(());
         }
-        let mut p = Payload::new(&opt.data);
         let parsed = (|| {
+            let mut p = Payload::new(&opt.data);
             let name = p.lstring()?;
             let n = p.u32()?;
-            let mut queries = Vec::new();
-            for _ in 0..n {
-                queries.push(p.lstring()?);
-            }
+            let queries = (0..n)
+                .map(|_| p.lstring())
+                .collect::<Option<Vec<String>>>()?;
             p.is_done().then_some((name, queries))
         })();
-        let Some((name, queries)) = parsed else {
-            Self::reply(
-                w,
-                opt.code,
-                NBD_REP_ERR_INVALID,
-                b"malformed metadata context request",
-            )?;
+        let Some(queries) = self.for_this_export(w, opt, parsed, "metadata context request")?
+        else {
             return Ok(());
         };
-        if name != self.export.name {
-            Self::reply(
-                w,
-                opt.code,
-                NBD_REP_ERR_UNKNOWN,
-                format!("no export named '{name}'").as_bytes(),
-            )?;
-            return Ok(());
-        }
         let listing = opt.code == NBD_OPT_LIST_META_CONTEXT;
         let mut found: Vec<(u32, String)> = Vec::new();
         if listing && queries.is_empty() {
