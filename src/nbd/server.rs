@@ -62,6 +62,9 @@ const BASE_ALLOCATION_ID: u32 = 1;
 const FIRST_BITMAP_ID: u32 = 2;
 /// Worker threads per connection.
 const WORKERS: usize = 4;
+/// The largest request answered on the connection's own thread when
+/// nothing else is in flight.
+const INLINE_MAX: u32 = 256 << 10;
 /// Descriptors per block-status reply at most.
 const MAX_DESCRIPTORS: usize = 1024;
 
@@ -412,9 +415,11 @@ impl Server {
         let (tx, rx) = mpsc::channel::<(Request, Vec<u8>)>();
         let rx = Arc::new(Mutex::new(rx));
         let s = Arc::new(s);
+        // Requests handed to workers and not answered yet.
+        let busy = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         std::thread::scope(|scope| {
             for _ in 0..WORKERS {
-                let (rx, w, s) = (rx.clone(), w.clone(), s.clone());
+                let (rx, w, s, busy) = (rx.clone(), w.clone(), s.clone(), busy.clone());
                 scope.spawn(move || {
                     loop {
                         let job = match rx.lock() {
@@ -424,7 +429,9 @@ impl Server {
                         let Ok((q, data)) = job else { return };
                         let reply = self.execute(&s, &q, data);
                         self.counters.requests.fetch_add(1, Ordering::Relaxed);
-                        if Self::send(&w, &reply).is_err() {
+                        let sent = Self::send(&w, &reply);
+                        busy.fetch_sub(1, Ordering::AcqRel);
+                        if sent.is_err() {
                             return;
                         }
                     }
@@ -451,6 +458,27 @@ impl Server {
                         break Err(WireError::Io(e));
                     }
                 }
+                // With nothing in flight, a small request that does not wait
+                // for the disk is answered here: no hand-over to a worker
+                // (the common case of a client waiting for each reply).
+                let quick = matches!(
+                    q.kind,
+                    NBD_CMD_READ
+                        | NBD_CMD_WRITE
+                        | NBD_CMD_WRITE_ZEROES
+                        | NBD_CMD_TRIM
+                        | NBD_CMD_BLOCK_STATUS
+                ) && q.len <= INLINE_MAX
+                    && q.flags & NBD_CMD_FLAG_FUA == 0;
+                if quick && busy.load(Ordering::Acquire) == 0 {
+                    let reply = self.execute(&s, &q, data);
+                    self.counters.requests.fetch_add(1, Ordering::Relaxed);
+                    if let Err(e) = Self::send(&w, &reply) {
+                        break Err(e);
+                    }
+                    continue;
+                }
+                busy.fetch_add(1, Ordering::AcqRel);
                 if tx.send((q, data)).is_err() {
                     break Ok(());
                 }
