@@ -93,9 +93,25 @@ pub fn kept() -> Vec<PathBuf> {
         .collect()
 }
 
+/// Say what stopping now leaves behind (after `prefix`) and end the process
+/// with `code`, holding the record all the while: a removal that another
+/// thread is about to make waits, so the line stays true of the disk.
+pub fn report_and_exit(prefix: &str, code: i32) -> ! {
+    let g = match LEFT.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    };
+    let left: Vec<Left> = g.iter().map(|(_, l)| l.clone()).collect();
+    crate::errln!("{prefix}{}", describe_list(left));
+    std::process::exit(code)
+}
+
 /// One line saying what stopping now leaves behind and how to recover.
 pub fn describe() -> String {
-    let left = current();
+    describe_list(current())
+}
+
+fn describe_list(left: Vec<Left>) -> String {
     if left.is_empty() {
         return "nothing was left behind".into();
     }

@@ -35,11 +35,10 @@ pub fn install(cancel: &Cancel) -> std::io::Result<()> {
                     cancel.cancel(reason);
                     continue;
                 }
-                crate::errln!(
-                    "imgbackup: a second signal ({name}): stopping at once; {}",
-                    crate::leftovers::describe()
+                crate::leftovers::report_and_exit(
+                    &format!("imgbackup: a second signal ({name}): stopping at once; "),
+                    Exit::from(reason).code(),
                 );
-                std::process::exit(Exit::from(reason).code());
             }
         })?;
     Ok(())
