@@ -125,26 +125,23 @@ fn runs_to_check(
     Ok(union(runs))
 }
 
-/// Check a backup opened as `image` (its chain) against its `manifest`.
-/// Where the manifest takes chunks from the source's backing file
-/// (`--sync top`) and the backup's own backing chain is that very file,
-/// unchanged, and the backup itself holds nothing there, the chunks read
-/// the same bytes on both sides and are not hashed; everything else is
-/// compared as [`check_image`] does.
+/// Check a backup opened as `image` (its chain) against its `manifest`:
+/// as [`check_image`] does, but for the chunks it reads from the very
+/// backing file its manifest recorded by identity
+/// ([`read_from_recorded_backing`]), which both sides read alike and need
+/// no digest.
 pub fn check_backup(
     image: &crate::node::probe::Image,
     manifest: &ManifestFile,
     jobs: usize,
     cancel: &Cancel,
 ) -> Result<Option<Difference>, CopyError> {
-    let backing = manifest.backing_runs();
-    if backing.is_empty() || !same_backing_chain(image, manifest) {
-        return check_image(image.node.as_ref(), manifest, jobs, cancel);
-    }
-    manifest.check_backing().map_err(CopyError::ManifestRead)?;
-    let own = top_held(image, manifest)?;
-    let runs = runs_outside_backing(image, manifest, &backing)?;
-    let runs = union(runs.into_iter().chain(own).collect());
+    let trusted = read_from_recorded_backing(image, manifest)?;
+    let untrusted = complement(&trusted, manifest.geometry().chunks());
+    let runs: Vec<(u64, u64)> = runs_to_check(image.node.as_ref(), manifest)?
+        .into_iter()
+        .flat_map(|(a, b)| intersect(&untrusted, a, b))
+        .collect();
     first_difference_in(image.node.as_ref(), manifest, &runs, jobs, cancel)
 }
 
@@ -188,32 +185,6 @@ fn top_held(
     })
     .map_err(CopyError::Source)?;
     Ok(union(out))
-}
-
-/// Outside the manifest's `backing` runs: what the manifest says holds
-/// data, and what the chain holds as data.
-fn runs_outside_backing(
-    image: &crate::node::probe::Image,
-    manifest: &ManifestFile,
-    backing: &[(u64, u64)],
-) -> Result<Vec<(u64, u64)>, CopyError> {
-    let geo = manifest.geometry();
-    let outside = complement(backing, geo.chunks());
-    let mut runs: Vec<(u64, u64)> = manifest
-        .data_runs(0, geo.chunks())
-        .map_err(CopyError::ManifestRead)?
-        .into_iter()
-        .flat_map(|(a, b)| intersect(&outside, a, b))
-        .collect();
-    let end = image.node.size().min(geo.size);
-    crate::node::for_each_extent(image.node.as_ref(), 0, end, |pos, ext| {
-        if ext.status == Status::Data {
-            let (a, b) = geo.chunks_of(pos, pos + ext.len);
-            runs.extend(intersect(&outside, a, b));
-        }
-    })
-    .map_err(CopyError::Source)?;
-    Ok(runs)
 }
 
 /// True when `image`'s backing chain (below its top) is the chain the

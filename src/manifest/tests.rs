@@ -101,6 +101,11 @@ fn meta() -> Meta {
     }
 }
 
+/// A writer of a new manifest at `path`.
+fn new_writer(path: &Path, geo: Geometry, algo: DigestAlgo) -> ManifestWriter {
+    ManifestWriter::create_in(path, File::create_new(path).unwrap(), geo, algo).unwrap()
+}
+
 /// The manifest of `image` written as `dir/NAME.manifest`, then opened.
 fn write(
     dir: &Path,
@@ -110,12 +115,11 @@ fn write(
     algo: DigestAlgo,
 ) -> ManifestFile {
     let path = manifest_path(&dir.join(name));
-    let file = File::create_new(&path).unwrap();
     let geo = Geometry {
         size: image.size(),
         chunk,
     };
-    let w = ManifestWriter::create_in(&path, file, geo, algo).unwrap();
+    let w = new_writer(&path, geo, algo);
     assert_eq!(w.gaps(), vec![(0, geo.chunks())]);
     w.fill_from(image, 3, &Cancel::new()).unwrap();
     assert!(w.gaps().is_empty());
@@ -225,13 +229,7 @@ fn an_incremental_refers_to_its_parent_and_has_the_full_root() {
         chunk,
     };
     let path = manifest_path(&p.join("child"));
-    let w = ManifestWriter::create_in(
-        &path,
-        File::create_new(&path).unwrap(),
-        geo,
-        DigestAlgo::Blake3,
-    )
-    .unwrap();
+    let w = new_writer(&path, geo, DigestAlgo::Blake3);
     let z = geo.zero_digests(DigestAlgo::Blake3);
     w.put_many(
         3,
@@ -378,13 +376,7 @@ fn version_1_manifests_are_read_and_serve_as_parents() {
         chunk: chunk as u64,
     };
     let path = manifest_path(&p.join("child"));
-    let w = ManifestWriter::create_in(
-        &path,
-        File::create_new(&path).unwrap(),
-        geo,
-        DigestAlgo::Sha256,
-    )
-    .unwrap();
+    let w = new_writer(&path, geo, DigestAlgo::Sha256);
     w.put_many(10, &[digest(&new[10 * chunk..11 * chunk])])
         .unwrap();
     w.fill_from_parent(&v1);
@@ -423,13 +415,7 @@ fn backing_runs_are_digested_when_needed_and_only_from_the_same_file() {
         chunk: chunk as u64,
     };
     let path = manifest_path(&p.join("t"));
-    let w = ManifestWriter::create_in(
-        &path,
-        File::create_new(&path).unwrap(),
-        geo,
-        DigestAlgo::Sha256,
-    )
-    .unwrap();
+    let w = new_writer(&path, geo, DigestAlgo::Sha256);
     w.put_many(5, &[digest(&image[5 * chunk..6 * chunk])])
         .unwrap();
     w.fill_from_backing();
@@ -442,13 +428,7 @@ fn backing_runs_are_digested_when_needed_and_only_from_the_same_file() {
         file: FileBinding::of_path(&p.join("base.raw")).unwrap(),
     }];
     std::fs::remove_file(&path).unwrap();
-    let w2 = ManifestWriter::create_in(
-        &path,
-        File::create_new(&path).unwrap(),
-        geo,
-        DigestAlgo::Sha256,
-    )
-    .unwrap();
+    let w2 = new_writer(&path, geo, DigestAlgo::Sha256);
     w2.put_many(5, &[digest(&image[5 * chunk..6 * chunk])])
         .unwrap();
     w2.fill_from_backing();

@@ -215,6 +215,46 @@ impl ManifestWriter {
         Ok(())
     }
 
+    /// The root digest of the image the `runs` describe: data digests from
+    /// the scratch file, a parent's through its manifest.
+    fn root(
+        &self,
+        runs: &[(u64, u64, Kind)],
+        parent: Option<&ManifestFile>,
+        buf: &mut Vec<Sha>,
+    ) -> io::Result<Sha> {
+        let internal = |what: &str| io::Error::other(format!("internal error: {what}"));
+        let mut root = RootHasher::new(self.geo, self.algo());
+        for &(s, e, kind) in runs {
+            match kind {
+                Kind::Zero => root.zeros(e - s),
+                Kind::Data => {
+                    let mut i = s;
+                    while i < e {
+                        let j = (i + BLOCK).min(e);
+                        self.read_scratch(i, j - i, buf)?;
+                        buf.iter().for_each(|d| root.chunk(d));
+                        i = j;
+                    }
+                }
+                Kind::Backing => return Err(internal("a root over backing runs")),
+                Kind::Parent => {
+                    let p = parent.ok_or_else(|| internal("no parent manifest"))?;
+                    p.visit(s, e, &mut |piece| {
+                        match piece {
+                            Piece::Zero(a, b) => root.zeros(b - a),
+                            Piece::Digests(_, ds) => ds.iter().for_each(|d| root.chunk(d)),
+                        }
+                        Ok(())
+                    })
+                    .map_err(io::Error::other)?;
+                }
+            }
+        }
+        root.finish()
+            .ok_or_else(|| internal("the runs do not cover the image"))
+    }
+
     /// Compute the root digest, write the runs, the digests, the metadata
     /// and the checksum, and sync. `meta.root_digest` and the geometry
     /// fields are filled in; every chunk must be recorded, and `parent`
@@ -229,41 +269,18 @@ impl ManifestWriter {
         if deferred && meta.backing_files.is_empty() {
             return Err(internal("backing runs without backing files"));
         }
-        let mut root = RootHasher::new(self.geo, self.algo());
-        let mut data = 0u64;
+        let data: u64 = runs
+            .iter()
+            .filter(|r| r.2 == Kind::Data)
+            .map(|r| r.1 - r.0)
+            .sum();
         let mut buf = Vec::new();
-        for &(s, e, kind) in &runs {
-            match kind {
-                Kind::Zero => root.zeros(e - s),
-                Kind::Data => {
-                    data += e - s;
-                    let mut i = s;
-                    while i < e {
-                        let j = (i + BLOCK).min(e);
-                        self.read_scratch(i, j - i, &mut buf)?;
-                        buf.iter().for_each(|d| root.chunk(d));
-                        i = j;
-                    }
-                }
-                // A deferred root is computed by the first check.
-                Kind::Backing => root.zeros(e - s),
-                Kind::Parent => {
-                    let p = parent.ok_or_else(|| internal("no parent manifest"))?;
-                    p.visit(s, e, &mut |piece| {
-                        match piece {
-                            Piece::Zero(a, b) => root.zeros(b - a),
-                            Piece::Digests(_, ds) => ds.iter().for_each(|d| root.chunk(d)),
-                        }
-                        Ok(())
-                    })
-                    .map_err(io::Error::other)?;
-                }
-            }
-        }
-        let root = root
-            .finish()
-            .ok_or_else(|| internal("the runs do not cover the image"))?;
-        meta.root_digest = if deferred { String::new() } else { hex(&root) };
+        // A deferred root is computed by the first check that needs it.
+        meta.root_digest = if deferred {
+            String::new()
+        } else {
+            hex(&self.root(&runs, parent, &mut buf)?)
+        };
         meta.chunk_size = self.geo.chunk;
         meta.chunks = self.geo.chunks();
         meta.virtual_size = self.geo.size;
