@@ -37,42 +37,39 @@ type Closer = Box<dyn FnOnce() + Send>;
 /// An accepted connection, split into halves, and its closer.
 type Conn = (Box<dyn io::Read + Send>, Box<dyn io::Write + Send>, Closer);
 
+/// The halves of an accepted stream and its closer; `shutdown` closes a
+/// clone of it.
+fn split<S>(s: S, try_clone: fn(&S) -> io::Result<S>, shutdown: fn(&S)) -> io::Result<Conn>
+where
+    S: io::Read + io::Write + Send + 'static,
+{
+    let (r, w) = (try_clone(&s)?, try_clone(&s)?);
+    Ok((Box::new(r), Box::new(w), Box::new(move || shutdown(&s))))
+}
+
 impl Listener {
     fn accept(&self) -> io::Result<Option<Conn>> {
-        let conn: Conn = match self {
-            Listener::Unix(l, _) => match l.accept() {
-                Ok((s, _)) => {
-                    s.set_nonblocking(false)?;
-                    let (r, w) = (s.try_clone()?, s.try_clone()?);
-                    (
-                        Box::new(r),
-                        Box::new(w),
-                        Box::new(move || {
-                            let _ = s.shutdown(std::net::Shutdown::Both);
-                        }),
-                    )
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
-                Err(e) => return Err(e),
-            },
-            Listener::Tcp(l) => match l.accept() {
-                Ok((s, _)) => {
-                    s.set_nonblocking(false)?;
-                    let _ = s.set_nodelay(true);
-                    let (r, w) = (s.try_clone()?, s.try_clone()?);
-                    (
-                        Box::new(r),
-                        Box::new(w),
-                        Box::new(move || {
-                            let _ = s.shutdown(std::net::Shutdown::Both);
-                        }),
-                    )
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
-                Err(e) => return Err(e),
-            },
+        use std::net::Shutdown;
+        let conn = match self {
+            Listener::Unix(l, _) => l.accept().and_then(|(s, _)| {
+                s.set_nonblocking(false)?;
+                split(s, std::os::unix::net::UnixStream::try_clone, |s| {
+                    let _ = s.shutdown(Shutdown::Both);
+                })
+            }),
+            Listener::Tcp(l) => l.accept().and_then(|(s, _)| {
+                s.set_nonblocking(false)?;
+                let _ = s.set_nodelay(true);
+                split(s, std::net::TcpStream::try_clone, |s| {
+                    let _ = s.shutdown(Shutdown::Both);
+                })
+            }),
         };
-        Ok(Some(conn))
+        match conn {
+            Ok(c) => Ok(Some(c)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 }
 
