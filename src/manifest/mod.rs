@@ -133,11 +133,6 @@ impl std::fmt::Display for DigestAlgo {
     }
 }
 
-/// sha256 of `len` zero bytes.
-pub fn zero_digest(len: u64) -> Sha {
-    DigestAlgo::Sha256.zero(len)
-}
-
 /// sha256 of `data`.
 pub fn digest(data: &[u8]) -> Sha {
     DigestAlgo::Sha256.hash(data)

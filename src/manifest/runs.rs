@@ -114,16 +114,6 @@ impl RunMap {
         }
         out
     }
-
-    /// Number of runs.
-    pub fn len(&self) -> usize {
-        self.m.len()
-    }
-
-    /// True when nothing was said.
-    pub fn is_empty(&self) -> bool {
-        self.m.is_empty()
-    }
 }
 
 /// Merge sorted or unsorted chunk ranges into sorted disjoint ones.
