@@ -52,7 +52,49 @@ impl Exit {
     pub fn code(self) -> i32 {
         self as i32
     }
+
+    /// The exit of a process code (an unknown code is a failure).
+    pub fn from_code(code: i32) -> Exit {
+        [
+            Exit::Success,
+            Exit::Usage,
+            Exit::Skipped,
+            Exit::SourceRead,
+            Exit::TargetWrite,
+            Exit::Bitmap,
+            Exit::Mismatch,
+            Exit::Locked,
+            Exit::Timeout,
+            Exit::Hangup,
+            Exit::Interrupted,
+            Exit::Terminated,
+        ]
+        .into_iter()
+        .find(|e| e.code() == code)
+        .unwrap_or(Exit::Failure)
+    }
 }
+
+/// A failure decided and explained by another imgbackup process (a served
+/// image's server ran the command): its exit code, causes and hint, passed
+/// on as they are.
+#[derive(Debug)]
+pub struct Reported {
+    /// The exit code.
+    pub exit: Exit,
+    /// The error and its causes, outermost first, joined.
+    pub message: String,
+    /// What to do next.
+    pub hint: Option<String>,
+}
+
+impl std::fmt::Display for Reported {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Reported {}
 
 /// The causes of `err`, outermost first, with the error inside each
 /// transparent [`JobError`] variant listed too (its own `source()` skips
@@ -91,6 +133,9 @@ fn find<T: std::error::Error + 'static>(err: &anyhow::Error) -> Option<&T> {
 
 /// The exit code of one cause, if its type decides one.
 fn classify_one(cause: &(dyn std::error::Error + 'static)) -> Option<Exit> {
+    if let Some(r) = cause.downcast_ref::<Reported>() {
+        return Some(r.exit);
+    }
     if let Some(e) = cause.downcast_ref::<JobError>() {
         return match e {
             JobError::Usage(_) => Some(Exit::Usage),
@@ -207,6 +252,9 @@ fn bitmap_hint(err: &anyhow::Error) -> String {
 
 /// What to do next, for the error's class.
 pub fn hint(err: &anyhow::Error) -> Option<String> {
+    if let Some(r) = find::<Reported>(err) {
+        return r.hint.clone();
+    }
     let code = classify(err);
     let block = find::<BlockError>(err);
     match code {

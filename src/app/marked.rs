@@ -29,7 +29,7 @@ pub fn open_raw(image: &Path) -> anyhow::Result<Arc<dyn BlockNode>> {
 }
 
 /// The bitmaps being marked, and whether each was consistent when loaded.
-pub type Tracked = Arc<Mutex<Vec<(Bitmap, bool)>>>;
+pub use crate::bitmap::Tracked;
 
 /// Load every enabled bitmap beside `image` (of `size` bytes) and mark it in
 /// use on disk.

@@ -3,9 +3,11 @@
 
 pub mod backup;
 pub mod bitmap;
+pub mod control;
 pub mod guest;
 pub mod info;
 pub mod marked;
+pub mod render;
 pub mod restore;
 pub mod serve;
 pub mod verify;

@@ -24,6 +24,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use super::marked::Tracked;
+use crate::job::backup::Served;
+use crate::node::slot::FilterSlot;
 
 /// A listening socket.
 enum Listener {
@@ -153,8 +155,9 @@ pub fn run(args: &ServeArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
     } else {
         locks.qemu(image, Access::Read, false, args.lock.wait_lock)?;
     }
-    let (export, tracked, raw) = if writable {
-        writable_export(args, image)?
+    let (export, tracked, raw, served) = if writable {
+        let (e, t, r, sv) = writable_export(args, image)?;
+        (e, Some(t), r, Some(sv))
     } else {
         let img = open_image(image, Some(format)).context("cannot open the image")?;
         let bitmaps = offered_bitmaps(image, img.node.size(), None);
@@ -169,9 +172,19 @@ pub fn run(args: &ServeArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
             },
             None,
             img.node,
+            None,
         )
     };
     let (listener, uri) = listen(args)?;
+    // A writable export's control socket: `backup IMAGE` runs its job here.
+    let ctl_path = super::control::socket_path(image);
+    let control = match served {
+        Some(sv) => {
+            let l = super::control::bind(&ctl_path)?;
+            Some((l, Arc::new(super::control::Control::new(image, sv))))
+        }
+        None => None,
+    };
     let cancel = super::cancel_on_signals()?;
     let shutdown = Arc::new(AtomicBool::new(false));
     let server = Arc::new(Server::new(export, shutdown.clone()));
@@ -186,7 +199,15 @@ pub fn run(args: &ServeArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
     // Each connection's thread, and how to close its socket at shutdown
     // (dropped with the thread once it ends, so no descriptor is kept).
     let mut conns: Vec<(std::thread::JoinHandle<()>, Closer)> = Vec::new();
+    let mut ctl_conns: Vec<std::thread::JoinHandle<()>> = Vec::new();
     while cancel.reason().is_none() {
+        if let Some((l, ctl)) = &control
+            && let Ok((s, _)) = l.accept()
+        {
+            let ctl = ctl.clone();
+            ctl_conns.push(std::thread::spawn(move || ctl.handle(s)));
+        }
+        ctl_conns.retain(|t| !t.is_finished());
         match listener.accept() {
             Ok(Some((r, w, close))) => {
                 let server = server.clone();
@@ -207,6 +228,18 @@ pub fn run(args: &ServeArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
     shutdown.store(true, Ordering::SeqCst);
     if let Listener::Unix(_, path) = &listener {
         let _ = std::fs::remove_file(path);
+    }
+    // A backup running here is cancelled (its client reports it).
+    if let Some((_, ctl)) = &control {
+        let _ = std::fs::remove_file(&ctl_path);
+        ctl.cancel_running(
+            cancel
+                .reason()
+                .unwrap_or(crate::job::cancel::Reason::Terminate),
+        );
+    }
+    for t in ctl_conns {
+        let _ = t.join();
     }
     std::thread::sleep(Duration::from_millis(50));
     for (t, close) in conns {
@@ -231,6 +264,7 @@ pub fn run(args: &ServeArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
             "bytes_written": c.bytes_written.load(Ordering::Relaxed),
             "bytes_read": c.bytes_read.load(Ordering::Relaxed),
             "clients_dropped": c.dropped.load(Ordering::Relaxed),
+            "backups": control.as_ref().map(|(_, c)| c.backups.load(Ordering::Relaxed)).unwrap_or(0),
         }))?;
     } else if !g.quiet {
         crate::errln!(
@@ -248,11 +282,14 @@ pub fn run(args: &ServeArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
 fn writable_export(
     args: &ServeArgs,
     image: &Path,
-) -> anyhow::Result<(Export, Option<Tracked>, Arc<dyn BlockNode>)> {
+) -> anyhow::Result<(Export, Tracked, Arc<dyn BlockNode>, Served)> {
     let raw = super::marked::open_raw(image)?;
     let size = raw.size();
     let tracked = super::marked::track_enabled(image, size)?;
-    let node: Arc<dyn BlockNode> = Arc::new(super::marked::marking(raw.clone(), &tracked));
+    // clients -> filter slot (a backup's copy-before-write) -> marking -> image
+    let live: Arc<dyn BlockNode> = Arc::new(super::marked::marking(raw.clone(), &tracked));
+    let slot = Arc::new(FilterSlot::new(live.clone()));
+    let node: Arc<dyn BlockNode> = slot.clone();
     let bitmaps = offered_bitmaps(image, size, Some(&tracked));
     let (t, img) = (tracked.clone(), image.to_path_buf());
     let export = Export {
@@ -267,7 +304,12 @@ fn writable_export(
                 .map_err(io::Error::other)
         })),
     };
-    Ok((export, Some(tracked), raw))
+    let served = Served {
+        live,
+        slot,
+        bitmaps: tracked.clone(),
+    };
+    Ok((export, tracked, raw, served))
 }
 
 /// `qemu:dirty-bitmap:NAME` for the bitmaps beside `image`: the live ones
@@ -293,11 +335,10 @@ fn offered_bitmaps(image: &Path, size: u64, tracked: Option<&Tracked>) -> Vec<(S
             };
             names
                 .into_iter()
-                .enumerate()
-                .map(|(k, name)| {
-                    let t = t.clone();
+                .map(|name| {
+                    let (t, n) = (t.clone(), name.clone());
                     let f: DirtyRuns = Arc::new(move |pos, len| match t.lock() {
-                        Ok(v) => match v.get(k) {
+                        Ok(v) => match v.iter().find(|(b, _)| b.name == n) {
                             Some((b, _)) => runs(&b.bits, b.granularity, pos, len),
                             None => (false, len),
                         },

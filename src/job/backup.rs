@@ -27,7 +27,7 @@ use super::policy::Policies;
 use super::sync_bitmap::{Before, SyncBitmap};
 use super::sync_mode::{BitmapMode, DefaultBacking, SyncMode};
 use super::{PolicyLog, RetryEvent, outcome, run_background, run_drain};
-use crate::bitmap::{Bitmap, BitmapError, Bits, Identity};
+use crate::bitmap::{Bitmap, BitmapError, Bits, Identity, Tracked};
 use crate::copy::{BlockCopy, ChunkObserver, Config, CopyError};
 use crate::guest::{self, GuestReport, GuestSpec};
 use crate::lock::{Access, Locks};
@@ -42,6 +42,7 @@ use crate::node::marking::MarkingNode;
 use crate::node::overlay::OverlayNode;
 use crate::node::probe::{Format, Image, format_for};
 use crate::node::qcow2::{Compression, CreateOptions, Qcow2Writer};
+use crate::node::slot::{FilterSlot, MeasuredNode};
 use crate::node::{BlockNode, Status, for_each_extent};
 use crate::target::guard::{self, GuardError};
 use crate::target::{FileTarget, FileTargetSpec, Partial, Target};
@@ -56,6 +57,19 @@ pub const DEFAULT_CLUSTER: u64 = 64 << 10;
 pub const DEFAULT_CBW_CACHE_PER_WORKER: u64 = 4 << 20;
 /// Default request size.
 pub const DEFAULT_MAX_CHUNK: u64 = 2 << 20;
+
+/// A served image (`imgbackup serve`): the job runs inside the serving
+/// process, and the clients' writes reach it through the filter slot.
+#[derive(Clone)]
+pub struct Served {
+    /// The image as the clients write it, below the filter slot (the server
+    /// marks its bitmaps here): the job reads it, the filter writes to it.
+    pub live: Arc<dyn BlockNode>,
+    /// Where the job's copy-before-write filter is inserted.
+    pub slot: Arc<FilterSlot>,
+    /// The bitmaps the server marks; a job's bitmap is taken from here.
+    pub bitmaps: Tracked,
+}
 
 /// The backing file written into a qcow2 target.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -203,11 +217,20 @@ pub struct Summary {
     pub throughput_bytes_per_second: f64,
     /// Start time (RFC 3339).
     pub started: String,
+    /// The point in time the backup holds: when the copy bitmap was frozen
+    /// (RFC 3339, microseconds). For a served image, every client write
+    /// completed before it is in the backup and none begun after it.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub point_in_time: String,
     /// End time (RFC 3339).
     pub finished: String,
     /// The simulated guest, when one ran.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub guest: Option<GuestReport>,
+    /// A served image's NBD clients' writes while the job ran (through its
+    /// copy-before-write filter), with their latency.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub clients: Option<GuestReport>,
     /// Where the guest overlay was written.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub guest_overlay: Option<String>,
@@ -421,6 +444,10 @@ fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
 }
 
+fn rfc3339_micros(t: SystemTime) -> String {
+    humantime::format_rfc3339_micros(t).to_string()
+}
+
 /// The identity of every file of the source's chain, to tell at the end
 /// whether something wrote them during the backup.
 fn chain_identities(image: &Image) -> Vec<SourceFile> {
@@ -573,6 +600,7 @@ pub struct BackupJob {
     parent: Option<ManifestFile>,
     geo: Geometry,
     digest: DigestAlgo,
+    served: Option<Served>,
 }
 
 impl BackupJob {
@@ -580,6 +608,18 @@ impl BackupJob {
     /// load the bitmap, choose what to copy and the parent, and refuse a
     /// target that would overwrite what the job reads. Writes nothing.
     pub fn prepare(cfg: BackupConfig) -> Result<BackupJob> {
+        Self::prepare_with(cfg, None)
+    }
+
+    /// [`BackupJob::prepare`] for an image this process serves: the server
+    /// holds its locks, the bitmap is the server's live one, and the job's
+    /// point in time is the moment [`BackupJob::start`] inserts the filter.
+    pub fn prepare_served(cfg: BackupConfig, served: Served) -> Result<BackupJob> {
+        check_served(&cfg)?;
+        Self::prepare_with(cfg, Some(served))
+    }
+
+    fn prepare_with(cfg: BackupConfig, served: Option<Served>) -> Result<BackupJob> {
         let started = SystemTime::now();
         let t0 = Instant::now();
         let plan = plan(&cfg)?;
@@ -594,7 +634,11 @@ impl BackupJob {
                 cfg.source.display()
             )));
         }
-        let locks = lock_source(&cfg, &image)?;
+        let locks = match &served {
+            // The server holds the image's locks.
+            Some(_) => Locks::new(),
+            None => lock_source(&cfg, &image)?,
+        };
         for t in crate::bitmap::file::remove_stale_temps(&cfg.source) {
             tracing::info!(
                 "removed a bitmap temporary file left by a killed run: {}",
@@ -611,9 +655,10 @@ impl BackupJob {
             cfg.source.display()
         )))?;
         let source_ids = chain_identities(&image);
-        let bitmap = match &cfg.bitmap {
-            Some(name) => Some(job_bitmap(name, cfg.sync, &cfg.source, size, &identity)?),
-            None => None,
+        let bitmap = match (&cfg.bitmap, &served) {
+            (Some(name), None) => Some(job_bitmap(name, cfg.sync, &cfg.source, size, &identity)?),
+            (Some(name), Some(sv)) => Some(served_bitmap(name, cfg.sync, &cfg.source, size, sv)?),
+            (None, _) => None,
         };
         let copy_bits = cfg
             .sync
@@ -667,6 +712,7 @@ impl BackupJob {
             parent,
             geo,
             digest,
+            served,
         };
         job.log_plan();
         Ok(job)
@@ -730,8 +776,10 @@ impl BackupJob {
             elapsed_seconds: 0.0,
             throughput_bytes_per_second: 0.0,
             started: rfc3339(self.started),
+            point_in_time: String::new(),
             finished: String::new(),
             guest: None,
+            clients: None,
             guest_overlay: None,
             verified: false,
             manifest_root_digest: None,
@@ -794,6 +842,11 @@ impl BackupJob {
         // From here on the bitmap is frozen and in use; dropping the job's
         // bitmap on any failure puts it back (with the writes made meanwhile).
         let mut job = self;
+        if let Some(served) = job.served.clone() {
+            return served
+                .slot
+                .insert_with(|| job.start_served(&served, target, cancel));
+        }
         let sync_bitmap = match job.bitmap.take() {
             Some((b, before)) => Some(Arc::new(SyncBitmap::start(
                 &job.cfg.source,
@@ -805,6 +858,135 @@ impl BackupJob {
             None => None,
         };
         Running::build(job, target, sync_bitmap, cancel)
+    }
+}
+
+impl BackupJob {
+    /// With the clients' writes drained (inside [`FilterSlot::insert_with`]):
+    /// the point in time. Freeze the bitmap, choose the clusters to copy
+    /// from the image as it is now, build the graph, and return the filter
+    /// to insert.
+    fn start_served(
+        mut self,
+        served: &Served,
+        target: Box<dyn Target>,
+        cancel: Cancel,
+    ) -> Result<(Arc<dyn BlockNode>, Running)> {
+        let source = self.cfg.source.clone();
+        self.identity = Identity::of(&source).map_err(JobError::context(format!(
+            "cannot stat {}",
+            source.display()
+        )))?;
+        let sync_bitmap = match self.bitmap.take() {
+            Some((b, before)) => Some(Arc::new(SyncBitmap::start_live(
+                &source,
+                b,
+                before,
+                self.plan.bitmap_mode,
+                self.identity,
+                &served.bitmaps,
+            )?)),
+            None => None,
+        };
+        self.copy_bits = self
+            .cfg
+            .sync
+            .initial_copy_bitmap(
+                served.live.as_ref(),
+                served.live.size(),
+                sync_bitmap.as_ref().map(|sb| sb.bitmap()),
+                self.plan.cluster_size,
+            )
+            .map_err(CopyError::Source)?;
+        let running = Running::build(self, target, sync_bitmap, cancel)?;
+        let filter = running
+            .guest_node
+            .clone()
+            .ok_or_else(|| JobError::Internal("no copy-before-write filter was built".into()))?;
+        Ok((filter, running))
+    }
+}
+
+/// What a backup of a served image cannot do.
+fn check_served(cfg: &BackupConfig) -> Result<()> {
+    let image = cfg.source.display();
+    if cfg.guest.is_some() {
+        return Err(usage(format!(
+            "--guest is refused: {image} is served over NBD, and its clients are the guest"
+        )));
+    }
+    if !cfg.sync.copies_in_background() || cfg.sync.leaves_the_rest_to_the_backing_file() {
+        return Err(usage(format!(
+            "--sync {} is not available for {image}, which is served over NBD: use --sync full, incremental or bitmap",
+            cfg.sync
+        )));
+    }
+    if cfg.verify && !cfg.manifest {
+        return Err(usage(format!(
+            "--verify --no-manifest is not available for {image}, which is served over NBD: the image changes while the job runs, so only the manifest can tell what the backup must hold"
+        )));
+    }
+    Ok(())
+}
+
+/// The bitmap of a job on a served image: the server's live one (which
+/// must be consistent for incremental and bitmap), or for full a new one.
+fn served_bitmap(
+    name: &str,
+    sync: SyncMode,
+    image: &Path,
+    size: u64,
+    served: &Served,
+) -> std::result::Result<(Bitmap, Before), BitmapError> {
+    let live = match served.bitmaps.lock() {
+        Ok(v) => v.iter().find(|(b, _)| b.name == name).cloned(),
+        Err(p) => p.into_inner().iter().find(|(b, _)| b.name == name).cloned(),
+    };
+    let inconsistent = |reason: String| BitmapError::Inconsistent {
+        name: name.to_string(),
+        image: image.to_path_buf(),
+        reason,
+    };
+    match live {
+        Some((b, consistent)) => {
+            let usable = consistent && !b.inconsistent && b.image_size == size;
+            if sync.uses_bitmap() && !usable {
+                return Err(inconsistent(
+                    "it was not consistent when the server started".into(),
+                ));
+            }
+            let before = Before::Parsed {
+                bitmap: Box::new(b.clone()),
+                consistent: usable,
+            };
+            Ok((b, before))
+        }
+        None => match Bitmap::load(image, name) {
+            // On disk but not marked by the server: disabled.
+            Ok(_) => Err(inconsistent(
+                "it is disabled, so the server does not mark it; stop the server, `imgbackup bitmap enable` it, and start a new chain with a full backup".into(),
+            )),
+            Err(e @ (BitmapError::Missing { .. } | BitmapError::Damaged { .. })) => {
+                if sync.uses_bitmap() {
+                    return Err(e);
+                }
+                let before = match e {
+                    BitmapError::Missing { .. } => Before::Missing,
+                    _ => Before::Raw(Bitmap::read_raw(image, name).unwrap_or_default()),
+                };
+                let fresh = Bitmap::new(
+                    name,
+                    crate::bitmap::file::DEFAULT_GRANULARITY,
+                    size,
+                    Identity::of(image).map_err(|e| BitmapError::Io {
+                        path: image.to_path_buf(),
+                        source: e,
+                    })?,
+                );
+                Ok((fresh, before))
+            }
+            Err(e) => Err(e),
+        },
     }
 }
 
@@ -928,6 +1110,22 @@ pub struct Running {
     plog: PolicyLog,
     guest_stats: Option<guest::GuestStats>,
     clock: PhaseClock,
+    /// The job's point in time: the copy bitmap was frozen then.
+    frozen_at: SystemTime,
+    /// A served image's clients' writes during the job.
+    clients: Option<Arc<MeasuredNode>>,
+    /// Removes the filter from a served image's slot when dropped.
+    _slot: Option<SlotGuard>,
+}
+
+/// Takes a job's filter out of a served image's slot when the job ends in
+/// any way.
+struct SlotGuard(Arc<FilterSlot>);
+
+impl Drop for SlotGuard {
+    fn drop(&mut self) {
+        self.0.remove();
+    }
 }
 
 /// Reads the job's progress as (done, total) bytes, from any thread.
@@ -941,8 +1139,12 @@ impl Running {
         cancel: Cancel,
     ) -> Result<Running> {
         let cfg = &job.cfg;
-        let source: Arc<dyn BlockNode> =
-            FaultNode::wrap(job.image.node.clone(), &cfg.inject, Side::Source);
+        let frozen_at = SystemTime::now();
+        let read_from = match &job.served {
+            Some(s) => s.live.clone(),
+            None => job.image.node.clone(),
+        };
+        let source: Arc<dyn BlockNode> = FaultNode::wrap(read_from, &cfg.inject, Side::Source);
         let overlay = match &cfg.guest {
             Some(_) => Some(Arc::new(
                 OverlayNode::new(source.clone(), &crate::files::dir_of(&cfg.target))
@@ -967,10 +1169,10 @@ impl Running {
                 write_zeroes: job.backing.is_some() || job.parent_path.is_some(),
                 speed: cfg.speed,
                 compress: cfg.compress.is_some(),
-                cbw_cache: match (&cfg.guest, cfg.cbw_cache) {
-                    (None, _) => 0,
-                    (Some(_), Some(c)) => c,
-                    (Some(_), None) => DEFAULT_CBW_CACHE_PER_WORKER * job.plan.jobs as u64,
+                cbw_cache: match (cfg.guest.is_some() || job.served.is_some(), cfg.cbw_cache) {
+                    (false, _) => 0,
+                    (true, Some(c)) => c,
+                    (true, None) => DEFAULT_CBW_CACHE_PER_WORKER * job.plan.jobs as u64,
                 },
                 copy_range: true,
             },
@@ -984,18 +1186,35 @@ impl Running {
         if let Some(sb) = &sync_bitmap {
             sb.attach(bc.clone());
         }
-        let guest_node: Option<Arc<dyn BlockNode>> = cfg.guest.as_ref().map(|_| {
-            let cbw: Arc<dyn BlockNode> = Arc::new(CbwNode::new(
+        let cbw = || -> Arc<dyn BlockNode> {
+            Arc::new(CbwNode::new(
                 active.clone(),
                 bc.clone(),
                 cfg.on_cbw_error,
                 cfg.cbw_timeout,
-            ));
-            match &sync_bitmap {
-                Some(sb) => Arc::new(MarkingNode::new(cbw, sb.marker())) as Arc<dyn BlockNode>,
-                None => cbw,
+            ))
+        };
+        // A served image's server marks its bitmaps below the filter (the
+        // job's live bitmap is the successor); the simulated guest's writes
+        // mark the successor here.
+        let (guest_node, clients): (Option<Arc<dyn BlockNode>>, _) = match (&job.served, &cfg.guest)
+        {
+            (Some(_), _) => {
+                let m = Arc::new(MeasuredNode::new(cbw()));
+                (Some(m.clone() as Arc<dyn BlockNode>), Some(m))
             }
-        });
+            (None, Some(_)) => (
+                Some(match &sync_bitmap {
+                    Some(sb) => {
+                        Arc::new(MarkingNode::new(cbw(), sb.marker())) as Arc<dyn BlockNode>
+                    }
+                    None => cbw(),
+                }),
+                None,
+            ),
+            (None, None) => (None, None),
+        };
+        let slot = job.served.as_ref().map(|s| SlotGuard(s.slot.clone()));
         let r = Running {
             job,
             cancel,
@@ -1007,6 +1226,9 @@ impl Running {
             plog: PolicyLog::default(),
             guest_stats: None,
             clock: PhaseClock::start("copy"),
+            frozen_at,
+            clients,
+            _slot: slot,
         };
         r.log_graph();
         Ok(r)
@@ -1102,13 +1324,20 @@ impl Running {
             if result.is_err() || !bounded {
                 stop_guest.store(true, Ordering::Relaxed);
             }
+            // A served image's clients go on writing: once every cluster is
+            // copied (or the job failed) the filter has nothing left to do.
+            // Removing it waits for the writes in flight through it, so no
+            // copy-before-write can start after the cache has drained.
+            if let Some(s) = &self.job.served {
+                s.slot.remove();
+            }
             let stats = guest.and_then(|h| h.join().ok());
             // The cache drains once no guest can fill it any more.
             stop_drain.store(true, Ordering::Relaxed);
             let _ = drain.join();
             (result, stats)
         });
-        self.guest_stats = stats;
+        self.guest_stats = stats.or_else(|| self.clients.as_ref().map(|c| c.stats()));
         result
             .and_then(|_| outcome(bc, cancel))
             .and_then(|_| bc.flush_target().map_err(JobError::from))
@@ -1154,8 +1383,11 @@ impl Running {
         }
         // A source written behind our back (without honouring the locks)
         // gives no point-in-time backup.
-        check_unchanged(&self.job.source_ids)?;
+        if self.job.served.is_none() {
+            check_unchanged(&self.job.source_ids)?;
+        }
         let mut summary = self.job.summary();
+        summary.point_in_time = rfc3339_micros(self.frozen_at);
         if self.target.manifest().is_some() {
             self.clock.next("manifest");
             let meta = self.finish_manifest(&skipped);
@@ -1261,7 +1493,10 @@ impl Running {
         summary.ignored_ranges = skipped.iter().map(|&(s, e)| [s, e]).collect();
         summary.ok = skipped.is_empty();
         summary.exit_code = if skipped.is_empty() { 0 } else { 3 };
-        summary.guest = guest_stats.map(|s| s.report());
+        match job.served {
+            Some(_) => summary.clients = guest_stats.map(|s| s.report()),
+            None => summary.guest = guest_stats.map(|s| s.report()),
+        }
         summary.elapsed_seconds = job.t0.elapsed().as_secs_f64();
         summary.throughput_bytes_per_second = if summary.elapsed_seconds > 0.0 {
             (summary.bytes_copied + summary.bytes_skipped_zero) as f64 / summary.elapsed_seconds
@@ -1298,7 +1533,12 @@ impl Running {
         // `--sync top`: what the copy did not see is the backing file's,
         // recorded by identity and digested when a check needs it.
         let backing_files = lazy_backing_files(job);
-        if backing_files.is_empty() {
+        if job.served.is_some() {
+            // The image has changed since the point in time; the backup (with
+            // its chain) holds it.
+            m.fill_from(written.node.as_ref(), jobs, cancel)
+                .map_err(JobError::context(what))?;
+        } else if backing_files.is_empty() {
             m.fill_from(job.image.node.as_ref(), jobs, cancel)
                 .map_err(JobError::context(what))?;
         } else {
@@ -1378,6 +1618,7 @@ impl Running {
             }
         }
         if (job.cfg.guest.is_some() || self.target.manifest().is_none())
+            && job.served.is_none()
             && !detached
             && let Some(offset) = crate::compare::first_difference(
                 got.node.as_ref(),

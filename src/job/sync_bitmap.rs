@@ -22,7 +22,7 @@
 //! inconsistent flag (only a successful job makes it consistent).
 
 use crate::bitmap::file::Anchor;
-use crate::bitmap::{Bitmap, BitmapError, Bits, Identity};
+use crate::bitmap::{Bitmap, BitmapError, Bits, Identity, Tracked};
 use crate::copy::BlockCopy;
 use crate::job::sync_mode::BitmapMode;
 use crate::node::marking::Mark;
@@ -45,6 +45,16 @@ pub enum Before {
     },
 }
 
+/// What the end of a job does with the bitmap file.
+enum Outcome<'a> {
+    /// Remove it (there was none).
+    Remove,
+    /// Write these bytes back (it could not be parsed).
+    Raw(&'a [u8]),
+    /// Save the bitmap computed.
+    Save,
+}
+
 /// The job's bitmap.
 pub struct SyncBitmap {
     // set at start
@@ -56,6 +66,9 @@ pub struct SyncBitmap {
     start_identity: Identity,
     // behind locks
     successor: Mutex<Bits>,
+    /// A served image's live bitmaps: the entry of this bitmap is the
+    /// successor, marked by the server (see [`SyncBitmap::start_live`]).
+    live: Option<Tracked>,
     copy: Mutex<Option<Arc<BlockCopy>>>,
     done: Mutex<bool>,
 }
@@ -89,6 +102,64 @@ impl SyncBitmap {
             mode,
             start_identity,
             successor: Mutex::new(successor),
+            live: None,
+            copy: Mutex::new(None),
+            done: Mutex::new(false),
+        })
+    }
+
+    /// Freeze `bitmap` for a job on a served image whose live bitmaps are
+    /// `tracked` (marked by the server before every write): the job copies
+    /// the live entry's bits as they are now, and the entry, cleared, goes
+    /// on as the successor. A bitmap not tracked yet (a new one) is added.
+    /// Call with the image's writes drained (the filter slot held), so the
+    /// frozen bits are exactly the writes before the job's point in time.
+    pub fn start_live(
+        image: &Path,
+        bitmap: Bitmap,
+        before: Before,
+        mode: BitmapMode,
+        start_identity: Identity,
+        tracked: &Tracked,
+    ) -> Result<SyncBitmap, BitmapError> {
+        let lock = || match tracked.lock() {
+            Ok(v) => v,
+            Err(p) => p.into_inner(),
+        };
+        let mut parent = bitmap;
+        if let Some((live, _)) = lock().iter().find(|(b, _)| b.name == parent.name) {
+            parent.bits = live.bits.clone();
+        }
+        parent.in_use = true;
+        let token = crate::leftovers::add(crate::leftovers::Left::BitmapInUse {
+            image: image.to_path_buf(),
+            name: parent.name.clone(),
+            anchor: parent.anchor.as_ref().map(|a| a.path.clone()),
+        });
+        if let Err(e) = parent.save(image) {
+            token.clear();
+            return Err(e);
+        }
+        // From here on the live entry is the successor.
+        let mut v = lock();
+        match v.iter_mut().find(|(b, _)| b.name == parent.name) {
+            Some((live, _)) => live.bits = Bits::new(live.bits.len()),
+            None => {
+                let mut successor = parent.clone();
+                successor.bits = Bits::new(parent.bits.len());
+                v.push((successor, true));
+            }
+        }
+        drop(v);
+        Ok(SyncBitmap {
+            image: image.to_path_buf(),
+            before,
+            token: Mutex::new(Some(token)),
+            successor: Mutex::new(Bits::new(parent.bits.len())),
+            parent,
+            mode,
+            start_identity,
+            live: Some(tracked.clone()),
             copy: Mutex::new(None),
             done: Mutex::new(false),
         })
@@ -165,10 +236,76 @@ impl SyncBitmap {
             Ok(d) => d,
             Err(p) => p.into_inner(),
         };
-        let successor = match self.successor.lock() {
-            Ok(s) => s.clone(),
-            Err(p) => p.into_inner().clone(),
+        let b = match &self.live {
+            None => {
+                let successor = match self.successor.lock() {
+                    Ok(s) => s.clone(),
+                    Err(p) => p.into_inner().clone(),
+                };
+                let (outcome, mut b) = self.outcome(ok, anchor, &successor);
+                match outcome {
+                    Outcome::Remove => Bitmap::remove(&self.image, &self.parent.name)?,
+                    Outcome::Raw(bytes) => {
+                        Bitmap::write_raw(&self.image, &self.parent.name, bytes)?
+                    }
+                    Outcome::Save => {
+                        b.in_use = false;
+                        b.save(&self.image)?;
+                    }
+                }
+                b
+            }
+            Some(tracked) => {
+                // The live bitmap is the successor: read it, and put the
+                // result in its place, under its lock (no write is marked
+                // in between).
+                let mut v = match tracked.lock() {
+                    Ok(v) => v,
+                    Err(p) => p.into_inner(),
+                };
+                let name = &self.parent.name;
+                let at = v.iter().position(|(b, _)| &b.name == name);
+                let successor = match at {
+                    Some(i) => v[i].0.bits.clone(),
+                    None => Bits::new(self.parent.bits.len()),
+                };
+                let (outcome, mut b) = self.outcome(ok, anchor, &successor);
+                match outcome {
+                    Outcome::Remove | Outcome::Raw(_) => {
+                        if let Some(i) = at {
+                            v.remove(i);
+                        }
+                        match outcome {
+                            Outcome::Raw(bytes) => Bitmap::write_raw(&self.image, name, bytes)?,
+                            _ => Bitmap::remove(&self.image, name)?,
+                        }
+                    }
+                    Outcome::Save => {
+                        // Still marked by the server: in use on disk.
+                        b.in_use = true;
+                        b.save(&self.image)?;
+                        let entry = (b.clone(), !b.inconsistent);
+                        match at {
+                            Some(i) => v[i] = entry,
+                            None => v.push(entry),
+                        }
+                    }
+                }
+                b
+            }
         };
+        self.settled(&mut done);
+        Ok(b)
+    }
+
+    /// What the job's end makes of the bitmap, given the writes made
+    /// meanwhile (`successor`): the bitmap to save, or the file as it was.
+    fn outcome<'a>(
+        &'a self,
+        ok: bool,
+        anchor: Option<Anchor>,
+        successor: &Bits,
+    ) -> (Outcome<'a>, Bitmap) {
         let sync = (ok || self.mode == BitmapMode::Always) && self.mode != BitmapMode::Never;
         let mut b = self.parent.clone();
         if sync {
@@ -183,27 +320,19 @@ impl SyncBitmap {
                 }
             }
         } else {
-            b.bits.merge(&successor);
+            b.bits.merge(successor);
         }
         if !ok {
             // Put back what was there, plus the writes made meanwhile; an
             // inconsistent bitmap stays inconsistent.
             match &self.before {
-                Before::Missing => {
-                    Bitmap::remove(&self.image, &self.parent.name)?;
-                    self.settled(&mut done);
-                    return Ok(b);
-                }
-                Before::Raw(bytes) => {
-                    Bitmap::write_raw(&self.image, &self.parent.name, bytes)?;
-                    self.settled(&mut done);
-                    return Ok(b);
-                }
+                Before::Missing => return (Outcome::Remove, b),
+                Before::Raw(bytes) => return (Outcome::Raw(bytes), b),
                 Before::Parsed { bitmap, consistent } => {
                     if !sync {
                         let mut orig = (**bitmap).clone();
                         if orig.bits.len() == successor.len() {
-                            orig.bits.merge(&successor);
+                            orig.bits.merge(successor);
                         }
                         b = orig;
                     }
@@ -213,10 +342,7 @@ impl SyncBitmap {
                 }
             }
         }
-        b.in_use = false;
-        b.save(&self.image)?;
-        self.settled(&mut done);
-        Ok(b)
+        (Outcome::Save, b)
     }
 
     fn settled(&self, done: &mut bool) {

@@ -31,6 +31,7 @@ pub mod probe;
 pub mod qcow2;
 pub mod ranges;
 pub mod raw;
+pub mod slot;
 
 use crate::error::{BlockError, Op, Result};
 use std::path::Path;

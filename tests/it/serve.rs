@@ -422,3 +422,262 @@ fn tcp_listens_on_loopback_and_stops_on_sigint() {
     assert_ne!(code(&o), 0);
     assert!(stderr(&o).contains("not a socket"), "{}", stderr(&o));
 }
+
+/// One write of [`Writer`]: when it was sent and when its reply arrived.
+#[derive(Clone, Copy)]
+struct Logged {
+    sent: std::time::SystemTime,
+    done: std::time::SystemTime,
+    offset: u64,
+    pattern: u8,
+}
+
+/// A real NBD client (qemu-io, one command at a time through its prompt)
+/// writing 4 KiB at random offsets until stopped, logging every write.
+struct Writer {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handle: std::thread::JoinHandle<Vec<Logged>>,
+}
+
+impl Writer {
+    fn start(uri: &str, size: u64, seed: u64) -> Writer {
+        use std::io::Read;
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (st, uri) = (stop.clone(), uri.to_string());
+        let handle = std::thread::spawn(move || {
+            let mut child = std::process::Command::new("qemu-io")
+                .args(["-f", "raw", &uri])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("qemu-io");
+            let mut input = child.stdin.take().unwrap();
+            let mut output = child.stdout.take().unwrap();
+            let mut log = Vec::new();
+            let mut x = seed;
+            let mut i = 0u64;
+            while !st.load(Ordering::SeqCst) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let offset = (x % (size / 4096)) * 4096;
+                let pattern = (i % 250) as u8 + 1;
+                i += 1;
+                let sent = std::time::SystemTime::now();
+                writeln!(input, "write -P {pattern} {offset} 4k").unwrap();
+                input.flush().unwrap();
+                let mut got = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !String::from_utf8_lossy(&got).contains("ops/sec") {
+                    let n = output.read(&mut buf).unwrap();
+                    assert!(n > 0, "qemu-io ended: {}", String::from_utf8_lossy(&got));
+                    got.extend_from_slice(&buf[..n]);
+                }
+                let text = String::from_utf8_lossy(&got);
+                assert!(text.contains("wrote 4096/4096"), "{text}");
+                log.push(Logged {
+                    sent,
+                    done: std::time::SystemTime::now(),
+                    offset,
+                    pattern,
+                });
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            drop(input);
+            let _ = child.wait();
+            log
+        });
+        Writer { stop, handle }
+    }
+
+    fn stop(self) -> Vec<Logged> {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.handle.join().unwrap()
+    }
+}
+
+/// The image at `at`: `base` with the logged writes completed before `at`
+/// applied; the writes sent before it but completed after may or may not
+/// be in it, so every combination of those is a candidate.
+fn candidates(base: &[u8], log: &[Logged], at: std::time::SystemTime) -> Vec<Vec<u8>> {
+    let mut img = base.to_vec();
+    let mut open = Vec::new();
+    for w in log {
+        if w.done < at {
+            img[w.offset as usize..w.offset as usize + 4096].fill(w.pattern);
+        } else if w.sent < at {
+            open.push(*w);
+        }
+    }
+    assert!(open.len() <= 4, "{} writes in flight at once", open.len());
+    (0..1u32 << open.len())
+        .map(|mask| {
+            let mut c = img.clone();
+            for (k, w) in open.iter().enumerate() {
+                if mask & (1 << k) != 0 {
+                    c[w.offset as usize..w.offset as usize + 4096].fill(w.pattern);
+                }
+            }
+            c
+        })
+        .collect()
+}
+
+fn point_in_time(doc: &serde_json::Value) -> std::time::SystemTime {
+    humantime::parse_rfc3339(doc["point_in_time"].as_str().expect("point_in_time")).unwrap()
+}
+
+#[test]
+fn a_backup_of_a_served_image_runs_in_the_server_and_is_point_in_time_while_a_client_writes() {
+    let d = tempdir();
+    let p = d.path();
+    data_disk(p, "disk.raw", 32);
+    let orig = std::fs::read(p.join("disk.raw")).unwrap();
+    let s = Served::start(p, "disk.raw", &[]);
+    let w = Writer::start(&s.uri(), 32 << 20, 0x9e3779b97f4a7c15);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    // A full backup anchoring b0, slowed down so that the client writes
+    // all through it; then an incremental of what it wrote meanwhile.
+    let full = ok(
+        p,
+        &[
+            "backup",
+            "disk.raw",
+            "full.qcow2",
+            "--bitmap",
+            "b0",
+            "--speed",
+            "16M",
+            "--verify",
+        ],
+    );
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let inc = ok(
+        p,
+        &[
+            "backup",
+            "--sync",
+            "incremental",
+            "--bitmap",
+            "b0",
+            "disk.raw",
+            "inc.qcow2",
+            "--verify",
+        ],
+    );
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let log = w.stop();
+    // The client wrote during the full backup, through its filter.
+    let during = log
+        .iter()
+        .filter(|l| l.sent > point_in_time(&full))
+        .filter(|l| l.done < humantime::parse_rfc3339(full["finished"].as_str().unwrap()).unwrap())
+        .count();
+    assert!(during > 50, "only {during} writes during the job");
+    assert!(full["clients"]["writes"].as_u64().unwrap() > 50, "{full}");
+    assert!(
+        full["copy_before_write_copies"].as_u64().unwrap() > 0,
+        "{full}"
+    );
+    // Each backup is the image as it was at its point in time.
+    for (doc, file) in [(&full, "full.qcow2"), (&inc, "inc.qcow2")] {
+        let got = raw_content(p, file);
+        let want = candidates(&orig, &log, point_in_time(doc));
+        assert!(
+            want.contains(&got),
+            "{file} is not the image at its point in time"
+        );
+    }
+    // The check tells: the image as it was when the full backup finished
+    // is not what it holds.
+    let got = raw_content(p, "full.qcow2");
+    let end = humantime::parse_rfc3339(full["finished"].as_str().unwrap()).unwrap();
+    assert!(!candidates(&orig, &log, end).contains(&got));
+    // The incremental copied only what was written since the full.
+    assert!(inc["bytes_copied"].as_u64().unwrap() < 32 << 20);
+    let (rc, err) = s.stop();
+    assert_eq!(rc, 0, "{err}");
+    // After the server: the bitmap is consistent, the next incremental
+    // restores to the image.
+    Backup::new(p, "disk.raw", "inc2.qcow2")
+        .sync("incremental")
+        .bitmap("b0")
+        .ok();
+    qemu_img(p, &["convert", "-O", "raw", "inc2.qcow2", "flat.raw"]);
+    assert!(identical_fmt(p, "flat.raw", "raw", "disk.raw", "raw"));
+    check_clean(p, "inc2.qcow2");
+}
+
+#[test]
+fn ctrl_c_of_a_backup_cancels_its_job_never_the_server_and_one_job_runs_at_a_time() {
+    let d = tempdir();
+    let p = d.path();
+    data_disk(p, "disk.raw", 32);
+    let s = Served::start(p, "disk.raw", &[]);
+    let slow = |target: &str| {
+        bin()
+            .current_dir(p)
+            .args([
+                "backup", "disk.raw", target, "--bitmap", "b0", "--speed", "2M",
+            ])
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let first = slow("a.qcow2");
+    wait_for(&p.join("a.qcow2.partial"));
+    // A second job on the same served image is refused while one runs.
+    let o = run_in(p, &["backup", "disk.raw", "b.qcow2"]);
+    assert_eq!(code(&o), 8, "{}", stderr(&o));
+    assert!(stderr(&o).contains("already running"), "{}", stderr(&o));
+    // What a served image cannot do is refused, naming why.
+    let o = run_in(p, &["backup", "disk.raw", "g.qcow2", "--guest", "count=10"]);
+    assert_eq!(code(&o), 2, "{}", stderr(&o));
+    assert!(stderr(&o).contains("served over NBD"), "{}", stderr(&o));
+    let o = run_in(p, &["backup", "--sync", "top", "disk.raw", "t.qcow2"]);
+    assert_eq!(code(&o), 2, "{}", stderr(&o));
+    // Ctrl-C of the backup: exit 130, nothing left.
+    signal(&first, libc::SIGINT);
+    let o = first.wait_with_output().unwrap();
+    assert_eq!(code(&o), 130, "{}", stderr(&o));
+    for f in [
+        "a.qcow2",
+        "a.qcow2.partial",
+        "a.qcow2.manifest",
+        "disk.raw.b0.bitmap",
+    ] {
+        assert!(!p.join(f).exists(), "{f} was left");
+    }
+    // The server goes on: a client writes, a backup runs.
+    let o = nbd_io(p, &s.uri(), &["write -P 9 0 64k"]);
+    assert!(o.status.success());
+    let doc = ok(p, &["backup", "disk.raw", "c.qcow2", "--bitmap", "b0"]);
+    assert_eq!(
+        doc["bitmap"]["anchored_backup"],
+        p.join("c.qcow2")
+            .canonicalize()
+            .unwrap()
+            .display()
+            .to_string()
+    );
+    assert!(identical_fmt(p, "c.qcow2", "qcow2", "disk.raw", "raw"));
+    // Stopping the server cancels a running job (exit 143), leaves no
+    // target, and the bitmap stays usable.
+    let third = slow("d.qcow2");
+    wait_for(&p.join("d.qcow2.partial"));
+    let o = nbd_io(p, &s.uri(), &["write -P 10 1M 64k"]);
+    assert!(o.status.success());
+    let (rc, err) = s.stop();
+    assert_eq!(rc, 0, "{err}");
+    let o = third.wait_with_output().unwrap();
+    assert_eq!(code(&o), 143, "{}", stderr(&o));
+    assert!(!p.join("d.qcow2").exists() && !p.join("d.qcow2.partial").exists());
+    Backup::new(p, "disk.raw", "inc.qcow2")
+        .sync("incremental")
+        .bitmap("b0")
+        .ok();
+    qemu_img(p, &["convert", "-O", "raw", "inc.qcow2", "flat.raw"]);
+    assert!(identical_fmt(p, "flat.raw", "raw", "disk.raw", "raw"));
+}

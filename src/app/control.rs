@@ -1,0 +1,442 @@
+//! The control socket of a served image (`IMAGE.ctl`): how `imgbackup
+//! backup IMAGE ...` reaches the `serve` process that writes IMAGE, so the
+//! job runs there, through its copy-before-write filter, while the NBD
+//! clients keep writing.
+//!
+//! One request per connection, one JSON document per line:
+//!
+//! * client → server: `{"op": "backup", "cwd": DIR, "args": [ARG...]}` (the
+//!   command line as typed; relative paths are taken from `cwd`), then
+//!   optionally the line `cancel` (Ctrl-C of the client). A client that
+//!   goes away cancels its job too.
+//! * server → client: `{"progress": [DONE, TOTAL]}` while the job runs,
+//!   then `{"end": {"exit_code": N, "summary": {...}, "lines": [...],
+//!   "error": [CAUSE...], "hint": TEXT}}` (the `--json` summary, the human
+//!   lines, or the failure and what to do).
+
+use crate::cli::{Cli, Command, GlobalOpts, ProgressMode};
+use crate::exit::{Exit, Reported};
+use crate::job::JobError;
+use crate::job::backup::{BackupConfig, BackupJob, Served};
+use crate::job::cancel::{Cancel, Reason};
+use crate::report::{Reporter, print_json};
+use anyhow::Context;
+use clap::Parser;
+use serde_json::{Value, json};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// The control socket of `image`: `IMAGE.ctl`.
+pub fn socket_path(image: &Path) -> PathBuf {
+    let mut p = image.as_os_str().to_owned();
+    p.push(".ctl");
+    PathBuf::from(p)
+}
+
+/// Listen on `path`, replacing the socket of a server that was killed; a
+/// live server there (or any other file) is refused.
+pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
+    use std::os::unix::fs::FileTypeExt;
+    if let Ok(m) = std::fs::symlink_metadata(path) {
+        if !m.file_type().is_socket() {
+            anyhow::bail!(
+                "{}: exists and is not a socket; remove it (it is where the control socket of the served image goes)",
+                path.display()
+            );
+        }
+        if UnixStream::connect(path).is_ok() {
+            return Err(JobError::Refused(format!(
+                "{}: another server of this image is running",
+                path.display()
+            ))
+            .into());
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("cannot remove the stale socket {}", path.display()))?;
+    }
+    let l = UnixListener::bind(path)
+        .with_context(|| format!("cannot create the control socket {}", path.display()))?;
+    l.set_nonblocking(true)?;
+    Ok(l)
+}
+
+/// The serving side: runs the jobs the control clients ask for.
+pub struct Control {
+    /// The served image, canonical.
+    image: PathBuf,
+    /// Its graph, for jobs.
+    served: Served,
+    /// The running job's cancel (one job at a time).
+    busy: Mutex<Option<Cancel>>,
+    /// Jobs run.
+    pub backups: AtomicU64,
+}
+
+/// What a request ends with.
+struct End {
+    exit: Exit,
+    summary: Option<Value>,
+    lines: Vec<String>,
+}
+
+impl Control {
+    /// Control of `image` served as `served`.
+    pub fn new(image: &Path, served: Served) -> Control {
+        Control {
+            image: std::fs::canonicalize(image).unwrap_or_else(|_| image.to_path_buf()),
+            served,
+            busy: Mutex::new(None),
+            backups: AtomicU64::new(0),
+        }
+    }
+
+    /// Cancel the running job, if any (the server is stopping).
+    pub fn cancel_running(&self, reason: Reason) {
+        if let Ok(b) = self.busy.lock()
+            && let Some(c) = b.as_ref()
+        {
+            c.cancel(reason);
+        }
+    }
+
+    /// Serve one control connection.
+    pub fn handle(&self, stream: UnixStream) {
+        if let Err(e) = self.handle_inner(stream) {
+            tracing::warn!("a control client was dropped: {e}");
+        }
+    }
+
+    fn handle_inner(&self, stream: UnixStream) -> anyhow::Result<()> {
+        stream.set_nonblocking(false)?;
+        let mut reader = BufReader::new(stream.try_clone()?);
+        let out = Mutex::new(stream);
+        let mut line = String::new();
+        reader.read_line(&mut line)?;
+        let req: Value = serde_json::from_str(line.trim()).context("a malformed request")?;
+        let cancel = Cancel::new();
+        let finished = AtomicBool::new(false);
+        let result = std::thread::scope(|s| {
+            // The client's `cancel`, or its going away, cancels the job.
+            s.spawn(|| watch_client(reader, &cancel, &finished));
+            let r = match req.get("op").and_then(Value::as_str) {
+                Some("backup") => self.backup(&req, &out, &cancel),
+                other => Err(JobError::Usage(format!(
+                    "the server of {} cannot do {other:?}",
+                    self.image.display()
+                ))
+                .into()),
+            };
+            finished.store(true, Ordering::SeqCst);
+            r
+        });
+        let end = match result {
+            Ok(end) => json!({
+                "exit_code": end.exit.code(),
+                "summary": end.summary,
+                "lines": end.lines,
+            }),
+            Err(err) => {
+                let exit = crate::exit::classify(&err);
+                let causes: Vec<String> = err.chain().map(|c| c.to_string()).collect();
+                json!({
+                    "exit_code": exit.code(),
+                    "error": causes,
+                    "hint": crate::exit::hint(&err),
+                })
+            }
+        };
+        send(&out, &json!({ "end": end }))?;
+        Ok(())
+    }
+
+    /// Run `imgbackup backup ARGS` on the served image.
+    fn backup(&self, req: &Value, out: &Mutex<UnixStream>, cancel: &Cancel) -> anyhow::Result<End> {
+        let cwd = PathBuf::from(req.get("cwd").and_then(Value::as_str).unwrap_or("/"));
+        let mut argv = vec![std::ffi::OsString::from("imgbackup")];
+        for a in req
+            .get("args")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            argv.push(a.as_str().unwrap_or_default().into());
+        }
+        let (argv, _) = crate::cli::deprecated::rewrite(argv);
+        let cli = Cli::try_parse_from(argv).map_err(|e| {
+            let text = e.render().to_string();
+            JobError::Usage(
+                text.lines()
+                    .next()
+                    .unwrap_or_default()
+                    .trim_start_matches("error: ")
+                    .to_string(),
+            )
+        })?;
+        let Command::Backup(mut a) = cli.command else {
+            return Err(JobError::Usage("the control socket runs `backup` only".into()).into());
+        };
+        for p in [&mut a.source, &mut a.target] {
+            *p = cwd.join(&*p);
+        }
+        for p in [&mut a.backing, &mut a.guest_overlay].into_iter().flatten() {
+            *p = cwd.join(&*p);
+        }
+        let source = std::fs::canonicalize(&a.source).unwrap_or_else(|_| a.source.clone());
+        if source != self.image {
+            return Err(JobError::Usage(format!(
+                "{} is not the image this server serves ({})",
+                a.source.display(),
+                self.image.display()
+            ))
+            .into());
+        }
+        let job = BackupJob::prepare_served(BackupConfig::from(&*a), self.served.clone())?;
+        let _busy = self.claim(cancel)?;
+        if a.dry_run {
+            let (s, d) = job.dry_run()?;
+            return Ok(End {
+                exit: Exit::Success,
+                summary: Some(serde_json::to_value(&s)?),
+                lines: super::render::dry_run_lines(&s, &d),
+            });
+        }
+        self.backups.fetch_add(1, Ordering::Relaxed);
+        let mut running = job.start(cancel.clone())?;
+        let progress = running.progress();
+        let stop = AtomicBool::new(false);
+        let result = std::thread::scope(|s| {
+            s.spawn(|| {
+                while !stop.load(Ordering::Relaxed) {
+                    let (done, total) = progress();
+                    if send(out, &json!({ "progress": [done, total] })).is_err() {
+                        return;
+                    }
+                    for _ in 0..5 {
+                        if stop.load(Ordering::Relaxed) {
+                            return;
+                        }
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                }
+            });
+            let r = running.run();
+            stop.store(true, Ordering::Relaxed);
+            r
+        });
+        if let Err(e) = result {
+            return Err(running.abort(e).into());
+        }
+        let summary = running.commit()?;
+        let mut lines = super::render::human_lines(&summary);
+        let exit = if summary.ignored_ranges.is_empty() {
+            Exit::Success
+        } else {
+            lines.push(super::render::skipped_warning(&summary));
+            Exit::Skipped
+        };
+        Ok(End {
+            exit,
+            summary: Some(serde_json::to_value(&summary)?),
+            lines,
+        })
+    }
+
+    /// Mark a job running (one at a time); cleared when the guard drops.
+    fn claim(&self, cancel: &Cancel) -> anyhow::Result<BusyGuard<'_>> {
+        let mut b = match self.busy.lock() {
+            Ok(b) => b,
+            Err(p) => p.into_inner(),
+        };
+        if b.is_some() {
+            return Err(Reported {
+                exit: Exit::Locked,
+                message: format!(
+                    "a backup of {} is already running in the process serving it",
+                    self.image.display()
+                ),
+                hint: Some("wait for it to finish, then run this backup again".into()),
+            }
+            .into());
+        }
+        *b = Some(cancel.clone());
+        Ok(BusyGuard(&self.busy))
+    }
+}
+
+/// Clears the running job when dropped.
+struct BusyGuard<'a>(&'a Mutex<Option<Cancel>>);
+
+impl Drop for BusyGuard<'_> {
+    fn drop(&mut self) {
+        match self.0.lock() {
+            Ok(mut b) => *b = None,
+            Err(p) => *p.into_inner() = None,
+        }
+    }
+}
+
+/// Cancel `cancel` when the client sends `cancel` or goes away, until
+/// `finished`.
+fn watch_client(mut reader: BufReader<UnixStream>, cancel: &Cancel, finished: &AtomicBool) {
+    let _ = reader
+        .get_ref()
+        .set_read_timeout(Some(Duration::from_millis(100)));
+    let mut line = String::new();
+    while !finished.load(Ordering::SeqCst) {
+        match reader.read_line(&mut line) {
+            Ok(0) => {
+                cancel.cancel(Reason::Interrupt);
+                return;
+            }
+            Ok(_) => {
+                if line.trim() == "cancel" {
+                    cancel.cancel(Reason::Interrupt);
+                }
+                line.clear();
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => {
+                cancel.cancel(Reason::Interrupt);
+                return;
+            }
+        }
+    }
+}
+
+fn send(out: &Mutex<UnixStream>, v: &Value) -> std::io::Result<()> {
+    let mut s = match out.lock() {
+        Ok(s) => s,
+        Err(p) => p.into_inner(),
+    };
+    let mut line = serde_json::to_vec(v)?;
+    line.push(b'\n');
+    s.write_all(&line)
+}
+
+/// The control socket of a server serving `image`, if one answers.
+pub fn connect(image: &Path) -> Option<UnixStream> {
+    use std::os::unix::fs::FileTypeExt;
+    let p = socket_path(image);
+    let m = std::fs::symlink_metadata(&p).ok()?;
+    if !m.file_type().is_socket() {
+        return None;
+    }
+    UnixStream::connect(&p).ok()
+}
+
+/// Run this process's `backup` command in the server at the other end of
+/// `stream`: progress shown here, Ctrl-C cancels the job (never the
+/// server), the summary or error printed here with the server's exit code.
+pub fn backup(stream: UnixStream, g: &GlobalOpts, progress: ProgressMode) -> anyhow::Result<Exit> {
+    let args: Vec<String> = std::env::args_os()
+        .skip(1)
+        .map(|a| a.into_string())
+        .collect::<Result<_, _>>()
+        .map_err(|a| {
+            JobError::Usage(format!(
+                "{}: arguments for a served image must be UTF-8",
+                a.to_string_lossy()
+            ))
+        })?;
+    let cwd = std::env::current_dir().context("cannot read the current directory")?;
+    let cancel = super::cancel_on_signals()?;
+    let mut w = stream.try_clone()?;
+    let mut req = serde_json::to_vec(&json!({
+        "op": "backup",
+        "cwd": cwd.display().to_string(),
+        "args": args,
+    }))?;
+    req.push(b'\n');
+    w.write_all(&req)
+        .context("cannot reach the server of the image")?;
+    stream.set_read_timeout(Some(Duration::from_millis(100)))?;
+    let counters = Arc::new((AtomicU64::new(0), AtomicU64::new(0)));
+    let c = counters.clone();
+    let reporter = Reporter::start(
+        progress,
+        g.quiet || g.json && progress == ProgressMode::Auto,
+        "backup",
+        Arc::new(move || (c.0.load(Ordering::Relaxed), c.1.load(Ordering::Relaxed))),
+    );
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    let mut cancel_sent = false;
+    let end = loop {
+        if cancel.is_cancelled() && !cancel_sent {
+            cancel_sent = true;
+            let _ = w.write_all(b"cancel\n");
+        }
+        match reader.read_line(&mut line) {
+            Ok(0) => break None,
+            Ok(_) => {
+                let v: Value = serde_json::from_str(line.trim()).unwrap_or(Value::Null);
+                line.clear();
+                if let Some([d, t]) = v.get("progress").and_then(Value::as_array).map(|a| {
+                    [
+                        a.first().and_then(Value::as_u64).unwrap_or(0),
+                        a.get(1).and_then(Value::as_u64).unwrap_or(0),
+                    ]
+                }) {
+                    counters.0.store(d, Ordering::Relaxed);
+                    counters.1.store(t, Ordering::Relaxed);
+                } else if let Some(e) = v.get("end") {
+                    break Some(e.clone());
+                }
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => break None,
+        }
+    };
+    reporter.finish();
+    let Some(end) = end else {
+        return Err(Reported {
+            exit: Exit::Failure,
+            message: "the server of the image stopped during the backup".into(),
+            hint: Some(
+                "the backup was not made (a TARGET.partial it left is not a backup); run it again once the image is served or idle".into(),
+            ),
+        }
+        .into());
+    };
+    let exit = Exit::from_code(end.get("exit_code").and_then(Value::as_i64).unwrap_or(1) as i32);
+    if let Some(causes) = end.get("error").and_then(Value::as_array) {
+        let message = causes
+            .iter()
+            .filter_map(Value::as_str)
+            .collect::<Vec<_>>()
+            .join(": ");
+        return Err(Reported {
+            exit,
+            message,
+            hint: end.get("hint").and_then(Value::as_str).map(str::to_string),
+        }
+        .into());
+    }
+    if g.json {
+        if let Some(s) = end.get("summary") {
+            print_json(s)?;
+        }
+    } else if !g.quiet {
+        for l in end
+            .get("lines")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            crate::errln!("{}", l.as_str().unwrap_or_default());
+        }
+    }
+    Ok(exit)
+}
