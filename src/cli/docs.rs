@@ -320,7 +320,10 @@ predictable cluster. Example: \fB\-\-inject source:read:EIO@nth=2,once\fR.
 "#;
 
 const NOTES: &str = r#".SH NOTES
-Source images are opened read\-only and never changed. Formats are probed by
+Source images are opened read\-only and never changed. An image served by
+\fBimgbackup serve\fR is backed up inside the serving process, while its
+clients write (see \fBimgbackup\-serve\fR(1), BACKUPS OF A SERVED IMAGE).
+Formats are probed by
 their magic (qcow2, or else raw) unless \fB\-\-source\-format\fR is given.
 Backing files are resolved relative to the directory of the image that names
 them, as QEMU does; raw and qcow2 backing files are followed, and a backing
@@ -398,6 +401,12 @@ written in place by the clients (a raw file; any image with
 \fB\-\-read\-only\fR, read through its backing chain), locked like a
 running QEMU locks its disk, flushed when a client flushes and when the
 server stops.
+.TP
+.I IMAGE.ctl
+the control socket of a writable export: \fBimgbackup backup IMAGE\fR finds
+the server here and runs its job inside it (see BACKUPS OF A SERVED IMAGE).
+Removed when the server stops; a stale one left by a killed server is
+ignored by \fBbackup\fR and replaced by the next server.
 "#;
 
 const SERVE_BITMAPS: &str = r#"Every enabled bitmap beside a writable IMAGE is marked in use while the
@@ -424,10 +433,35 @@ flushes reach the file all clients share). Reads and writes may be up to
 on. SIGINT and SIGTERM stop the server: no new connections or requests,
 requests in flight finish, the image and bitmaps are flushed and saved, and
 the exit status is 0.
+.SH BACKUPS OF A SERVED IMAGE
+\fBimgbackup backup IMAGE TARGET\fR on an image a writable server serves
+(its \fIIMAGE.ctl\fR answers) runs the job inside the serving process,
+while the clients keep writing. The job inserts its copy\-before\-write
+filter between the clients and the image once every write in flight has
+finished and before the next one starts: that instant is the backup's
+point in time (\fBpoint_in_time\fR in the summary, microseconds). Every
+write the clients saw completed before it is in the backup; none they sent
+after it is. The same options, progress, \fB\-\-json\fR summary and exit
+codes as a local backup; the summary adds \fBclients\fR: the clients'
+writes during the job and their latency at the server (like the simulated
+guest's). Relative paths are taken from the directory \fBbackup\fR runs
+in. With \fB\-\-bitmap\fR the job takes the server's live bitmap: the
+bits it copies are frozen at the point in time, and the live bitmap goes
+on recording from there, so the next incremental copies exactly what the
+clients wrote since. One job at a time: a second is refused (exit 8).
+Ctrl\-C (SIGINT, SIGTERM, SIGHUP) of \fBbackup\fR, or its end, cancels
+the job and never the server; stopping the server cancels a running job
+(its \fBbackup\fR exits 143 or 130, no TARGET is left). Refused on a
+served image (exit 2): \fB\-\-guest\fR (the clients are the guest),
+\fB\-\-sync top\fR and \fBnone\fR, and \fB\-\-verify \-\-no\-manifest\fR
+(the image changes while the job runs: only the manifest can tell what
+the backup must hold). Log lines (\fB\-v\fR) of the job are written by
+the server.
 .PP
-Not yet: writing qcow2 images in place, running a backup inside the
-serving process (a served image is locked; back it up after the server
-stops), the control socket and the overlay export of SPEC section 8.
+Not yet: writing qcow2 images in place, \fBinfo\fR and \fBbitmap\fR
+through the control socket (they read the files beside the image; the
+bitmaps of a served image show as in use), \fB\-\-control PATH\fR, and
+the overlay export of SPEC section 8.
 "#;
 
 const SERVE_EXAMPLES: &str = r#".TP
@@ -435,6 +469,11 @@ Serve a raw disk to a VM, then back up what it wrote:
 .B imgbackup serve /vm/disk.raw \-\-socket /run/disk.sock
 .br
 .B qemu\-system\-x86_64 \-drive driver=nbd,server.type=unix,server.path=/run/disk.sock ...
+.TP
+Back it up while the VM runs: a full that anchors a bitmap, then incrementals:
+.B imgbackup backup \-\-bitmap nightly /vm/disk.raw /backup/full.qcow2
+.br
+.B imgbackup backup \-\-sync incremental \-\-bitmap nightly /vm/disk.raw /backup/inc1.qcow2
 .TP
 Look at a backup with qemu\-img, read\-only:
 .B imgbackup serve \-\-read\-only /backup/inc.qcow2 \-\-socket /tmp/b.sock &
