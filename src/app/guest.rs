@@ -6,7 +6,7 @@
 //! flushed the image's new identity is recorded in the bitmaps that were
 //! consistent, and the bitmaps are saved with the in-use flag cleared. A
 //! bitmap that was already inconsistent is marked but stays inconsistent.
-//! Raw images only: imgbackup writes qcow2 files only when it creates them.
+//! Raw images, and qcow2 images through the in-place writer.
 
 use crate::cli::{GlobalOpts, GuestArgs};
 use crate::exit::Exit;
@@ -41,12 +41,6 @@ pub fn run(args: &GuestArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
             image.display()
         );
     }
-    if format != Format::Raw {
-        bail!(
-            "{}: guest writes into {format} images are not supported (imgbackup writes qcow2 files only when it creates them); use a raw image, or `backup --guest`, which writes into an overlay",
-            image.display()
-        );
-    }
     let mut locks = Locks::new();
     locks.exclusive(image, args.lock.wait_lock)?;
     locks.qemu(image, Access::Write, false, args.lock.wait_lock)?;
@@ -55,12 +49,19 @@ pub fn run(args: &GuestArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
     // The enabled bitmaps, marked in use while we write.
     let tracked = super::marked::track_enabled(image, size)?;
 
-    let raw = super::marked::open_raw(image)?;
+    let raw = match super::marked::open_writable(image, format) {
+        Ok(r) => r,
+        Err(e) => {
+            // Put the bitmaps back as they were (no longer in use).
+            let _ = super::marked::save(image, &tracked, false, false);
+            return Err(e);
+        }
+    };
     let node = super::marked::marking(raw.clone(), &tracked);
     let cancel = super::cancel_on_signals()?;
     let stop = AtomicBool::new(false);
     let stats = guest::run(&node, &args.spec, &stop, &cancel);
-    let flushed = raw.flush();
+    let flushed = raw.close();
     // Save the bitmaps: marked, in use cleared, the new identity recorded
     // for those that were consistent.
     let names = super::marked::save(image, &tracked, flushed.is_ok(), false)?;

@@ -13,6 +13,30 @@ use anyhow::Context;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
+/// Open `image` (of `format`) for writing in place: a raw file, or a qcow2
+/// image through the in-place writer.
+pub fn open_writable(
+    image: &Path,
+    format: crate::node::probe::Format,
+) -> anyhow::Result<Arc<dyn BlockNode>> {
+    let manifest = crate::manifest::manifest_path(image);
+    if manifest.exists() {
+        return Err(crate::job::JobError::Usage(format!(
+            "{} is a backup ({} is its manifest): writing it in place would break the manifest and every backup built on it; serve it --read-only",
+            image.display(),
+            manifest.display()
+        ))
+        .into());
+    }
+    match format {
+        crate::node::probe::Format::Raw => open_raw(image),
+        crate::node::probe::Format::Qcow2 => Ok(Arc::new(
+            crate::node::qcow2::inplace::Qcow2InPlace::open(image)
+                .with_context(|| format!("cannot open {} for writing", image.display()))?,
+        )),
+    }
+}
+
 /// Open the raw image `image` for writing in place.
 pub fn open_raw(image: &Path) -> anyhow::Result<Arc<dyn BlockNode>> {
     use crate::error::{BlockError, Op};

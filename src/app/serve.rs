@@ -1,5 +1,5 @@
 //! `imgbackup serve IMAGE (--socket PATH | --listen HOST:PORT)`: export an
-//! image over NBD. Writable exports are raw images written in place; every
+//! image over NBD. Writable exports are raw or qcow2 images written in place; every
 //! enabled bitmap beside the image is marked before a write is issued (so
 //! before it is acknowledged), saved on every flush, and saved with the
 //! image's new identity when the server stops, so an incremental after a
@@ -134,13 +134,6 @@ pub fn run(args: &ServeArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
         );
     }
     let writable = !args.read_only;
-    if writable && format != Format::Raw {
-        return Err(JobError::Usage(format!(
-            "{}: a {format} image can only be served --read-only (imgbackup does not write qcow2 images in place yet); serve a raw image, or pass --read-only",
-            image.display()
-        ))
-        .into());
-    }
     if writable && crate::files::check_image_path(image)? == crate::files::Kind::Block {
         return Err(JobError::Usage(format!(
             "{}: a block device can only be served --read-only (its bitmaps could not tell what wrote it)",
@@ -156,7 +149,7 @@ pub fn run(args: &ServeArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
         locks.qemu(image, Access::Read, false, args.lock.wait_lock)?;
     }
     let (export, tracked, raw, served) = if writable {
-        let (e, t, r, sv) = writable_export(args, image)?;
+        let (e, t, r, sv) = writable_export(args, image, format)?;
         (e, Some(t), r, Some(sv))
     } else {
         let img = open_image(image, Some(format)).context("cannot open the image")?;
@@ -246,7 +239,7 @@ pub fn run(args: &ServeArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
         close();
         let _ = t.join();
     }
-    let flushed = raw.flush();
+    let flushed = raw.close();
     if let Some(tracked) = &tracked {
         super::marked::save(image, tracked, flushed.is_ok(), false)?;
     }
@@ -277,15 +270,29 @@ pub fn run(args: &ServeArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
     Ok(Exit::Success)
 }
 
-/// The export of a raw image written in place: every enabled bitmap beside
+/// The export of an image written in place (raw, or qcow2 through the
+/// in-place writer): every enabled bitmap beside
 /// it marked in use, marked by every write, saved on every flush.
 fn writable_export(
     args: &ServeArgs,
     image: &Path,
+    format: Format,
 ) -> anyhow::Result<(Export, Tracked, Arc<dyn BlockNode>, Served)> {
-    let raw = super::marked::open_raw(image)?;
-    let size = raw.size();
+    // The bitmaps are checked against the image before it is opened for
+    // writing (opening a qcow2 writable may rewrite its header).
+    let size = open_image(image, Some(format))
+        .context("cannot open the image")?
+        .node
+        .size();
     let tracked = super::marked::track_enabled(image, size)?;
+    let raw = match super::marked::open_writable(image, format) {
+        Ok(r) => r,
+        Err(e) => {
+            // Put the bitmaps back as they were (no longer in use).
+            let _ = super::marked::save(image, &tracked, false, false);
+            return Err(e);
+        }
+    };
     // clients -> filter slot (a backup's copy-before-write) -> marking -> image
     let live: Arc<dyn BlockNode> = Arc::new(super::marked::marking(raw.clone(), &tracked));
     let slot = Arc::new(FilterSlot::new(live.clone()));

@@ -116,6 +116,14 @@ pub trait BlockNode: Send + Sync {
         Ok(())
     }
 
+    /// Flush and leave the file a clean image once its writer is done (a
+    /// qcow2 written in place gets its dirty bit cleared; a later write
+    /// sets it again). Called on the node that owns the file; filters do
+    /// not forward it.
+    fn close(&self) -> Result<()> {
+        self.flush()
+    }
+
     /// Status of a prefix of `[offset, offset + len)`, for this layer only.
     fn block_status(&self, offset: u64, len: u64) -> Result<Extent>;
 

@@ -17,6 +17,7 @@ mod logging;
 mod manifest;
 mod phases;
 mod qcow2_fuzz;
+mod qcow2_inplace;
 mod qcow2_matrix;
 mod serve;
 mod signals;

@@ -2,6 +2,7 @@
 //! adapter) and imgbackup's own writer for new files.
 
 pub mod header;
+pub mod inplace;
 pub mod reader;
 pub mod writer;
 
