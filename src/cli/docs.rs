@@ -397,8 +397,10 @@ or 2h 5m; rates are sizes per second (100M).
 /// examples, see also).
 const SERVE_IMAGE: &str = r#".TP
 .I IMAGE
-written in place by the clients (a raw file; any image with
-\fB\-\-read\-only\fR, read through its backing chain), locked like a
+written in place by the clients (a raw file, or a qcow2 image with its
+backing chain, written through the in\-place qcow2 writer (see QCOW2
+WRITTEN IN PLACE); any image with \fB\-\-read\-only\fR, read through its
+backing chain; never a backup, which has a manifest beside it), locked like a
 running QEMU locks its disk, flushed when a client flushes and when the
 server stops.
 .TP
@@ -458,10 +460,23 @@ served image (exit 2): \fB\-\-guest\fR (the clients are the guest),
 the backup must hold). Log lines (\fB\-v\fR) of the job are written by
 the server.
 .PP
-Not yet: writing qcow2 images in place, \fBinfo\fR and \fBbitmap\fR
+Not yet: \fBinfo\fR and \fBbitmap\fR
 through the control socket (they read the files beside the image; the
 bitmaps of a served image show as in use), \fB\-\-control PATH\fR, and
 the overlay export of SPEC section 8.
+"#;
+
+const QCOW2_IN_PLACE: &str = r#".SH QCOW2 WRITTEN IN PLACE
+qcow2 images are written in place through the imago crate. While they are
+written their dirty bit is set (QEMU's lazy\-refcounts marker), cleared
+once every table is flushed when the server or guest stops: after a crash
+or SIGKILL, QEMU rebuilds the refcounts when it opens the image read\-write
+(\fBqemu\-img check \-r all\fR does the same), and no mapping is lost.
+Persistent bitmaps QEMU keeps inside the image are invalidated (their
+autoclear bit is cleared), since they are not updated. Refused (exit 1,
+the image unchanged): version 2 images (\fBqemu\-img amend \-o
+compat=1.1\fR upgrades them), internal snapshots, zstd compression, an
+image already marked dirty. See docs/qcow2.md for the measurements.
 "#;
 
 const SERVE_EXAMPLES: &str = r#".TP
@@ -578,7 +593,8 @@ Format, sizes, allocation, chain, bitmaps and manifest of a backup:
             format!(
                 r#".TP
 .I IMAGE
-written in place (a raw file only), flushed at the end.
+written in place (a raw file, or a qcow2 image through the in\-place
+qcow2 writer, see \fBimgbackup\-serve\fR(1)), flushed at the end.
 {bitmap_file}"#
             ),
             String::new(),
@@ -590,7 +606,7 @@ Dirty a bitmap between two backups with 200 seeded 4 KiB writes:
         ),
         "imgbackup-serve" => (
             format!("{SERVE_IMAGE}{bitmap_file}{SERVE_BITMAPS}"),
-            SERVE_PROTOCOL.to_string(),
+            [SERVE_PROTOCOL, QCOW2_IN_PLACE].concat(),
             SERVE_EXAMPLES,
             vec!["imgbackup-backup", "imgbackup-bitmap", "imgbackup-guest"],
         ),

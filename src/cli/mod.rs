@@ -513,7 +513,8 @@ pub struct LockOpts {
 #[derive(Debug, Args)]
 /// `imgbackup guest`.
 pub struct GuestArgs {
-    /// The image to write into (a raw file).
+    /// The image to write into (a raw file, or a qcow2 image written in
+    /// place; never a backup).
     #[arg(add = complete::images())]
     pub image: PathBuf,
     /// The workload (see backup --guest); it needs count= or duration=.
@@ -531,8 +532,8 @@ pub struct GuestArgs {
 /// `imgbackup serve`.
 #[command(group(clap::ArgGroup::new("endpoint").required(true).args(["socket", "listen"])))]
 pub struct ServeArgs {
-    /// The image to export: a raw image (written in place), or with
-    /// --read-only any image or backup (read through its chain).
+    /// The image to export: a raw or qcow2 image (written in place), or
+    /// with --read-only any image or backup (read through its chain).
     #[arg(add = complete::images())]
     pub image: PathBuf,
     /// Listen on this Unix socket (clients use nbd+unix:///NAME?socket=PATH).
