@@ -142,6 +142,16 @@ pub fn run(args: &ServeArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
         .into());
     }
     let mut locks = Locks::new();
+    // With --overlay the image is read (and locked) shared, and the
+    // overlay is the image written in place.
+    let (image, format) = match &args.overlay {
+        Some(ov) => {
+            locks.qemu(image, Access::Read, false, args.lock.wait_lock)?;
+            prepare_overlay(image, format, ov)?;
+            (ov, Format::Qcow2)
+        }
+        None => (image, format),
+    };
     if writable {
         locks.exclusive(image, args.lock.wait_lock)?;
         locks.qemu(image, Access::Write, false, args.lock.wait_lock)?;
@@ -184,9 +194,13 @@ pub fn run(args: &ServeArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
     if !g.quiet {
         crate::errln!(
             "imgbackup: serving {} ({}{}) at {uri}",
-            image.display(),
+            args.image.display(),
             format,
-            if writable { "" } else { ", read-only" }
+            match &args.overlay {
+                Some(ov) => format!(", writes into the overlay {}", ov.display()),
+                None if writable => String::new(),
+                None => ", read-only".into(),
+            }
         );
     }
     // Each connection's thread, and how to close its socket at shutdown
@@ -268,6 +282,45 @@ pub fn run(args: &ServeArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
         );
     }
     Ok(Exit::Success)
+}
+
+/// Make `overlay` a qcow2 backed by `image` (of `format`): created when
+/// missing (the backing file named relative to it, as `backup` names a
+/// parent), reused when it is one already, refused otherwise.
+fn prepare_overlay(image: &Path, format: Format, overlay: &Path) -> anyhow::Result<()> {
+    let canonical = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    if overlay.exists() {
+        let ov = open_image(overlay, None)
+            .with_context(|| format!("cannot open the overlay {}", overlay.display()))?;
+        let backed_by = ov.layers.get(1).map(|l| canonical(&l.info.path));
+        if ov.layers[0].info.format != Format::Qcow2 || backed_by != Some(canonical(image)) {
+            return Err(JobError::Usage(format!(
+                "{} exists and is not a qcow2 overlay of {}; name a new file for --overlay (it is created), or remove it",
+                overlay.display(),
+                image.display()
+            ))
+            .into());
+        }
+        return Ok(());
+    }
+    let size = open_image(image, Some(format))
+        .context("cannot open the image")?
+        .node
+        .size();
+    let opts = crate::node::qcow2::CreateOptions {
+        size,
+        cluster_size: 65536,
+        backing: Some((
+            crate::job::backup::backing_name(overlay, image)?,
+            format.to_string(),
+        )),
+        compression: Default::default(),
+    };
+    let w = crate::node::qcow2::Qcow2Writer::create(overlay, &opts)
+        .with_context(|| format!("cannot create the overlay {}", overlay.display()))?;
+    w.finish()
+        .with_context(|| format!("cannot create the overlay {}", overlay.display()))?;
+    Ok(())
 }
 
 /// The export of an image written in place (raw, or qcow2 through the

@@ -462,8 +462,7 @@ the server.
 .PP
 Not yet: \fBinfo\fR and \fBbitmap\fR
 through the control socket (they read the files beside the image; the
-bitmaps of a served image show as in use), \fB\-\-control PATH\fR, and
-the overlay export of SPEC section 8.
+bitmaps of a served image show as in use), and \fB\-\-control PATH\fR.
 "#;
 
 const QCOW2_IN_PLACE: &str = r#".SH QCOW2 WRITTEN IN PLACE
@@ -489,6 +488,9 @@ Back it up while the VM runs: a full that anchors a bitmap, then incrementals:
 .B imgbackup backup \-\-bitmap nightly /vm/disk.raw /backup/full.qcow2
 .br
 .B imgbackup backup \-\-sync incremental \-\-bitmap nightly /vm/disk.raw /backup/inc1.qcow2
+.TP
+Boot a VM from a backup at once; its writes land in an overlay, the backup never changes:
+.B imgbackup serve /backup/inc3.qcow2 \-\-overlay /vm/restored.qcow2 \-\-socket /run/r.sock
 .TP
 Look at a backup with qemu\-img, read\-only:
 .B imgbackup serve \-\-read\-only /backup/inc.qcow2 \-\-socket /tmp/b.sock &

@@ -550,6 +550,12 @@ pub struct ServeArgs {
     /// Refuse writes (any image format; the image is locked shared).
     #[arg(long)]
     pub read_only: bool,
+    /// Export IMAGE (a backup, say) writable with the writes landing in
+    /// FILE, a qcow2 backed by IMAGE (created if missing; an existing one
+    /// must be backed by IMAGE): a VM boots from a backup at once while the
+    /// backup itself never changes.
+    #[arg(long, value_name = "FILE", conflicts_with = "read_only", add = complete::outputs())]
+    pub overlay: Option<PathBuf>,
     /// Format of IMAGE; skips probing.
     #[arg(short, long, value_enum, value_name = "FORMAT")]
     pub format: Option<FormatArg>,

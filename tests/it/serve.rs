@@ -721,3 +721,40 @@ fn ctrl_c_of_a_backup_cancels_its_job_never_the_server_and_one_job_runs_at_a_tim
     qemu_img(p, &["convert", "-O", "raw", "inc.qcow2", "flat.raw"]);
     assert!(identical_fmt(p, "flat.raw", "raw", "disk.raw", "raw"));
 }
+
+#[test]
+fn a_backup_served_with_an_overlay_takes_writes_and_never_changes() {
+    let d = tempdir();
+    let p = d.path();
+    data_disk(p, "disk.raw", 16);
+    Backup::new(p, "disk.raw", "full.qcow2").ok();
+    std::fs::copy(p.join("disk.raw"), p.join("want.raw")).unwrap();
+    let before = sha256_file(&p.join("full.qcow2"));
+    // Writable without --overlay is refused: it is a backup.
+    let o = run_in(p, &["serve", "full.qcow2", "--socket", "x.sock"]);
+    assert_eq!(code(&o), 2, "{}", stderr(&o));
+    let s = Served::start(p, "full.qcow2", &["--overlay", "ov.qcow2"]);
+    let cmds = ["write -P 0x61 1M 64k", "write -z 3M 128k", "discard 5M 64k", "flush"];
+    let o = nbd_io(p, &s.uri(), &cmds);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    qemu_io(p, "raw", "want.raw", &["write -P 0x61 1M 64k", "write -z 3M 128k", "write -z 5M 64k"]);
+    assert!(identical_fmt(p, &s.uri(), "raw", "want.raw", "raw"));
+    let (rc, err) = s.stop();
+    assert_eq!(rc, 0, "{err}");
+    // The backup never changed; the overlay holds the writes over it.
+    assert_eq!(sha256_file(&p.join("full.qcow2")), before);
+    run_ok(p, &["verify", "full.qcow2"]);
+    check_clean(p, "ov.qcow2");
+    assert!(identical_fmt(p, "ov.qcow2", "qcow2", "want.raw", "raw"));
+    let info = info_json(p, "ov.qcow2");
+    assert_eq!(info["backing-filename"], "full.qcow2");
+    // The overlay is reused by the next session.
+    let s = Served::start(p, "full.qcow2", &["--overlay", "ov.qcow2"]);
+    assert!(identical_fmt(p, &s.uri(), "raw", "want.raw", "raw"));
+    let (rc, err) = s.stop();
+    assert_eq!(rc, 0, "{err}");
+    // An existing file that is not an overlay of this image is refused.
+    let o = run_in(p, &["serve", "disk.raw", "--overlay", "ov.qcow2", "--socket", "y.sock"]);
+    assert_eq!(code(&o), 2, "{}", stderr(&o));
+    assert!(stderr(&o).contains("not a qcow2 overlay"), "{}", stderr(&o));
+}
