@@ -6,9 +6,10 @@ use crate::job::JobError;
 use crate::job::cancel::Reason;
 
 /// The exit codes of imgbackup.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Exit {
     /// 0: the command did what was asked.
+    #[default]
     Success = 0,
     /// 1: a failure not covered below.
     Failure = 1,

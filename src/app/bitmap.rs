@@ -13,7 +13,7 @@ use anyhow::Context;
 use std::path::{Path, PathBuf};
 
 /// What `list`, `show` and `info` say of a bitmap.
-#[derive(Debug, serde::Serialize)]
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub struct BitmapDoc {
     /// The bitmap's name.
     pub name: String,
@@ -38,9 +38,13 @@ pub struct BitmapDoc {
     #[serde(skip_serializing_if = "Option::is_none")]
     /// Dirty byte ranges [start, end) (show).
     pub dirty_ranges: Option<Vec<[u64; 2]>>,
+    /// Marked live by the process serving the image (`imgbackup serve`):
+    /// what it says is the bitmap in that process's memory.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub served: bool,
 }
 
-#[derive(Debug, serde::Serialize)]
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 /// The backup a bitmap is anchored to.
 pub struct AnchorDoc {
     /// Its path.
@@ -60,22 +64,7 @@ pub fn describe(
     match Bitmap::load(image, name) {
         Ok(b) => {
             let why = b.inconsistency(size, identity);
-            BitmapDoc {
-                name: name.to_string(),
-                granularity: b.granularity,
-                enabled: b.enabled,
-                in_use: b.in_use,
-                dirty_bytes: b.dirty_bytes(),
-                dirty_granules: b.bits.count(),
-                consistent: why.is_none(),
-                inconsistent_because: why,
-                anchored_backup: b.anchor.as_ref().map(|a| AnchorDoc {
-                    path: a.path.display().to_string(),
-                    root_digest: hex(&a.root),
-                }),
-                dirty_ranges: ranges
-                    .then(|| b.dirty_ranges().into_iter().map(|(s, e)| [s, e]).collect()),
-            }
+            doc_of(&b, why, ranges)
         }
         Err(e) => BitmapDoc {
             name: name.to_string(),
@@ -88,7 +77,28 @@ pub fn describe(
             inconsistent_because: Some(e.to_string()),
             anchored_backup: None,
             dirty_ranges: None,
+            served: false,
         },
+    }
+}
+
+/// What is said of the bitmap `b`; `why` it cannot be trusted, if so.
+pub fn doc_of(b: &Bitmap, why: Option<String>, ranges: bool) -> BitmapDoc {
+    BitmapDoc {
+        name: b.name.clone(),
+        granularity: b.granularity,
+        enabled: b.enabled,
+        in_use: b.in_use,
+        dirty_bytes: b.dirty_bytes(),
+        dirty_granules: b.bits.count(),
+        consistent: why.is_none(),
+        inconsistent_because: why,
+        anchored_backup: b.anchor.as_ref().map(|a| AnchorDoc {
+            path: a.path.display().to_string(),
+            root_digest: hex(&a.root),
+        }),
+        dirty_ranges: ranges.then(|| b.dirty_ranges().into_iter().map(|(s, e)| [s, e]).collect()),
+        served: false,
     }
 }
 
@@ -125,6 +135,9 @@ fn done(g: &GlobalOpts, msg: String, doc: Option<BitmapDoc>) -> anyhow::Result<E
 
 /// Run `imgbackup bitmap ...`.
 pub fn run(cmd: &BitmapCommand, g: &GlobalOpts) -> anyhow::Result<Exit> {
+    if let Some(exit) = run_served(cmd, g) {
+        return exit;
+    }
     match cmd {
         BitmapCommand::Add {
             image,
@@ -206,33 +219,13 @@ pub fn run(cmd: &BitmapCommand, g: &GlobalOpts) -> anyhow::Result<Exit> {
                 .iter()
                 .map(|n| describe(image, n, size, &id, false))
                 .collect();
-            if g.json {
-                print_json(
-                    &serde_json::json!({"image": image.display().to_string(), "bitmaps": docs}),
-                )?;
-            } else if docs.is_empty() {
-                crate::outln!("{} has no bitmaps", image.display());
-            } else {
-                for d in &docs {
-                    crate::outln!("{}", line(d));
-                }
-            }
-            Ok(Exit::Success)
+            print_list(image, &docs, g)
         }
         BitmapCommand::Show { image, name } => {
             let (size, id) = image_facts(image)?;
             // A missing or damaged bitmap is an error here.
             Bitmap::load(image, name)?;
-            let d = describe(image, name, size, &id, true);
-            if g.json {
-                print_json(&d)?;
-            } else {
-                crate::outln!("{}", line(&d));
-                for r in d.dirty_ranges.iter().flatten() {
-                    crate::outln!("  dirty {}-{} ({})", r[0], r[1], human_bytes(r[1] - r[0]));
-                }
-            }
-            Ok(Exit::Success)
+            print_show(&describe(image, name, size, &id, true), g)
         }
         BitmapCommand::Merge {
             image,
@@ -258,6 +251,83 @@ pub fn run(cmd: &BitmapCommand, g: &GlobalOpts) -> anyhow::Result<Exit> {
 }
 
 /// `bitmap enable` and `disable`: an inconsistent bitmap stays so.
+/// A bitmap command on an image `imgbackup serve` writes: through its
+/// control socket (None: the image is not served).
+fn run_served(cmd: &BitmapCommand, g: &GlobalOpts) -> Option<anyhow::Result<Exit>> {
+    let image = match cmd {
+        BitmapCommand::Add { image, .. }
+        | BitmapCommand::Remove { image, .. }
+        | BitmapCommand::Clear { image, .. }
+        | BitmapCommand::Enable { image, .. }
+        | BitmapCommand::Disable { image, .. }
+        | BitmapCommand::List { image }
+        | BitmapCommand::Show { image, .. }
+        | BitmapCommand::Merge { image, .. }
+        | BitmapCommand::Import { image, .. }
+        | BitmapCommand::Rebuild { image, .. } => image,
+    };
+    let op = match cmd {
+        BitmapCommand::List { .. } | BitmapCommand::Show { .. } => "bitmaps",
+        _ => "bitmap",
+    };
+    let end = super::control::ask(image, op)?;
+    Some(end.and_then(|end| {
+        let mut docs: Vec<BitmapDoc> =
+            serde_json::from_value(end.get("bitmaps").cloned().unwrap_or_default())
+                .unwrap_or_default();
+        match cmd {
+            BitmapCommand::List { image } => {
+                for d in &mut docs {
+                    d.dirty_ranges = None;
+                }
+                print_list(image, &docs, g)
+            }
+            BitmapCommand::Show { image, name } => match docs.into_iter().find(|d| &d.name == name)
+            {
+                Some(d) => print_show(&d, g),
+                None => Err(Bitmap::load(image, name).err().map_or_else(
+                    || anyhow::anyhow!("bitmap '{name}' of {} cannot be read", image.display()),
+                    Into::into,
+                )),
+            },
+            _ => {
+                let msg = end
+                    .get("lines")
+                    .and_then(|l| l.get(0))
+                    .and_then(|l| l.as_str())
+                    .unwrap_or_default()
+                    .to_string();
+                done(g, msg, docs.pop())
+            }
+        }
+    }))
+}
+
+fn print_list(image: &Path, docs: &[BitmapDoc], g: &GlobalOpts) -> anyhow::Result<Exit> {
+    if g.json {
+        print_json(&serde_json::json!({"image": image.display().to_string(), "bitmaps": docs}))?;
+    } else if docs.is_empty() {
+        crate::outln!("{} has no bitmaps", image.display());
+    } else {
+        for d in docs {
+            crate::outln!("{}", line(d));
+        }
+    }
+    Ok(Exit::Success)
+}
+
+fn print_show(d: &BitmapDoc, g: &GlobalOpts) -> anyhow::Result<Exit> {
+    if g.json {
+        print_json(d)?;
+    } else {
+        crate::outln!("{}", line(d));
+        for r in d.dirty_ranges.iter().flatten() {
+            crate::outln!("  dirty {}-{} ({})", r[0], r[1], human_bytes(r[1] - r[0]));
+        }
+    }
+    Ok(Exit::Success)
+}
+
 fn set_enabled(
     image: &Path,
     name: &str,
@@ -461,7 +531,11 @@ fn line(d: &BitmapDoc) -> String {
         "{}: granularity {}, {}, {} dirty ({} granules), {}{}",
         d.name,
         human_bytes(d.granularity),
-        if d.enabled { "enabled" } else { "disabled" },
+        match (d.enabled, d.served) {
+            (true, true) => "enabled, marked live by the server",
+            (true, false) => "enabled",
+            (false, _) => "disabled",
+        },
         human_bytes(d.dirty_bytes),
         d.dirty_granules,
         state,

@@ -14,11 +14,15 @@
 //!   "error": [CAUSE...], "hint": TEXT}}` (the `--json` summary, the human
 //!   lines, or the failure and what to do).
 
-use crate::cli::{Cli, Command, GlobalOpts, ProgressMode};
+use super::bitmap::BitmapDoc;
+use crate::bitmap::file::{check_name, list_names};
+use crate::bitmap::{Bitmap, BitmapError, Identity};
+use crate::cli::{BitmapCommand, Cli, Command, GlobalOpts, ProgressMode};
 use crate::exit::{Exit, Reported};
 use crate::job::JobError;
 use crate::job::backup::{BackupConfig, BackupJob, Served};
 use crate::job::cancel::{Cancel, Reason};
+use crate::report::human_bytes;
 use crate::report::{Reporter, print_json};
 use anyhow::Context;
 use clap::Parser;
@@ -77,10 +81,12 @@ pub struct Control {
 }
 
 /// What a request ends with.
+#[derive(Default)]
 struct End {
     exit: Exit,
     summary: Option<Value>,
     lines: Vec<String>,
+    bitmaps: Vec<BitmapDoc>,
 }
 
 impl Control {
@@ -124,6 +130,8 @@ impl Control {
             s.spawn(|| watch_client(reader, &cancel, &finished));
             let r = match req.get("op").and_then(Value::as_str) {
                 Some("backup") => self.backup(&req, &out, &cancel),
+                Some("bitmaps") => Ok(self.bitmaps()),
+                Some("bitmap") => self.bitmap(&req),
                 other => Err(JobError::Usage(format!(
                     "the server of {} cannot do {other:?}",
                     self.image.display()
@@ -138,6 +146,7 @@ impl Control {
                 "exit_code": end.exit.code(),
                 "summary": end.summary,
                 "lines": end.lines,
+                "bitmaps": end.bitmaps,
             }),
             Err(err) => {
                 let exit = crate::exit::classify(&err);
@@ -156,26 +165,7 @@ impl Control {
     /// Run `imgbackup backup ARGS` on the served image.
     fn backup(&self, req: &Value, out: &Mutex<UnixStream>, cancel: &Cancel) -> anyhow::Result<End> {
         let cwd = PathBuf::from(req.get("cwd").and_then(Value::as_str).unwrap_or("/"));
-        let mut argv = vec![std::ffi::OsString::from("imgbackup")];
-        for a in req
-            .get("args")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-        {
-            argv.push(a.as_str().unwrap_or_default().into());
-        }
-        let (argv, _) = crate::cli::deprecated::rewrite(argv);
-        let cli = Cli::try_parse_from(argv).map_err(|e| {
-            let text = e.render().to_string();
-            JobError::Usage(
-                text.lines()
-                    .next()
-                    .unwrap_or_default()
-                    .trim_start_matches("error: ")
-                    .to_string(),
-            )
-        })?;
+        let cli = parse(req)?;
         let Command::Backup(mut a) = cli.command else {
             return Err(JobError::Usage("the control socket runs `backup` only".into()).into());
         };
@@ -202,6 +192,7 @@ impl Control {
                 exit: Exit::Success,
                 summary: Some(serde_json::to_value(&s)?),
                 lines: super::render::dry_run_lines(&s, &d),
+                ..End::default()
             });
         }
         self.backups.fetch_add(1, Ordering::Relaxed);
@@ -242,7 +233,243 @@ impl Control {
             exit,
             summary: Some(serde_json::to_value(&summary)?),
             lines,
+            ..End::default()
         })
+    }
+
+    /// Every bitmap beside the image: the live ones as this process holds
+    /// them, the others (disabled, damaged) as their files say.
+    fn bitmaps(&self) -> End {
+        let size = self.served.live.size();
+        let live: Vec<(Bitmap, bool)> = match self.served.bitmaps.lock() {
+            Ok(v) => v.clone(),
+            Err(p) => p.into_inner().clone(),
+        };
+        let id = Identity::of(&self.image).ok();
+        let docs = list_names(&self.image)
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|n| match live.iter().find(|(b, _)| &b.name == n) {
+                Some((b, consistent)) => {
+                    let why = (!consistent || b.inconsistent).then(|| {
+                        "it was already inconsistent when the server started; it is marked but cannot be trusted".to_string()
+                    });
+                    let mut d = super::bitmap::doc_of(b, why, true);
+                    d.served = true;
+                    Some(d)
+                }
+                None => id
+                    .as_ref()
+                    .map(|id| super::bitmap::describe(&self.image, n, size, id, true)),
+            })
+            .collect();
+        End {
+            bitmaps: docs,
+            ..End::default()
+        }
+    }
+
+    /// `imgbackup bitmap add|remove|clear|enable|disable` on the served
+    /// image, applied to the bitmaps this process marks, with the clients'
+    /// writes drained.
+    fn bitmap(&self, req: &Value) -> anyhow::Result<End> {
+        let a = parse(req)?;
+        let Command::Bitmap(cmd) = a.command else {
+            return Err(JobError::Usage("not a bitmap command".into()).into());
+        };
+        let image = &self.image;
+        let tracked = &self.served.bitmaps;
+        let lock = || match tracked.lock() {
+            Ok(v) => v,
+            Err(p) => p.into_inner(),
+        };
+        let (msg, name) = match &cmd {
+            BitmapCommand::Add {
+                name,
+                granularity,
+                disabled,
+                ..
+            } => {
+                check_name(name)?;
+                self.check_idle()?;
+                self.add_live(name, *granularity, *disabled)?;
+                (
+                    format!(
+                        "added bitmap '{name}' to {} ({} granularity)",
+                        image.display(),
+                        human_bytes(*granularity)
+                    ),
+                    name,
+                )
+            }
+            BitmapCommand::Remove { name, .. } => {
+                self.check_idle()?;
+                lock().retain(|(b, _)| &b.name != name);
+                Bitmap::remove(image, name)?;
+                (
+                    format!("removed bitmap '{name}' of {}", image.display()),
+                    name,
+                )
+            }
+            BitmapCommand::Clear { name, .. } => {
+                self.check_idle()?;
+                self.served.slot.drained(|| -> anyhow::Result<()> {
+                    let mut v = lock();
+                    let Some((b, consistent)) = v.iter_mut().find(|(b, _)| &b.name == name) else {
+                        return Err(self.not_live(name));
+                    };
+                    if !*consistent || b.inconsistent {
+                        return Err(BitmapError::Inconsistent {
+                            name: name.clone(),
+                            image: image.clone(),
+                            reason: "it was already inconsistent when the server started".into(),
+                        }
+                        .into());
+                    }
+                    b.bits.clear_range(0, b.bits.len());
+                    b.save(image)?;
+                    Ok(())
+                })?;
+                (
+                    format!("cleared bitmap '{name}' of {}", image.display()),
+                    name,
+                )
+            }
+            BitmapCommand::Enable { name, .. } => {
+                self.check_idle()?;
+                self.served.slot.drained(|| -> anyhow::Result<()> {
+                    if lock().iter().any(|(b, _)| &b.name == name) {
+                        return Ok(());
+                    }
+                    let mut b = Bitmap::load(image, name)?;
+                    self.served.live.flush()?;
+                    let now = Identity::of(image)?;
+                    let consistent = b.inconsistency(self.served.live.size(), &now).is_none();
+                    b.enabled = true;
+                    b.in_use = true;
+                    b.save(image)?;
+                    lock().push((b, consistent));
+                    Ok(())
+                })?;
+                (
+                    format!("enabled bitmap '{name}' of {}", image.display()),
+                    name,
+                )
+            }
+            BitmapCommand::Disable { name, .. } => {
+                self.check_idle()?;
+                self.served.slot.drained(|| -> anyhow::Result<()> {
+                    let mut v = lock();
+                    let Some(at) = v.iter().position(|(b, _)| &b.name == name) else {
+                        return Err(self.not_live(name));
+                    };
+                    let (mut b, consistent) = v.remove(at);
+                    self.served.live.flush()?;
+                    if consistent && !b.inconsistent {
+                        b.identity = Identity::of(image)?;
+                    } else {
+                        b.inconsistent = true;
+                    }
+                    b.enabled = false;
+                    b.in_use = false;
+                    b.save(image)?;
+                    Ok(())
+                })?;
+                (
+                    format!("disabled bitmap '{name}' of {}", image.display()),
+                    name,
+                )
+            }
+            _ => return Err(self.offline_only()),
+        };
+        let bitmaps = self
+            .bitmaps()
+            .bitmaps
+            .into_iter()
+            .filter(|d| &d.name == name)
+            .map(|mut d| {
+                d.dirty_ranges = None;
+                d
+            })
+            .collect();
+        Ok(End {
+            lines: vec![msg],
+            bitmaps,
+            ..End::default()
+        })
+    }
+
+    /// Refused while a backup runs here.
+    fn check_idle(&self) -> anyhow::Result<()> {
+        let running = match self.busy.lock() {
+            Ok(b) => b.is_some(),
+            Err(p) => p.into_inner().is_some(),
+        };
+        if running {
+            return Err(Reported {
+                exit: Exit::Locked,
+                message: format!(
+                    "a backup of {} is running in the process serving it",
+                    self.image.display()
+                ),
+                hint: Some("wait for it to finish, then run this command again".into()),
+            }
+            .into());
+        }
+        Ok(())
+    }
+
+    /// What needs the image to itself.
+    fn offline_only(&self) -> anyhow::Error {
+        Reported {
+            exit: Exit::Locked,
+            message: format!(
+                "{} is served by `imgbackup serve`: bitmap merge, import and rebuild are not available while it is served",
+                self.image.display()
+            ),
+            hint: Some("stop the server (SIGINT or SIGTERM), then run this command".into()),
+        }
+        .into()
+    }
+
+    /// `bitmap add` on the served image: a new bitmap, clean as of now
+    /// (writes drained), marked from the next write on when enabled.
+    fn add_live(&self, name: &str, granularity: u64, disabled: bool) -> anyhow::Result<()> {
+        let image = &self.image;
+        self.served.slot.drained(|| -> anyhow::Result<()> {
+            if !matches!(Bitmap::load(image, name), Err(BitmapError::Missing { .. })) {
+                return Err(BitmapError::Exists {
+                    name: name.to_string(),
+                    image: image.clone(),
+                }
+                .into());
+            }
+            self.served.live.flush()?;
+            let id = Identity::of(image)?;
+            let mut b = Bitmap::new(name, granularity, self.served.live.size(), id);
+            b.enabled = !disabled;
+            b.in_use = b.enabled;
+            b.save(image)?;
+            if b.enabled {
+                match self.served.bitmaps.lock() {
+                    Ok(mut v) => v.push((b, true)),
+                    Err(p) => p.into_inner().push((b, true)),
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn not_live(&self, name: &str) -> anyhow::Error {
+        match Bitmap::load(&self.image, name) {
+            Err(e) => e.into(),
+            Ok(_) => BitmapError::Inconsistent {
+                name: name.to_string(),
+                image: self.image.clone(),
+                reason: "it is disabled".into(),
+            }
+            .into(),
+        }
     }
 
     /// Mark a job running (one at a time); cleared when the guard drops.
@@ -265,6 +492,31 @@ impl Control {
         *b = Some(cancel.clone());
         Ok(BusyGuard(&self.busy))
     }
+}
+
+/// The command line of a request, as `imgbackup` parses it.
+fn parse(req: &Value) -> anyhow::Result<Cli> {
+    let mut argv = vec![std::ffi::OsString::from("imgbackup")];
+    for a in req
+        .get("args")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        argv.push(a.as_str().unwrap_or_default().into());
+    }
+    let (argv, _) = crate::cli::deprecated::rewrite(argv);
+    Cli::try_parse_from(argv).map_err(|e| {
+        let text = e.render().to_string();
+        JobError::Usage(
+            text.lines()
+                .next()
+                .unwrap_or_default()
+                .trim_start_matches("error: ")
+                .to_string(),
+        )
+        .into()
+    })
 }
 
 /// Clears the running job when dropped.
@@ -330,6 +582,67 @@ pub fn connect(image: &Path) -> Option<UnixStream> {
         return None;
     }
     UnixStream::connect(&p).ok()
+}
+
+/// Ask the server of `image`, if one answers, for `op` (`bitmaps`, or
+/// `bitmap` with this process's command line): its `end` document, or the
+/// failure it reported.
+pub fn ask(image: &Path, op: &str) -> Option<anyhow::Result<Value>> {
+    let stream = connect(image)?;
+    Some(ask_on(stream, op))
+}
+
+fn ask_on(stream: UnixStream, op: &str) -> anyhow::Result<Value> {
+    let args: Vec<String> = std::env::args_os()
+        .skip(1)
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    let mut w = stream.try_clone()?;
+    let mut req = serde_json::to_vec(&json!({ "op": op, "args": args }))?;
+    req.push(b'\n');
+    w.write_all(&req)
+        .context("cannot reach the server of the image")?;
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if reader.read_line(&mut line)? == 0 {
+            return Err(Reported {
+                exit: Exit::Failure,
+                message: "the server of the image closed the connection".into(),
+                hint: None,
+            }
+            .into());
+        }
+        let v: Value = serde_json::from_str(line.trim()).unwrap_or(Value::Null);
+        let Some(end) = v.get("end") else { continue };
+        let exit =
+            Exit::from_code(end.get("exit_code").and_then(Value::as_i64).unwrap_or(1) as i32);
+        if let Some(causes) = end.get("error").and_then(Value::as_array) {
+            return Err(Reported {
+                exit,
+                message: causes
+                    .iter()
+                    .filter_map(Value::as_str)
+                    .collect::<Vec<_>>()
+                    .join(": "),
+                hint: end.get("hint").and_then(Value::as_str).map(str::to_string),
+            }
+            .into());
+        }
+        return Ok(end.clone());
+    }
+}
+
+/// The bitmaps of `image` as the process serving it holds them, if one
+/// serves it.
+pub fn served_bitmaps(image: &Path) -> Option<anyhow::Result<Vec<BitmapDoc>>> {
+    let end = ask(image, "bitmaps")?;
+    Some(end.and_then(|e| {
+        Ok(serde_json::from_value(
+            e.get("bitmaps").cloned().unwrap_or(Value::Null),
+        )?)
+    }))
 }
 
 /// Run this process's `backup` command in the server at the other end of

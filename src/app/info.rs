@@ -93,17 +93,33 @@ pub fn run(args: &InfoArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
         allocation: chain[0].allocation,
         backing_chain: chain,
         manifest: manifest_doc(&args.image),
-        bitmaps: {
-            let id = crate::bitmap::Identity::of(&args.image).ok();
-            crate::bitmap::file::list_names(&args.image)
-                .unwrap_or_default()
-                .iter()
-                .filter_map(|n| {
-                    id.as_ref().map(|id| {
-                        crate::app::bitmap::describe(&args.image, n, top.virtual_size, id, false)
-                    })
+        bitmaps: match super::control::served_bitmaps(&args.image) {
+            // Served: the bitmaps as the serving process holds them.
+            Some(docs) => docs?
+                .into_iter()
+                .map(|mut d| {
+                    d.dirty_ranges = None;
+                    d
                 })
-                .collect()
+                .collect(),
+            None => {
+                let id = crate::bitmap::Identity::of(&args.image).ok();
+                crate::bitmap::file::list_names(&args.image)
+                    .unwrap_or_default()
+                    .iter()
+                    .filter_map(|n| {
+                        id.as_ref().map(|id| {
+                            crate::app::bitmap::describe(
+                                &args.image,
+                                n,
+                                top.virtual_size,
+                                id,
+                                false,
+                            )
+                        })
+                    })
+                    .collect()
+            }
         },
     };
     if g.json {
@@ -146,7 +162,11 @@ pub fn run(args: &InfoArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
         out += &format!(
             "bitmap:         {}: {}, {} dirty, {}{}{}\n",
             b.name,
-            if b.enabled { "enabled" } else { "disabled" },
+            match (b.enabled, b.served) {
+                (true, true) => "enabled, marked live by the server",
+                (true, false) => "enabled",
+                (false, _) => "disabled",
+            },
             human_bytes(b.dirty_bytes),
             if b.consistent {
                 "consistent"

@@ -460,9 +460,16 @@ served image (exit 2): \fB\-\-guest\fR (the clients are the guest),
 the backup must hold). Log lines (\fB\-v\fR) of the job are written by
 the server.
 .PP
-Not yet: \fBinfo\fR and \fBbitmap\fR
-through the control socket (they read the files beside the image; the
-bitmaps of a served image show as in use), and \fB\-\-control PATH\fR.
+\fBinfo\fR and \fBbitmap list\fR/\fBshow\fR of a served image show its
+bitmaps as the server holds them (\fBserved\fR in \fB\-\-json\fR), not the
+files it keeps marked in use; \fBbitmap add\fR, \fBremove\fR, \fBclear\fR,
+\fBenable\fR and \fBdisable\fR are carried out by the server, with the
+clients' writes drained (refused while a backup runs there, exit 8);
+\fBbitmap merge\fR, \fBimport\fR and \fBrebuild\fR are refused while the
+image is served (exit 8: stop the server first).
+.PP
+Not yet: \fB\-\-control PATH\fR (the control socket is always
+\fIIMAGE.ctl\fR).
 "#;
 
 const QCOW2_IN_PLACE: &str = r#".SH QCOW2 WRITTEN IN PLACE

@@ -45,6 +45,16 @@ impl FilterSlot {
         Ok(out)
     }
 
+    /// Run `f` with every write drained and held off (a point in time at
+    /// which the image is not being written).
+    pub fn drained<T>(&self, f: impl FnOnce() -> T) -> T {
+        let _slot = match self.filter.write() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        f()
+    }
+
     /// Remove the filter once the writes in flight through it have finished.
     pub fn remove(&self) {
         let mut slot = match self.filter.write() {

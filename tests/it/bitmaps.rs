@@ -687,11 +687,15 @@ fn bitmap_commands() {
     assert_eq!(rc, 6, "{err}");
     let i = ok(p, &["info", "disk.raw"]);
     assert_eq!(i["bitmaps"].as_array().unwrap().len(), 2);
-    // qcow2 images are refused by the in-place guest.
+    // qcow2 images are written in place by the guest; a backup never is.
     qemu_img(p, &["create", "-f", "qcow2", "q.qcow2", "1M"]);
     let (rc, _, err) = json_run(p, &["guest", "q.qcow2", "count=1"]);
-    assert_eq!(rc, 1);
-    assert!(err.contains("not supported"), "{err}");
+    assert_eq!(rc, 0, "{err}");
+    check_clean(p, "q.qcow2");
+    Backup::new(p, "disk.raw", "b.qcow2").ok();
+    let (rc, _, err) = json_run(p, &["guest", "b.qcow2", "count=1"]);
+    assert_eq!(rc, 2, "{err}");
+    assert!(err.contains("is a backup"), "{err}");
 }
 
 #[test]

@@ -11,7 +11,12 @@ use std::path::Path;
 /// clusters, holes, and with `compressed` its data clusters compressed.
 fn pair(p: &Path, opts: &str, compressed: bool) {
     make_raw(p, "base.raw", "32M");
-    qemu_io(p, "raw", "base.raw", &["write -P 0x21 4M 9M", "write -P 0x42 20M 1M"]);
+    qemu_io(
+        p,
+        "raw",
+        "base.raw",
+        &["write -P 0x21 4M 9M", "write -P 0x42 20M 1M"],
+    );
     let mut args = vec!["convert", "-O", "qcow2"];
     if compressed {
         args.push("-c");
@@ -59,7 +64,17 @@ fn an_overlay_is_written_in_place_and_its_backing_file_never() {
     let before = sha256_file(&p.join("base.raw"));
     qemu_img(
         p,
-        &["create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", "top.qcow2"],
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.raw",
+            "-F",
+            "raw",
+            "top.qcow2",
+        ],
     );
     std::fs::copy(p.join("base.raw"), p.join("want.raw")).unwrap();
     let spec = format!("{WORKLOAD}9");
@@ -82,7 +97,16 @@ fn kill_9_while_writing_in_place_leaves_refcounts_qemu_rebuilds_and_nothing_wors
         let cs = if round % 2 == 0 { "4096" } else { "65536" };
         qemu_img(
             p,
-            &["create", "-q", "-f", "qcow2", "-o", &format!("cluster_size={cs}"), "disk.qcow2", "64M"],
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                &format!("cluster_size={cs}"),
+                "disk.qcow2",
+                "64M",
+            ],
         );
         let mut child = bin()
             .current_dir(p)
@@ -102,7 +126,10 @@ fn kill_9_while_writing_in_place_leaves_refcounts_qemu_rebuilds_and_nothing_wors
                 .args(["check", "disk.qcow2"])
                 .output()
                 .unwrap();
-            (o.status.code().unwrap_or(-1), String::from_utf8_lossy(&o.stdout).into_owned())
+            (
+                o.status.code().unwrap_or(-1),
+                String::from_utf8_lossy(&o.stdout).into_owned(),
+            )
         };
         let (rc, out) = check();
         match rc {
@@ -111,9 +138,16 @@ fn kill_9_while_writing_in_place_leaves_refcounts_qemu_rebuilds_and_nothing_wors
             2 => {
                 // Only refcounts may lag, and only in an image marked dirty,
                 // whose refcounts QEMU rebuilds when it opens it read-write.
-                assert_eq!(info_json(p, "disk.qcow2")["dirty-flag"], true, "round {round}: {out}");
+                assert_eq!(
+                    info_json(p, "disk.qcow2")["dirty-flag"],
+                    true,
+                    "round {round}: {out}"
+                );
                 for l in out.lines().filter(|l| l.starts_with("ERROR")) {
-                    assert!(l.contains("refcount="), "round {round}: not a refcount error: {l}");
+                    assert!(
+                        l.contains("refcount="),
+                        "round {round}: not a refcount error: {l}"
+                    );
                 }
                 rebuilt += 1;
                 qemu_io(p, "qcow2", "disk.qcow2", &["read 0 4k"]);
@@ -146,13 +180,27 @@ fn a_served_qcow2_is_written_in_place_and_backed_up_through_the_server() {
     let o = nbd_io(p, &s.uri(), &cmds);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     qemu_io(p, "raw", "disk.raw", &cmds[..3]);
-    qemu_io(p, "raw", "disk.raw", &["write -z 12M 64k", "write -P 0x33 33550336 4096"]);
+    qemu_io(
+        p,
+        "raw",
+        "disk.raw",
+        &["write -z 12M 64k", "write -P 0x33 33550336 4096"],
+    );
     // The export is the image as the client wrote it.
     assert!(identical_fmt(p, &s.uri(), "raw", "disk.raw", "raw"));
     // An incremental runs in the server while it serves.
     let inc = ok(
         p,
-        &["backup", "--sync", "incremental", "--bitmap", "b0", "disk.qcow2", "inc.qcow2", "--verify"],
+        &[
+            "backup",
+            "--sync",
+            "incremental",
+            "--bitmap",
+            "b0",
+            "disk.qcow2",
+            "inc.qcow2",
+            "--verify",
+        ],
     );
     assert!(!inc["point_in_time"].as_str().unwrap().is_empty());
     let (rc, err) = s.stop();
@@ -164,7 +212,15 @@ fn a_served_qcow2_is_written_in_place_and_backed_up_through_the_server() {
     // accepted and empty.
     let doc = ok(
         p,
-        &["backup", "--sync", "incremental", "--bitmap", "b0", "disk.qcow2", "inc2.qcow2"],
+        &[
+            "backup",
+            "--sync",
+            "incremental",
+            "--bitmap",
+            "b0",
+            "disk.qcow2",
+            "inc2.qcow2",
+        ],
     );
     assert_eq!(doc["bytes_copied"], 0);
 }

@@ -298,7 +298,15 @@ fn killed_server(image: &str) {
     // In use on disk: the next incremental refuses the bitmap (exit 6).
     let o = run_in(
         p,
-        &["backup", "--sync", "incremental", "--bitmap", "b0", image, "inc.qcow2"],
+        &[
+            "backup",
+            "--sync",
+            "incremental",
+            "--bitmap",
+            "b0",
+            image,
+            "inc.qcow2",
+        ],
     );
     assert_eq!(code(&o), 6, "{}", stderr(&o));
     if image.ends_with(".qcow2") {
@@ -321,7 +329,17 @@ fn killed_server(image: &str) {
     }
     // bitmap rebuild against the full backup recovers it: the next
     // incremental holds what the client wrote.
-    ok(p, &["bitmap", "rebuild", image, "b0", "--against-backup", "full.qcow2"]);
+    ok(
+        p,
+        &[
+            "bitmap",
+            "rebuild",
+            image,
+            "b0",
+            "--against-backup",
+            "full.qcow2",
+        ],
+    );
     Backup::new(p, image, "inc.qcow2")
         .sync("incremental")
         .bitmap("b0")
@@ -734,10 +752,24 @@ fn a_backup_served_with_an_overlay_takes_writes_and_never_changes() {
     let o = run_in(p, &["serve", "full.qcow2", "--socket", "x.sock"]);
     assert_eq!(code(&o), 2, "{}", stderr(&o));
     let s = Served::start(p, "full.qcow2", &["--overlay", "ov.qcow2"]);
-    let cmds = ["write -P 0x61 1M 64k", "write -z 3M 128k", "discard 5M 64k", "flush"];
+    let cmds = [
+        "write -P 0x61 1M 64k",
+        "write -z 3M 128k",
+        "discard 5M 64k",
+        "flush",
+    ];
     let o = nbd_io(p, &s.uri(), &cmds);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    qemu_io(p, "raw", "want.raw", &["write -P 0x61 1M 64k", "write -z 3M 128k", "write -z 5M 64k"]);
+    qemu_io(
+        p,
+        "raw",
+        "want.raw",
+        &[
+            "write -P 0x61 1M 64k",
+            "write -z 3M 128k",
+            "write -z 5M 64k",
+        ],
+    );
     assert!(identical_fmt(p, &s.uri(), "raw", "want.raw", "raw"));
     let (rc, err) = s.stop();
     assert_eq!(rc, 0, "{err}");
@@ -754,7 +786,87 @@ fn a_backup_served_with_an_overlay_takes_writes_and_never_changes() {
     let (rc, err) = s.stop();
     assert_eq!(rc, 0, "{err}");
     // An existing file that is not an overlay of this image is refused.
-    let o = run_in(p, &["serve", "disk.raw", "--overlay", "ov.qcow2", "--socket", "y.sock"]);
+    let o = run_in(
+        p,
+        &[
+            "serve",
+            "disk.raw",
+            "--overlay",
+            "ov.qcow2",
+            "--socket",
+            "y.sock",
+        ],
+    );
     assert_eq!(code(&o), 2, "{}", stderr(&o));
     assert!(stderr(&o).contains("not a qcow2 overlay"), "{}", stderr(&o));
+}
+
+#[test]
+fn bitmap_and_info_commands_on_a_served_image_go_through_the_server() {
+    let d = tempdir();
+    let p = d.path();
+    data_disk(p, "disk.raw", 8);
+    Backup::new(p, "disk.raw", "full.qcow2").bitmap("b0").ok();
+    let s = Served::start(p, "disk.raw", &[]);
+    let o = nbd_io(p, &s.uri(), &["write -P 7 1M 4k"]);
+    assert!(o.status.success());
+    // The live bitmap, not the file the server keeps marked in use.
+    let b0 = ok(p, &["bitmap", "show", "disk.raw", "b0"]);
+    assert_eq!(b0["served"], true, "{b0}");
+    assert_eq!(b0["consistent"], true, "{b0}");
+    assert_eq!(b0["dirty_granules"], 1, "{b0}");
+    assert_eq!(b0["dirty_ranges"][0][0], 1 << 20, "{b0}");
+    let info = ok(p, &["info", "disk.raw"]);
+    assert_eq!(info["bitmaps"][0]["served"], true, "{info}");
+    assert_eq!(info["bitmaps"][0]["dirty_granules"], 1, "{info}");
+    // A bitmap added through the server is marked by the next writes.
+    ok(p, &["bitmap", "add", "disk.raw", "b1"]);
+    let o = nbd_io(p, &s.uri(), &["write -P 8 3M 4k", "write -P 9 5M 4k"]);
+    assert!(o.status.success());
+    let list = ok(p, &["bitmap", "list", "disk.raw"]);
+    let dirty = |name: &str| {
+        list["bitmaps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["name"] == name)
+            .unwrap()["dirty_granules"]
+            .as_u64()
+            .unwrap()
+    };
+    assert_eq!((dirty("b0"), dirty("b1")), (3, 2), "{list}");
+    // What needs the image to itself is refused while it is served.
+    let o = run_in(
+        p,
+        &[
+            "bitmap",
+            "rebuild",
+            "disk.raw",
+            "b0",
+            "--against-backup",
+            "full.qcow2",
+        ],
+    );
+    assert_eq!(code(&o), 8, "{}", stderr(&o));
+    assert!(stderr(&o).contains("stop the server"), "{}", stderr(&o));
+    // Disabled through the server: no longer marked.
+    ok(p, &["bitmap", "disable", "disk.raw", "b1"]);
+    let (rc, err) = s.stop();
+    assert_eq!(rc, 0, "{err}");
+    // After the server: b0 holds every write, consistent; b1 its two,
+    // disabled.
+    assert_eq!(dirty_granules(p), 3);
+    let b1 = ok(p, &["bitmap", "show", "disk.raw", "b1"]);
+    assert_eq!(
+        (b1["enabled"].as_bool(), b1["dirty_granules"].as_u64()),
+        (Some(false), Some(2)),
+        "{b1}"
+    );
+    assert!(b1.get("served").is_none(), "{b1}");
+    Backup::new(p, "disk.raw", "inc.qcow2")
+        .sync("incremental")
+        .bitmap("b0")
+        .ok();
+    qemu_img(p, &["convert", "-O", "raw", "inc.qcow2", "flat.raw"]);
+    assert!(identical_fmt(p, "flat.raw", "raw", "disk.raw", "raw"));
 }

@@ -46,7 +46,9 @@ impl Qcow2InPlace {
         let header = read_header(path)?;
         let refuse = |why: String| BlockError::Unsupported {
             path: path.to_path_buf(),
-            detail: format!("{why}; imgbackup writes such images only read-only (serve --read-only) or through a backup"),
+            detail: format!(
+                "{why}; imgbackup writes such images only read-only (serve --read-only) or through a backup"
+            ),
         };
         if header.version < 3 {
             return Err(refuse(
