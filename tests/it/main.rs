@@ -23,3 +23,4 @@ mod serve;
 mod signals;
 mod soak;
 mod trust;
+mod vm;

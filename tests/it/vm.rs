@@ -1,0 +1,228 @@
+//! A real VM behind `imgbackup serve`: QEMU (TCG) boots the host's Debian
+//! kernel with a busybox initramfs whose init writes numbered records to
+//! its virtio disk, one after the other (O_DIRECT), record i into slot
+//! i mod 64 (slot s at s MiB). A backup taken while it writes is
+//! point-in-time exactly when there is one T such that every slot holds
+//! the last record i <= T written to it.
+//!
+//! Needs qemu-system-x86_64, a kernel in /boot with its virtio modules, and
+//! busybox (Debian: qemu-system-x86, linux-image-amd64, busybox-static):
+//! `tests/vm/run.sh` installs them and runs this test, which is ignored by
+//! `cargo test` otherwise.
+
+use crate::fixture::*;
+use crate::serve::Served;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const SLOTS: u64 = 64;
+const MODULES: [&str; 6] = [
+    "virtio",
+    "virtio_ring",
+    "virtio_pci_modern_dev",
+    "virtio_pci_legacy_dev",
+    "virtio_pci",
+    "virtio_blk",
+];
+
+const INIT: &str = r#"#!/bin/busybox sh
+B=/bin/busybox
+$B mount -t proc proc /proc
+$B mount -t sysfs sys /sys
+$B mount -t devtmpfs dev /dev
+for m in virtio virtio_ring virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk; do
+  $B insmod /lib/modules/$m.ko
+done
+i=0
+while [ ! -b /dev/vda ] && [ $i -lt 100 ]; do $B sleep 0.1; i=$((i+1)); done
+echo "GUEST: START"
+i=1
+while true; do
+  s=$((i % 64))
+  $B printf 'SEQ %08d\n' $i | $B dd of=/dev/vda bs=4096 seek=$((s * 256)) conv=notrunc oflag=direct 2>/dev/null || { echo "GUEST: WRITE FAILED $i"; break; }
+  [ $((i % 100)) = 0 ] && echo "GUEST: $i"
+  i=$((i+1))
+done
+$B poweroff -f
+"#;
+
+/// The kernel and an initramfs (busybox, the virtio modules, INIT).
+fn boot_files(p: &Path) -> (PathBuf, PathBuf) {
+    let kernel = std::fs::read_dir("/boot")
+        .expect("/boot")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
+        })
+        .expect("a kernel in /boot (apt-get install linux-image-amd64)");
+    let version = kernel.file_name().unwrap().to_string_lossy()["vmlinuz-".len()..].to_string();
+    let root = p.join("initramfs");
+    for d in ["bin", "lib/modules", "proc", "sys", "dev"] {
+        std::fs::create_dir_all(root.join(d)).unwrap();
+    }
+    std::fs::copy("/bin/busybox", root.join("bin/busybox"))
+        .expect("busybox (apt-get install busybox-static)");
+    for m in MODULES {
+        let o = Command::new("modinfo")
+            .args(["-k", &version, "-n", m])
+            .output()
+            .expect("modinfo");
+        let path = String::from_utf8_lossy(&o.stdout).trim().to_string();
+        assert!(
+            o.status.success() && path.ends_with(".ko"),
+            "module {m}: {path}"
+        );
+        std::fs::copy(&path, root.join(format!("lib/modules/{m}.ko"))).unwrap();
+    }
+    let init = root.join("init");
+    std::fs::write(&init, INIT).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&init, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let initrd = p.join("initrd.cpio");
+    let o = Command::new("sh")
+        .current_dir(&root)
+        .args([
+            "-c",
+            "find . | /bin/busybox cpio -o -H newc > ../initrd.cpio",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    (kernel, initrd)
+}
+
+/// The records in the slots of `img` (None: never written).
+fn slots(p: &Path, img: &str) -> Vec<Option<u64>> {
+    let data = raw_content(p, img);
+    (0..SLOTS)
+        .map(|s| {
+            let rec = &data[(s << 20) as usize..(s << 20) as usize + 13];
+            let text = std::str::from_utf8(rec).ok()?;
+            text.strip_prefix("SEQ ")?.trim_end().parse().ok()
+        })
+        .collect()
+}
+
+/// The point in time `img` holds: the T with every slot the last record
+/// <= T written to it. Panics if there is none.
+fn consistent_cut(p: &Path, img: &str) -> u64 {
+    let v = slots(p, img);
+    let t = v.iter().flatten().copied().max().expect("no record at all");
+    for (s, got) in v.iter().enumerate() {
+        let last = t - (t + SLOTS - s as u64) % SLOTS;
+        let want = (last >= 1).then_some(last);
+        assert_eq!(
+            *got, want,
+            "{img}: slot {s} holds {got:?}, the cut at {t} needs {want:?}: not point-in-time"
+        );
+    }
+    t
+}
+
+fn guest_count(log: &Path) -> u64 {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("GUEST: ")?.parse().ok())
+        .max()
+        .unwrap_or(0)
+}
+
+#[test]
+#[ignore = "boots a VM: needs qemu-system-x86_64, a kernel and busybox (tests/vm/run.sh)"]
+fn vm_writing_through_the_server_gets_point_in_time_backups() {
+    let d = tempdir();
+    let p = d.path();
+    let (kernel, initrd) = boot_files(p);
+    qemu_img(p, &["create", "-q", "-f", "raw", "disk.raw", "64M"]);
+    qemu_io(p, "raw", "disk.raw", &["write -P 0x5a 0 64M"]);
+    let s = Served::start(p, "disk.raw", &[]);
+    let log = p.join("vm.log");
+    let mut vm = Command::new("qemu-system-x86_64")
+        .current_dir(p)
+        .args(["-nographic", "-no-reboot", "-m", "256", "-smp", "1", "-kernel"])
+        .arg(&kernel)
+        .arg("-initrd")
+        .arg(&initrd)
+        .args(["-append", "console=ttyS0 quiet panic=-1", "-drive"])
+        .arg(format!(
+            "driver=raw,file.driver=nbd,file.server.type=unix,file.server.path={},if=virtio,cache=none",
+            s.socket.display()
+        ))
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("qemu-system-x86_64");
+    let t0 = Instant::now();
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("GUEST: START")
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(180),
+            "the VM did not start writing"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    // A full backup (anchoring b0) and an incremental, each slowed down so
+    // the VM rewrites every slot several times while it runs.
+    let before = guest_count(&log);
+    let full = ok(
+        p,
+        &[
+            "backup",
+            "disk.raw",
+            "full.qcow2",
+            "--bitmap",
+            "b0",
+            "--speed",
+            "8M",
+        ],
+    );
+    let during = guest_count(&log) - before;
+    std::thread::sleep(Duration::from_secs(2));
+    let inc = ok(
+        p,
+        &[
+            "backup",
+            "--sync",
+            "incremental",
+            "--bitmap",
+            "b0",
+            "disk.raw",
+            "inc.qcow2",
+            "--speed",
+            "512K",
+        ],
+    );
+    let t_full = consistent_cut(p, "full.qcow2");
+    let t_inc = consistent_cut(p, "inc.qcow2");
+    eprintln!(
+        "VM: {during} writes during the full backup, cut at record {t_full}; incremental cut at {t_inc}; clients {} / {} writes during the jobs",
+        full["clients"]["writes"], inc["clients"]["writes"]
+    );
+    assert!(
+        during > 2 * SLOTS,
+        "only {during} VM writes during the full backup"
+    );
+    assert!(t_inc > t_full);
+    assert!(
+        full["copy_before_write_copies"].as_u64().unwrap() > 0,
+        "{full}"
+    );
+    let _ = vm.kill();
+    let _ = vm.wait();
+    let (rc, err) = s.stop();
+    assert_eq!(rc, 0, "{err}");
+    // After the VM and the server: the bitmap is exact.
+    Backup::new(p, "disk.raw", "last.qcow2")
+        .sync("incremental")
+        .bitmap("b0")
+        .ok();
+    qemu_img(p, &["convert", "-O", "raw", "last.qcow2", "flat.raw"]);
+    assert!(identical(p, "flat.raw", "disk.raw"));
+}
