@@ -199,8 +199,9 @@ pub struct BackupArgs {
     /// Number of copy workers [default: the number of CPUs].
     #[arg(short, long, value_parser = parse_jobs, value_name = "N")]
     pub jobs: Option<usize>,
-    /// Largest single request [default: max(2M, cluster size)]; rounded down
-    /// to whole clusters, at least one.
+    /// Largest single request [default: max(2M, cluster size); one cluster
+    /// for an image `imgbackup serve` writes, so its clients wait less];
+    /// rounded down to whole clusters, at least one.
     #[arg(long, value_parser = parse_nonzero_size, value_name = "SIZE")]
     pub max_chunk: Option<u64>,
     /// Limit copy throughput, in bytes per second (e.g. 100M).
