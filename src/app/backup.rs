@@ -63,7 +63,7 @@ impl From<&BackupArgs> for BackupConfig {
 /// Run `imgbackup backup`.
 pub fn run(args: &BackupArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
     // A served image: the job runs in the serving process.
-    if let Some(ctl) = super::control::connect(&args.source) {
+    if let Some(ctl) = super::control::connect(&args.source, g)? {
         return super::control::backup(ctl, g, args.progress.progress);
     }
     let job = BackupJob::prepare(BackupConfig::from(args))?;

@@ -270,7 +270,7 @@ fn run_served(cmd: &BitmapCommand, g: &GlobalOpts) -> Option<anyhow::Result<Exit
         BitmapCommand::List { .. } | BitmapCommand::Show { .. } => "bitmaps",
         _ => "bitmap",
     };
-    let end = super::control::ask(image, op)?;
+    let end = super::control::ask(image, op, g)?;
     Some(end.and_then(|end| {
         let mut docs: Vec<BitmapDoc> =
             serde_json::from_value(end.get("bitmaps").cloned().unwrap_or_default())

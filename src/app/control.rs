@@ -130,8 +130,8 @@ impl Control {
             s.spawn(|| watch_client(reader, &cancel, &finished));
             let r = match req.get("op").and_then(Value::as_str) {
                 Some("backup") => self.backup(&req, &out, &cancel),
-                Some("bitmaps") => Ok(self.bitmaps()),
-                Some("bitmap") => self.bitmap(&req),
+                Some("bitmaps") => self.check_image(&req).map(|_| self.bitmaps()),
+                Some("bitmap") => self.check_image(&req).and_then(|_| self.bitmap(&req)),
                 other => Err(JobError::Usage(format!(
                     "the server of {} cannot do {other:?}",
                     self.image.display()
@@ -399,6 +399,19 @@ impl Control {
         })
     }
 
+    /// The request names the image this process serves.
+    fn check_image(&self, req: &Value) -> anyhow::Result<()> {
+        let asked = req.get("image").and_then(Value::as_str).unwrap_or_default();
+        if Path::new(asked) != self.image {
+            return Err(JobError::Usage(format!(
+                "{asked} is not the image this server serves ({})",
+                self.image.display()
+            ))
+            .into());
+        }
+        Ok(())
+    }
+
     /// Refused while a backup runs here.
     fn check_idle(&self) -> anyhow::Result<()> {
         let running = match self.busy.lock() {
@@ -573,32 +586,53 @@ fn send(out: &Mutex<UnixStream>, v: &Value) -> std::io::Result<()> {
     s.write_all(&line)
 }
 
-/// The control socket of a server serving `image`, if one answers.
-pub fn connect(image: &Path) -> Option<UnixStream> {
+/// The control socket of a server serving `image`: at `--control PATH`
+/// (which must answer), else at `IMAGE.ctl` if a server answers there.
+pub fn connect(image: &Path, g: &GlobalOpts) -> anyhow::Result<Option<UnixStream>> {
     use std::os::unix::fs::FileTypeExt;
-    let p = socket_path(image);
-    let m = std::fs::symlink_metadata(&p).ok()?;
-    if !m.file_type().is_socket() {
-        return None;
+    if let Some(p) = &g.control {
+        return match UnixStream::connect(p) {
+            Ok(s) => Ok(Some(s)),
+            Err(e) => Err(JobError::Usage(format!(
+                "--control {}: no `imgbackup serve` answers there ({e}); give the path its `serve --control` was given",
+                p.display()
+            ))
+            .into()),
+        };
     }
-    UnixStream::connect(&p).ok()
+    let p = socket_path(image);
+    let Ok(m) = std::fs::symlink_metadata(&p) else {
+        return Ok(None);
+    };
+    if !m.file_type().is_socket() {
+        return Ok(None);
+    }
+    Ok(UnixStream::connect(&p).ok())
 }
 
 /// Ask the server of `image`, if one answers, for `op` (`bitmaps`, or
 /// `bitmap` with this process's command line): its `end` document, or the
 /// failure it reported.
-pub fn ask(image: &Path, op: &str) -> Option<anyhow::Result<Value>> {
-    let stream = connect(image)?;
-    Some(ask_on(stream, op))
+pub fn ask(image: &Path, op: &str, g: &GlobalOpts) -> Option<anyhow::Result<Value>> {
+    let stream = match connect(image, g) {
+        Ok(s) => s?,
+        Err(e) => return Some(Err(e)),
+    };
+    Some(ask_on(stream, image, op))
 }
 
-fn ask_on(stream: UnixStream, op: &str) -> anyhow::Result<Value> {
+fn ask_on(stream: UnixStream, image: &Path, op: &str) -> anyhow::Result<Value> {
     let args: Vec<String> = std::env::args_os()
         .skip(1)
         .map(|a| a.to_string_lossy().into_owned())
         .collect();
     let mut w = stream.try_clone()?;
-    let mut req = serde_json::to_vec(&json!({ "op": op, "args": args }))?;
+    let image = std::fs::canonicalize(image).unwrap_or_else(|_| image.to_path_buf());
+    let mut req = serde_json::to_vec(&json!({
+        "op": op,
+        "args": args,
+        "image": image.display().to_string(),
+    }))?;
     req.push(b'\n');
     w.write_all(&req)
         .context("cannot reach the server of the image")?;
@@ -636,8 +670,8 @@ fn ask_on(stream: UnixStream, op: &str) -> anyhow::Result<Value> {
 
 /// The bitmaps of `image` as the process serving it holds them, if one
 /// serves it.
-pub fn served_bitmaps(image: &Path) -> Option<anyhow::Result<Vec<BitmapDoc>>> {
-    let end = ask(image, "bitmaps")?;
+pub fn served_bitmaps(image: &Path, g: &GlobalOpts) -> Option<anyhow::Result<Vec<BitmapDoc>>> {
+    let end = ask(image, "bitmaps", g)?;
     Some(end.and_then(|e| {
         Ok(serde_json::from_value(
             e.get("bitmaps").cloned().unwrap_or(Value::Null),

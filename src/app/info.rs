@@ -93,7 +93,7 @@ pub fn run(args: &InfoArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
         allocation: chain[0].allocation,
         backing_chain: chain,
         manifest: manifest_doc(&args.image),
-        bitmaps: match super::control::served_bitmaps(&args.image) {
+        bitmaps: match super::control::served_bitmaps(&args.image, g) {
             // Served: the bitmaps as the serving process holds them.
             Some(docs) => docs?
                 .into_iter()

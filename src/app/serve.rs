@@ -180,7 +180,10 @@ pub fn run(args: &ServeArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
     };
     let (listener, uri) = listen(args)?;
     // A writable export's control socket: `backup IMAGE` runs its job here.
-    let ctl_path = super::control::socket_path(image);
+    let ctl_path = g
+        .control
+        .clone()
+        .unwrap_or_else(|| super::control::socket_path(image));
     let control = match served {
         Some(sv) => {
             let l = super::control::bind(&ctl_path)?;

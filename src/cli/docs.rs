@@ -405,8 +405,8 @@ running QEMU locks its disk, flushed when a client flushes and when the
 server stops.
 .TP
 .I IMAGE.ctl
-the control socket of a writable export: \fBimgbackup backup IMAGE\fR finds
-the server here and runs its job inside it (see BACKUPS OF A SERVED IMAGE).
+the control socket of a writable export (or \fB\-\-control PATH\fR):
+\fBimgbackup backup IMAGE\fR finds the server here and runs its job inside it (see BACKUPS OF A SERVED IMAGE).
 Removed when the server stops; a stale one left by a killed server is
 ignored by \fBbackup\fR and replaced by the next server.
 "#;
@@ -468,8 +468,11 @@ clients' writes drained (refused while a backup runs there, exit 8);
 \fBbitmap merge\fR, \fBimport\fR and \fBrebuild\fR are refused while the
 image is served (exit 8: stop the server first).
 .PP
-Not yet: \fB\-\-control PATH\fR (the control socket is always
-\fIIMAGE.ctl\fR).
+\fB\-\-control PATH\fR puts the control socket at PATH instead of
+\fIIMAGE.ctl\fR (a read\-only directory, a fixed place under /run); then
+\fBbackup\fR, \fBbitmap\fR and \fBinfo\fR reach the server only when
+given the same \fB\-\-control PATH\fR, and refuse (exit 2) an image the
+server at PATH does not serve.
 "#;
 
 const QCOW2_IN_PLACE: &str = r#".SH QCOW2 WRITTEN IN PLACE

@@ -87,6 +87,11 @@ pub struct GlobalOpts {
     /// IMGBACKUP_LOG=imgbackup::copy=trace.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     pub verbose: u8,
+    /// The control socket of a served image: where `serve` creates it, and
+    /// where `backup`, `bitmap` and `info` reach the serving process
+    /// [default: IMAGE.ctl beside the image].
+    #[arg(long, value_name = "PATH", global = true)]
+    pub control: Option<PathBuf>,
 }
 
 /// The progress display of commands that copy (backup, restore).

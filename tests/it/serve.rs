@@ -870,3 +870,56 @@ fn bitmap_and_info_commands_on_a_served_image_go_through_the_server() {
     qemu_img(p, &["convert", "-O", "raw", "inc.qcow2", "flat.raw"]);
     assert!(identical_fmt(p, "flat.raw", "raw", "disk.raw", "raw"));
 }
+
+#[test]
+fn control_names_where_the_server_listens_and_where_commands_reach_it() {
+    let d = tempdir();
+    let p = d.path();
+    data_disk(p, "disk.raw", 8);
+    data_disk(p, "other.raw", 8);
+    let ctl = p.join("run").join("disk.ctl");
+    std::fs::create_dir(p.join("run")).unwrap();
+    let ctl_s = ctl.display().to_string();
+    let s = Served::start(p, "disk.raw", &["--control", &ctl_s]);
+    wait_for(&ctl);
+    assert!(!p.join("disk.raw.ctl").exists());
+    // Without --control nothing answers beside the image: the image is
+    // locked by the server (exit 8).
+    let o = run_in(p, &["backup", "disk.raw", "a.qcow2"]);
+    assert_eq!(code(&o), 8, "{}", stderr(&o));
+    // With it, the job runs in the server.
+    let doc = ok(
+        p,
+        &[
+            "--control",
+            &ctl_s,
+            "backup",
+            "disk.raw",
+            "a.qcow2",
+            "--bitmap",
+            "b0",
+        ],
+    );
+    assert!(!doc["point_in_time"].as_str().unwrap().is_empty());
+    assert!(doc.get("clients").is_some(), "{doc}");
+    let b0 = ok(
+        p,
+        &["--control", &ctl_s, "bitmap", "show", "disk.raw", "b0"],
+    );
+    assert_eq!(b0["served"], true, "{b0}");
+    // Another image through this server, or a socket nobody serves, is
+    // refused.
+    let (rc, _, err) = json_run(p, &["--control", &ctl_s, "bitmap", "list", "other.raw"]);
+    assert_eq!(rc, 2, "{err}");
+    assert!(err.contains("not the image this server serves"), "{err}");
+    let (rc, _, err) = json_run(p, &["--control", &ctl_s, "backup", "other.raw", "o.qcow2"]);
+    assert_eq!(rc, 2, "{err}");
+    let (rc, _, err) = json_run(
+        p,
+        &["--control", "nowhere.sock", "backup", "disk.raw", "b.qcow2"],
+    );
+    assert_eq!(rc, 2, "{err}");
+    let (rc, err) = s.stop();
+    assert_eq!(rc, 0, "{err}");
+    assert!(!ctl.exists(), "the control socket was left");
+}
