@@ -261,7 +261,22 @@ pub fn run(args: &ServeArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
         super::marked::save(image, tracked, flushed.is_ok(), false)?;
     }
     flushed.context("cannot flush the image")?;
-    let c = &server.counters;
+    let backups = control
+        .as_ref()
+        .map(|(_, c)| c.backups.load(Ordering::Relaxed))
+        .unwrap_or(0);
+    report(g, image, &uri, &server.counters, backups)?;
+    Ok(Exit::Success)
+}
+
+/// What `serve` says when it stops.
+fn report(
+    g: &GlobalOpts,
+    image: &Path,
+    uri: &str,
+    c: &crate::nbd::Counters,
+    backups: u64,
+) -> anyhow::Result<()> {
     if g.json {
         print_json(&serde_json::json!({
             "ok": true,
@@ -274,7 +289,7 @@ pub fn run(args: &ServeArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
             "bytes_written": c.bytes_written.load(Ordering::Relaxed),
             "bytes_read": c.bytes_read.load(Ordering::Relaxed),
             "clients_dropped": c.dropped.load(Ordering::Relaxed),
-            "backups": control.as_ref().map(|(_, c)| c.backups.load(Ordering::Relaxed)).unwrap_or(0),
+            "backups": backups,
         }))?;
     } else if !g.quiet {
         crate::errln!(
@@ -284,7 +299,7 @@ pub fn run(args: &ServeArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
             c.requests.load(Ordering::Relaxed)
         );
     }
-    Ok(Exit::Success)
+    Ok(())
 }
 
 /// Make `overlay` a qcow2 backed by `image` (of `format`): created when
