@@ -476,11 +476,12 @@ server at PATH does not serve.
 "#;
 
 const QCOW2_IN_PLACE: &str = r#".SH QCOW2 WRITTEN IN PLACE
-qcow2 images are written in place through the imago crate. While they are
-written their dirty bit is set (QEMU's lazy\-refcounts marker), cleared
-once every table is flushed when the server or guest stops: after a crash
-or SIGKILL, QEMU rebuilds the refcounts when it opens the image read\-write
-(\fBqemu\-img check \-r all\fR does the same), and no mapping is lost.
+qcow2 images are written in place through the imago crate (with one
+ordering fix: a crash or SIGKILL at any moment leaves nothing worse than
+leaked clusters). While they are written their dirty bit is set (QEMU's
+lazy\-refcounts marker), cleared once every table is flushed when the
+server or guest stops: after a crash, QEMU rebuilds the refcounts when it
+opens the image read\-write (\fBqemu\-img check \-r leaks\fR does the same).
 Persistent bitmaps QEMU keeps inside the image are invalidated (their
 autoclear bit is cleared), since they are not updated. Refused (exit 1,
 the image unchanged): version 2 images (\fBqemu\-img amend \-o

@@ -13,14 +13,15 @@
 //! specification requires (imago clears the bitmaps autoclear bit when it
 //! opens the image for writing), since nothing here updates them.
 //!
-//! While the image is open the header's dirty bit (incompatible feature 0,
-//! QEMU's lazy-refcounts marker) is set, flushed before the first write and
-//! cleared only after the last flush at close. imago writes a new L2
-//! table's L1 entry before the refcount block that allocates it (measured:
-//! `refcount=0 reference=1` after kill -9 in the first writes of a 4 KiB-
-//! cluster image); with the dirty bit, a process killed at any moment
-//! leaves an image whose refcounts QEMU rebuilds when it opens it (and
-//! `qemu-img check -r all` repairs), with every mapping intact.
+//! imago is used with one fix (vendor/imago/IMGBACKUP.md): the refcount
+//! block of a new L2 table is written before the L1 entry that references
+//! it; without it a kill between the two left `refcount=0 reference=1`.
+//! With it, a process killed at any moment leaves nothing worse than leaked
+//! clusters (`qemu-img check` exit 3). Besides, while the image is written
+//! its dirty bit (incompatible feature 0, QEMU's lazy-refcounts marker) is
+//! set, durably before the first write, and cleared only after the last
+//! flush at close, so QEMU rebuilds the refcounts (and drops those leaks)
+//! when it next opens an image whose writer was killed.
 
 use crate::error::{BlockError, Op, Result};
 use crate::node::{BlockNode, Extent, Status};
