@@ -32,7 +32,7 @@ $B mount -t proc proc /proc
 $B mount -t sysfs sys /sys
 $B mount -t devtmpfs dev /dev
 for m in virtio virtio_ring virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk; do
-  $B insmod /lib/modules/$m.ko
+  [ -f /lib/modules/$m.ko ] && $B insmod /lib/modules/$m.ko
 done
 i=0
 while [ ! -b /dev/vda ] && [ $i -lt 100 ]; do $B sleep 0.1; i=$((i+1)); done
@@ -70,11 +70,31 @@ fn boot_files(p: &Path) -> (PathBuf, PathBuf) {
             .output()
             .expect("modinfo");
         let path = String::from_utf8_lossy(&o.stdout).trim().to_string();
-        assert!(
-            o.status.success() && path.ends_with(".ko"),
-            "module {m}: {path}"
-        );
-        std::fs::copy(&path, root.join(format!("lib/modules/{m}.ko"))).unwrap();
+        let to = root.join(format!("lib/modules/{m}.ko"));
+        if path.contains("builtin") {
+            continue; // built into the kernel: the init skips it
+        }
+        assert!(o.status.success(), "module {m}: {path}");
+        // Compressed modules are unpacked: busybox insmod loads plain ones.
+        let unpack = match path.rsplit('.').next() {
+            Some("xz") => Some("xz"),
+            Some("zst") => Some("zstd"),
+            Some("gz") => Some("gzip"),
+            _ => None,
+        };
+        match unpack {
+            None => {
+                std::fs::copy(&path, &to).unwrap();
+            }
+            Some(tool) => {
+                let o = Command::new(tool)
+                    .args(["-dc", &path])
+                    .output()
+                    .expect(tool);
+                assert!(o.status.success(), "{tool} -dc {path}");
+                std::fs::write(&to, o.stdout).unwrap();
+            }
+        }
     }
     let init = root.join("init");
     std::fs::write(&init, INIT).unwrap();
