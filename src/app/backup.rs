@@ -66,6 +66,18 @@ pub fn run(args: &BackupArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
     if let Some(ctl) = super::control::connect(&args.source, g)? {
         return super::control::backup(ctl, g, args.progress.progress);
     }
+    // Copy-before-write options need writes to copy before: a guest.
+    let cbw = [
+        (args.on_cbw_error.is_some(), "--on-cbw-error"),
+        (args.cbw_timeout.is_some(), "--cbw-timeout"),
+        (args.cbw_cache.is_some(), "--cbw-cache"),
+    ];
+    if let (None, Some((_, opt))) = (&args.guest, cbw.iter().find(|(given, _)| *given)) {
+        return Err(crate::job::JobError::Usage(format!(
+            "{opt} needs --guest, or an image `imgbackup serve` writes (whose clients are the guest)"
+        ))
+        .into());
+    }
     let job = BackupJob::prepare(BackupConfig::from(args))?;
     if args.dry_run {
         let (summary, d) = job.dry_run()?;

@@ -240,19 +240,20 @@ pub struct BackupArgs {
     #[arg(long, value_name = "FILE", requires = "guest", add = complete::outputs())]
     pub guest_overlay: Option<PathBuf>,
     /// What a failed copy-before-write does: fail the guest write (the
-    /// backup stays consistent), or let it through and fail the job.
-    /// [default: break-guest-write]
-    #[arg(long, value_enum, value_name = "POLICY", requires = "guest")]
+    /// backup stays consistent), or let it through and fail the job. With
+    /// --guest, or on an image `imgbackup serve` writes (its clients are
+    /// the guest). [default: break-guest-write]
+    #[arg(long, value_enum, value_name = "POLICY")]
     pub on_cbw_error: Option<OnCbwErrorArg>,
     /// The longest a guest write may wait for its copy-before-write; past
-    /// it the copy counts as failed.
-    #[arg(long, value_parser = parse_duration, value_name = "DUR", requires = "guest")]
+    /// it the copy counts as failed. With --guest or on a served image.
+    #[arg(long, value_parser = parse_duration, value_name = "DUR")]
     pub cbw_timeout: Option<Duration>,
     /// RAM for copy-before-write: a guest write waits only until the old
     /// data of its clusters is in this cache, which drains to the target in
-    /// the background; when it is full, guest writes copy directly
-    /// [default: 4M per worker; 0 disables].
-    #[arg(long, value_parser = parse_size, value_name = "SIZE", requires = "guest")]
+    /// the background; when it is full, guest writes copy directly. With
+    /// --guest or on a served image [default: 4M per worker; 0 disables].
+    #[arg(long, value_parser = parse_size, value_name = "SIZE")]
     pub cbw_cache: Option<u64>,
     /// After the job, re-read the backup (through its backing file) and
     /// check it against the manifest; with --guest (or --no-manifest) also

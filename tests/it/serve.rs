@@ -711,7 +711,20 @@ fn ctrl_c_of_a_backup_cancels_its_job_never_the_server_and_one_job_runs_at_a_tim
     // The server goes on: a client writes, a backup runs.
     let o = nbd_io(p, &s.uri(), &["write -P 9 0 64k"]);
     assert!(o.status.success());
-    let doc = ok(p, &["backup", "disk.raw", "c.qcow2", "--bitmap", "b0"]);
+    let doc = ok(
+        p,
+        &[
+            "backup",
+            "disk.raw",
+            "c.qcow2",
+            "--bitmap",
+            "b0",
+            "--cbw-cache",
+            "1M",
+            "--cbw-timeout",
+            "10s",
+        ],
+    );
     assert_eq!(
         doc["bitmap"]["anchored_backup"],
         p.join("c.qcow2")
@@ -732,6 +745,14 @@ fn ctrl_c_of_a_backup_cancels_its_job_never_the_server_and_one_job_runs_at_a_tim
     let o = third.wait_with_output().unwrap();
     assert_eq!(code(&o), 143, "{}", stderr(&o));
     assert!(!p.join("d.qcow2").exists() && !p.join("d.qcow2.partial").exists());
+    // Not served any more: copy-before-write options need --guest.
+    let o = run_in(p, &["backup", "disk.raw", "e.qcow2", "--cbw-cache", "1M"]);
+    assert_eq!(code(&o), 2, "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("--cbw-cache needs --guest"),
+        "{}",
+        stderr(&o)
+    );
     Backup::new(p, "disk.raw", "inc.qcow2")
         .sync("incremental")
         .bitmap("b0")
