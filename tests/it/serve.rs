@@ -404,8 +404,59 @@ fn libnbd_clients_agree() {
         .filter(|e| e["type"] == 0)
         .map(|e| e["length"].as_u64().unwrap())
         .sum();
-    // What was written, and the first 4 KiB qemu-img allocates.
+    // What was written, and the first 4 KiB qemu-img allocates...
     assert_eq!(data, (3 << 20) + 65536 + 4096, "{map}");
+    // ... which is what qemu-img map says of the image, extent by extent.
+    let extents = |v: &serde_json::Value, key: &str, want: &serde_json::Value| -> Vec<(u64, u64)> {
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        for e in v.as_array().unwrap().iter().filter(|e| &e[key] == want) {
+            let (o, l) = (e["offset"].as_u64().unwrap(), e["length"].as_u64().unwrap());
+            match out.last_mut() {
+                Some(last) if last.1 == o => last.1 = o + l,
+                _ => out.push((o, o + l)),
+            }
+        }
+        out
+    };
+    let qmap = map_json(p, "disk.raw");
+    assert_eq!(
+        extents(&map, "type", &serde_json::json!(0)),
+        extents(
+            &serde_json::Value::Array(qmap),
+            "data",
+            &serde_json::json!(true)
+        ),
+        "{map}"
+    );
+    // The dirty bitmap as a meta context is the live bitmap `bitmap show`
+    // reports through the server.
+    let o = nbd_io(p, &uri, &["write -P 9 2M 4k", "write -z 10M 128k"]);
+    assert!(o.status.success());
+    let dmap: serde_json::Value = serde_json::from_str(&libnbd(
+        p,
+        "nbdinfo",
+        &["--map=qemu:dirty-bitmap:b0", "--json", &uri],
+    ))
+    .unwrap();
+    let shown = ok(p, &["bitmap", "show", "disk.raw", "b0"]);
+    let ranges: Vec<(u64, u64)> = shown["dirty_ranges"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r[0].as_u64().unwrap(), r[1].as_u64().unwrap()))
+        .collect();
+    assert_eq!(
+        ranges,
+        vec![
+            (2 << 20, (2 << 20) + 65536),
+            (10 << 20, (10 << 20) + (128 << 10))
+        ]
+    );
+    assert_eq!(
+        extents(&dmap, "type", &serde_json::json!(1)),
+        ranges,
+        "{dmap}"
+    );
     // nbdcopy (several connections, requests in flight) copies it exactly.
     tool(
         p,
