@@ -26,7 +26,7 @@ use super::error::Result;
 use super::policy::Policies;
 use super::sync_bitmap::{Before, SyncBitmap};
 use super::sync_mode::{BitmapMode, DefaultBacking, SyncMode};
-use super::{PolicyLog, RetryEvent, outcome, run_background_at, run_drain};
+use super::{PolicyLog, RetryEvent, outcome, run_background, run_drain};
 use crate::bitmap::{Bitmap, BitmapError, Bits, Identity, Tracked};
 use crate::copy::{BlockCopy, ChunkObserver, Config, CopyError};
 use crate::guest::{self, GuestReport, GuestSpec};
@@ -57,10 +57,12 @@ pub const DEFAULT_CLUSTER: u64 = 64 << 10;
 pub const DEFAULT_CBW_CACHE_PER_WORKER: u64 = 4 << 20;
 /// Default request size.
 pub const DEFAULT_MAX_CHUNK: u64 = 2 << 20;
-/// Default request size of a job on a served image (rounded up to the
-/// backup granularity): a client write that hits a copy in flight waits
-/// for all of it (BENCHMARKS.md: p99 5 ms with 2 MiB, 3–4 ms with 64 KiB).
-pub const SERVED_MAX_CHUNK: u64 = 64 << 10;
+/// Default request size of a job while something writes the image (a
+/// served image's clients, the simulated guest), rounded up to the backup
+/// granularity: a write that hits a copy in flight waits for all of it
+/// (BENCHMARKS.md: client p99 5 ms with 2 MiB requests, 1.8–1.9 ms with
+/// one cluster).
+pub const WRITERS_MAX_CHUNK: u64 = 64 << 10;
 
 /// A served image (`imgbackup serve`): the job runs inside the serving
 /// process, and the clients' writes reach it through the filter slot.
@@ -618,15 +620,23 @@ impl BackupJob {
     /// [`BackupJob::prepare`] for an image this process serves: the server
     /// holds its locks, the bitmap is the server's live one, and the job's
     /// point in time is the moment [`BackupJob::start`] inserts the filter.
-    pub fn prepare_served(mut cfg: BackupConfig, served: Served) -> Result<BackupJob> {
+    pub fn prepare_served(cfg: BackupConfig, served: Served) -> Result<BackupJob> {
         check_served(&cfg)?;
-        // A client write waits for the copy in flight over its clusters:
-        // one cluster per request keeps that wait short (SERVED_MAX_CHUNK).
-        cfg.max_chunk = cfg.max_chunk.or(Some(SERVED_MAX_CHUNK));
         Self::prepare_with(cfg, Some(served))
     }
 
-    fn prepare_with(cfg: BackupConfig, served: Option<Served>) -> Result<BackupJob> {
+    fn prepare_with(mut cfg: BackupConfig, served: Option<Served>) -> Result<BackupJob> {
+        // A write (of a served image's clients, or of the simulated guest)
+        // waits for the copy in flight over its clusters: one cluster per
+        // request keeps that wait short (WRITERS_MAX_CHUNK).
+        if served.is_some() || cfg.guest.is_some() {
+            cfg.max_chunk = cfg.max_chunk.or(Some(WRITERS_MAX_CHUNK));
+        }
+        // A served image's clients get a core of their own: the job takes
+        // the others (at least one).
+        if served.is_some() {
+            cfg.jobs = cfg.jobs.or(Some(default_jobs().saturating_sub(1).max(1)));
+        }
         let started = SystemTime::now();
         let t0 = Instant::now();
         let plan = plan(&cfg)?;
@@ -646,11 +656,15 @@ impl BackupJob {
             Some(_) => Locks::new(),
             None => lock_source(&cfg, &image)?,
         };
-        for t in crate::bitmap::file::remove_stale_temps(&cfg.source) {
-            tracing::info!(
-                "removed a bitmap temporary file left by a killed run: {}",
-                t.display()
-            );
+        // A served image's server removed them when it started; its own
+        // bitmap saves may be in flight now.
+        if served.is_none() {
+            for t in crate::bitmap::file::remove_stale_temps(&cfg.source) {
+                tracing::info!(
+                    "removed a bitmap temporary file left by a killed run: {}",
+                    t.display()
+                );
+            }
         }
         guard::check_output(&cfg.target, cfg.force, "target")?;
         if let Some(o) = &cfg.guest_overlay {
@@ -1325,14 +1339,7 @@ impl Running {
             let drain = s.spawn(|| run_drain(bc, &stop_drain, cancel, policies, plog));
             let result = match cfg.sync.copies_in_background() {
                 false => Ok(()),
-                true => run_background_at(
-                    bc,
-                    self.job.plan.jobs,
-                    cancel,
-                    policies,
-                    plog,
-                    self.job.served.is_some(),
-                ),
+                true => run_background(bc, self.job.plan.jobs, cancel, policies, plog),
             };
             let bounded = cfg.guest.as_ref().is_some_and(|g| g.is_bounded());
             if result.is_err() || !bounded {

@@ -118,28 +118,10 @@ pub fn run_background(
     policies: &Policies,
     plog: &PolicyLog,
 ) -> Result<(), JobError> {
-    run_background_at(bc, jobs, cancel, policies, plog, false)
-}
-
-/// [`run_background`], the workers yielding the CPU to everything else in
-/// the process when `yielding` (a served image's clients come first).
-pub fn run_background_at(
-    bc: &BlockCopy,
-    jobs: usize,
-    cancel: &Cancel,
-    policies: &Policies,
-    plog: &PolicyLog,
-    yielding: bool,
-) -> Result<(), JobError> {
     bc.map_holes();
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(jobs)
         .thread_name(|i| format!("imgbackup-copy-{i}"))
-        .start_handler(move |_| {
-            if yielding {
-                lower_thread_priority();
-            }
-        })
         .build()
         .map_err(JobError::context("cannot start the copy workers"))?;
     pool.scope(|s| {
@@ -170,17 +152,6 @@ pub fn run_background_at(
         }
     });
     outcome(bc, cancel)
-}
-
-/// Make the calling thread the last to get the CPU (nice 19, and the
-/// idle I/O priority class where the scheduler has one): a served image's
-/// NBD requests, which wait for a core, are answered first.
-fn lower_thread_priority() {
-    // SAFETY: plain syscalls about the calling thread; no memory passed.
-    unsafe {
-        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-        libc::setpriority(libc::PRIO_PROCESS, tid, 19);
-    }
 }
 
 /// Copy one claim under the error policies. Returns the bytes read.

@@ -499,6 +499,12 @@ impl Server {
     }
 
     fn fail(s: &Session, q: &Request, error: u32, message: &str) -> Vec<u8> {
+        tracing::warn!(
+            "request {} of {} bytes at offset {} failed (error {error}): {message}",
+            q.kind,
+            q.len,
+            q.offset
+        );
         if s.structured {
             error_chunk(q.handle, error, message)
         } else {
@@ -545,14 +551,16 @@ impl Server {
         }
         let fua = |r: Result<(), BlockError>| -> Result<(), BlockError> {
             r?;
+            // FUA makes this write durable; the bitmaps (marked in use on
+            // disk while served) are saved on FLUSH and when the server stops.
             if q.flags & NBD_CMD_FLAG_FUA != 0 {
-                self.flush()?;
+                self.export.node.flush()?;
             }
             Ok(())
         };
         let done = |r: Result<(), BlockError>| match r {
             Ok(()) => Self::ok(q),
-            Err(e) => Self::fail(s, q, Self::errno(&e), &e.to_string()),
+            Err(e) => Self::fail(s, q, Self::errno(&e), &crate::error::error_chain(&e)),
         };
         match q.kind {
             NBD_CMD_READ => {
@@ -566,7 +574,7 @@ impl Server {
                 }
                 let mut buf = vec![0u8; q.len as usize];
                 if let Err(e) = node.read(q.offset, &mut buf) {
-                    return Self::fail(s, q, Self::errno(&e), &e.to_string());
+                    return Self::fail(s, q, Self::errno(&e), &crate::error::error_chain(&e));
                 }
                 self.counters
                     .bytes_read
@@ -659,7 +667,14 @@ impl Server {
                             },
                             ext.len.clamp(1, want),
                         ),
-                        Err(e) => return Self::fail(s, q, Self::errno(&e), &e.to_string()),
+                        Err(e) => {
+                            return Self::fail(
+                                s,
+                                q,
+                                Self::errno(&e),
+                                &crate::error::error_chain(&e),
+                            );
+                        }
                     }
                 } else {
                     match self.export.bitmaps.get((id - FIRST_BITMAP_ID) as usize) {

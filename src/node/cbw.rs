@@ -76,6 +76,10 @@ impl CbwNode {
         });
         let err = match res {
             Ok(_) => return Ok(()),
+            // The job is being cancelled: its target is thrown away, so
+            // nothing needs the old data any more. The write goes ahead (a
+            // served image's clients never see a backup's cancel).
+            Err(CopyError::Cancelled) => return Ok(()),
             Err(e) => e,
         };
         match self.on_error {

@@ -533,7 +533,7 @@ struct Logged {
 /// writing 4 KiB at random offsets until stopped, logging every write.
 struct Writer {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    handle: std::thread::JoinHandle<Vec<Logged>>,
+    handle: std::thread::JoinHandle<(Vec<Logged>, Option<String>)>,
 }
 
 impl Writer {
@@ -567,13 +567,25 @@ impl Writer {
                 input.flush().unwrap();
                 let mut got = Vec::new();
                 let mut buf = [0u8; 4096];
-                while !String::from_utf8_lossy(&got).contains("ops/sec") {
+                let done = |g: &[u8]| {
+                    let t = String::from_utf8_lossy(g);
+                    t.contains("ops/sec") || t.contains("failed")
+                };
+                while !done(&got) {
                     let n = output.read(&mut buf).unwrap();
-                    assert!(n > 0, "qemu-io ended: {}", String::from_utf8_lossy(&got));
+                    if n == 0 {
+                        break;
+                    }
                     got.extend_from_slice(&buf[..n]);
                 }
-                let text = String::from_utf8_lossy(&got);
-                assert!(text.contains("wrote 4096/4096"), "{text}");
+                let text = String::from_utf8_lossy(&got).into_owned();
+                if !text.contains("wrote 4096/4096") {
+                    // A failed write: reported once the server has stopped
+                    // (with what it logged).
+                    drop(input);
+                    let _ = child.wait();
+                    return (log, Some(format!("write {i} at {offset}: {text}")));
+                }
                 log.push(Logged {
                     sent,
                     done: std::time::SystemTime::now(),
@@ -584,12 +596,12 @@ impl Writer {
             }
             drop(input);
             let _ = child.wait();
-            log
+            (log, None)
         });
         Writer { stop, handle }
     }
 
-    fn stop(self) -> Vec<Logged> {
+    fn stop(self) -> (Vec<Logged>, Option<String>) {
         self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
         self.handle.join().unwrap()
     }
@@ -674,7 +686,11 @@ fn point_in_time_while_a_client_writes(image: &str) {
         ],
     );
     std::thread::sleep(std::time::Duration::from_millis(100));
-    let log = w.stop();
+    let (log, failed) = w.stop();
+    if let Some(f) = failed {
+        let (rc, err) = s.stop();
+        panic!("a client write failed: {f}\nthe server (exit {rc}) said: {err}");
+    }
     // The client wrote during the full backup, through its filter.
     let during = log
         .iter()
