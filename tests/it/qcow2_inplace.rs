@@ -41,6 +41,13 @@ fn random_workloads_written_in_place_equal_the_same_writes_on_raw_and_check_clea
         ("cluster_size=2097152", false, 3),
         ("cluster_size=65536", true, 4),
         ("cluster_size=65536,refcount_bits=1", false, 6),
+        ("cluster_size=512", false, 7),
+        ("cluster_size=65536,refcount_bits=2", false, 8),
+        ("cluster_size=65536,refcount_bits=4", false, 9),
+        ("cluster_size=65536,refcount_bits=8", false, 10),
+        ("cluster_size=65536,refcount_bits=64", false, 11),
+        ("cluster_size=65536,lazy_refcounts=on", false, 12),
+        ("cluster_size=4096", true, 13),
     ] {
         let d = tempdir();
         let p = d.path();
