@@ -192,9 +192,25 @@ fn a_backup_is_served_read_only_through_its_chain() {
         .ok();
     let s = Served::start(p, "inc.qcow2", &["--read-only"]);
     assert!(identical_fmt(p, &s.uri(), "raw", "disk.raw", "raw"));
+    // nbdinfo: read-only, no writes (exit 2 for what it cannot do).
+    let can = |what: &str| {
+        std::process::Command::new("nbdinfo")
+            .args(["--can", what, &s.uri()])
+            .output()
+            .unwrap()
+            .status
+            .code()
+    };
+    assert_eq!(can("read"), Some(0));
+    assert_eq!(can("write"), Some(2));
+    let o = std::process::Command::new("nbdinfo")
+        .args(["--is", "read-only", &s.uri()])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0));
     let (rc, err) = s.stop();
     assert_eq!(rc, 0, "{err}");
-    // Writable qcow2 is refused with the reason.
+    // Writable, a backup is refused with the reason.
     let o = run_in(p, &["serve", "inc.qcow2", "--socket", "x.sock"]);
     assert_eq!(code(&o), 2, "{}", stderr(&o));
     assert!(stderr(&o).contains("--read-only"), "{}", stderr(&o));
@@ -384,6 +400,22 @@ fn libnbd_clients_agree() {
         ctx.contains("base:allocation") && ctx.contains("qemu:dirty-bitmap:b0"),
         "{info}"
     );
+    // nbdinfo --can: exit 0 for what the export supports.
+    for what in [
+        "write",
+        "flush",
+        "fua",
+        "trim",
+        "zero",
+        "multi-conn",
+        "structured-reply",
+    ] {
+        let o = std::process::Command::new("nbdinfo")
+            .args(["--can", what, &uri])
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(0), "nbdinfo --can {what}");
+    }
     let list = libnbd(
         p,
         "nbdinfo",
