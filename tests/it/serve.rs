@@ -277,12 +277,7 @@ fn writes_through_the_server_mark_the_bitmaps_and_the_next_incremental_is_exact(
     // The bitmap saw every write: 40 clusters dirty, consistent, and the
     // incremental restores to the image.
     assert_eq!(dirty_granules(p), 40);
-    Backup::new(p, "disk.raw", "inc.qcow2")
-        .sync("incremental")
-        .bitmap("b0")
-        .ok();
-    qemu_img(p, &["convert", "-O", "raw", "inc.qcow2", "flat.raw"]);
-    assert!(identical_fmt(p, "flat.raw", "raw", "disk.raw", "raw"));
+    incremental_restores_to_the_image(p, "disk.raw", "inc.qcow2");
 }
 
 fn dirty_granules(p: &Path) -> u64 {
@@ -356,12 +351,7 @@ fn killed_server(image: &str) {
             "full.qcow2",
         ],
     );
-    Backup::new(p, image, "inc.qcow2")
-        .sync("incremental")
-        .bitmap("b0")
-        .ok();
-    qemu_img(p, &["convert", "-O", "raw", "inc.qcow2", "flat.raw"]);
-    assert!(identical(p, "flat.raw", image));
+    incremental_restores_to_the_image(p, image, "inc.qcow2");
     // The stale socket is replaced by the next server.
     let s = Served::start(p, image, &[]);
     let (rc, err) = s.stop();
@@ -755,12 +745,7 @@ fn point_in_time_while_a_client_writes(image: &str) {
     assert_eq!(rc, 0, "{err}");
     // After the server: the bitmap is consistent, the next incremental
     // restores to the image.
-    Backup::new(p, image, "inc2.qcow2")
-        .sync("incremental")
-        .bitmap("b0")
-        .ok();
-    qemu_img(p, &["convert", "-O", "raw", "inc2.qcow2", "flat.raw"]);
-    assert!(identical(p, "flat.raw", image));
+    incremental_restores_to_the_image(p, image, "inc2.qcow2");
     check_clean(p, "inc2.qcow2");
     if image.ends_with(".qcow2") {
         check_clean(p, image);
@@ -852,12 +837,7 @@ fn ctrl_c_of_a_backup_cancels_its_job_never_the_server_and_one_job_runs_at_a_tim
         "{}",
         stderr(&o)
     );
-    Backup::new(p, "disk.raw", "inc.qcow2")
-        .sync("incremental")
-        .bitmap("b0")
-        .ok();
-    qemu_img(p, &["convert", "-O", "raw", "inc.qcow2", "flat.raw"]);
-    assert!(identical_fmt(p, "flat.raw", "raw", "disk.raw", "raw"));
+    incremental_restores_to_the_image(p, "disk.raw", "inc.qcow2");
 }
 
 #[test]
@@ -983,12 +963,7 @@ fn bitmap_and_info_commands_on_a_served_image_go_through_the_server() {
         "{b1}"
     );
     assert!(b1.get("served").is_none(), "{b1}");
-    Backup::new(p, "disk.raw", "inc.qcow2")
-        .sync("incremental")
-        .bitmap("b0")
-        .ok();
-    qemu_img(p, &["convert", "-O", "raw", "inc.qcow2", "flat.raw"]);
-    assert!(identical_fmt(p, "flat.raw", "raw", "disk.raw", "raw"));
+    incremental_restores_to_the_image(p, "disk.raw", "inc.qcow2");
 }
 
 #[test]
@@ -1042,4 +1017,15 @@ fn control_names_where_the_server_listens_and_where_commands_reach_it() {
     let (rc, err) = s.stop();
     assert_eq!(rc, 0, "{err}");
     assert!(!ctl.exists(), "the control socket was left");
+}
+
+/// An incremental of `image` with bitmap b0 into `target`, restored by
+/// qemu-img, equals the image: the bitmap saw every write.
+fn incremental_restores_to_the_image(p: &Path, image: &str, target: &str) {
+    Backup::new(p, image, target)
+        .sync("incremental")
+        .bitmap("b0")
+        .ok();
+    qemu_img(p, &["convert", "-O", "raw", target, "flat.raw"]);
+    assert!(identical(p, "flat.raw", image));
 }
