@@ -206,9 +206,8 @@ pub struct BackupArgs {
     #[arg(short, long, value_parser = parse_jobs, value_name = "N")]
     pub jobs: Option<usize>,
     /// Largest single request [default: max(2M, cluster size); one cluster
-    /// while something writes the image (--guest, or the clients of an
-    /// image `imgbackup serve` writes), so its writes wait less]; rounded
-    /// down to whole clusters, at least one.
+    /// for an image `imgbackup serve` writes, so its clients wait less];
+    /// rounded down to whole clusters, at least one.
     #[arg(long, value_parser = parse_nonzero_size, value_name = "SIZE")]
     pub max_chunk: Option<u64>,
     /// Limit copy throughput, in bytes per second (e.g. 100M).

@@ -57,12 +57,11 @@ pub const DEFAULT_CLUSTER: u64 = 64 << 10;
 pub const DEFAULT_CBW_CACHE_PER_WORKER: u64 = 4 << 20;
 /// Default request size.
 pub const DEFAULT_MAX_CHUNK: u64 = 2 << 20;
-/// Default request size of a job while something writes the image (a
-/// served image's clients, the simulated guest), rounded up to the backup
-/// granularity: a write that hits a copy in flight waits for all of it
-/// (BENCHMARKS.md: client p99 5 ms with 2 MiB requests, 1.8–1.9 ms with
-/// one cluster).
-pub const WRITERS_MAX_CHUNK: u64 = 64 << 10;
+/// Default request size of a job on a served image, rounded up to the
+/// backup granularity: a client write that hits a copy in flight waits for
+/// all of it (BENCHMARKS.md, client writes during a backup of a served
+/// image).
+pub const SERVED_MAX_CHUNK: u64 = 64 << 10;
 
 /// A served image (`imgbackup serve`): the job runs inside the serving
 /// process, and the clients' writes reach it through the filter slot.
@@ -626,16 +625,12 @@ impl BackupJob {
     }
 
     fn prepare_with(mut cfg: BackupConfig, served: Option<Served>) -> Result<BackupJob> {
-        // A write (of a served image's clients, or of the simulated guest)
-        // waits for the copy in flight over its clusters: one cluster per
-        // request keeps that wait short (WRITERS_MAX_CHUNK).
-        if served.is_some() || cfg.guest.is_some() {
-            cfg.max_chunk = cfg.max_chunk.or(Some(WRITERS_MAX_CHUNK));
-        }
-        // A served image's clients get a core of their own: the job takes
-        // the others (at least one).
+        // A served image's clients get a core of their own (the job takes
+        // the others, at least one), and a client write that lands on a
+        // copy in flight waits for one cluster at most (SERVED_MAX_CHUNK).
         if served.is_some() {
             cfg.jobs = cfg.jobs.or(Some(default_jobs().saturating_sub(1).max(1)));
+            cfg.max_chunk = cfg.max_chunk.or(Some(SERVED_MAX_CHUNK));
         }
         let started = SystemTime::now();
         let t0 = Instant::now();
