@@ -351,10 +351,8 @@ fn writable_export(
 ) -> anyhow::Result<(Export, Tracked, Arc<dyn BlockNode>, Served)> {
     // The bitmaps are checked against the image before it is opened for
     // writing (opening a qcow2 writable may rewrite its header).
-    let size = open_image(image, Some(format))
-        .context("cannot open the image")?
-        .node
-        .size();
+    let opened = open_image(image, Some(format)).context("cannot open the image")?;
+    let size = opened.node.size();
     let tracked = super::marked::track_enabled(image, size)?;
     let raw = match super::marked::open_writable(image, format) {
         Ok(r) => r,
@@ -386,6 +384,7 @@ fn writable_export(
         live,
         slot,
         bitmaps: tracked.clone(),
+        image: opened,
     };
     Ok((export, tracked, raw, served))
 }

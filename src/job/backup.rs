@@ -74,6 +74,10 @@ pub struct Served {
     pub slot: Arc<FilterSlot>,
     /// The bitmaps the server marks; a job's bitmap is taken from here.
     pub bitmaps: Tracked,
+    /// The image as imgbackup's reader opened it before the server started
+    /// writing it: the facts of its layers. A job never reads it (it reads
+    /// `live`), and never opens the image again while the server writes it.
+    pub image: Image,
 }
 
 /// The backing file written into a qcow2 target.
@@ -635,8 +639,11 @@ impl BackupJob {
         let started = SystemTime::now();
         let t0 = Instant::now();
         let plan = plan(&cfg)?;
-        let image = crate::node::graph::open(&SourceSpec::file(&cfg.source, cfg.source_format))
-            .map_err(JobError::context("cannot open the source image"))?;
+        let image = match &served {
+            Some(s) => s.image.clone(),
+            None => crate::node::graph::open(&SourceSpec::file(&cfg.source, cfg.source_format))
+                .map_err(JobError::context("cannot open the source image"))?,
+        };
         let on_device = std::fs::metadata(&cfg.source)
             .map(|m| std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type()))
             .unwrap_or(false);

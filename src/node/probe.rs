@@ -66,6 +66,7 @@ pub struct LayerInfo {
 }
 
 /// One layer of an opened image.
+#[derive(Clone)]
 pub struct Layer {
     /// What info shows of it.
     pub info: LayerInfo,
@@ -74,6 +75,7 @@ pub struct Layer {
 }
 
 /// An opened image: the whole view and its chain of layers.
+#[derive(Clone)]
 pub struct Image {
     /// Reads the image as a guest sees it (through its backing chain).
     pub node: Arc<dyn BlockNode>,
