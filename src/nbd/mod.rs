@@ -1,7 +1,8 @@
 //! The NBD protocol: [`proto`] encodes and decodes its messages (shared by
-//! the server and, later, the NBD source client), [`server`] serves one
-//! export over Unix or TCP sockets.
+//! the server and the client), [`server`] serves one export over Unix or
+//! TCP sockets, [`client`] reads one (the ground of NBD sources).
 
+pub mod client;
 pub mod proto;
 pub mod server;
 

@@ -15,6 +15,7 @@ mod fixture;
 mod layout;
 mod logging;
 mod manifest;
+mod nbd_client;
 mod phases;
 mod qcow2_fuzz;
 mod qcow2_inplace;

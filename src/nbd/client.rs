@@ -1,0 +1,601 @@
+//! An NBD client (doc/proto.md of the NBD project): fixed newstyle
+//! negotiation with `NBD_OPT_GO`, structured replies, metadata contexts,
+//! and the READ and BLOCK_STATUS commands, over Unix or TCP sockets. The
+//! ground the NBD source node stands on (SPEC §9); it shares
+//! [`super::proto`] with the server.
+//!
+//! One request is in flight per connection: a source that wants several
+//! opens several connections.
+
+use super::proto::*;
+use std::io::{self, Read, Write};
+use std::path::PathBuf;
+
+/// Where an export is: QEMU's and libnbd's URI syntax,
+/// `nbd://HOST[:PORT][/EXPORT]` or `nbd+unix:///EXPORT?socket=PATH`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NbdUri {
+    /// How to reach the server.
+    pub transport: Transport,
+    /// The export's name (empty: the default export).
+    pub export: String,
+}
+
+/// How to reach a server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Transport {
+    /// A Unix socket.
+    Unix(PathBuf),
+    /// TCP.
+    Tcp {
+        /// Host name or address.
+        host: String,
+        /// Port (10809 by default).
+        port: u16,
+    },
+}
+
+/// Whether `s` is an NBD URI (of any scheme, supported or not).
+pub fn is_uri(s: &str) -> bool {
+    s.starts_with("nbd://") || s.starts_with("nbd+") || s.starts_with("nbds")
+}
+
+/// `%XX` escapes decoded.
+fn percent_decode(s: &str) -> Result<String, String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = s
+                .get(i + 1..i + 3)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .ok_or_else(|| format!("bad %-escape in {s:?}"))?;
+            out.push(hex);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| format!("{s:?} is not UTF-8 once decoded"))
+}
+
+impl NbdUri {
+    /// Parse an NBD URI; what imgbackup cannot do (TLS, vsock, other query
+    /// parameters) is refused with the reason.
+    pub fn parse(uri: &str) -> Result<NbdUri, String> {
+        let (scheme, rest) = uri
+            .split_once("://")
+            .ok_or_else(|| format!("{uri}: not an NBD URI (nbd://HOST[:PORT][/EXPORT] or nbd+unix:///EXPORT?socket=PATH)"))?;
+        let (rest, query) = match rest.split_once('?') {
+            Some((r, q)) => (r, Some(q)),
+            None => (rest, None),
+        };
+        let (authority, export) = match rest.split_once('/') {
+            Some((a, e)) => (a, percent_decode(e)?),
+            None => (rest, String::new()),
+        };
+        let mut socket = None;
+        for kv in query
+            .into_iter()
+            .flat_map(|q| q.split('&'))
+            .filter(|kv| !kv.is_empty())
+        {
+            match kv.split_once('=') {
+                Some(("socket", v)) => socket = Some(PathBuf::from(percent_decode(v)?)),
+                _ => {
+                    return Err(format!(
+                        "{uri}: the query parameter {kv:?} is not supported (only socket= of nbd+unix)"
+                    ));
+                }
+            }
+        }
+        let transport = match scheme {
+            "nbd" | "nbd+tcp" => {
+                if socket.is_some() {
+                    return Err(format!("{uri}: socket= belongs to nbd+unix:// URIs"));
+                }
+                if authority.is_empty() {
+                    return Err(format!("{uri}: no host"));
+                }
+                // [IPv6]:port, host:port, or a bare host.
+                let (host, port) = match authority.strip_prefix('[') {
+                    Some(v6) => {
+                        let (h, after) = v6
+                            .split_once(']')
+                            .ok_or_else(|| format!("{uri}: unclosed [ in the host"))?;
+                        (h.to_string(), after.strip_prefix(':'))
+                    }
+                    None => match authority.rsplit_once(':') {
+                        Some((h, p)) => (h.to_string(), Some(p)),
+                        None => (authority.to_string(), None),
+                    },
+                };
+                let port = match port {
+                    Some(p) => p
+                        .parse::<u16>()
+                        .map_err(|_| format!("{uri}: bad port {p:?}"))?,
+                    None => 10809,
+                };
+                Transport::Tcp { host, port }
+            }
+            "nbd+unix" => {
+                if !authority.is_empty() {
+                    return Err(format!(
+                        "{uri}: an nbd+unix:// URI has no host (nbd+unix:///EXPORT?socket=PATH)"
+                    ));
+                }
+                Transport::Unix(socket.ok_or_else(|| format!("{uri}: no ?socket=PATH"))?)
+            }
+            s if s.starts_with("nbds") => {
+                return Err(format!(
+                    "{uri}: TLS (nbds://) is not supported; export over a Unix socket or a trusted network"
+                ));
+            }
+            s => {
+                return Err(format!(
+                    "{uri}: the scheme {s}:// is not supported (nbd://, nbd+unix://)"
+                ));
+            }
+        };
+        Ok(NbdUri { transport, export })
+    }
+}
+
+/// What the server said about the export.
+#[derive(Debug, Clone)]
+pub struct ExportInfo {
+    /// Size in bytes.
+    pub size: u64,
+    /// Transmission flags (`NBD_FLAG_*`).
+    pub flags: u16,
+    /// Block size constraints: minimum, preferred, maximum (defaults when
+    /// the server sent none).
+    pub block_size: (u32, u32, u32),
+    /// The metadata contexts selected: (id, name).
+    pub contexts: Vec<(u32, String)>,
+}
+
+/// A failure of the protocol or of a request.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The connection failed.
+    #[error("NBD connection: {0}")]
+    Io(#[from] io::Error),
+    /// The server broke the protocol.
+    #[error("NBD protocol: {0}")]
+    Protocol(String),
+    /// The server refused an option.
+    #[error("the NBD server refused {what}: {message}")]
+    Refused {
+        /// What was asked.
+        what: String,
+        /// Its message (or the error code).
+        message: String,
+    },
+    /// A request failed on the server.
+    #[error("the NBD server failed the request at offset {offset}: error {errno}{}", if message.is_empty() { String::new() } else { format!(" ({message})") })]
+    Request {
+        /// The request's offset.
+        offset: u64,
+        /// The NBD error code.
+        errno: u32,
+        /// The server's message.
+        message: String,
+    },
+}
+
+/// One extent of a metadata context: length and flags.
+pub type Descriptor = (u32, u32);
+
+/// A connection in transmission phase.
+pub struct Client {
+    stream: Box<dyn ReadWrite>,
+    /// The export.
+    pub info: ExportInfo,
+    next_handle: u64,
+}
+
+/// A socket.
+trait ReadWrite: Read + Write + Send {}
+impl<T: Read + Write + Send> ReadWrite for T {}
+
+fn be16(b: &[u8]) -> u16 {
+    u16::from_be_bytes([b[0], b[1]])
+}
+fn be32(b: &[u8]) -> u32 {
+    u32::from_be_bytes([b[0], b[1], b[2], b[3]])
+}
+fn be64(b: &[u8]) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[..8]);
+    u64::from_be_bytes(a)
+}
+
+fn protocol(msg: impl Into<String>) -> ClientError {
+    ClientError::Protocol(msg.into())
+}
+
+impl Client {
+    /// Connect to `uri` and select `contexts` (e.g. `base:allocation`;
+    /// those the server does not know are simply not selected).
+    pub fn connect(uri: &NbdUri, contexts: &[&str]) -> Result<Client, ClientError> {
+        let stream: Box<dyn ReadWrite> = match &uri.transport {
+            Transport::Unix(p) => Box::new(std::os::unix::net::UnixStream::connect(p)?),
+            Transport::Tcp { host, port } => {
+                let s = std::net::TcpStream::connect((host.as_str(), *port))?;
+                s.set_nodelay(true)?;
+                Box::new(s)
+            }
+        };
+        let mut c = Client {
+            stream,
+            info: ExportInfo {
+                size: 0,
+                flags: 0,
+                block_size: (1, 4096, 32 << 20),
+                contexts: Vec::new(),
+            },
+            next_handle: 1,
+        };
+        c.negotiate(&uri.export, contexts)?;
+        Ok(c)
+    }
+
+    fn read_exact(&mut self, n: usize) -> Result<Vec<u8>, ClientError> {
+        let mut b = vec![0u8; n];
+        self.stream.read_exact(&mut b)?;
+        Ok(b)
+    }
+
+    fn send_option(&mut self, opt: u32, data: &[u8]) -> Result<(), ClientError> {
+        let mut m = Vec::with_capacity(16 + data.len());
+        m.extend_from_slice(&NBD_OPTS_MAGIC.to_be_bytes());
+        m.extend_from_slice(&opt.to_be_bytes());
+        m.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        m.extend_from_slice(data);
+        self.stream.write_all(&m)?;
+        Ok(())
+    }
+
+    /// One option reply: (type, data).
+    fn option_reply(&mut self, opt: u32) -> Result<(u32, Vec<u8>), ClientError> {
+        let h = self.read_exact(20)?;
+        if be64(&h) != NBD_REP_MAGIC || be32(&h[8..]) != opt {
+            return Err(protocol("a malformed option reply"));
+        }
+        let (kind, len) = (be32(&h[12..]), be32(&h[16..]));
+        if len > MAX_OPTION_LEN {
+            return Err(protocol("an option reply too long"));
+        }
+        let data = self.read_exact(len as usize)?;
+        Ok((kind, data))
+    }
+
+    fn refused(what: &str, kind: u32, data: &[u8]) -> ClientError {
+        let message = String::from_utf8_lossy(data).into_owned();
+        ClientError::Refused {
+            what: what.to_string(),
+            message: if message.is_empty() {
+                format!("error {kind:#x}")
+            } else {
+                message
+            },
+        }
+    }
+
+    fn negotiate(&mut self, export: &str, contexts: &[&str]) -> Result<(), ClientError> {
+        let h = self.read_exact(18)?;
+        if be64(&h) != NBD_MAGIC || be64(&h[8..]) != NBD_OPTS_MAGIC {
+            return Err(protocol("not an NBD server speaking the newstyle protocol"));
+        }
+        let flags = be16(&h[16..]);
+        if flags & NBD_FLAG_FIXED_NEWSTYLE == 0 {
+            return Err(protocol("the server does not speak fixed newstyle"));
+        }
+        let client_flags = NBD_FLAG_C_FIXED_NEWSTYLE
+            | (u32::from(flags & NBD_FLAG_NO_ZEROES != 0) * NBD_FLAG_C_NO_ZEROES);
+        self.stream.write_all(&client_flags.to_be_bytes())?;
+        // Structured replies: required (holes and errors per chunk).
+        self.send_option(NBD_OPT_STRUCTURED_REPLY, &[])?;
+        let (kind, data) = self.option_reply(NBD_OPT_STRUCTURED_REPLY)?;
+        if kind != NBD_REP_ACK {
+            return Err(Self::refused("structured replies", kind, &data));
+        }
+        let name = export.as_bytes();
+        if !contexts.is_empty() {
+            let mut d = Vec::new();
+            d.extend_from_slice(&(name.len() as u32).to_be_bytes());
+            d.extend_from_slice(name);
+            d.extend_from_slice(&(contexts.len() as u32).to_be_bytes());
+            for q in contexts {
+                d.extend_from_slice(&(q.len() as u32).to_be_bytes());
+                d.extend_from_slice(q.as_bytes());
+            }
+            self.send_option(NBD_OPT_SET_META_CONTEXT, &d)?;
+            loop {
+                let (kind, data) = self.option_reply(NBD_OPT_SET_META_CONTEXT)?;
+                match kind {
+                    NBD_REP_META_CONTEXT if data.len() >= 4 => {
+                        let id = be32(&data);
+                        let n = String::from_utf8_lossy(&data[4..]).into_owned();
+                        self.info.contexts.push((id, n));
+                    }
+                    NBD_REP_ACK => break,
+                    k if k & (1 << 31) != 0 => {
+                        return Err(Self::refused("the metadata contexts", k, &data));
+                    }
+                    _ => return Err(protocol("an unexpected reply to SET_META_CONTEXT")),
+                }
+            }
+        }
+        // GO, asking for the block size constraints.
+        let mut d = Vec::new();
+        d.extend_from_slice(&(name.len() as u32).to_be_bytes());
+        d.extend_from_slice(name);
+        d.extend_from_slice(&1u16.to_be_bytes());
+        d.extend_from_slice(&NBD_INFO_BLOCK_SIZE.to_be_bytes());
+        self.send_option(NBD_OPT_GO, &d)?;
+        let mut have_export = false;
+        loop {
+            let (kind, data) = self.option_reply(NBD_OPT_GO)?;
+            match kind {
+                NBD_REP_INFO if data.len() >= 2 => match be16(&data) {
+                    NBD_INFO_EXPORT if data.len() == 12 => {
+                        self.info.size = be64(&data[2..]);
+                        self.info.flags = be16(&data[10..]);
+                        have_export = true;
+                    }
+                    NBD_INFO_BLOCK_SIZE if data.len() == 14 => {
+                        self.info.block_size =
+                            (be32(&data[2..]), be32(&data[6..]), be32(&data[10..]));
+                    }
+                    _ => {}
+                },
+                NBD_REP_ACK => break,
+                k if k & (1 << 31) != 0 => {
+                    return Err(Self::refused(&format!("the export {export:?}"), k, &data));
+                }
+                _ => return Err(protocol("an unexpected reply to GO")),
+            }
+        }
+        if !have_export {
+            return Err(protocol("GO succeeded without the export's size"));
+        }
+        Ok(())
+    }
+
+    fn request(
+        &mut self,
+        kind: u16,
+        flags: u16,
+        offset: u64,
+        len: u32,
+    ) -> Result<u64, ClientError> {
+        let handle = self.next_handle;
+        self.next_handle += 1;
+        let q = Request {
+            flags,
+            kind,
+            handle,
+            offset,
+            len,
+        };
+        self.stream.write_all(&encode_request(&q))?;
+        Ok(handle)
+    }
+
+    /// The next reply chunk of `handle`: (flags, type, payload), or for a
+    /// simple reply type `NBD_REPLY_TYPE_NONE` with its error in the payload.
+    fn chunk(&mut self, handle: u64) -> Result<(u16, u16, Vec<u8>), ClientError> {
+        let m = self.read_exact(4)?;
+        match be32(&m) {
+            NBD_STRUCTURED_REPLY_MAGIC => {
+                let h = self.read_exact(16)?;
+                let (flags, kind, got, len) =
+                    (be16(&h), be16(&h[2..]), be64(&h[4..]), be32(&h[12..]));
+                if got != handle {
+                    return Err(protocol("a reply to a request never sent"));
+                }
+                if len > MAX_REQUEST + 64 {
+                    return Err(protocol("a reply chunk too long"));
+                }
+                let data = self.read_exact(len as usize)?;
+                Ok((flags, kind, data))
+            }
+            NBD_SIMPLE_REPLY_MAGIC => {
+                let h = self.read_exact(12)?;
+                if be64(&h[4..]) != handle {
+                    return Err(protocol("a reply to a request never sent"));
+                }
+                Ok((NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_NONE, h[..4].to_vec()))
+            }
+            _ => Err(protocol("a reply with a bad magic")),
+        }
+    }
+
+    fn error_of(offset: u64, kind: u16, data: &[u8]) -> ClientError {
+        let errno = if data.len() >= 4 { be32(data) } else { NBD_EIO };
+        let message = if kind == NBD_REPLY_TYPE_NONE || data.len() < 6 {
+            String::new()
+        } else {
+            let n = be16(&data[4..]) as usize;
+            String::from_utf8_lossy(data.get(6..6 + n).unwrap_or_default()).into_owned()
+        };
+        ClientError::Request {
+            offset,
+            errno,
+            message,
+        }
+    }
+
+    /// Read `buf.len()` bytes at `offset` (holes the server reports are
+    /// filled with zeros). At most the server's maximum block size.
+    pub fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), ClientError> {
+        let len = buf.len();
+        let handle = self.request(NBD_CMD_READ, 0, offset, len as u32)?;
+        let mut err = None;
+        loop {
+            let (flags, kind, data) = self.chunk(handle)?;
+            match kind {
+                NBD_REPLY_TYPE_NONE if data.len() == 4 && be32(&data) != 0 => {
+                    err = Some(Self::error_of(offset, kind, &data));
+                }
+                NBD_REPLY_TYPE_NONE => {}
+                NBD_REPLY_TYPE_OFFSET_DATA if data.len() >= 8 => {
+                    let at = be64(&data).checked_sub(offset).map(|a| a as usize);
+                    match at {
+                        Some(a) if a + data.len() - 8 <= len => {
+                            buf[a..a + data.len() - 8].copy_from_slice(&data[8..]);
+                        }
+                        _ => return Err(protocol("read data outside the request")),
+                    }
+                }
+                NBD_REPLY_TYPE_OFFSET_HOLE if data.len() == 12 => {
+                    let at = be64(&data).checked_sub(offset).map(|a| a as usize);
+                    let n = be32(&data[8..]) as usize;
+                    match at {
+                        Some(a) if a + n <= len => buf[a..a + n].fill(0),
+                        _ => return Err(protocol("a hole outside the request")),
+                    }
+                }
+                NBD_REPLY_TYPE_ERROR | NBD_REPLY_TYPE_ERROR_OFFSET => {
+                    err = Some(Self::error_of(offset, kind, &data));
+                }
+                _ => {
+                    return Err(protocol(format!(
+                        "an unexpected reply chunk {kind} to READ"
+                    )));
+                }
+            }
+            if flags & NBD_REPLY_FLAG_DONE != 0 {
+                break;
+            }
+        }
+        err.map_or(Ok(()), Err)
+    }
+
+    /// The extents of context `id` from `offset` (at most `len` bytes): the
+    /// server's descriptors for the first part of the range.
+    pub fn block_status(
+        &mut self,
+        offset: u64,
+        len: u32,
+        id: u32,
+    ) -> Result<Vec<Descriptor>, ClientError> {
+        let handle = self.request(NBD_CMD_BLOCK_STATUS, 0, offset, len)?;
+        let mut out = Vec::new();
+        let mut err = None;
+        loop {
+            let (flags, kind, data) = self.chunk(handle)?;
+            match kind {
+                NBD_REPLY_TYPE_BLOCK_STATUS if data.len() >= 4 && (data.len() - 4) % 8 == 0 => {
+                    if be32(&data) == id {
+                        out = data[4..]
+                            .chunks(8)
+                            .map(|d| (be32(d), be32(&d[4..])))
+                            .collect();
+                    }
+                }
+                NBD_REPLY_TYPE_NONE if data.len() == 4 && be32(&data) != 0 => {
+                    err = Some(Self::error_of(offset, kind, &data));
+                }
+                NBD_REPLY_TYPE_NONE => {}
+                NBD_REPLY_TYPE_ERROR | NBD_REPLY_TYPE_ERROR_OFFSET => {
+                    err = Some(Self::error_of(offset, kind, &data));
+                }
+                _ => {
+                    return Err(protocol(format!(
+                        "an unexpected reply chunk {kind} to BLOCK_STATUS"
+                    )));
+                }
+            }
+            if flags & NBD_REPLY_FLAG_DONE != 0 {
+                break;
+            }
+        }
+        if let Some(e) = err {
+            return Err(e);
+        }
+        if out.is_empty() || out.iter().any(|d| d.0 == 0) {
+            return Err(protocol(
+                "BLOCK_STATUS without extents for the context asked",
+            ));
+        }
+        Ok(out)
+    }
+
+    /// The id the server gave context `name`, if it was selected.
+    pub fn context(&self, name: &str) -> Option<u32> {
+        self.info
+            .contexts
+            .iter()
+            .find(|(_, n)| n == name)
+            .map(|(id, _)| *id)
+    }
+
+    /// Say goodbye (`NBD_CMD_DISC`); the server closes the connection.
+    pub fn disconnect(mut self) -> Result<(), ClientError> {
+        self.request(NBD_CMD_DISC, 0, 0, 0)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uris_in_qemu_and_libnbd_syntax() {
+        let u = NbdUri::parse("nbd+unix:///disk?socket=/run/d.sock").unwrap();
+        assert_eq!(u.transport, Transport::Unix("/run/d.sock".into()));
+        assert_eq!(u.export, "disk");
+        let u = NbdUri::parse("nbd+unix://?socket=/tmp/a%20b.sock").unwrap();
+        assert_eq!(u.transport, Transport::Unix("/tmp/a b.sock".into()));
+        assert_eq!(u.export, "");
+        let u = NbdUri::parse("nbd://example.com:10810/my%2Fexport").unwrap();
+        assert_eq!(
+            u.transport,
+            Transport::Tcp {
+                host: "example.com".into(),
+                port: 10810
+            }
+        );
+        assert_eq!(u.export, "my/export");
+        let u = NbdUri::parse("nbd://[::1]/x").unwrap();
+        assert_eq!(
+            u.transport,
+            Transport::Tcp {
+                host: "::1".into(),
+                port: 10809
+            }
+        );
+        let u = NbdUri::parse("nbd://[::1]:99").unwrap();
+        assert_eq!(
+            u.transport,
+            Transport::Tcp {
+                host: "::1".into(),
+                port: 99
+            }
+        );
+        for (bad, why) in [
+            ("nbds://host/x", "TLS"),
+            ("nbd+vsock://3/x", "not supported"),
+            ("nbd+unix:///x", "socket"),
+            ("nbd://host/x?socket=/a", "socket= belongs"),
+            ("nbd://host:port/x", "bad port"),
+            (
+                "nbd+unix:///x?socket=/a&tls-certificates=/c",
+                "not supported",
+            ),
+            ("nbd+unix://host/x?socket=/a", "no host"),
+            ("nbd:///x", "no host"),
+            ("/path/disk.raw", "not an NBD URI"),
+        ] {
+            let e = NbdUri::parse(bad).unwrap_err();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+        assert!(is_uri("nbd://h") && is_uri("nbd+unix:///?socket=s") && !is_uri("disk.raw"));
+    }
+}
