@@ -430,6 +430,14 @@ impl Client {
         }
     }
 
+    /// Where `n` bytes a chunk places at `at` land in a buffer of `len`
+    /// bytes read from `offset`: [a, b), or None if outside it.
+    fn within(at: u64, offset: u64, n: usize, len: usize) -> Option<(usize, usize)> {
+        let a = usize::try_from(at.checked_sub(offset)?).ok()?;
+        let b = a.checked_add(n)?;
+        (b <= len).then_some((a, b))
+    }
+
     /// Read `buf.len()` bytes at `offset` (holes the server reports are
     /// filled with zeros). At most the server's maximum block size.
     pub fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), ClientError> {
@@ -444,20 +452,15 @@ impl Client {
                 }
                 NBD_REPLY_TYPE_NONE => {}
                 NBD_REPLY_TYPE_OFFSET_DATA if data.len() >= 8 => {
-                    let at = be64(&data).checked_sub(offset).map(|a| a as usize);
-                    match at {
-                        Some(a) if a + data.len() - 8 <= len => {
-                            buf[a..a + data.len() - 8].copy_from_slice(&data[8..]);
-                        }
-                        _ => return Err(protocol("read data outside the request")),
+                    match Self::within(be64(&data), offset, data.len() - 8, len) {
+                        Some((a, b)) => buf[a..b].copy_from_slice(&data[8..]),
+                        None => return Err(protocol("read data outside the request")),
                     }
                 }
                 NBD_REPLY_TYPE_OFFSET_HOLE if data.len() == 12 => {
-                    let at = be64(&data).checked_sub(offset).map(|a| a as usize);
-                    let n = be32(&data[8..]) as usize;
-                    match at {
-                        Some(a) if a + n <= len => buf[a..a + n].fill(0),
-                        _ => return Err(protocol("a hole outside the request")),
+                    match Self::within(be64(&data), offset, be32(&data[8..]) as usize, len) {
+                        Some((a, b)) => buf[a..b].fill(0),
+                        None => return Err(protocol("a hole outside the request")),
                     }
                 }
                 NBD_REPLY_TYPE_ERROR | NBD_REPLY_TYPE_ERROR_OFFSET => {
@@ -545,6 +548,20 @@ impl Client {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn chunks_outside_the_request_are_refused_without_overflow() {
+        assert_eq!(Client::within(4096, 4096, 512, 4096), Some((0, 512)));
+        assert_eq!(Client::within(8192, 4096, 4096, 8192), Some((4096, 8192)));
+        assert_eq!(Client::within(8192, 4096, 4097, 8192), None);
+        assert_eq!(Client::within(0, 4096, 1, 4096), None);
+        assert_eq!(Client::within(u64::MAX, 0, 8, 4096), None);
+        assert_eq!(
+            Client::within(4096 + (u64::MAX >> 1), 4096, usize::MAX, 4096),
+            None
+        );
+        assert_eq!(Client::within(4096, 4096, usize::MAX, 4096), None);
+    }
 
     #[test]
     fn uris_in_qemu_and_libnbd_syntax() {
