@@ -41,20 +41,22 @@ pub fn socket_path(image: &Path) -> PathBuf {
     PathBuf::from(p)
 }
 
-/// Listen on `path`, replacing the socket of a server that was killed; a
-/// live server there (or any other file) is refused.
-pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
+/// Listen on the Unix socket `path` (non-blocking), replacing the socket
+/// of a server that was killed; a live server there, or any other file, is
+/// refused. `what` names the socket in messages (with the option that
+/// chooses it).
+pub fn bind_unix(path: &Path, what: &str) -> anyhow::Result<UnixListener> {
     use std::os::unix::fs::FileTypeExt;
     if let Ok(m) = std::fs::symlink_metadata(path) {
         if !m.file_type().is_socket() {
             anyhow::bail!(
-                "{}: exists and is not a socket; remove it (it is where the control socket of the served image goes)",
+                "{}: exists and is not a socket; remove it or choose another place for {what}",
                 path.display()
             );
         }
         if UnixStream::connect(path).is_ok() {
             return Err(JobError::Refused(format!(
-                "{}: another server of this image is running",
+                "{}: another server is listening there; stop it or choose another place for {what}",
                 path.display()
             ))
             .into());
@@ -63,7 +65,7 @@ pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
             .with_context(|| format!("cannot remove the stale socket {}", path.display()))?;
     }
     let l = UnixListener::bind(path)
-        .with_context(|| format!("cannot create the control socket {}", path.display()))?;
+        .with_context(|| format!("cannot listen on {} ({what})", path.display()))?;
     l.set_nonblocking(true)?;
     Ok(l)
 }

@@ -80,27 +80,7 @@ impl Listener {
 fn listen(args: &ServeArgs) -> anyhow::Result<(Listener, String)> {
     let name = &args.export_name;
     if let Some(path) = &args.socket {
-        use std::os::unix::fs::FileTypeExt;
-        if let Ok(m) = std::fs::symlink_metadata(path) {
-            if !m.file_type().is_socket() {
-                bail!(
-                    "{}: exists and is not a socket; choose another --socket path",
-                    path.display()
-                );
-            }
-            if std::os::unix::net::UnixStream::connect(path).is_ok() {
-                return Err(JobError::Refused(format!(
-                    "{}: another server is listening there; stop it or choose another --socket path",
-                    path.display()
-                ))
-                .into());
-            }
-            std::fs::remove_file(path)
-                .with_context(|| format!("cannot remove the stale socket {}", path.display()))?;
-        }
-        let l = std::os::unix::net::UnixListener::bind(path)
-            .with_context(|| format!("cannot listen on {}", path.display()))?;
-        l.set_nonblocking(true)?;
+        let l = super::control::bind_unix(path, "the --socket")?;
         let abs = std::fs::canonicalize(path).unwrap_or_else(|_| path.clone());
         let uri = format!("nbd+unix:///{name}?socket={}", abs.display());
         return Ok((Listener::Unix(l, path.clone()), uri));
@@ -186,7 +166,7 @@ pub fn run(args: &ServeArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
         .unwrap_or_else(|| super::control::socket_path(image));
     let control = match served {
         Some(sv) => {
-            let l = super::control::bind(&ctl_path)?;
+            let l = super::control::bind_unix(&ctl_path, "the control socket (--control)")?;
             Some((l, Arc::new(super::control::Control::new(image, sv))))
         }
         None => None,

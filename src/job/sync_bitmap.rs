@@ -45,6 +45,22 @@ pub enum Before {
     },
 }
 
+/// Save `bitmap` marked in use (a job holds it), recorded as a leftover
+/// to report if the process is stopped before the job ends.
+fn mark_in_use(image: &Path, bitmap: &mut Bitmap) -> Result<crate::leftovers::Token, BitmapError> {
+    bitmap.in_use = true;
+    let token = crate::leftovers::add(crate::leftovers::Left::BitmapInUse {
+        image: image.to_path_buf(),
+        name: bitmap.name.clone(),
+        anchor: bitmap.anchor.as_ref().map(|a| a.path.clone()),
+    });
+    if let Err(e) = bitmap.save(image) {
+        token.clear();
+        return Err(e);
+    }
+    Ok(token)
+}
+
 /// What the end of a job does with the bitmap file.
 enum Outcome<'a> {
     /// Remove it (there was none).
@@ -83,16 +99,7 @@ impl SyncBitmap {
         mode: BitmapMode,
         start_identity: Identity,
     ) -> Result<SyncBitmap, BitmapError> {
-        bitmap.in_use = true;
-        let token = crate::leftovers::add(crate::leftovers::Left::BitmapInUse {
-            image: image.to_path_buf(),
-            name: bitmap.name.clone(),
-            anchor: bitmap.anchor.as_ref().map(|a| a.path.clone()),
-        });
-        if let Err(e) = bitmap.save(image) {
-            token.clear();
-            return Err(e);
-        }
+        let token = mark_in_use(image, &mut bitmap)?;
         let successor = Bits::new(bitmap.bits.len());
         Ok(SyncBitmap {
             image: image.to_path_buf(),
@@ -130,16 +137,7 @@ impl SyncBitmap {
         if let Some((live, _)) = lock().iter().find(|(b, _)| b.name == parent.name) {
             parent.bits = live.bits.clone();
         }
-        parent.in_use = true;
-        let token = crate::leftovers::add(crate::leftovers::Left::BitmapInUse {
-            image: image.to_path_buf(),
-            name: parent.name.clone(),
-            anchor: parent.anchor.as_ref().map(|a| a.path.clone()),
-        });
-        if let Err(e) = parent.save(image) {
-            token.clear();
-            return Err(e);
-        }
+        let token = mark_in_use(image, &mut parent)?;
         // From here on the live entry is the successor.
         let mut v = lock();
         match v.iter_mut().find(|(b, _)| b.name == parent.name) {
