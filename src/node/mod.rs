@@ -26,6 +26,7 @@ pub mod fault;
 pub mod graph;
 pub mod marking;
 pub mod mem;
+pub mod nbd;
 pub mod overlay;
 pub mod probe;
 pub mod qcow2;

@@ -142,3 +142,78 @@ fn tcp_exports_are_read_too() {
     assert!(got[..] == want[5 << 20..6 << 20]);
     assert!(c.context("base:allocation").is_none());
 }
+
+#[test]
+fn an_export_as_a_source_node_reads_in_parallel_and_reconnects() {
+    use imgbackup::node::nbd::NbdNode;
+    use imgbackup::node::{BlockNode, Status, for_each_extent};
+    let d = tempdir();
+    let p = d.path();
+    make_qcow2(p, "disk.qcow2", "");
+    let sock = p.join("nbd.sock");
+    let sock_s = sock.display().to_string();
+    let srv = QemuNbd::start(p, "disk.qcow2", &["--socket", &sock_s]);
+    let uri = format!("nbd+unix:///disk?socket={sock_s}");
+    drop(connect(&uri, &[])); // wait for the server
+    let node = std::sync::Arc::new(NbdNode::open(NbdUri::parse(&uri).unwrap(), &uri).unwrap());
+    assert_eq!(node.size(), 16 << 20);
+    let want = std::sync::Arc::new(raw_content(p, "disk.qcow2"));
+    // Four readers at once, each its own connection from the pool.
+    let readers: Vec<_> = (0..4u64)
+        .map(|k| {
+            let (node, want) = (node.clone(), want.clone());
+            std::thread::spawn(move || {
+                for i in 0..16u64 {
+                    let at = ((k * 16 + i) % 64) * (256 << 10);
+                    let mut buf = vec![0u8; 256 << 10];
+                    node.read(at, &mut buf).unwrap();
+                    assert!(
+                        buf[..] == want[at as usize..at as usize + buf.len()],
+                        "at {at}"
+                    );
+                }
+            })
+        })
+        .collect();
+    for r in readers {
+        r.join().unwrap();
+    }
+    // Block status: every byte qemu-img maps as data is data here, and
+    // what is reported as zeros reads as zeros.
+    let mut data = Vec::new();
+    let mut zero = Vec::new();
+    for_each_extent(node.as_ref(), 0, node.size(), |pos, ext| {
+        let r = (pos, pos + ext.len);
+        match ext.status {
+            Status::Data => data.push(r),
+            _ => zero.push(r),
+        }
+    })
+    .unwrap();
+    let data = merged(data);
+    for e in map_json(p, "disk.qcow2")
+        .iter()
+        .filter(|e| e["data"] == true && e["zero"] == false)
+    {
+        let (s, l) = (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap());
+        assert!(
+            data.iter().any(|&(a, b)| a <= s && s + l <= b),
+            "{s}+{l} is data in qemu-img map but not in the export's status: {data:?}"
+        );
+    }
+    for (a, b) in merged(zero) {
+        assert!(
+            want[a as usize..b as usize].iter().all(|&x| x == 0),
+            "{a}..{b}"
+        );
+    }
+    // The server goes away: reads fail; it comes back: the next read
+    // connects again.
+    drop(srv);
+    let mut buf = vec![0u8; 4096];
+    assert!(node.read(0, &mut buf).is_err());
+    let _srv = QemuNbd::start(p, "disk.qcow2", &["--socket", &sock_s]);
+    drop(connect(&uri, &[]));
+    node.read(0, &mut buf).unwrap();
+    assert_eq!(buf[..], want[..4096]);
+}
