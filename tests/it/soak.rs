@@ -76,8 +76,16 @@ fn guest_with_every_policy_and_fault_terminates_and_tells_the_truth() {
                                 break s;
                             }
                             if t0.elapsed() > bound {
+                                // Where every thread is, for whoever reads
+                                // the failure (gdb, when installed).
+                                let stacks = std::process::Command::new("gdb")
+                                    .args(["-p", &child.id().to_string(), "-batch"])
+                                    .args(["-ex", "thread apply all bt 30"])
+                                    .output()
+                                    .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                                    .unwrap_or_default();
                                 child.kill().ok();
-                                panic!("{tgt}: no end after {bound:?} (deadlock)");
+                                panic!("{tgt}: no end after {bound:?} (deadlock)\n{stacks}");
                             }
                             std::thread::sleep(Duration::from_millis(10));
                         };
