@@ -279,6 +279,8 @@ impl Control {
         let Command::Bitmap(cmd) = a.command else {
             return Err(JobError::Usage("not a bitmap command".into()).into());
         };
+        // No job may start (and take a bitmap) while one is changed.
+        let _busy = self.claim(&Cancel::new())?;
         let image = &self.image;
         let tracked = &self.served.bitmaps;
         let lock = || match tracked.lock() {
@@ -293,7 +295,6 @@ impl Control {
                 ..
             } => {
                 check_name(name)?;
-                self.check_idle()?;
                 self.add_live(name, *granularity, *disabled)?;
                 (
                     format!(
@@ -305,7 +306,6 @@ impl Control {
                 )
             }
             BitmapCommand::Remove { name, .. } => {
-                self.check_idle()?;
                 lock().retain(|(b, _)| &b.name != name);
                 Bitmap::remove(image, name)?;
                 (
@@ -314,7 +314,6 @@ impl Control {
                 )
             }
             BitmapCommand::Clear { name, .. } => {
-                self.check_idle()?;
                 self.served.slot.drained(|| -> anyhow::Result<()> {
                     let mut v = lock();
                     let Some((b, consistent)) = v.iter_mut().find(|(b, _)| &b.name == name) else {
@@ -338,7 +337,6 @@ impl Control {
                 )
             }
             BitmapCommand::Enable { name, .. } => {
-                self.check_idle()?;
                 self.served.slot.drained(|| -> anyhow::Result<()> {
                     if lock().iter().any(|(b, _)| &b.name == name) {
                         return Ok(());
@@ -359,7 +357,6 @@ impl Control {
                 )
             }
             BitmapCommand::Disable { name, .. } => {
-                self.check_idle()?;
                 self.served.slot.drained(|| -> anyhow::Result<()> {
                     let mut v = lock();
                     let Some(at) = v.iter().position(|(b, _)| &b.name == name) else {
@@ -409,26 +406,6 @@ impl Control {
                 "{asked} is not the image this server serves ({})",
                 self.image.display()
             ))
-            .into());
-        }
-        Ok(())
-    }
-
-    /// Refused while a backup runs here.
-    fn check_idle(&self) -> anyhow::Result<()> {
-        let running = match self.busy.lock() {
-            Ok(b) => b.is_some(),
-            Err(p) => p.into_inner().is_some(),
-        };
-        if running {
-            return Err(Reported {
-                exit: Exit::Locked,
-                message: format!(
-                    "a backup of {} is running in the process serving it",
-                    self.image.display()
-                ),
-                hint: Some("wait for it to finish, then run this command again".into()),
-            }
             .into());
         }
         Ok(())
@@ -487,7 +464,8 @@ impl Control {
         }
     }
 
-    /// Mark a job running (one at a time); cleared when the guard drops.
+    /// Mark a job (or a bitmap change) running, one at a time; cleared
+    /// when the guard drops.
     fn claim(&self, cancel: &Cancel) -> anyhow::Result<BusyGuard<'_>> {
         let mut b = match self.busy.lock() {
             Ok(b) => b,
@@ -500,7 +478,7 @@ impl Control {
                     "a backup of {} is already running in the process serving it",
                     self.image.display()
                 ),
-                hint: Some("wait for it to finish, then run this backup again".into()),
+                hint: Some("wait for it to finish, then run this command again".into()),
             }
             .into());
         }
@@ -623,21 +601,50 @@ pub fn ask(image: &Path, op: &str, g: &GlobalOpts) -> Option<anyhow::Result<Valu
     Some(ask_on(stream, image, op))
 }
 
+/// Send `req` (one line) on a clone of `stream`, which is returned for
+/// what the client writes later.
+fn send_request(stream: &UnixStream, req: &Value) -> anyhow::Result<UnixStream> {
+    let mut w = stream.try_clone()?;
+    let mut line = serde_json::to_vec(req)?;
+    line.push(b'\n');
+    w.write_all(&line)
+        .context("cannot reach the server of the image")?;
+    Ok(w)
+}
+
+/// The `end` document of a request: its exit, or the failure the server
+/// reported (exit code, causes, hint) as this process's error.
+fn end_result(end: Value) -> anyhow::Result<(Exit, Value)> {
+    let exit = Exit::from_code(end.get("exit_code").and_then(Value::as_i64).unwrap_or(1) as i32);
+    if let Some(causes) = end.get("error").and_then(Value::as_array) {
+        return Err(Reported {
+            exit,
+            message: causes
+                .iter()
+                .filter_map(Value::as_str)
+                .collect::<Vec<_>>()
+                .join(": "),
+            hint: end.get("hint").and_then(Value::as_str).map(str::to_string),
+        }
+        .into());
+    }
+    Ok((exit, end))
+}
+
 fn ask_on(stream: UnixStream, image: &Path, op: &str) -> anyhow::Result<Value> {
     let args: Vec<String> = std::env::args_os()
         .skip(1)
         .map(|a| a.to_string_lossy().into_owned())
         .collect();
-    let mut w = stream.try_clone()?;
     let image = std::fs::canonicalize(image).unwrap_or_else(|_| image.to_path_buf());
-    let mut req = serde_json::to_vec(&json!({
-        "op": op,
-        "args": args,
-        "image": image.display().to_string(),
-    }))?;
-    req.push(b'\n');
-    w.write_all(&req)
-        .context("cannot reach the server of the image")?;
+    send_request(
+        &stream,
+        &json!({
+            "op": op,
+            "args": args,
+            "image": image.display().to_string(),
+        }),
+    )?;
     let mut reader = BufReader::new(stream);
     let mut line = String::new();
     loop {
@@ -650,23 +657,10 @@ fn ask_on(stream: UnixStream, image: &Path, op: &str) -> anyhow::Result<Value> {
             }
             .into());
         }
-        let v: Value = serde_json::from_str(line.trim()).unwrap_or(Value::Null);
-        let Some(end) = v.get("end") else { continue };
-        let exit =
-            Exit::from_code(end.get("exit_code").and_then(Value::as_i64).unwrap_or(1) as i32);
-        if let Some(causes) = end.get("error").and_then(Value::as_array) {
-            return Err(Reported {
-                exit,
-                message: causes
-                    .iter()
-                    .filter_map(Value::as_str)
-                    .collect::<Vec<_>>()
-                    .join(": "),
-                hint: end.get("hint").and_then(Value::as_str).map(str::to_string),
-            }
-            .into());
+        let mut v: Value = serde_json::from_str(line.trim()).unwrap_or(Value::Null);
+        if let Some(end) = v.get_mut("end") {
+            return end_result(end.take()).map(|(_, end)| end);
         }
-        return Ok(end.clone());
     }
 }
 
@@ -697,15 +691,14 @@ pub fn backup(stream: UnixStream, g: &GlobalOpts, progress: ProgressMode) -> any
         })?;
     let cwd = std::env::current_dir().context("cannot read the current directory")?;
     let cancel = super::cancel_on_signals()?;
-    let mut w = stream.try_clone()?;
-    let mut req = serde_json::to_vec(&json!({
-        "op": "backup",
-        "cwd": cwd.display().to_string(),
-        "args": args,
-    }))?;
-    req.push(b'\n');
-    w.write_all(&req)
-        .context("cannot reach the server of the image")?;
+    let mut w = send_request(
+        &stream,
+        &json!({
+            "op": "backup",
+            "cwd": cwd.display().to_string(),
+            "args": args,
+        }),
+    )?;
     stream.set_read_timeout(Some(Duration::from_millis(100)))?;
     let counters = Arc::new((AtomicU64::new(0), AtomicU64::new(0)));
     let c = counters.clone();
@@ -759,20 +752,7 @@ pub fn backup(stream: UnixStream, g: &GlobalOpts, progress: ProgressMode) -> any
         }
         .into());
     };
-    let exit = Exit::from_code(end.get("exit_code").and_then(Value::as_i64).unwrap_or(1) as i32);
-    if let Some(causes) = end.get("error").and_then(Value::as_array) {
-        let message = causes
-            .iter()
-            .filter_map(Value::as_str)
-            .collect::<Vec<_>>()
-            .join(": ");
-        return Err(Reported {
-            exit,
-            message,
-            hint: end.get("hint").and_then(Value::as_str).map(str::to_string),
-        }
-        .into());
-    }
+    let (exit, end) = end_result(end)?;
     if g.json {
         if let Some(s) = end.get("summary") {
             print_json(s)?;

@@ -774,6 +774,9 @@ fn ctrl_c_of_a_backup_cancels_its_job_never_the_server_and_one_job_runs_at_a_tim
     let o = run_in(p, &["backup", "disk.raw", "b.qcow2"]);
     assert_eq!(code(&o), 8, "{}", stderr(&o));
     assert!(stderr(&o).contains("already running"), "{}", stderr(&o));
+    // So is a change to the bitmaps while the job holds one.
+    let o = run_in(p, &["bitmap", "add", "disk.raw", "b9"]);
+    assert_eq!(code(&o), 8, "{}", stderr(&o));
     // What a served image cannot do is refused, naming why.
     let o = run_in(p, &["backup", "disk.raw", "g.qcow2", "--guest", "count=10"]);
     assert_eq!(code(&o), 2, "{}", stderr(&o));

@@ -36,8 +36,10 @@ pub struct Qcow2InPlace {
     size: u64,
     cluster: u64,
     access: FormatAccess<ImagoFile>,
-    /// Whether the dirty bit is set on disk.
-    dirty: std::sync::Mutex<bool>,
+    /// Whether the dirty bit is set on disk; changed under `marking`.
+    dirty: std::sync::atomic::AtomicBool,
+    /// Serializes setting and clearing the dirty bit.
+    marking: std::sync::Mutex<()>,
 }
 
 impl Qcow2InPlace {
@@ -82,19 +84,25 @@ impl Qcow2InPlace {
             size,
             cluster,
             access: FormatAccess::new(q),
-            dirty: std::sync::Mutex::new(false),
+            dirty: std::sync::atomic::AtomicBool::new(false),
+            marking: std::sync::Mutex::new(()),
         })
     }
 
-    /// Before a write: the dirty bit set and durable.
+    /// Before a write: the dirty bit set and durable (one flag load once
+    /// it is).
     fn dirty(&self) -> Result<()> {
-        let mut d = match self.dirty.lock() {
-            Ok(d) => d,
+        use std::sync::atomic::Ordering;
+        if self.dirty.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let _g = match self.marking.lock() {
+            Ok(g) => g,
             Err(p) => p.into_inner(),
         };
-        if !*d {
+        if !self.dirty.load(Ordering::Acquire) {
             set_dirty(&self.path, true)?;
-            *d = true;
+            self.dirty.store(true, Ordering::Release);
         }
         Ok(())
     }
@@ -207,14 +215,15 @@ impl BlockNode for Qcow2InPlace {
     fn close(&self) -> Result<()> {
         // Clean: every cached table written and synced, then the dirty bit
         // cleared. Otherwise it stays set, and QEMU rebuilds the refcounts.
-        let mut d = match self.dirty.lock() {
-            Ok(d) => d,
+        use std::sync::atomic::Ordering;
+        let _g = match self.marking.lock() {
+            Ok(g) => g,
             Err(p) => p.into_inner(),
         };
         self.flush()?;
-        if *d {
+        if self.dirty.load(Ordering::Acquire) {
             set_dirty(&self.path, false)?;
-            *d = false;
+            self.dirty.store(false, Ordering::Release);
         }
         Ok(())
     }
