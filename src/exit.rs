@@ -228,6 +228,14 @@ fn bitmap_hint(err: &anyhow::Error) -> String {
     use crate::bitmap::BitmapError as B;
     let b = find::<B>(err);
     match b {
+        Some(B::Parent { image, .. })
+            if crate::nbd::client::is_uri(&image.to_string_lossy()) =>
+        {
+            format!(
+                "an incremental of an NBD export needs QEMU's bitmap exported with it and --backing naming the previous backup of the same export; without one, take a full backup of {} (and let QEMU's bitmap track from that point: docs/live-vms.md)",
+                image.display()
+            )
+        }
         Some(B::Inconsistent { name, image, .. } | B::Parent { name, image, .. }) => {
             let anchor = crate::bitmap::Bitmap::load(image, name)
                 .ok()
@@ -313,6 +321,11 @@ pub fn hint(err: &anyhow::Error) -> Option<String> {
                 "the image is damaged; `qemu-img check {}` shows the damage and `qemu-img check -r all` may repair it",
                 path.display()
             )),
+            Some(BlockError::Io { path, .. })
+                if crate::nbd::client::is_uri(&path.to_string_lossy()) =>
+            {
+                Some("check that the NBD server is running and exports that name (e.g. `nbdinfo --list URI`); under --on-source-error retry, a dropped connection is opened again".into())
+            }
             Some(BlockError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
                 Some("check the path; it must name an existing file".into())
             }

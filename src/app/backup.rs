@@ -21,6 +21,7 @@ impl From<&BackupArgs> for BackupConfig {
             target_cluster_size: a.output_cluster_size,
             sync: a.sync.into(),
             bitmap: a.bitmap.clone(),
+            source_bitmap: a.source_bitmap.clone(),
             bitmap_mode: a.bitmap_mode.map(Into::into),
             backing: match (&a.backing, a.no_backing) {
                 (_, true) => Backing::Nothing,

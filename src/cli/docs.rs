@@ -289,6 +289,43 @@ the backup (its size, modification time or inode change), the backup is not
 point\-in\-time and fails with exit 4, leaving no TARGET.
 "#;
 
+const NBD_SOURCES: &str = r#".SH "NBD SOURCES"
+SOURCE may be an NBD export: \fBnbd://\fIHOST\fR[\fB:\fIPORT\fR][\fB/\fIEXPORT\fR] or
+\fBnbd+unix:///\fIEXPORT\fB?socket=\fIPATH\fR (QEMU's and libnbd's syntax; TLS,
+vsock and other query parameters are refused). This is how a running QEMU
+hands out a point\-in\-time view of a disk: libvirt's pull\-mode
+\fBvirsh backup\-begin\fR, qemu\-storage\-daemon with a \fBcopy\-before\-write\fR
+filter and a \fBsnapshot\-access\fR export, or \fBqemu\-nbd\fR for an image no
+VM is running (recipes: docs/live\-vms.md). The export is read with
+structured replies and \fBbase:allocation\fR block status: ranges it reports
+as zeros are never read and stay unallocated in a qcow2 TARGET. Several
+requests are in flight on one connection; a server that advertises
+multi\-conn gets more connections. imgbackup takes no lock on an export
+(its server owns the image) and keeps no bitmap files for it.
+.PP
+\fB\-\-sync full\fR copies the export. \fB\-\-sync top\fR copies what
+\fBbase:allocation\fR reports allocated; for a QEMU export that is every
+range some layer of the exported chain holds (the export has no backing
+file of its own), so holes read as zeros and TARGET gets no backing file
+unless \fB\-\-backing\fR names one. \fB\-\-sync incremental\fR and \fBbitmap\fR
+need \fB\-\-source\-bitmap\fR \fINAME\fR (the export's
+\fBqemu:dirty\-bitmap:\fINAME\fR context; exit 6 if the server offers none)
+and \fB\-\-backing\fR \fIPARENT\fR, the previous backup of the same export:
+its manifest must name the same URI and virtual size (exit 6 otherwise).
+Only the bitmap's dirty clusters are read, into a qcow2 backed by PARENT.
+QEMU's bitmap is never changed: clearing it (or starting a new one) after a
+successful backup is the VM owner's step (libvirt checkpoints, or QMP
+\fBblock\-dirty\-bitmap\-clear\fR). \fB\-\-bitmap\fR, \fB\-\-bitmap\-mode\fR,
+\fB\-\-guest\fR and \fB\-f qcow2\fR are refused (exit 2).
+.PP
+A connection that drops, or an error reply, is a source read error: the
+\fB\-\-on\-source\-error\fR policy applies; with \fBretry\fR the next attempt
+connects again (with the policy's backoff). \fB\-\-timeout\fR and signals
+end the job even while a read waits on a server that stopped answering. A
+server that cannot be reached when the job starts is exit 1, as a missing
+file is.
+"#;
+
 const INJECTION: &str = r#".SH "FAULT INJECTION"
 \fB\-\-inject\fR RULE (repeatable) places a fault\-injection node under the
 source or the target, like QEMU's blkdebug. RULE is
@@ -529,7 +566,7 @@ Check a backup, and restore it:
         ),
         "imgbackup-backup" => (
             [FILES_TARGET, &bitmap_file].concat(),
-            [CBW, SYNC, POLICIES, LOCKING, INJECTION, BLOCK_DEVICES].concat(),
+            [CBW, SYNC, POLICIES, LOCKING, NBD_SOURCES, INJECTION, BLOCK_DEVICES].concat(),
             r#".TP
 Back up a qcow2 image into a sparse raw file:
 .B imgbackup backup disk.qcow2 disk-backup.raw
@@ -550,6 +587,11 @@ Fleecing: keep only what the guest overwrites, over the unchanged source:
 .TP
 Back up an LVM volume:
 .B imgbackup backup /dev/vg0/data /backup/data.qcow2
+.TP
+A running VM's point\-in\-time export (full, then an incremental with QEMU's bitmap):
+.B imgbackup backup 'nbd+unix:///vda?socket=/run/backup.sock' full.qcow2
+.br
+.B imgbackup backup \-\-sync incremental \-\-source\-bitmap b1 \-\-backing full.qcow2 'nbd+unix:///vda?socket=/run/backup.sock' inc1.qcow2
 .TP
 Test a script's error handling: fail the second read once:
 .B imgbackup backup \-\-inject source:read:EIO@nth=2,once disk.raw t.raw; echo $?

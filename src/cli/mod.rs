@@ -149,8 +149,10 @@ pub enum Command {
 /// `imgbackup backup`.
 pub struct BackupArgs {
     /// The image to back up (raw or qcow2, with its backing chain; a regular
-    /// file or a block device such as an LVM volume). It is opened
-    /// read-only and never changed.
+    /// file or a block device such as an LVM volume), or an NBD export
+    /// (nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH, such as
+    /// a running QEMU's point-in-time export). It is opened read-only and
+    /// never changed.
     #[arg(add = complete::images())]
     pub source: PathBuf,
     /// The backup to write. It is written as TARGET.partial and renamed to
@@ -165,6 +167,13 @@ pub struct BackupArgs {
     /// this backup (created if missing, cleared on success).
     #[arg(long, value_name = "NAME", add = complete::bitmaps())]
     pub bitmap: Option<String>,
+    /// QEMU's dirty bitmap NAME, read from an NBD SOURCE's
+    /// `qemu:dirty-bitmap:NAME` context: with --sync incremental or bitmap,
+    /// only its dirty clusters are copied into a qcow2 backed by --backing
+    /// PARENT (the previous backup of the same export). The bitmap is
+    /// never changed: clearing it stays with the VM's owner.
+    #[arg(long, value_name = "NAME", conflicts_with = "bitmap")]
+    pub source_bitmap: Option<String>,
     /// What happens to the bitmap after the job [default: on-success].
     #[arg(long, value_enum, value_name = "MODE", requires = "bitmap")]
     pub bitmap_mode: Option<BitmapModeArg>,

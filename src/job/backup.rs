@@ -23,6 +23,7 @@
 use super::JobError;
 use super::cancel::Cancel;
 use super::error::Result;
+use super::nbd_source::NbdSource;
 use super::policy::Policies;
 use super::sync_bitmap::{Before, SyncBitmap};
 use super::sync_mode::{BitmapMode, DefaultBacking, SyncMode};
@@ -109,6 +110,8 @@ pub struct BackupConfig {
     pub sync: SyncMode,
     /// The dirty bitmap beside the source.
     pub bitmap: Option<String>,
+    /// QEMU's dirty bitmap an NBD source exports (`qemu:dirty-bitmap:NAME`).
+    pub source_bitmap: Option<String>,
     /// What happens to the bitmap (None: on-success).
     pub bitmap_mode: Option<BitmapMode>,
     /// The backing file written into the target.
@@ -251,6 +254,9 @@ pub struct Summary {
     pub backing: Option<String>,
     /// The bitmap's state after the job.
     pub bitmap: Option<BitmapReport>,
+    /// QEMU's bitmap that selected what an NBD incremental copied (left
+    /// as it was).
+    pub source_bitmap: Option<String>,
 }
 
 /// The bitmap's state after a job.
@@ -323,7 +329,7 @@ pub fn plan(cfg: &BackupConfig) -> Result<Plan> {
         return Err(usage(format!("--sync {sync} needs a qcow2 target")));
     }
     sync.check(
-        cfg.bitmap.is_some(),
+        cfg.bitmap.is_some() || cfg.source_bitmap.is_some(),
         cfg.bitmap_mode,
         cfg.guest.as_ref().map(|g| g.is_bounded()),
     )
@@ -610,6 +616,8 @@ pub struct BackupJob {
     geo: Geometry,
     digest: DigestAlgo,
     served: Option<Served>,
+    /// The export of an NBD source.
+    nbd: Option<Arc<crate::node::nbd::NbdNode>>,
 }
 
 impl BackupJob {
@@ -638,11 +646,19 @@ impl BackupJob {
         }
         let started = SystemTime::now();
         let t0 = Instant::now();
+        let nbd_uri = super::nbd_source::uri_of(&cfg)?;
         let plan = plan(&cfg)?;
-        let image = match &served {
-            Some(s) => s.image.clone(),
-            None => crate::node::graph::open(&SourceSpec::file(&cfg.source, cfg.source_format))
-                .map_err(JobError::context("cannot open the source image"))?,
+        let (nbd, image) = match (&served, nbd_uri) {
+            (Some(s), _) => (None, s.image.clone()),
+            (None, Some(uri)) => {
+                let (n, image) = NbdSource::open(uri, &cfg)?;
+                (Some(n), image)
+            }
+            (None, None) => (
+                None,
+                crate::node::graph::open(&SourceSpec::file(&cfg.source, cfg.source_format))
+                    .map_err(JobError::context("cannot open the source image"))?,
+            ),
         };
         let on_device = std::fs::metadata(&cfg.source)
             .map(|m| std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type()))
@@ -653,14 +669,15 @@ impl BackupJob {
                 cfg.source.display()
             )));
         }
-        let locks = match &served {
-            // The server holds the image's locks.
-            Some(_) => Locks::new(),
-            None => lock_source(&cfg, &image)?,
+        let locks = match (&served, &nbd) {
+            // The server holds the image's locks (this process's, or the
+            // NBD server's).
+            (Some(_), _) | (_, Some(_)) => Locks::new(),
+            (None, None) => lock_source(&cfg, &image)?,
         };
         // A served image's server removed them when it started; its own
-        // bitmap saves may be in flight now.
-        if served.is_none() {
+        // bitmap saves may be in flight now. An export has none.
+        if served.is_none() && nbd.is_none() {
             for t in crate::bitmap::file::remove_stale_temps(&cfg.source) {
                 tracing::info!(
                     "removed a bitmap temporary file left by a killed run: {}",
@@ -673,26 +690,41 @@ impl BackupJob {
             guard::check_output(o, cfg.force, "guest overlay")?;
         }
         let size = image.node.size();
-        let identity = Identity::of(&cfg.source).map_err(JobError::context(format!(
-            "cannot stat {}",
-            cfg.source.display()
-        )))?;
+        let identity = match &nbd {
+            Some(n) => n.identity(),
+            None => Identity::of(&cfg.source).map_err(JobError::context(format!(
+                "cannot stat {}",
+                cfg.source.display()
+            )))?,
+        };
         let source_ids = chain_identities(&image);
         let bitmap = match (&cfg.bitmap, &served) {
             (Some(name), None) => Some(job_bitmap(name, cfg.sync, &cfg.source, size, &identity)?),
             (Some(name), Some(sv)) => Some(served_bitmap(name, cfg.sync, &cfg.source, size, sv)?),
             (None, _) => None,
         };
+        // QEMU's bitmap selects what an NBD incremental copies; it is never
+        // anchored or changed here.
+        let qemu_bitmap = match (&nbd, &cfg.source_bitmap) {
+            (Some(n), Some(name)) => Some(n.dirty(name, &cfg.source)?),
+            _ => None,
+        };
         let copy_bits = cfg
             .sync
             .initial_copy_bitmap(
                 image.top().as_ref(),
                 size,
-                bitmap.as_ref().map(|(b, _)| b),
+                bitmap.as_ref().map(|(b, _)| b).or(qemu_bitmap.as_ref()),
                 plan.cluster_size,
             )
             .map_err(CopyError::Source)?;
-        let (parent_path, backing_path) = choose_backing(&cfg, &image, bitmap.as_ref())?;
+        let (parent_path, backing_path) = match &nbd {
+            Some(n) if cfg.source_bitmap.is_some() => {
+                let p = n.parent(&cfg)?;
+                (Some(p.clone()), Some(p))
+            }
+            _ => choose_backing(&cfg, &image, bitmap.as_ref())?,
+        };
         check_target(&cfg, &image, bitmap.as_ref(), &parent_path, &backing_path)?;
         let backing = match &backing_path {
             Some(p) => {
@@ -736,6 +768,7 @@ impl BackupJob {
             geo,
             digest,
             served,
+            nbd: nbd.map(|n| n.node),
         };
         job.log_plan();
         Ok(job)
@@ -808,6 +841,7 @@ impl BackupJob {
             manifest_root_digest: None,
             backing: self.backing.as_ref().map(|(n, _)| n.clone()),
             bitmap: None,
+            source_bitmap: self.cfg.source_bitmap.clone(),
         }
     }
 
@@ -865,6 +899,11 @@ impl BackupJob {
         // From here on the bitmap is frozen and in use; dropping the job's
         // bitmap on any failure puts it back (with the writes made meanwhile).
         let mut job = self;
+        // A read blocked on the network gives up once the job is cancelled.
+        if let Some(n) = &job.nbd {
+            let c = cancel.clone();
+            n.set_stop(move || c.is_cancelled());
+        }
         if let Some(served) = job.served.clone() {
             return served
                 .slot
@@ -1409,6 +1448,14 @@ impl Running {
         if self.job.served.is_none() {
             check_unchanged(&self.job.source_ids)?;
         }
+        if let Some(n) = &self.job.nbd {
+            let (requests, bytes) = n.reads();
+            tracing::info!(
+                "NBD: {requests} READ request(s), {} read from {}",
+                crate::report::human_bytes(bytes),
+                self.job.cfg.source.display()
+            );
+        }
         let mut summary = self.job.summary();
         summary.point_in_time = rfc3339_micros(self.frozen_at);
         if self.target.manifest().is_some() {
@@ -1590,7 +1637,11 @@ impl Running {
             source_format: job.image.layers[0].info.format.to_string(),
             target_format: job.plan.target_format.to_string(),
             sync: job.cfg.sync.to_string(),
-            bitmap: job.cfg.bitmap.clone(),
+            bitmap: job.cfg.bitmap.clone().or(job
+                .cfg
+                .source_bitmap
+                .as_deref()
+                .map(crate::node::nbd::dirty_bitmap_context)),
             parent: match (&job.parent, &job.parent_path) {
                 (Some(pm), Some(bp)) => Some(Parent {
                     path: canonical(bp),

@@ -4,6 +4,7 @@
 pub mod backup;
 pub mod cancel;
 pub mod error;
+pub mod nbd_source;
 pub mod parent;
 pub mod policy;
 pub mod restore;

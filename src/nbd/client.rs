@@ -4,12 +4,16 @@
 //! ground the NBD source node stands on (SPEC §9); it shares
 //! [`super::proto`] with the server.
 //!
-//! One request is in flight per connection: a source that wants several
-//! opens several connections.
+//! Several requests may be in flight on one connection: requests are sent
+//! from any thread and a reader thread hands each reply to the request it
+//! answers (by handle).
 
 use super::proto::*;
+use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard, mpsc};
+use std::time::Duration;
 
 /// Where an export is: QEMU's and libnbd's URI syntax,
 /// `nbd://HOST[:PORT][/EXPORT]` or `nbd+unix:///EXPORT?socket=PATH`.
@@ -184,22 +188,129 @@ pub enum ClientError {
         /// The server's message.
         message: String,
     },
+    /// The connection was lost while the request waited for its reply.
+    #[error("NBD connection lost: {0}")]
+    Closed(String),
+    /// The caller's stop condition held while the request waited.
+    #[error("the NBD request was abandoned (the job is stopping)")]
+    Stopped,
+}
+
+impl ClientError {
+    /// True when the connection cannot serve another request.
+    pub fn breaks_connection(&self) -> bool {
+        !matches!(self, ClientError::Request { .. } | ClientError::Stopped)
+    }
 }
 
 /// One extent of a metadata context: length and flags.
 pub type Descriptor = (u32, u32);
 
-/// A connection in transmission phase.
-pub struct Client {
-    stream: Box<dyn ReadWrite>,
-    /// The export.
-    pub info: ExportInfo,
+/// How long connecting and negotiating may take.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// How often a request waiting for its reply looks at its stop condition.
+const POLL: Duration = Duration::from_millis(50);
+
+/// One reply chunk: flags, type, payload.
+type Chunk = (u16, u16, Vec<u8>);
+
+/// Replies still awaited, by handle, and why the connection ended.
+#[derive(Default)]
+struct Pending {
     next_handle: u64,
+    waiting: HashMap<u64, mpsc::Sender<Chunk>>,
+    failed: Option<String>,
 }
 
-/// A socket.
-trait ReadWrite: Read + Write + Send {}
-impl<T: Read + Write + Send> ReadWrite for T {}
+/// A connection in transmission phase. Requests may be sent from several
+/// threads at once (`&self`): each waits for its own reply, which a reader
+/// thread routes by handle, so several are in flight on one connection.
+pub struct Client {
+    writer: Mutex<Box<dyn Write + Send>>,
+    pending: Arc<Mutex<Pending>>,
+    shutdown: Box<dyn Fn() + Send + Sync>,
+    reader: Option<std::thread::JoinHandle<()>>,
+    /// Payload buffers to reuse.
+    spare: Arc<Mutex<Vec<Vec<u8>>>>,
+    /// The export.
+    pub info: ExportInfo,
+}
+
+/// A connected socket.
+enum Sock {
+    Unix(std::os::unix::net::UnixStream),
+    Tcp(std::net::TcpStream),
+}
+
+impl Sock {
+    fn connect(t: &Transport) -> io::Result<Sock> {
+        match t {
+            Transport::Unix(p) => Ok(Sock::Unix(std::os::unix::net::UnixStream::connect(p)?)),
+            Transport::Tcp { host, port } => {
+                use std::net::ToSocketAddrs;
+                let mut last =
+                    io::Error::new(io::ErrorKind::NotFound, format!("{host}: no address"));
+                for a in (host.as_str(), *port).to_socket_addrs()? {
+                    match std::net::TcpStream::connect_timeout(&a, HANDSHAKE_TIMEOUT) {
+                        Ok(s) => {
+                            s.set_nodelay(true)?;
+                            return Ok(Sock::Tcp(s));
+                        }
+                        Err(e) => last = e,
+                    }
+                }
+                Err(last)
+            }
+        }
+    }
+
+    fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Sock::Unix(s) => s.set_read_timeout(t),
+            Sock::Tcp(s) => s.set_read_timeout(t),
+        }
+    }
+
+    fn try_clone(&self) -> io::Result<Sock> {
+        Ok(match self {
+            Sock::Unix(s) => Sock::Unix(s.try_clone()?),
+            Sock::Tcp(s) => Sock::Tcp(s.try_clone()?),
+        })
+    }
+
+    /// End the connection both ways (wakes a thread blocked reading it).
+    fn shutdown(&self) {
+        let _ = match self {
+            Sock::Unix(s) => s.shutdown(std::net::Shutdown::Both),
+            Sock::Tcp(s) => s.shutdown(std::net::Shutdown::Both),
+        };
+    }
+}
+
+impl Read for Sock {
+    fn read(&mut self, b: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Sock::Unix(s) => s.read(b),
+            Sock::Tcp(s) => s.read(b),
+        }
+    }
+}
+
+impl Write for Sock {
+    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+        match self {
+            Sock::Unix(s) => s.write(b),
+            Sock::Tcp(s) => s.write(b),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Sock::Unix(s) => s.flush(),
+            Sock::Tcp(s) => s.flush(),
+        }
+    }
+}
 
 fn be16(b: &[u8]) -> u16 {
     u16::from_be_bytes([b[0], b[1]])
@@ -217,51 +328,39 @@ fn protocol(msg: impl Into<String>) -> ClientError {
     ClientError::Protocol(msg.into())
 }
 
-impl Client {
-    /// Connect to `uri` and select `contexts` (e.g. `base:allocation`;
-    /// those the server does not know are simply not selected).
-    pub fn connect(uri: &NbdUri, contexts: &[&str]) -> Result<Client, ClientError> {
-        let stream: Box<dyn ReadWrite> = match &uri.transport {
-            Transport::Unix(p) => Box::new(std::os::unix::net::UnixStream::connect(p)?),
-            Transport::Tcp { host, port } => {
-                let s = std::net::TcpStream::connect((host.as_str(), *port))?;
-                s.set_nodelay(true)?;
-                Box::new(s)
-            }
-        };
-        let mut c = Client {
-            stream,
-            info: ExportInfo {
-                size: 0,
-                flags: 0,
-                block_size: (1, 4096, 32 << 20),
-                contexts: Vec::new(),
-            },
-            next_handle: 1,
-        };
-        c.negotiate(&uri.export, contexts)?;
-        Ok(c)
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
     }
+}
 
-    fn read_exact(&mut self, n: usize) -> Result<Vec<u8>, ClientError> {
-        let mut b = vec![0u8; n];
-        self.stream.read_exact(&mut b)?;
-        Ok(b)
-    }
+fn read_exact(r: &mut dyn Read, n: usize) -> Result<Vec<u8>, ClientError> {
+    let mut b = vec![0u8; n];
+    r.read_exact(&mut b)?;
+    Ok(b)
+}
 
+/// The negotiation phase, on a blocking socket with a read timeout.
+struct Negotiation<'a> {
+    s: &'a mut Sock,
+    info: ExportInfo,
+}
+
+impl Negotiation<'_> {
     fn send_option(&mut self, opt: u32, data: &[u8]) -> Result<(), ClientError> {
         let mut m = Vec::with_capacity(16 + data.len());
         m.extend_from_slice(&NBD_OPTS_MAGIC.to_be_bytes());
         m.extend_from_slice(&opt.to_be_bytes());
         m.extend_from_slice(&(data.len() as u32).to_be_bytes());
         m.extend_from_slice(data);
-        self.stream.write_all(&m)?;
+        self.s.write_all(&m)?;
         Ok(())
     }
 
     /// One option reply: (type, data).
     fn option_reply(&mut self, opt: u32) -> Result<(u32, Vec<u8>), ClientError> {
-        let h = self.read_exact(20)?;
+        let h = read_exact(self.s, 20)?;
         if be64(&h) != NBD_REP_MAGIC || be32(&h[8..]) != opt {
             return Err(protocol("a malformed option reply"));
         }
@@ -269,7 +368,7 @@ impl Client {
         if len > MAX_OPTION_LEN {
             return Err(protocol("an option reply too long"));
         }
-        let data = self.read_exact(len as usize)?;
+        let data = read_exact(self.s, len as usize)?;
         Ok((kind, data))
     }
 
@@ -285,8 +384,8 @@ impl Client {
         }
     }
 
-    fn negotiate(&mut self, export: &str, contexts: &[&str]) -> Result<(), ClientError> {
-        let h = self.read_exact(18)?;
+    fn run(&mut self, export: &str, contexts: &[&str]) -> Result<(), ClientError> {
+        let h = read_exact(self.s, 18)?;
         if be64(&h) != NBD_MAGIC || be64(&h[8..]) != NBD_OPTS_MAGIC {
             return Err(protocol("not an NBD server speaking the newstyle protocol"));
         }
@@ -296,7 +395,7 @@ impl Client {
         }
         let client_flags = NBD_FLAG_C_FIXED_NEWSTYLE
             | (u32::from(flags & NBD_FLAG_NO_ZEROES != 0) * NBD_FLAG_C_NO_ZEROES);
-        self.stream.write_all(&client_flags.to_be_bytes())?;
+        self.s.write_all(&client_flags.to_be_bytes())?;
         // Structured replies: required (holes and errors per chunk).
         self.send_option(NBD_OPT_STRUCTURED_REPLY, &[])?;
         let (kind, data) = self.option_reply(NBD_OPT_STRUCTURED_REPLY)?;
@@ -365,54 +464,201 @@ impl Client {
         }
         Ok(())
     }
+}
 
-    fn request(
-        &mut self,
-        kind: u16,
-        flags: u16,
-        offset: u64,
-        len: u32,
-    ) -> Result<u64, ClientError> {
-        let handle = self.next_handle;
-        self.next_handle += 1;
+/// The next reply chunk on `r`: (handle, (flags, type, payload)); a simple
+/// reply comes as `NBD_REPLY_TYPE_NONE` with its error in the payload.
+fn next_chunk(r: &mut dyn Read, spare: &Mutex<Vec<Vec<u8>>>) -> Result<(u64, Chunk), ClientError> {
+    let m = read_exact(r, 4)?;
+    match be32(&m) {
+        NBD_STRUCTURED_REPLY_MAGIC => {
+            let h = read_exact(r, 16)?;
+            let (flags, kind, handle, len) =
+                (be16(&h), be16(&h[2..]), be64(&h[4..]), be32(&h[12..]));
+            if len > MAX_REQUEST + 64 {
+                return Err(protocol("a reply chunk too long"));
+            }
+            // Payloads land in recycled buffers: a fresh 2 MiB buffer per
+            // reply costs more in page faults than the copy itself.
+            let mut data = lock(spare).pop().unwrap_or_default();
+            let n = len as usize;
+            if data.len() < n {
+                data.resize(n, 0);
+            }
+            data.truncate(n);
+            r.read_exact(&mut data)?;
+            Ok((handle, (flags, kind, data)))
+        }
+        NBD_SIMPLE_REPLY_MAGIC => {
+            let h = read_exact(r, 12)?;
+            Ok((
+                be64(&h[4..]),
+                (NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_NONE, h[..4].to_vec()),
+            ))
+        }
+        _ => Err(protocol("a reply with a bad magic")),
+    }
+}
+
+/// The reader thread: route every chunk to the request that waits for it;
+/// on the first failure, record why and wake every waiting request.
+fn route_replies(
+    mut r: Box<dyn Read + Send>,
+    pending: Arc<Mutex<Pending>>,
+    spare: Arc<Mutex<Vec<Vec<u8>>>>,
+) {
+    let why = loop {
+        let (handle, chunk) = match next_chunk(r.as_mut(), &spare) {
+            Ok(c) => c,
+            Err(e) => break e.to_string(),
+        };
+        let mut p = lock(&pending);
+        let done = chunk.0 & NBD_REPLY_FLAG_DONE != 0;
+        let to = if done {
+            p.waiting.remove(&handle)
+        } else {
+            p.waiting.get(&handle).cloned()
+        };
+        match to {
+            // A request that stopped waiting no longer listens.
+            Some(tx) => drop(tx.send(chunk)),
+            None => {
+                break format!("NBD protocol: a reply to a request never sent (handle {handle})");
+            }
+        }
+    };
+    let mut p = lock(&pending);
+    if p.failed.is_none() {
+        p.failed = Some(why);
+    }
+    p.waiting.clear();
+}
+
+impl Client {
+    /// Connect to `uri` and select `contexts` (e.g. `base:allocation`;
+    /// those the server does not know are simply not selected). Connecting
+    /// and negotiating fail after [`HANDSHAKE_TIMEOUT`] (a server that
+    /// serves one client at a time leaves a second one waiting).
+    pub fn connect(uri: &NbdUri, contexts: &[&str]) -> Result<Client, ClientError> {
+        let mut sock = Sock::connect(&uri.transport)?;
+        sock.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
+        let mut n = Negotiation {
+            s: &mut sock,
+            info: ExportInfo {
+                size: 0,
+                flags: 0,
+                block_size: (1, 4096, 32 << 20),
+                contexts: Vec::new(),
+            },
+        };
+        let timed_out = |e: ClientError| match e {
+            ClientError::Io(io)
+                if matches!(
+                    io.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                ClientError::Io(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "the server did not finish the handshake within {} s (does it serve one client at a time, and is another connected?)",
+                        HANDSHAKE_TIMEOUT.as_secs()
+                    ),
+                ))
+            }
+            e => e,
+        };
+        n.run(&uri.export, contexts).map_err(timed_out)?;
+        let info = n.info;
+        // Transmission: the reader thread blocks until a reply or the end.
+        sock.set_read_timeout(None)?;
+        let read_half = sock.try_clone()?;
+        let killer = sock.try_clone()?;
+        let pending = Arc::new(Mutex::new(Pending {
+            next_handle: 1,
+            ..Pending::default()
+        }));
+        let p = pending.clone();
+        let spare = Arc::new(Mutex::new(Vec::new()));
+        let s = spare.clone();
+        let reader = std::thread::Builder::new()
+            .name("nbd-replies".into())
+            .spawn(move || route_replies(Box::new(read_half), p, s))?;
+        Ok(Client {
+            writer: Mutex::new(Box::new(sock)),
+            pending,
+            shutdown: Box::new(move || killer.shutdown()),
+            reader: Some(reader),
+            spare,
+            info,
+        })
+    }
+
+    /// Send a request; its reply chunks arrive on the returned receiver.
+    fn send(&self, kind: u16, offset: u64, len: u32) -> Result<mpsc::Receiver<Chunk>, ClientError> {
+        let (tx, rx) = mpsc::channel();
+        let handle = {
+            let mut p = lock(&self.pending);
+            if let Some(why) = &p.failed {
+                return Err(ClientError::Closed(why.clone()));
+            }
+            let h = p.next_handle;
+            p.next_handle += 1;
+            p.waiting.insert(h, tx);
+            h
+        };
         let q = Request {
-            flags,
+            flags: 0,
             kind,
             handle,
             offset,
             len,
         };
-        self.stream.write_all(&encode_request(&q))?;
-        Ok(handle)
+        let sent = lock(&self.writer).write_all(&encode_request(&q));
+        if let Err(e) = sent {
+            let mut p = lock(&self.pending);
+            p.waiting.remove(&handle);
+            p.failed.get_or_insert_with(|| e.to_string());
+            drop(p);
+            (self.shutdown)();
+            return Err(ClientError::Io(e));
+        }
+        Ok(rx)
     }
 
-    /// The next reply chunk of `handle`: (flags, type, payload), or for a
-    /// simple reply type `NBD_REPLY_TYPE_NONE` with its error in the payload.
-    fn chunk(&mut self, handle: u64) -> Result<(u16, u16, Vec<u8>), ClientError> {
-        let m = self.read_exact(4)?;
-        match be32(&m) {
-            NBD_STRUCTURED_REPLY_MAGIC => {
-                let h = self.read_exact(16)?;
-                let (flags, kind, got, len) =
-                    (be16(&h), be16(&h[2..]), be64(&h[4..]), be32(&h[12..]));
-                if got != handle {
-                    return Err(protocol("a reply to a request never sent"));
+    /// The next chunk of a request, checking `stop` while it waits.
+    fn receive(
+        &self,
+        rx: &mpsc::Receiver<Chunk>,
+        stop: &dyn Fn() -> bool,
+    ) -> Result<Chunk, ClientError> {
+        loop {
+            match rx.recv_timeout(POLL) {
+                Ok(c) => return Ok(c),
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    if stop() {
+                        return Err(ClientError::Stopped);
+                    }
                 }
-                if len > MAX_REQUEST + 64 {
-                    return Err(protocol("a reply chunk too long"));
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    let why = lock(&self.pending)
+                        .failed
+                        .clone()
+                        .unwrap_or_else(|| "closed".into());
+                    return Err(ClientError::Closed(why));
                 }
-                let data = self.read_exact(len as usize)?;
-                Ok((flags, kind, data))
             }
-            NBD_SIMPLE_REPLY_MAGIC => {
-                let h = self.read_exact(12)?;
-                if be64(&h[4..]) != handle {
-                    return Err(protocol("a reply to a request never sent"));
-                }
-                Ok((NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_NONE, h[..4].to_vec()))
-            }
-            _ => Err(protocol("a reply with a bad magic")),
         }
+    }
+
+    /// Requests sent and not yet answered.
+    pub fn in_flight(&self) -> usize {
+        lock(&self.pending).waiting.len()
+    }
+
+    /// True once the connection failed (it takes no more requests).
+    pub fn is_broken(&self) -> bool {
+        lock(&self.pending).failed.is_some()
     }
 
     fn error_of(offset: u64, kind: u16, data: &[u8]) -> ClientError {
@@ -439,13 +685,19 @@ impl Client {
     }
 
     /// Read `buf.len()` bytes at `offset` (holes the server reports are
-    /// filled with zeros). At most the server's maximum block size.
-    pub fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), ClientError> {
+    /// filled with zeros). At most the server's maximum block size. While
+    /// it waits, `stop` is asked every 50 ms; true abandons the request.
+    pub fn read(
+        &self,
+        offset: u64,
+        buf: &mut [u8],
+        stop: &dyn Fn() -> bool,
+    ) -> Result<(), ClientError> {
         let len = buf.len();
-        let handle = self.request(NBD_CMD_READ, 0, offset, len as u32)?;
+        let rx = self.send(NBD_CMD_READ, offset, len as u32)?;
         let mut err = None;
         loop {
-            let (flags, kind, data) = self.chunk(handle)?;
+            let (flags, kind, data) = self.receive(&rx, stop)?;
             match kind {
                 NBD_REPLY_TYPE_NONE if data.len() == 4 && be32(&data) != 0 => {
                     err = Some(Self::error_of(offset, kind, &data));
@@ -454,22 +706,21 @@ impl Client {
                 NBD_REPLY_TYPE_OFFSET_DATA if data.len() >= 8 => {
                     match Self::within(be64(&data), offset, data.len() - 8, len) {
                         Some((a, b)) => buf[a..b].copy_from_slice(&data[8..]),
-                        None => return Err(protocol("read data outside the request")),
+                        None => return Err(self.broken("read data outside the request")),
                     }
+                    self.recycle(data);
                 }
                 NBD_REPLY_TYPE_OFFSET_HOLE if data.len() == 12 => {
                     match Self::within(be64(&data), offset, be32(&data[8..]) as usize, len) {
                         Some((a, b)) => buf[a..b].fill(0),
-                        None => return Err(protocol("a hole outside the request")),
+                        None => return Err(self.broken("a hole outside the request")),
                     }
                 }
                 NBD_REPLY_TYPE_ERROR | NBD_REPLY_TYPE_ERROR_OFFSET => {
                     err = Some(Self::error_of(offset, kind, &data));
                 }
                 _ => {
-                    return Err(protocol(format!(
-                        "an unexpected reply chunk {kind} to READ"
-                    )));
+                    return Err(self.broken(&format!("an unexpected reply chunk {kind} to READ")));
                 }
             }
             if flags & NBD_REPLY_FLAG_DONE != 0 {
@@ -479,19 +730,37 @@ impl Client {
         err.map_or(Ok(()), Err)
     }
 
+    /// Give a payload buffer back (a few are kept).
+    fn recycle(&self, data: Vec<u8>) {
+        let mut spare = lock(&self.spare);
+        if spare.len() < 16 {
+            spare.push(data);
+        }
+    }
+
+    /// A protocol violation: the connection takes no more requests.
+    fn broken(&self, what: &str) -> ClientError {
+        lock(&self.pending)
+            .failed
+            .get_or_insert_with(|| format!("NBD protocol: {what}"));
+        (self.shutdown)();
+        protocol(what)
+    }
+
     /// The extents of context `id` from `offset` (at most `len` bytes): the
     /// server's descriptors for the first part of the range.
     pub fn block_status(
-        &mut self,
+        &self,
         offset: u64,
         len: u32,
         id: u32,
+        stop: &dyn Fn() -> bool,
     ) -> Result<Vec<Descriptor>, ClientError> {
-        let handle = self.request(NBD_CMD_BLOCK_STATUS, 0, offset, len)?;
+        let rx = self.send(NBD_CMD_BLOCK_STATUS, offset, len)?;
         let mut out = Vec::new();
         let mut err = None;
         loop {
-            let (flags, kind, data) = self.chunk(handle)?;
+            let (flags, kind, data) = self.receive(&rx, stop)?;
             match kind {
                 NBD_REPLY_TYPE_BLOCK_STATUS if data.len() >= 4 && (data.len() - 4) % 8 == 0 => {
                     if be32(&data) == id {
@@ -509,9 +778,9 @@ impl Client {
                     err = Some(Self::error_of(offset, kind, &data));
                 }
                 _ => {
-                    return Err(protocol(format!(
-                        "an unexpected reply chunk {kind} to BLOCK_STATUS"
-                    )));
+                    return Err(
+                        self.broken(&format!("an unexpected reply chunk {kind} to BLOCK_STATUS"))
+                    );
                 }
             }
             if flags & NBD_REPLY_FLAG_DONE != 0 {
@@ -539,9 +808,17 @@ impl Client {
     }
 
     /// Say goodbye (`NBD_CMD_DISC`); the server closes the connection.
-    pub fn disconnect(mut self) -> Result<(), ClientError> {
-        self.request(NBD_CMD_DISC, 0, 0, 0)?;
-        Ok(())
+    pub fn disconnect(self) -> Result<(), ClientError> {
+        self.send(NBD_CMD_DISC, 0, 0).map(drop)
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        (self.shutdown)();
+        if let Some(r) = self.reader.take() {
+            let _ = r.join();
+        }
     }
 }
 

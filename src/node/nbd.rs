@@ -1,53 +1,99 @@
 //! An NBD export as a read-only source node (SPEC §9): reads split to the
 //! server's maximum request, `base:allocation` block status (ranges the
-//! server reports as zeros cost no reads), and a pool of connections: as
-//! many as there are readers when the server advertises multi-conn, else
-//! one that the readers share (a server may serve one client at a time). A
-//! connection that fails is dropped, not reused: the next request (a retry
-//! under `--on-source-error retry`) connects again.
+//! server reports as zeros cost no reads), and connections that carry
+//! several requests each: one when the server does not advertise
+//! multi-conn (a server may serve one client at a time), else up to one per
+//! reader, opened in the background so that a server which accepts fewer
+//! never holds a request up. A connection that fails is dropped: the next
+//! request (a retry under `--on-source-error retry`) connects again.
+//!
+//! [`NbdNode::allocation`] is the export's own allocation (holes the
+//! server reports are unallocated): what `--sync top` copies.
 
 use super::{BlockNode, Extent, Status};
 use crate::error::{BlockError, Op, Result};
 use crate::nbd::client::{Client, ClientError, NbdUri};
-use crate::nbd::proto::{NBD_FLAG_CAN_MULTI_CONN, NBD_STATE_ZERO};
+use crate::nbd::proto::{NBD_FLAG_CAN_MULTI_CONN, NBD_STATE_DIRTY, NBD_STATE_HOLE, NBD_STATE_ZERO};
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 /// The context that tells holes and zeros.
-const ALLOCATION: &str = "base:allocation";
+pub const ALLOCATION: &str = "base:allocation";
+
+/// The metadata context of QEMU's dirty bitmap `name`.
+pub fn dirty_bitmap_context(name: &str) -> String {
+    format!("qemu:dirty-bitmap:{name}")
+}
+
+/// Connections per export at most when the server allows several.
+const MULTI_CONN: usize = 4;
+
+/// Extents kept per context at most (about 40 MiB); past it they are
+/// asked again.
+const MAX_CACHED_EXTENTS: usize = 1 << 20;
+
+/// The largest BLOCK_STATUS request (4 GiB less 4 KiB, aligned).
+const MAX_STATUS: u64 = (u32::MAX as u64) & !0xfff;
+
+/// Extents of one context: start -> (end, flags).
+type Extents = BTreeMap<u64, (u64, u32)>;
+
+type StopFn = Arc<dyn Fn() -> bool + Send + Sync>;
 
 /// A read-only NBD export.
 pub struct NbdNode {
     uri: NbdUri,
     /// The URI as given: the name in messages.
     name: PathBuf,
+    contexts: Vec<String>,
     size: u64,
     cluster: u64,
     max_request: usize,
     /// Connections at most (1 without multi-conn).
     max_conns: usize,
-    /// Idle connections, and how many are open in all.
-    pool: Mutex<(Vec<Client>, usize)>,
-    returned: Condvar,
+    /// Open connections.
+    pool: Mutex<Vec<Arc<Client>>>,
+    /// A background connection attempt is under way.
+    connecting: Arc<AtomicBool>,
+    /// Where it leaves its connection.
+    grown: Mutex<Option<Arc<Mutex<Option<Client>>>>>,
+    next: AtomicUsize,
+    /// Asked while a request waits: true abandons it (cancellation).
+    stop: OnceLock<StopFn>,
+    /// Extents the server described, per context: start -> (end, flags).
+    extents: Mutex<HashMap<String, Extents>>,
+    /// READ requests sent, and their bytes.
+    reads: AtomicUsize,
+    read_bytes: std::sync::atomic::AtomicU64,
 }
-
-/// Connections per export when the server allows several.
-const MULTI_CONN: usize = 8;
 
 fn io_error(op: Op, name: &Path, offset: u64, len: u64, e: ClientError) -> BlockError {
     let source = match e {
         ClientError::Io(io) => io,
+        ClientError::Stopped => std::io::Error::new(std::io::ErrorKind::Interrupted, e.to_string()),
         other => std::io::Error::other(other.to_string()),
     };
     BlockError::io(op, name, offset, len, source)
 }
 
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
 impl NbdNode {
-    /// Connect to `uri` (given as `name`) and learn the export's size.
-    pub fn open(uri: NbdUri, name: &str) -> Result<NbdNode> {
+    /// Connect to `uri` (given as `name`), selecting `base:allocation` and
+    /// the `extra` contexts, and learn the export's size.
+    pub fn open(uri: NbdUri, name: &str, extra: &[String]) -> Result<NbdNode> {
         let name = PathBuf::from(name);
-        let c =
-            Client::connect(&uri, &[ALLOCATION]).map_err(|e| io_error(Op::Open, &name, 0, 0, e))?;
+        let mut contexts = vec![ALLOCATION.to_string()];
+        contexts.extend(extra.iter().cloned());
+        let refs: Vec<&str> = contexts.iter().map(String::as_str).collect();
+        let c = Client::connect(&uri, &refs).map_err(|e| io_error(Op::Open, &name, 0, 0, e))?;
         let (_, preferred, max) = c.info.block_size;
         Ok(NbdNode {
             size: c.info.size,
@@ -60,78 +106,201 @@ impl NbdNode {
             },
             uri,
             name,
-            pool: Mutex::new((vec![c], 1)),
-            returned: Condvar::new(),
+            contexts,
+            pool: Mutex::new(vec![Arc::new(c)]),
+            connecting: Arc::new(AtomicBool::new(false)),
+            grown: Mutex::new(None),
+            next: AtomicUsize::new(0),
+            stop: OnceLock::new(),
+            extents: Mutex::new(HashMap::new()),
+            reads: AtomicUsize::new(0),
+            read_bytes: Default::default(),
         })
     }
 
-    fn lock(&self) -> MutexGuard<'_, (Vec<Client>, usize)> {
-        match self.pool.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        }
+    /// Abandon requests waiting for a reply once `stop` says so (a job's
+    /// cancellation): a server that stopped answering never holds the job.
+    pub fn set_stop(&self, stop: impl Fn() -> bool + Send + Sync + 'static) {
+        let _ = self.stop.set(Arc::new(stop));
     }
 
-    /// An idle connection, or a new one while fewer than `max_conns` are
-    /// open, or the next one returned.
-    fn take(&self, offset: u64, len: u64) -> Result<Client> {
-        let mut g = self.lock();
-        loop {
-            if let Some(c) = g.0.pop() {
-                return Ok(c);
-            }
-            if g.1 < self.max_conns {
-                g.1 += 1;
-                drop(g);
-                return Client::connect(&self.uri, &[ALLOCATION]).map_err(|e| {
-                    self.lock().1 -= 1;
-                    io_error(Op::Open, &self.name, offset, len, e)
-                });
-            }
-            g = match self.returned.wait(g) {
-                Ok(g) => g,
-                Err(p) => p.into_inner(),
-            };
-        }
+    /// READ requests sent so far and their bytes.
+    pub fn reads(&self) -> (usize, u64) {
+        (
+            self.reads.load(Ordering::Relaxed),
+            self.read_bytes.load(Ordering::Relaxed),
+        )
     }
 
-    /// Give `c` back (`Some`), or account for a closed one (`None`).
-    fn give_back(&self, c: Option<Client>) {
-        let mut g = self.lock();
-        match c {
-            Some(c) => g.0.push(c),
-            None => g.1 -= 1,
+    /// True if the server selected metadata context `name`.
+    pub fn has_context(&self, name: &str) -> bool {
+        lock(&self.pool)
+            .first()
+            .is_some_and(|c| c.context(name).is_some())
+    }
+
+    fn connect(&self) -> std::result::Result<Client, ClientError> {
+        let refs: Vec<&str> = self.contexts.iter().map(String::as_str).collect();
+        Client::connect(&self.uri, &refs)
+    }
+
+    /// A connection for the next request: the open ones in turn (a new one
+    /// is opened in the background while fewer than `max_conns` are
+    /// open); none open (all failed): connect now.
+    fn client(&self, offset: u64, len: u64) -> Result<Arc<Client>> {
+        let pool = lock(&self.pool);
+        if pool.is_empty() {
+            drop(pool);
+            let c = Arc::new(
+                self.connect()
+                    .map_err(|e| io_error(Op::Open, &self.name, offset, len, e))?,
+            );
+            tracing::info!("{}: connected again", self.name.display());
+            let mut pool = lock(&self.pool);
+            pool.push(c.clone());
+            return Ok(c);
         }
+        let c = pool[self.next.fetch_add(1, Ordering::Relaxed) % pool.len()].clone();
+        let grow = pool.len() < self.max_conns && c.in_flight() > 0;
+        drop(pool);
+        if grow && !self.connecting.swap(true, Ordering::SeqCst) {
+            self.grow();
+        }
+        Ok(c)
+    }
+
+    /// Open one more connection in the background.
+    fn grow(&self) {
+        let (uri, contexts) = (self.uri.clone(), self.contexts.clone());
+        let connecting = self.connecting.clone();
+        let done = Arc::new(Mutex::new(None::<Client>));
+        let slot = done.clone();
+        let spawned = std::thread::Builder::new()
+            .name("nbd-connect".into())
+            .spawn(move || {
+                let refs: Vec<&str> = contexts.iter().map(String::as_str).collect();
+                match Client::connect(&uri, &refs) {
+                    Ok(c) => *lock(&slot) = Some(c),
+                    Err(e) => tracing::debug!("no further NBD connection: {e}"),
+                }
+                connecting.store(false, Ordering::SeqCst);
+            });
+        if spawned.is_err() {
+            self.connecting.store(false, Ordering::SeqCst);
+            return;
+        }
+        *lock(&self.grown) = Some(done);
+    }
+
+    /// Take a connection the background attempt opened into the pool.
+    fn adopt(&self) {
+        let mut g = lock(&self.grown);
+        let Some(slot) = g.as_ref() else { return };
+        let Some(c) = lock(slot).take() else { return };
+        *g = None;
         drop(g);
-        self.returned.notify_one();
+        let mut pool = lock(&self.pool);
+        if pool.len() < self.max_conns {
+            pool.push(Arc::new(c));
+        }
     }
 
-    /// Run `f` on an idle connection (or a new one); a connection whose
-    /// request failed is closed.
+    /// Run `f` on a connection; a connection the failure broke leaves the
+    /// pool.
     fn with_client<T>(
         &self,
         op: Op,
         offset: u64,
         len: u64,
-        f: impl FnOnce(&mut Client) -> std::result::Result<T, ClientError>,
+        f: impl FnOnce(&Client, &dyn Fn() -> bool) -> std::result::Result<T, ClientError>,
     ) -> Result<T> {
-        let mut c = self.take(offset, len)?;
-        match f(&mut c) {
-            Ok(v) => {
-                self.give_back(Some(c));
-                Ok(v)
-            }
-            // A refused request leaves the connection usable; anything else
-            // closes it.
-            Err(e @ ClientError::Request { .. }) => {
-                self.give_back(Some(c));
-                Err(io_error(op, &self.name, offset, len, e))
-            }
+        self.adopt();
+        let c = self.client(offset, len)?;
+        let stop = self.stop.get().cloned();
+        let stop = move || stop.as_ref().is_some_and(|s| s());
+        match f(&c, &stop) {
+            Ok(v) => Ok(v),
             Err(e) => {
-                self.give_back(None);
+                if e.breaks_connection() || c.is_broken() {
+                    lock(&self.pool).retain(|x| !Arc::ptr_eq(x, &c));
+                }
                 Err(io_error(op, &self.name, offset, len, e))
             }
         }
+    }
+
+    /// The extent of context `ctx` at `offset` (at most `len` bytes):
+    /// length and flags. Every extent a reply describes is kept (the
+    /// export does not change under a backup), so a walk over the export
+    /// asks the server once per reply, not once per extent.
+    fn status(&self, ctx: &str, offset: u64, len: u64) -> Result<Option<(u64, u32)>> {
+        if let Some(hit) = self.cached(ctx, offset, len) {
+            return Ok(Some(hit));
+        }
+        let ask = len.clamp(1, MAX_STATUS) as u32;
+        let got = self.with_client(Op::BlockStatus, offset, len, |c, stop| {
+            match c.context(ctx) {
+                Some(id) => c.block_status(offset, ask, id, stop).map(Some),
+                None => Ok(None),
+            }
+        })?;
+        let Some(descriptors) = got else {
+            return Ok(None);
+        };
+        let mut cache = lock(&self.extents);
+        let map = cache.entry(ctx.to_string()).or_default();
+        if map.len() > MAX_CACHED_EXTENTS {
+            map.clear();
+        }
+        let mut pos = offset;
+        for &(n, flags) in &descriptors {
+            let end = pos.saturating_add(u64::from(n)).min(self.size);
+            if end <= pos {
+                break;
+            }
+            map.insert(pos, (end, flags));
+            pos = end;
+        }
+        drop(cache);
+        let (n, flags) = descriptors[0];
+        Ok(Some((u64::from(n).min(len).max(1), flags)))
+    }
+
+    /// A kept extent of `ctx` holding `offset`.
+    fn cached(&self, ctx: &str, offset: u64, len: u64) -> Option<(u64, u32)> {
+        let cache = lock(&self.extents);
+        let (_, &(end, flags)) = cache.get(ctx)?.range(..=offset).next_back()?;
+        (offset < end).then(|| ((end - offset).min(len).max(1), flags))
+    }
+
+    /// The dirty ranges of QEMU's bitmap `name` (the export must have been
+    /// opened with [`dirty_bitmap_context`]`(name)`), merged, in order.
+    pub fn dirty_ranges(&self, name: &str) -> Result<Vec<(u64, u64)>> {
+        let ctx = dirty_bitmap_context(name);
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        let mut pos = 0;
+        while pos < self.size {
+            let Some((n, flags)) = self.status(&ctx, pos, self.size - pos)? else {
+                return Err(BlockError::Unsupported {
+                    path: self.name.clone(),
+                    detail: format!("the server does not offer the metadata context {ctx}"),
+                });
+            };
+            if flags & NBD_STATE_DIRTY != 0 {
+                match out.last_mut() {
+                    Some(l) if l.1 == pos => l.1 = pos + n,
+                    _ => out.push((pos, pos + n)),
+                }
+            }
+            pos += n;
+        }
+        Ok(out)
+    }
+
+    /// The export's own allocation: a node whose block status reports the
+    /// server's holes as unallocated (reads are the export's).
+    pub fn allocation(self: &Arc<Self>) -> Arc<dyn BlockNode> {
+        Arc::new(Allocation(self.clone()))
     }
 }
 
@@ -153,30 +322,71 @@ impl BlockNode for NbdNode {
         for (k, part) in buf.chunks_mut(self.max_request).enumerate() {
             let at = offset + (k * self.max_request) as u64;
             let len = part.len() as u64;
-            self.with_client(Op::Read, at, len, |c| c.read(at, part))?;
+            self.reads.fetch_add(1, Ordering::Relaxed);
+            self.read_bytes.fetch_add(len, Ordering::Relaxed);
+            tracing::trace!("NBD READ {at}+{len}");
+            self.with_client(Op::Read, at, len, |c, stop| c.read(at, part, stop))?;
         }
         Ok(())
     }
 
+    /// What a reader sees: zeros where the server says so, data elsewhere
+    /// (a hole not known to read as zeros is read).
     fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
         super::check_range(&self.name, offset, len, self.size)?;
-        let ask = len.min(u64::from(u32::MAX) & !0xfff).max(1) as u32;
-        let first = self.with_client(Op::BlockStatus, offset, len, |c| {
-            match c.context(ALLOCATION) {
-                Some(id) => c.block_status(offset, ask, id).map(|d| d.first().copied()),
-                None => Ok(None),
-            }
-        })?;
-        Ok(match first {
+        Ok(match self.status(ALLOCATION, offset, len)? {
             Some((n, flags)) => Extent {
                 status: if flags & NBD_STATE_ZERO != 0 {
                     Status::Zero
                 } else {
                     Status::Data
                 },
-                len: u64::from(n).min(len).max(1),
+                len: n,
             },
             // No allocation information: everything is data.
+            None => Extent {
+                status: Status::Data,
+                len,
+            },
+        })
+    }
+}
+
+/// [`NbdNode::allocation`].
+struct Allocation(Arc<NbdNode>);
+
+impl BlockNode for Allocation {
+    fn path(&self) -> &Path {
+        self.0.path()
+    }
+
+    fn size(&self) -> u64 {
+        self.0.size
+    }
+
+    fn cluster_size(&self) -> u64 {
+        self.0.cluster
+    }
+
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.0.read(offset, buf)
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
+        super::check_range(&self.0.name, offset, len, self.0.size)?;
+        Ok(match self.0.status(ALLOCATION, offset, len)? {
+            Some((n, flags)) => Extent {
+                // A hole that reads as zeros is the export's "unallocated";
+                // one whose content is not known to be zeros is copied.
+                status: if flags & NBD_STATE_HOLE != 0 && flags & NBD_STATE_ZERO != 0 {
+                    Status::Unallocated
+                } else if flags & NBD_STATE_ZERO != 0 {
+                    Status::Zero
+                } else {
+                    Status::Data
+                },
+                len: n,
+            },
             None => Extent {
                 status: Status::Data,
                 len,

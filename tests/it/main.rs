@@ -16,6 +16,7 @@ mod layout;
 mod logging;
 mod manifest;
 mod nbd_client;
+mod nbd_source;
 mod phases;
 mod qcow2_fuzz;
 mod qcow2_inplace;

@@ -69,7 +69,7 @@ fn reads_and_block_status_from_qemu_nbd_equal_qemu_img() {
     let sock = p.join("nbd.sock");
     let _srv = QemuNbd::start(p, "disk.qcow2", &["--socket", &sock.display().to_string()]);
     let uri = format!("nbd+unix:///disk?socket={}", sock.display());
-    let mut c = connect(&uri, &["base:allocation"]);
+    let c = connect(&uri, &["base:allocation"]);
     assert_eq!(c.info.size, 16 << 20);
     let alloc = c
         .context("base:allocation")
@@ -79,7 +79,7 @@ fn reads_and_block_status_from_qemu_nbd_equal_qemu_img() {
     let chunk = (c.info.block_size.2 as usize).min(4 << 20);
     let mut got = vec![0xffu8; want.len()];
     for (k, part) in got.chunks_mut(chunk).enumerate() {
-        c.read((k * chunk) as u64, part).unwrap();
+        c.read((k * chunk) as u64, part, &|| false).unwrap();
     }
     assert!(got == want, "the export read differs from qemu-img convert");
     // base:allocation: what is not reported as zero is qemu-img map's data.
@@ -87,7 +87,7 @@ fn reads_and_block_status_from_qemu_nbd_equal_qemu_img() {
     let mut nonzero = Vec::new();
     while pos < c.info.size {
         let len = (c.info.size - pos).min(1 << 30) as u32;
-        for (n, flags) in c.block_status(pos, len, alloc).unwrap() {
+        for (n, flags) in c.block_status(pos, len, alloc, &|| false).unwrap() {
             if flags & NBD_STATE_ZERO == 0 {
                 nonzero.push((pos, pos + u64::from(n)));
             }
@@ -106,11 +106,11 @@ fn reads_and_block_status_from_qemu_nbd_equal_qemu_img() {
     // A request past the end fails with the server's error; the
     // connection goes on.
     let mut buf = vec![0u8; 4096];
-    match c.read(c.info.size - 512, &mut buf) {
+    match c.read(c.info.size - 512, &mut buf, &|| false) {
         Err(ClientError::Request { errno, .. }) => assert_ne!(errno, 0),
         other => panic!("a read past the end: {other:?}"),
     }
-    c.read(0, &mut buf).unwrap();
+    c.read(0, &mut buf, &|| false).unwrap();
     assert_eq!(buf[..], want[..4096]);
     c.disconnect().unwrap();
     // An export the server does not have is refused by name.
@@ -135,10 +135,10 @@ fn tcp_exports_are_read_too() {
         .port();
     let port_s = port.to_string();
     let _srv = QemuNbd::start(p, "disk.qcow2", &["-b", "127.0.0.1", "-p", &port_s]);
-    let mut c = connect(&format!("nbd://127.0.0.1:{port}/disk"), &[]);
+    let c = connect(&format!("nbd://127.0.0.1:{port}/disk"), &[]);
     let want = raw_content(p, "disk.qcow2");
     let mut got = vec![0u8; 1 << 20];
-    c.read(5 << 20, &mut got).unwrap();
+    c.read(5 << 20, &mut got, &|| false).unwrap();
     assert!(got[..] == want[5 << 20..6 << 20]);
     assert!(c.context("base:allocation").is_none());
 }
@@ -155,7 +155,7 @@ fn an_export_as_a_source_node_reads_in_parallel_and_reconnects() {
     let srv = QemuNbd::start(p, "disk.qcow2", &["--socket", &sock_s]);
     let uri = format!("nbd+unix:///disk?socket={sock_s}");
     drop(connect(&uri, &[])); // wait for the server
-    let node = std::sync::Arc::new(NbdNode::open(NbdUri::parse(&uri).unwrap(), &uri).unwrap());
+    let node = std::sync::Arc::new(NbdNode::open(NbdUri::parse(&uri).unwrap(), &uri, &[]).unwrap());
     assert_eq!(node.size(), 16 << 20);
     let want = std::sync::Arc::new(raw_content(p, "disk.qcow2"));
     // Four readers at once, each its own connection from the pool.
