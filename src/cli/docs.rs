@@ -566,7 +566,16 @@ Check a backup, and restore it:
         ),
         "imgbackup-backup" => (
             [FILES_TARGET, &bitmap_file].concat(),
-            [CBW, SYNC, POLICIES, LOCKING, NBD_SOURCES, INJECTION, BLOCK_DEVICES].concat(),
+            [
+                CBW,
+                SYNC,
+                POLICIES,
+                LOCKING,
+                NBD_SOURCES,
+                INJECTION,
+                BLOCK_DEVICES,
+            ]
+            .concat(),
             r#".TP
 Back up a qcow2 image into a sparse raw file:
 .B imgbackup backup disk.qcow2 disk-backup.raw

@@ -13,6 +13,7 @@ mod docs;
 mod failures;
 mod fixture;
 mod layout;
+mod live;
 mod logging;
 mod manifest;
 mod nbd_client;

@@ -544,22 +544,22 @@ fn tcp_listens_on_loopback_and_stops_on_sigint() {
 
 /// One write of [`Writer`]: when it was sent and when its reply arrived.
 #[derive(Clone, Copy)]
-struct Logged {
-    sent: std::time::SystemTime,
-    done: std::time::SystemTime,
-    offset: u64,
-    pattern: u8,
+pub(crate) struct Logged {
+    pub(crate) sent: std::time::SystemTime,
+    pub(crate) done: std::time::SystemTime,
+    pub(crate) offset: u64,
+    pub(crate) pattern: u8,
 }
 
 /// A real NBD client (qemu-io, one command at a time through its prompt)
 /// writing 4 KiB at random offsets until stopped, logging every write.
-struct Writer {
+pub(crate) struct Writer {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     handle: std::thread::JoinHandle<(Vec<Logged>, Option<String>)>,
 }
 
 impl Writer {
-    fn start(uri: &str, size: u64, seed: u64) -> Writer {
+    pub(crate) fn start(uri: &str, size: u64, seed: u64) -> Writer {
         use std::io::Read;
         use std::sync::atomic::Ordering;
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -623,7 +623,7 @@ impl Writer {
         Writer { stop, handle }
     }
 
-    fn stop(self) -> (Vec<Logged>, Option<String>) {
+    pub(crate) fn stop(self) -> (Vec<Logged>, Option<String>) {
         self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
         self.handle.join().unwrap()
     }
