@@ -326,6 +326,17 @@ server that cannot be reached when the job starts is exit 1, as a missing
 file is.
 "#;
 
+const BACKUP_EXAMPLES: &str = r#".TP
+Back up a qcow2 image into a sparse raw file:
+.B imgbackup backup disk.qcow2 disk-backup.raw
+.TP
+Describe an image and its backing chain as JSON:
+.B imgbackup info \-\-json overlay.qcow2
+.TP
+Check a backup, and restore it:
+.B imgbackup verify backup.qcow2 && imgbackup restore backup.qcow2 disk.raw
+"#;
+
 const INJECTION: &str = r#".SH "FAULT INJECTION"
 \fB\-\-inject\fR RULE (repeatable) places a fault\-injection node under the
 source or the target, like QEMU's blkdebug. RULE is
@@ -552,16 +563,7 @@ fn extras(page: &str) -> (String, String, &'static str, Vec<&'static str>) {
         "imgbackup" => (
             String::new(),
             [OPTION_NAMES, BLOCK_DEVICES, LOCKING, NOTES, ENVIRONMENT].concat(),
-            r#".TP
-Back up a qcow2 image into a sparse raw file:
-.B imgbackup backup disk.qcow2 disk-backup.raw
-.TP
-Describe an image and its backing chain as JSON:
-.B imgbackup info \-\-json overlay.qcow2
-.TP
-Check a backup, and restore it:
-.B imgbackup verify backup.qcow2 && imgbackup restore backup.qcow2 disk.raw
-"#,
+            BACKUP_EXAMPLES,
             vec![],
         ),
         "imgbackup-backup" => (
