@@ -164,6 +164,20 @@ def pairs():
          [b, "restore", "-q", "full-backup.qcow2", "out-a.raw"],
          ["qemu-img", "convert", "-t", "writeback", "-O", "raw", "full-backup.qcow2", "out-b.raw"],
          ["out-a.raw", "out-b.raw"], "restore"),
+        ("nbd-full-vs-qemu-img", "full backup of a 2 GiB export (qemu-nbd -r on the keystream raw file, Unix socket) "
+         "-> qcow2 (A) vs qemu-img convert -t writeback -f raw -O qcow2 from the same export (B); target <= 0.8",
+         [b, "backup", "-q", nbd_uri("full"), "out-a.qcow2"],
+         ["qemu-img", "convert", "-t", "writeback", "-f", "raw", "-O", "qcow2", nbd_uri("full"), "out-b.qcow2"],
+         ["out-a.qcow2", "out-b.qcow2"], "nbd"),
+        ("nbd-full-blake3-vs-qemu-img", "the same with --digest blake3 (A) vs qemu-img convert (B)",
+         [b, "backup", "-q", "--digest", "blake3", nbd_uri("full"), "out-a.qcow2"],
+         ["qemu-img", "convert", "-t", "writeback", "-f", "raw", "-O", "qcow2", nbd_uri("full"), "out-b.qcow2"],
+         ["out-a.qcow2", "out-b.qcow2"], "nbd"),
+        ("nbd-files-vs-qemu-img", "full backup of an export of file-system content (1 GiB, a 256 MiB hole) -> "
+         "qcow2 (A) vs qemu-img convert -t writeback -f raw -O qcow2 from the same export (B)",
+         [b, "backup", "-q", nbd_uri("files"), "out-a.qcow2"],
+         ["qemu-img", "convert", "-t", "writeback", "-f", "raw", "-O", "qcow2", nbd_uri("files"), "out-b.qcow2"],
+         ["out-a.qcow2", "out-b.qcow2"], "nbd"),
         ("compress-vs-qemu-img", "--compress (A) vs qemu-img convert -c -m 8 -W (B); target <= 0.5",
          [b, "backup", "-q", "--compress", "full.raw", "out-a.qcow2"],
          ["qemu-img", "convert", "-c", "-m", "8", "-W", "-O", "qcow2", "full.raw", "out-b.qcow2"],
@@ -198,6 +212,37 @@ def baseline_pairs(base):
             cb = ["sh", "-c", "%s bitmap import -q --force bitmap.qcow2 bm0 && %s" % (base, shlex.join(cb))]
         out.append(("baseline " + name, "this build (A) vs %s (B); target <= 1.05" % base, ca, cb, [oa, ob], extra))
     return out
+
+
+NBD_SERVERS = {}
+
+
+def nbd_uri(name):
+    """The URI of the qemu-nbd export of NAME.raw that setup_nbd starts."""
+    return "nbd+unix:///%s?socket=/tmp/imgbackup-bench-%s.sock" % (name, name)
+
+
+def setup_nbd(images):
+    """qemu-nbd -r serving full.raw and files.raw on Unix sockets (qemu-nbd's
+    defaults otherwise: one client at a time, so no multi-conn), stopped at
+    exit."""
+    import atexit
+    setup_files(images)
+    for name in ("full", "files"):
+        if name in NBD_SERVERS:
+            continue
+        sock = "/tmp/imgbackup-bench-%s.sock" % name
+        if os.path.exists(sock):
+            os.remove(sock)
+        p = subprocess.Popen(["qemu-nbd", "-r", "-t", "-f", "raw", "-x", name, "--socket", sock,
+                              os.path.join(images, name + ".raw")])
+        NBD_SERVERS[name] = p
+        atexit.register(p.kill)
+        for _ in range(200):
+            if os.path.exists(sock):
+                break
+            time.sleep(0.02)
+        time.sleep(0.2)
 
 
 def setup_files(images):
@@ -573,6 +618,8 @@ def main():
             setup_64t(a.images)
         if extra == "restore":
             setup_restore(a.images)
+        if extra == "nbd":
+            setup_nbd(a.images)
         runs = a.runs if extra not in ("size", "files") else max(2, a.runs // 2)
         ra, rb, ratios = [], [], []
         for i in range(runs + 1):

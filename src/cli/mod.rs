@@ -211,7 +211,8 @@ pub struct BackupArgs {
     )]
     pub compress: Option<Compression>,
     /// Number of copy workers [default: the number of CPUs; one less for
-    /// an image `imgbackup serve` writes, so its clients keep a core].
+    /// an image `imgbackup serve` writes, so its clients keep a core; at
+    /// least 4 for an NBD source, whose reads wait on the server].
     #[arg(short, long, value_parser = parse_jobs, value_name = "N")]
     pub jobs: Option<usize>,
     /// Largest single request [default: max(2M, cluster size); one cluster

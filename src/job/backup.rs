@@ -378,6 +378,9 @@ pub fn plan(cfg: &BackupConfig) -> Result<Plan> {
     })
 }
 
+/// Copy workers for an NBD source at least (`--jobs` unset).
+pub const NBD_MIN_JOBS: usize = 4;
+
 /// The number of CPUs.
 pub fn default_jobs() -> usize {
     std::thread::available_parallelism()
@@ -647,6 +650,11 @@ impl BackupJob {
         let started = SystemTime::now();
         let t0 = Instant::now();
         let nbd_uri = super::nbd_source::uri_of(&cfg)?;
+        // An export's reads wait on the server: more of them in flight
+        // than there are cores keeps both sides busy.
+        if nbd_uri.is_some() {
+            cfg.jobs = cfg.jobs.or(Some(default_jobs().max(NBD_MIN_JOBS)));
+        }
         let plan = plan(&cfg)?;
         let (nbd, image) = match (&served, nbd_uri) {
             (Some(s), _) => (None, s.image.clone()),
