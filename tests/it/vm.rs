@@ -246,3 +246,172 @@ fn vm_writing_through_the_server_gets_point_in_time_backups() {
     qemu_img(p, &["convert", "-O", "raw", "last.qcow2", "flat.raw"]);
     assert!(identical(p, "flat.raw", "disk.raw"));
 }
+
+/// `virsh` on the system libvirt; the output, which must be a success.
+fn virsh(args: &[&str]) -> String {
+    let o = Command::new("virsh")
+        .args(["-c", "qemu:///system"])
+        .args(args)
+        .output()
+        .expect("virsh (apt-get install libvirt-clients)");
+    assert!(
+        o.status.success(),
+        "virsh {args:?}: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// A transient libvirt domain, destroyed when dropped.
+struct Domain(String);
+
+impl Drop for Domain {
+    fn drop(&mut self) {
+        let _ = Command::new("virsh")
+            .args(["-c", "qemu:///system", "destroy", &self.0])
+            .output();
+    }
+}
+
+#[test]
+#[ignore = "boots a VM under libvirt: needs libvirtd, qemu-system-x86_64, a kernel and busybox (tests/vm/run.sh)"]
+fn libvirt_pull_mode_backups_of_a_running_vm_are_point_in_time() {
+    let d = tempdir();
+    let p = d.path();
+    let (kernel, initrd) = boot_files(p);
+    qemu_img(p, &["create", "-q", "-f", "qcow2", "vm.qcow2", "64M"]);
+    qemu_io(p, "qcow2", "vm.qcow2", &["write -P 0x5a 0 64M"]);
+    let name = format!(
+        "imgbackup-{}",
+        p.file_name()
+            .unwrap()
+            .to_string_lossy()
+            .replace(|c: char| !c.is_ascii_alphanumeric(), "")
+    );
+    let log = p.join("console.log");
+    let xml = format!(
+        r#"<domain type='qemu'>
+  <name>{name}</name>
+  <memory unit='MiB'>256</memory>
+  <vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='pc'>hvm</type>
+    <kernel>{kernel}</kernel><initrd>{initrd}</initrd>
+    <cmdline>console=ttyS0 quiet panic=-1</cmdline></os>
+  <on_poweroff>destroy</on_poweroff><on_reboot>destroy</on_reboot><on_crash>destroy</on_crash>
+  <devices>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='qcow2'/>
+      <source file='{disk}'/>
+      <target dev='vda' bus='virtio'/>
+    </disk>
+    <serial type='file'><source path='{log}'/><target port='0'/></serial>
+  </devices>
+  <seclabel type='static' model='dac' relabel='no'><label>+0:+0</label></seclabel>
+</domain>"#,
+        kernel = kernel.display(),
+        initrd = initrd.display(),
+        disk = p.join("vm.qcow2").display(),
+        log = log.display(),
+    );
+    std::fs::write(p.join("domain.xml"), xml).unwrap();
+    virsh(&["create", &p.join("domain.xml").display().to_string()]);
+    let _dom = Domain(name.clone());
+    let t0 = Instant::now();
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("GUEST: START")
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(180),
+            "the VM did not start writing"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let sock = p.join("backup.sock");
+    let uri = format!("nbd+unix:///vda?socket={}", sock.display());
+    // docs/live-vms.md, libvirt: backup XML (pull mode), checkpoint XML.
+    let backup_xml = |incremental: Option<&str>| {
+        format!(
+            r#"<domainbackup mode='pull'>{}
+  <server transport='unix' socket='{}'/>
+  <disks>
+    <disk name='vda' backup='yes' type='file'>
+      <scratch file='{}'/>
+    </disk>
+  </disks>
+</domainbackup>"#,
+            incremental
+                .map(|c| format!("\n  <incremental>{c}</incremental>"))
+                .unwrap_or_default(),
+            sock.display(),
+            p.join("vda-fleece.qcow2").display()
+        )
+    };
+    let checkpoint_xml = |cp: &str| {
+        format!(
+            "<domaincheckpoint><name>{cp}</name><disks><disk name='vda' checkpoint='bitmap'/></disks></domaincheckpoint>"
+        )
+    };
+    let night = |n: usize, incremental: Option<&str>, cp: &str, args: &[&str]| {
+        let b = p.join(format!("backup{n}.xml"));
+        let c = p.join(format!("checkpoint{n}.xml"));
+        std::fs::write(&b, backup_xml(incremental)).unwrap();
+        std::fs::write(&c, checkpoint_xml(cp)).unwrap();
+        virsh(&[
+            "backup-begin",
+            &name,
+            &b.display().to_string(),
+            &c.display().to_string(),
+        ]);
+        let before = guest_count(&log);
+        let doc = ok(p, args);
+        let during = guest_count(&log) - before;
+        virsh(&["domjobabort", &name]);
+        let _ = std::fs::remove_file(p.join("vda-fleece.qcow2"));
+        (doc, during)
+    };
+    let (full, during) = night(
+        1,
+        None,
+        "cp1",
+        &["backup", &uri, "full.qcow2", "--speed", "8M"],
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let (inc, _) = night(
+        2,
+        Some("cp1"),
+        "cp2",
+        &[
+            "backup",
+            "--sync",
+            "incremental",
+            "--source-bitmap",
+            "backup-vda",
+            "--backing",
+            "full.qcow2",
+            &uri,
+            "inc.qcow2",
+        ],
+    );
+    virsh(&["checkpoint-delete", &name, "cp1"]);
+    let t_full = consistent_cut(p, "full.qcow2");
+    let t_inc = consistent_cut(p, "inc.qcow2");
+    eprintln!(
+        "libvirt: {during} VM writes during the full backup, cut at record {t_full}; incremental cut at {t_inc}, {} bytes copied",
+        inc["bytes_copied"]
+    );
+    assert!(
+        during > 2 * SLOTS,
+        "only {during} VM writes during the full backup"
+    );
+    assert!(t_inc > t_full);
+    assert_eq!(full["source"], uri.as_str());
+    // The incremental copied what the VM wrote since cp1: its record
+    // slots, not the whole disk.
+    let copied = inc["bytes_copied"].as_u64().unwrap();
+    assert!(copied > 0 && copied <= 2 * SLOTS * 65536, "{inc}");
+    check_clean(p, "inc.qcow2");
+    run_ok(p, &["verify", "inc.qcow2"]);
+}
