@@ -173,6 +173,10 @@ def pairs():
          [b, "backup", "-q", "--digest", "blake3", nbd_uri("full"), "out-a.qcow2"],
          ["qemu-img", "convert", "-t", "writeback", "-f", "raw", "-O", "qcow2", nbd_uri("full"), "out-b.qcow2"],
          ["out-a.qcow2", "out-b.qcow2"], "nbd"),
+        ("nbd-full-no-manifest-vs-qemu-img", "the same with --no-manifest (A) vs qemu-img convert (B)",
+         [b, "backup", "-q", "--no-manifest", nbd_uri("full"), "out-a.qcow2"],
+         ["qemu-img", "convert", "-t", "writeback", "-f", "raw", "-O", "qcow2", nbd_uri("full"), "out-b.qcow2"],
+         ["out-a.qcow2", "out-b.qcow2"], "nbd"),
         ("nbd-files-vs-qemu-img", "full backup of an export of file-system content (1 GiB, a 256 MiB hole) -> "
          "qcow2 (A) vs qemu-img convert -t writeback -f raw -O qcow2 from the same export (B)",
          [b, "backup", "-q", nbd_uri("files"), "out-a.qcow2"],

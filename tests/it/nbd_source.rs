@@ -64,6 +64,35 @@ impl QemuNbd {
         std::thread::sleep(Duration::from_millis(50));
     }
 
+    /// qemu-storage-daemon exporting `img` (with its backing chain)
+    /// read-only as `disk`, traced the same way.
+    fn start_qsd(p: &Path, img: &str, fmt: &str) -> QemuNbd {
+        let sock = p.join(format!("{img}.qsd"));
+        let trace = p.join(format!("{img}.qsd-trace"));
+        let log = std::fs::File::create(&trace).unwrap();
+        let child = Command::new("qemu-storage-daemon")
+            .current_dir(p)
+            .args([
+                "--blockdev",
+                &format!("driver=file,node-name=file0,filename={img},read-only=on"),
+                "--blockdev",
+                &format!("driver={fmt},node-name=disk0,file=file0,read-only=on"),
+                "--nbd-server",
+                &format!("addr.type=unix,addr.path={}", sock.display()),
+                "--export",
+                "type=nbd,id=e0,node-name=disk0,name=disk",
+                "--trace",
+                "nbd_receive_request",
+            ])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("qemu-storage-daemon");
+        let srv = QemuNbd { child, sock, trace };
+        srv.wait_ready();
+        srv
+    }
+
     pub(crate) fn uri(&self) -> String {
         format!("nbd+unix:///disk?socket={}", self.sock.display())
     }
@@ -184,13 +213,29 @@ fn full_cases(p: &Path) -> Vec<(&'static str, &'static str)> {
 
 #[test]
 fn full_backups_of_qemu_nbd_exports_equal_qemu_img_convert_and_read_no_hole() {
+    full_backups_equal_qemu_img_convert(false);
+}
+
+#[test]
+fn full_backups_of_qemu_storage_daemon_exports_equal_qemu_img_convert_and_read_no_hole() {
+    full_backups_equal_qemu_img_convert(true);
+}
+
+fn full_backups_equal_qemu_img_convert(qsd: bool) {
     let d = tempdir();
     let p = d.path();
+    let serve = |img: &str, fmt: &str| {
+        if qsd {
+            QemuNbd::start_qsd(p, img, fmt)
+        } else {
+            QemuNbd::start(p, img, fmt, &[])
+        }
+    };
     for (img, fmt) in full_cases(p) {
         let exact = data_ranges(p, img);
         let data = clusters(&exact);
         for target in ["full.qcow2", "full.raw"] {
-            let srv = QemuNbd::start(p, img, fmt, &[]);
+            let srv = serve(img, fmt);
             let uri = srv.uri();
             let s = Backup::new(p, &uri, target).force().ok();
             assert_eq!(s["source"], uri.as_str(), "{img}");
@@ -208,7 +253,7 @@ fn full_backups_of_qemu_nbd_exports_equal_qemu_img_convert_and_read_no_hole() {
             assert_eq!(read, want, "{img} -> {target}: bytes read");
             drop(srv);
             // QEMU's own copy of the same export.
-            let srv = QemuNbd::start(p, img, fmt, &[]);
+            let srv = serve(img, fmt);
             let ofmt = if target.ends_with("qcow2") {
                 "qcow2"
             } else {
