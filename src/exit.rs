@@ -272,6 +272,14 @@ pub fn hint(err: &anyhow::Error) -> Option<String> {
                 "stop whatever writes the source (or back up a running VM through QEMU), then run the backup again. {}",
                 left_behind()
             ),
+            Some(BlockError::Io { path, .. })
+                if crate::nbd::client::is_uri(&path.to_string_lossy()) =>
+            {
+                format!(
+                    "the NBD server failed the read or dropped the connection (qemu-nbd and QEMU drop it when their image cannot be read there): see the server's log; `--on-source-error retry` connects again. {}",
+                    left_behind()
+                )
+            }
             _ => format!(
                 "the source image is damaged or unreadable there; check it with `qemu-img check`, and restore it from an older backup if it is damaged. {}",
                 left_behind()

@@ -605,3 +605,107 @@ fn timeout_and_signals_end_a_read_blocked_on_a_silent_server() {
         assert!(!p.join("t.qcow2").exists() && !p.join("t.qcow2.partial").exists());
     }
 }
+
+#[test]
+fn a_read_error_in_the_servers_image_is_a_source_read_error_under_every_policy() {
+    let d = tempdir();
+    let p = d.path();
+    data_disk(p, "e.raw", 8);
+    // QEMU's blkdebug under qemu-nbd: every read touching 1 MiB fails
+    // with EIO inside the server.
+    std::fs::write(
+        p.join("bd.conf"),
+        "[inject-error]\nevent = \"read_aio\"\nerrno = \"5\"\nsector = \"2048\"\n",
+    )
+    .unwrap();
+    let opts = format!(
+        "driver=raw,file.driver=blkdebug,file.config={},file.image.filename={}",
+        p.join("bd.conf").display(),
+        p.join("e.raw").display()
+    );
+    let serve = || {
+        let sock = p.join("e.sock");
+        let _ = std::fs::remove_file(&sock);
+        let child = Command::new("qemu-nbd")
+            .current_dir(p)
+            .args(["-r", "-t", "-x", "disk", "--socket"])
+            .arg(&sock)
+            .args(["--image-opts", &opts])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let srv = QemuNbd {
+            child,
+            sock,
+            trace: p.join("unused"),
+        };
+        srv.wait_ready();
+        srv
+    };
+    let srv = serve();
+    let uri = srv.uri();
+    // report: exit 4, the export named, nothing left behind.
+    let o = run_in(p, &["backup", &uri, "r.qcow2"]);
+    assert_eq!(code(&o), 4, "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains(&uri) && stderr(&o).contains("NBD server"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!p.join("r.qcow2").exists() && !p.join("r.qcow2.partial").exists());
+    // retry: it stays broken, so the retries run out: exit 4.
+    let o = run_in(
+        p,
+        &[
+            "backup",
+            "--on-source-error",
+            "retry",
+            "--retries",
+            "2",
+            "--retry-delay",
+            "50ms",
+            &uri,
+            "t.qcow2",
+        ],
+    );
+    assert_eq!(code(&o), 4, "{}", stderr(&o));
+    assert!(!p.join("t.qcow2").exists());
+    // ignore: exit 3; the cluster at 1 MiB is among the skipped ranges
+    // (with whatever else was in flight on the connection the server
+    // dropped), and everything else is the image's.
+    let (rc, doc, err) = json_run(
+        p,
+        &[
+            "backup",
+            "--on-source-error",
+            "ignore",
+            "--jobs",
+            "1",
+            &uri,
+            "i.qcow2",
+        ],
+    );
+    assert_eq!(rc, 3, "{err}");
+    let skipped: Vec<(u64, u64)> = doc["ignored_ranges"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r[0].as_u64().unwrap(), r[1].as_u64().unwrap()))
+        .collect();
+    assert!(
+        skipped.iter().any(|&(s, e)| s <= 1 << 20 && 1 << 20 < e),
+        "{skipped:?}"
+    );
+    let got = raw_content(p, "i.qcow2");
+    let want = raw_content(p, "e.raw");
+    for k in 0..(8u64 << 20) / 65536 {
+        let at = k * 65536;
+        if skipped.iter().any(|&(s, e)| s <= at && at < e) {
+            continue;
+        }
+        let r = at as usize..at as usize + 65536;
+        assert!(got[r.clone()] == want[r], "cluster at {at}");
+    }
+    drop(srv);
+}
