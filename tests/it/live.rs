@@ -336,7 +336,7 @@ fn fleecing_exports_of_qemu_storage_daemon_back_up_point_in_time_while_a_writer_
     // Night 1: a full backup; bitmap b0 starts with it.
     let cut1 = qsd.fleece(Some("b0"), None);
     let backup = qsd.uri("backup");
-    let full = ok(p, &["backup", &backup, "full.qcow2", "--speed", "32M"]);
+    let full = ok(p, &["backup", &backup, "full.qcow2", "--speed", "16M"]);
     qsd.unfleece(None);
     std::thread::sleep(Duration::from_millis(600));
     // Night 2: an incremental of what b0 recorded; b1 starts.
@@ -356,6 +356,8 @@ fn fleecing_exports_of_qemu_storage_daemon_back_up_point_in_time_while_a_writer_
             &backup,
             "inc.qcow2",
             "--verify",
+            "--speed",
+            "8M",
         ],
     );
     let (reads, _) = qsd.reads(seen);
