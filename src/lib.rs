@@ -15,6 +15,7 @@
 pub mod app;
 pub mod bitmap;
 pub mod cli;
+pub mod clock;
 pub mod compare;
 pub mod copy;
 pub mod error;
@@ -29,6 +30,7 @@ pub mod manifest;
 pub mod nbd;
 pub mod node;
 pub mod report;
+pub mod sets;
 pub mod signals;
 pub mod stats;
 pub mod target;

@@ -65,6 +65,18 @@ pub enum LockError {
         /// Its partial file.
         partial: PathBuf,
     },
+    #[error("the backup directory {} is being pruned by another imgbackup; wait for it to finish, or pass --wait-lock DUR", path.display())]
+    /// `prune` holds the directory.
+    Pruning {
+        /// The directory.
+        path: PathBuf,
+    },
+    #[error("the backup directory {} is in use by another imgbackup (a backup writing into it, or another prune); wait for it to finish, or pass --wait-lock DUR", path.display())]
+    /// A backup writes into the directory (or another prune runs there).
+    DirectoryBusy {
+        /// The directory.
+        path: PathBuf,
+    },
     #[error("cannot lock {}", path.display())]
     /// Taking the lock failed.
     Io {
@@ -134,7 +146,9 @@ fn with_wait<T>(
                 e @ (LockError::Imgbackup { .. }
                 | LockError::Writer { .. }
                 | LockError::NoWrite { .. }
-                | LockError::Target { .. }),
+                | LockError::Target { .. }
+                | LockError::Pruning { .. }
+                | LockError::DirectoryBusy { .. }),
             ) => match deadline {
                 Some(d) if Instant::now() < d => {
                     if !said {
@@ -180,6 +194,63 @@ impl Locks {
         })?;
         self.files.push(file);
         Ok(())
+    }
+
+    /// Lock the backup directory `dir`: shared for a backup writing into
+    /// it (several may), exclusive for `prune` (alone). A directory that
+    /// cannot be locked at all (a file system without flock) is locked by
+    /// nobody: a backup goes on, a prune is refused.
+    pub fn directory(
+        &mut self,
+        dir: &Path,
+        exclusive: bool,
+        wait: Option<Duration>,
+    ) -> Result<(), LockError> {
+        let io = |e| LockError::Io {
+            path: dir.to_path_buf(),
+            source: e,
+        };
+        let file = File::open(dir).map_err(io)?;
+        let op = if exclusive {
+            libc::LOCK_EX
+        } else {
+            libc::LOCK_SH
+        };
+        let r = with_wait(wait, || {
+            // SAFETY: plain syscall on an open descriptor.
+            let rc = unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) };
+            if rc == 0 {
+                return Ok(());
+            }
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                Err(if exclusive {
+                    LockError::DirectoryBusy {
+                        path: dir.to_path_buf(),
+                    }
+                } else {
+                    LockError::Pruning {
+                        path: dir.to_path_buf(),
+                    }
+                })
+            } else {
+                Err(io(e))
+            }
+        });
+        match r {
+            Ok(()) => {
+                self.files.push(file);
+                Ok(())
+            }
+            Err(LockError::Io { source, .. }) if !exclusive => {
+                tracing::warn!(
+                    "cannot lock the directory {} ({source}); a prune there would not wait for this backup",
+                    dir.display()
+                );
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Take QEMU's locks on `path` for `access` (nothing with `force_share`).

@@ -57,6 +57,7 @@ impl From<&BackupArgs> for BackupConfig {
             manifest: !a.no_manifest,
             digest: a.digest.map(Into::into),
             inject: a.inject.clone(),
+            directory_lock: true,
         }
     }
 }

@@ -10,6 +10,7 @@ pub mod marked;
 pub mod render;
 pub mod restore;
 pub mod serve;
+pub mod sets;
 pub mod verify;
 
 use crate::cli::{Cli, Command};
@@ -27,6 +28,9 @@ pub fn run(cli: &Cli) -> anyhow::Result<Exit> {
         Command::Bitmap(c) => bitmap::run(c, g),
         Command::Guest(a) => guest::run(a, g),
         Command::Serve(a) => serve::run(a, g),
+        Command::List(a) => sets::list(a, g),
+        Command::Prune(a) => sets::prune(a, g),
+        Command::Consolidate(a) => sets::consolidate(a, g),
         Command::GenerateDocs { dir } => {
             for p in crate::cli::docs::write_all(dir)? {
                 if !g.quiet {

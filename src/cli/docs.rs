@@ -557,7 +557,104 @@ Look at a backup with qemu\-img, read\-only:
 .B qemu\-img map nbd+unix:///?socket=/tmp/b.sock
 "#;
 
+const SETS: &str = r#".SH "BACKUP SETS"
+A backup set is a directory of backups, each with its manifest
+(\fINAME\fB.manifest\fR): the manifests say which backup builds on which
+(\fBparent\fR), what was backed up (\fBsource\fR; several sources may
+share a directory), when (\fBstarted\fR) and what the point\-in\-time
+image is (\fBroot digest\fR). A file without a manifest is not part of
+the set.
+.PP
+\fBlist\fR shows each chain, oldest first, with what is wrong: an
+\fIorphan\fR (a manifest whose file is gone), a \fImissing parent\fR (the
+backup cannot be restored), a manifest not bound to its file (the file
+was copied or replaced), a damaged manifest. The bitmaps anchored to a
+backup are found beside the sources its manifest names.
+.PP
+\fBprune\fR applies its rules to the backups of each source, with
+restic's \fBforget\fR semantics: a backup is kept if any rule keeps it;
+\fB\-\-keep\-daily\fR N keeps the newest backup of each of the N newest
+days that have one (hours, weeks from Monday, months alike, in UTC);
+\fB\-\-keep\-within\fR counts back from the newest backup. A backup a
+bitmap is anchored to is always kept. When a kept backup's parent is to
+be removed, the kept backup is first rewritten as a self\-contained
+qcow2 holding the same point\-in\-time image (read through its chain,
+compressed if it was), written as NAME.consolidating and renamed over
+NAME: its children's backing links and its manifest (same root digest,
+no parent any more, bound to the new file) stay valid, and bitmaps
+anchored to it follow it. Only then are the other backups removed,
+newest first.
+.PP
+The plan is written to \fIDIR\fB/.imgbackup\-prune\fR before anything
+changes. After a kill or a power loss at any moment every kept backup is
+restorable (by \fBimgbackup restore\fR and by \fBqemu\-img\fR), and the
+next \fBprune\fR, or \fBlist \-\-repair\fR, finishes the interrupted
+plan first. \fBprune\fR holds DIR locked exclusively; a \fBbackup\fR
+writing into DIR holds it shared, so each waits for the other
+(\fB\-\-wait\-lock\fR) or is refused with exit 8: a prune never removes
+what a running backup builds on.
+.PP
+\fBconsolidate\fR \fIBACKUP OUTPUT\fR writes the same kind of
+self\-contained copy into a new file with its own manifest (BACKUP's
+source, times and root digest, no parent): a synthetic full backup made
+without reading the source again, so an incremental\-forever schedule
+never re\-reads a VM's disk.
+"#;
+
+/// The extra sections of the backup-set pages.
+fn sets_extras(page: &str) -> Option<(String, String, &'static str, Vec<&'static str>)> {
+    let see = [
+        "imgbackup-list",
+        "imgbackup-prune",
+        "imgbackup-consolidate",
+        "imgbackup-backup",
+    ];
+    let see_others = |me: &str| see.iter().copied().filter(|p| *p != me).collect::<Vec<_>>();
+    Some(match page {
+        "imgbackup-list" => (
+            String::new(),
+            SETS.to_string(),
+            r#".TP
+The chains in a backup directory, and what is wrong with them:
+.B imgbackup list /backup/vm
+.TP
+Check every backup too (exit 7 if one does not match its manifest):
+.B imgbackup list \-\-verify \-\-json /backup/vm
+.TP
+Finish a prune that a power loss interrupted:
+.B imgbackup list \-\-repair /backup/vm
+"#,
+            see_others("imgbackup-list"),
+        ),
+        "imgbackup-prune" => (
+            String::new(),
+            SETS.to_string(),
+            r#".TP
+See what a retention policy would do:
+.B imgbackup prune \-\-dry\-run \-\-keep\-daily 7 \-\-keep\-weekly 4 \-\-keep\-monthly 6 /backup/vm
+.TP
+Nightly incrementals with retention (a crontab):
+.B 0 1 * * * imgbackup backup \-q \-\-sync incremental \-\-bitmap nightly /vm/disk.raw /backup/vm/inc\-$(date +\e%FT\e%T).qcow2 && imgbackup prune \-q \-\-keep\-daily 7 \-\-keep\-weekly 4 /backup/vm
+"#,
+            see_others("imgbackup-prune"),
+        ),
+        "imgbackup-consolidate" => (
+            String::new(),
+            SETS.to_string(),
+            r#".TP
+A synthetic full from last night's incremental:
+.B imgbackup consolidate /backup/vm/inc\-2026\-11\-20.qcow2 /backup/vm/full\-2026\-11\-20.qcow2
+"#,
+            see_others("imgbackup-consolidate"),
+        ),
+        _ => return None,
+    })
+}
+
 fn extras(page: &str) -> (String, String, &'static str, Vec<&'static str>) {
+    if let Some(e) = sets_extras(page) {
+        return e;
+    }
     let bitmap_file = FILE_BITMAP.to_string();
     match page {
         "imgbackup" => (

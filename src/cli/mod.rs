@@ -137,6 +137,16 @@ pub enum Command {
     /// Export IMAGE over NBD (a VM, qemu-io, qemu-img or nbdcopy connect to
     /// it); writes mark every enabled bitmap beside IMAGE.
     Serve(ServeArgs),
+    /// List the backups in DIR (or the given backups) by chain: parent,
+    /// sync mode, source, times, sizes, root digest, anchored bitmaps, and
+    /// what is missing or broken.
+    List(ListArgs),
+    /// Remove the backups in DIR that no retention rule keeps; a kept
+    /// backup whose parent goes is first rewritten self-contained.
+    Prune(PruneArgs),
+    /// Write a backup's point-in-time image (read through its chain) into
+    /// OUTPUT as a new self-contained backup with its own manifest.
+    Consolidate(ConsolidateArgs),
     /// Write the man pages and shell completions into DIR (man/ and completions/).
     #[command(hide = true)]
     GenerateDocs {
@@ -544,6 +554,78 @@ pub struct GuestArgs {
     #[command(flatten)]
     /// Locking options.
     pub lock: LockOpts,
+}
+
+#[derive(Debug, Args)]
+/// `imgbackup list`.
+pub struct ListArgs {
+    /// A directory of backups, or backup files (their directories are
+    /// read; only they are shown).
+    #[arg(required = true, add = complete::backups())]
+    pub paths: Vec<PathBuf>,
+    /// Also verify each backup against its manifest (exit 7 if one does
+    /// not match).
+    #[arg(long)]
+    pub verify: bool,
+    /// First finish a prune that was interrupted in DIR (a kill, a power
+    /// loss), as the next prune would.
+    #[arg(long)]
+    pub repair: bool,
+    /// With --repair: wait up to DUR for a prune or backup in DIR to end
+    /// instead of failing at once (exit 8).
+    #[arg(long, value_parser = parse_duration, value_name = "DUR")]
+    pub wait_lock: Option<Duration>,
+}
+
+#[derive(Debug, Args)]
+/// `imgbackup prune`.
+pub struct PruneArgs {
+    /// The directory that holds the backups (chains of several sources
+    /// may share it; the rules apply per source).
+    pub dir: PathBuf,
+    /// Keep the N newest backups.
+    #[arg(long, value_name = "N")]
+    pub keep_last: Option<usize>,
+    /// Keep the backups started within DUR of the newest one (e.g. 14d).
+    #[arg(long, value_parser = parse_duration, value_name = "DUR")]
+    pub keep_within: Option<Duration>,
+    /// Keep the newest backup of each of the N newest hours that have one.
+    #[arg(long, value_name = "N")]
+    pub keep_hourly: Option<usize>,
+    /// Keep the newest backup of each of the N newest days (UTC) that have
+    /// one.
+    #[arg(long, value_name = "N")]
+    pub keep_daily: Option<usize>,
+    /// Keep the newest backup of each of the N newest weeks (Monday to
+    /// Sunday, UTC) that have one.
+    #[arg(long, value_name = "N")]
+    pub keep_weekly: Option<usize>,
+    /// Keep the newest backup of each of the N newest months that have one.
+    #[arg(long, value_name = "N")]
+    pub keep_monthly: Option<usize>,
+    /// Print the plan (keep, consolidate, remove, with the reasons) and
+    /// change nothing.
+    #[arg(short = 'n', long)]
+    pub dry_run: bool,
+    /// When a backup is writing into DIR (or another prune runs there),
+    /// wait up to DUR instead of failing at once (exit 8).
+    #[arg(long, value_parser = parse_duration, value_name = "DUR")]
+    pub wait_lock: Option<Duration>,
+}
+
+#[derive(Debug, Args)]
+/// `imgbackup consolidate`.
+pub struct ConsolidateArgs {
+    /// The backup (an incremental: its chain is read).
+    #[arg(add = complete::backups())]
+    pub backup: PathBuf,
+    /// The new backup (qcow2 unless it ends in .raw/.img), written as
+    /// OUTPUT.partial and renamed once complete.
+    #[arg(add = complete::outputs())]
+    pub output: PathBuf,
+    /// Replace an existing OUTPUT (only once the new one is complete).
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(Debug, Args)]

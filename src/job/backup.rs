@@ -156,6 +156,10 @@ pub struct BackupConfig {
     pub digest: Option<DigestAlgo>,
     /// Fault injection.
     pub inject: Vec<Rule>,
+    /// Hold a shared lock on TARGET's directory while the job runs, so
+    /// that `prune` never removes what the job builds on (false only for
+    /// jobs `prune` runs itself, under its exclusive lock).
+    pub directory_lock: bool,
 }
 
 /// The validated, derived settings of one backup.
@@ -647,7 +651,7 @@ impl BackupJob {
             cfg.jobs = cfg.jobs.or(Some(default_jobs().saturating_sub(1).max(1)));
             cfg.max_chunk = cfg.max_chunk.or(Some(SERVED_MAX_CHUNK));
         }
-        let started = SystemTime::now();
+        let started = crate::clock::now();
         let t0 = Instant::now();
         let nbd_uri = super::nbd_source::uri_of(&cfg)?;
         // An export's reads wait on the server: more of them in flight
@@ -694,6 +698,10 @@ impl BackupJob {
             }
         }
         guard::check_output(&cfg.target, cfg.force, "target")?;
+        let mut locks = locks;
+        if cfg.directory_lock {
+            locks.directory(&crate::files::dir_of(&cfg.target), false, cfg.wait_lock)?;
+        }
         if let Some(o) = &cfg.guest_overlay {
             guard::check_output(o, cfg.force, "guest overlay")?;
         }
@@ -865,7 +873,7 @@ impl BackupJob {
         s.bytes_copied = d.data;
         s.bytes_skipped_zero = d.zero;
         s.bytes_clean = s.virtual_size.saturating_sub(d.data + d.zero);
-        s.finished = rfc3339(SystemTime::now());
+        s.finished = rfc3339(crate::clock::now());
         s.elapsed_seconds = self.t0.elapsed().as_secs_f64();
         Ok((s, d))
     }
@@ -1209,7 +1217,7 @@ impl Running {
         cancel: Cancel,
     ) -> Result<Running> {
         let cfg = &job.cfg;
-        let frozen_at = SystemTime::now();
+        let frozen_at = crate::clock::now();
         let read_from = match &job.served {
             Some(s) => s.live.clone(),
             None => job.image.node.clone(),
@@ -1581,7 +1589,7 @@ impl Running {
         } else {
             0.0
         };
-        summary.finished = rfc3339(SystemTime::now());
+        summary.finished = rfc3339(crate::clock::now());
         drop(job.locks);
         Ok(summary)
     }
@@ -1658,7 +1666,7 @@ impl Running {
                 _ => None,
             },
             started: rfc3339(job.started),
-            finished: rfc3339(SystemTime::now()),
+            finished: rfc3339(crate::clock::now()),
             created_by: format!("imgbackup {}", env!("CARGO_PKG_VERSION")),
             incomplete: skipped.iter().map(|&(s, e)| [s, e]).collect(),
             file: Some(binding),

@@ -8,10 +8,11 @@ use crate::bitmap::{Bitmap, Bits};
 use crate::node::{BlockNode, Status, for_each_extent};
 
 /// What a backup copies.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SyncMode {
-    /// Every cluster of the image.
+    /// Every cluster of the image (the default).
+    #[default]
     Full,
     /// The clusters allocated in the top image of the source's chain.
     Top,

@@ -407,6 +407,91 @@ impl ManifestFile {
         })
     }
 
+    /// Write this (version 2) manifest to `to` with `meta` as its
+    /// metadata: the same runs and digests byte for byte, so the same
+    /// point-in-time image and root digest. `meta` may change what says
+    /// where the backup lives (its file binding, its parent); it must keep
+    /// the geometry and counts. Created new and fsynced; the caller renames
+    /// it into place.
+    pub fn rewrite_meta(&self, meta: &Meta, to: &Path) -> Result<(), ManifestError> {
+        let io_err = |e: io::Error| ManifestError::Io {
+            path: to.to_path_buf(),
+            source: e,
+        };
+        let m = &self.meta;
+        let same = meta.format_version == super::VERSION
+            && m.format_version == super::VERSION
+            && meta.virtual_size == m.virtual_size
+            && meta.chunk_size == m.chunk_size
+            && meta.chunks == m.chunks
+            && meta.runs == m.runs
+            && meta.data_chunks == m.data_chunks
+            && meta.digest == m.digest
+            && meta.root_digest == m.root_digest;
+        if !same {
+            return Err(ManifestError::Damaged {
+                path: self.path.clone(),
+                detail:
+                    "internal error: a metadata rewrite may not change what the manifest describes"
+                        .into(),
+            });
+        }
+        if meta.parent.is_none() && self.runs.iter().any(|r| r.kind == Kind::Parent) {
+            return Err(ManifestError::Damaged {
+                path: self.path.clone(),
+                detail: "internal error: a manifest that refers to its parent cannot lose it"
+                    .into(),
+            });
+        }
+        let json = serde_json::to_vec(meta).map_err(|e| io_err(io::Error::other(e)))?;
+        if json.len() > MAX_META_V2 {
+            return Err(io_err(io::Error::other("manifest metadata too long")));
+        }
+        let table = run_table_offset(json.len());
+        let body_len = self.meta.runs * 16 + self.meta.data_chunks * 32;
+        let old_table = self.digests_at - self.meta.runs * 16;
+        let mut head = Vec::with_capacity(table as usize);
+        head.extend_from_slice(MAGIC);
+        head.extend_from_slice(&super::VERSION.to_be_bytes());
+        head.extend_from_slice(&(json.len() as u32).to_be_bytes());
+        head.extend_from_slice(&table.to_be_bytes());
+        head.extend_from_slice(&self.meta.runs.to_be_bytes());
+        head.extend_from_slice(&json);
+        head.resize(table as usize, 0);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(to)
+            .map_err(io_err)?;
+        let mut out = io::BufWriter::with_capacity(1 << 20, &mut f);
+        let mut sum = Sha256::new();
+        let mut put = |b: &[u8], out: &mut io::BufWriter<&mut File>| {
+            sum.update(b);
+            io::Write::write_all(out, b)
+        };
+        put(&head, &mut out).map_err(io_err)?;
+        // The runs and digests, streamed: memory stays bounded whatever
+        // the manifest holds.
+        let mut buf = vec![0u8; 1 << 20];
+        let mut done = 0;
+        while done < body_len {
+            let n = (body_len - done).min(buf.len() as u64) as usize;
+            self.file
+                .read_exact_at(&mut buf[..n], old_table + done)
+                .map_err(|e| ManifestError::Io {
+                    path: self.path.clone(),
+                    source: e,
+                })?;
+            put(&buf[..n], &mut out).map_err(io_err)?;
+            done += n as u64;
+        }
+        io::Write::write_all(&mut out, &sum.finalize()).map_err(io_err)?;
+        io::Write::flush(&mut out).map_err(io_err)?;
+        drop(out);
+        f.sync_all().map_err(io_err)?;
+        Ok(())
+    }
+
     /// Check that this manifest describes the file `data` as it is now.
     /// Manifests made before files were bound pass (there is nothing to
     /// compare).

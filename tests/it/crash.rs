@@ -12,7 +12,7 @@ use std::process::{Command, Output};
 use std::sync::OnceLock;
 
 /// The compiled shim (built once per test run with the system C compiler).
-fn shim() -> &'static Path {
+pub(crate) fn shim() -> &'static Path {
     static SHIM: OnceLock<PathBuf> = OnceLock::new();
     SHIM.get_or_init(|| {
         let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("crash-shim");
@@ -40,7 +40,7 @@ fn shim() -> &'static Path {
 }
 
 /// Run imgbackup with the shim: killed before call `at`, or logging calls.
-fn run_shim(p: &Path, args: &[&str], at: Option<u64>, log: Option<&Path>) -> Output {
+pub(crate) fn run_shim(p: &Path, args: &[&str], at: Option<u64>, log: Option<&Path>) -> Output {
     let mut c = bin();
     c.current_dir(p).env("LD_PRELOAD", shim()).args(args);
     if let Some(n) = at {

@@ -23,6 +23,7 @@ mod qcow2_fuzz;
 mod qcow2_inplace;
 mod qcow2_matrix;
 mod serve;
+mod sets;
 mod signals;
 mod soak;
 mod trust;

@@ -393,6 +393,21 @@ impl Qcow2Layer {
 
     /// True when the L1 entry covering `offset` points to no L2 table (the
     /// whole span reads through to the backing file).
+    /// True if any cluster of this layer is stored compressed (reads
+    /// the L2 tables, not the data; stops at the first one found).
+    pub fn any_compressed(&self) -> Result<bool> {
+        let cs = self.header.cluster_size();
+        let span = cs * (cs / 8);
+        for idx in 0..self.l1.len() {
+            if let Some(t) = self.l2_table(idx, idx as u64 * span)?
+                && t.iter().any(|e| e & OFLAG_COMPRESSED != 0)
+            {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
     fn l1_empty(&self, offset: u64) -> bool {
         let cs = self.header.cluster_size();
         let idx = (offset / (cs * (cs / 8))) as usize;

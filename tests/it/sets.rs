@@ -1,0 +1,379 @@
+//! Backup sets (SPEC §10): `list`, `prune` with retention rules and
+//! consolidation, `consolidate`. Backups are dated with `IMGBACKUP_NOW`
+//! (the clock the manifests record), so nights are simulated without
+//! waiting for them.
+
+use crate::fixture::*;
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::process::Output;
+
+/// imgbackup with the clock set to `now`.
+fn at(p: &Path, now: &str, args: &[&str]) -> Output {
+    bin()
+        .current_dir(p)
+        .env("IMGBACKUP_NOW", now)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn at_ok(p: &Path, now: &str, args: &[&str]) {
+    let o = at(p, now, args);
+    assert_eq!(code(&o), 0, "{args:?}: {}", stderr(&o));
+}
+
+fn night(d: u32) -> String {
+    format!("2026-11-{d:02}T02:00:00Z")
+}
+
+/// The backup files in `dir` (manifests and the rest apart).
+fn files(dir: &Path) -> BTreeSet<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
+/// A full backup and `n` nightly incrementals of `disk` into `b/`, each
+/// night's image kept as `ref-NN.raw`.
+fn chain(p: &Path, disk: &str, prefix: &str, n: u32) {
+    std::fs::create_dir_all(p.join("b")).unwrap();
+    for d in 1..=n {
+        if d > 1 {
+            ok(p, &["guest", disk, &format!("iops=0,count=12,seed={d}")]);
+        }
+        let name = format!("b/{prefix}-{d:02}.qcow2");
+        let mut args = vec!["backup", "-q", "--bitmap", "nightly"];
+        if d > 1 {
+            args.extend_from_slice(&["--sync", "incremental"]);
+        }
+        args.extend_from_slice(&[disk, &name]);
+        at_ok(p, &night(d), &args);
+        std::fs::copy(p.join(disk), p.join(format!("ref-{prefix}-{d:02}.raw"))).unwrap();
+    }
+}
+
+/// `name` restores to the image as it was that night, by imgbackup and
+/// by qemu-img, verifies, and checks clean.
+fn restores(p: &Path, name: &str, reference: &str, why: &str) {
+    let out = format!("{name}.restored.raw");
+    let _ = std::fs::remove_file(p.join(&out));
+    let o = run_in(p, &["restore", "-q", name, &out]);
+    assert_eq!(code(&o), 0, "{why}: restore {name}: {}", stderr(&o));
+    assert!(
+        identical(p, &out, reference),
+        "{why}: {name} restored is not {reference}"
+    );
+    std::fs::remove_file(p.join(&out)).unwrap();
+    assert!(
+        identical_fmt(p, name, "qcow2", reference, "raw"),
+        "{why}: qemu-img reads {name} as other than {reference}"
+    );
+    let o = run_in(p, &["verify", "-q", name]);
+    assert_eq!(code(&o), 0, "{why}: verify {name}: {}", stderr(&o));
+    check_clean(p, name);
+}
+
+#[test]
+fn twenty_nights_pruned_daily_and_weekly_keep_exactly_what_the_rules_keep() {
+    let d = tempdir();
+    let p = d.path();
+    data_disk(p, "disk.raw", 8);
+    std::fs::create_dir_all(p.join("b")).unwrap();
+    let mut survivors: Vec<u32> = Vec::new();
+    for n in 1..=20u32 {
+        if n > 1 {
+            ok(
+                p,
+                &["guest", "disk.raw", &format!("iops=0,count=12,seed={n}")],
+            );
+        }
+        let name = format!("b/n{n:02}.qcow2");
+        let mut args = vec!["backup", "-q", "--bitmap", "nightly"];
+        if n > 1 {
+            args.extend_from_slice(&["--sync", "incremental"]);
+        }
+        args.extend_from_slice(&["disk.raw", &name]);
+        at_ok(p, &night(n), &args);
+        std::fs::copy(p.join("disk.raw"), p.join(format!("ref-{n:02}.raw"))).unwrap();
+        at_ok(
+            p,
+            &night(n),
+            &[
+                "prune",
+                "-q",
+                "b",
+                "--keep-daily",
+                "7",
+                "--keep-weekly",
+                "2",
+            ],
+        );
+        // What the rules keep, worked out here: one backup a night, so the
+        // 7 newest days are the 7 newest backups; weeks run Monday to
+        // Sunday (2026-11-02 is a Monday), the newest of each of the 2
+        // newest weeks is kept.
+        survivors.push(n);
+        let week = |d: u32| (i64::from(d) - 2).div_euclid(7);
+        let mut keep: BTreeSet<u32> = survivors.iter().rev().take(7).copied().collect();
+        let mut weeks: Vec<i64> = survivors.iter().map(|&d| week(d)).collect();
+        weeks.dedup();
+        for w in weeks.iter().rev().take(2) {
+            keep.insert(*survivors.iter().filter(|&&d| week(d) == *w).max().unwrap());
+        }
+        survivors.retain(|d| keep.contains(d));
+        let want: BTreeSet<String> = survivors
+            .iter()
+            .flat_map(|d| [format!("n{d:02}.qcow2"), format!("n{d:02}.qcow2.manifest")])
+            .collect();
+        assert_eq!(files(&p.join("b")), want, "night {n}");
+        for &k in &survivors {
+            restores(
+                p,
+                &format!("b/n{k:02}.qcow2"),
+                &format!("ref-{k:02}.raw"),
+                &format!("night {n}"),
+            );
+        }
+    }
+    // The bitmap still works on the pruned chain.
+    ok(p, &["guest", "disk.raw", "iops=0,count=12,seed=99"]);
+    at_ok(
+        p,
+        &night(21),
+        &[
+            "backup",
+            "-q",
+            "--sync",
+            "incremental",
+            "--bitmap",
+            "nightly",
+            "disk.raw",
+            "b/n21.qcow2",
+        ],
+    );
+    assert!(identical_fmt(p, "b/n21.qcow2", "qcow2", "disk.raw", "raw"));
+}
+
+#[test]
+fn list_shows_two_chains_an_orphan_and_a_missing_parent() {
+    let d = tempdir();
+    let p = d.path();
+    data_disk(p, "a.raw", 4);
+    data_disk(p, "c.raw", 4);
+    chain(p, "a.raw", "a", 3);
+    chain(p, "c.raw", "c", 3);
+    // An orphan: a manifest whose file is gone. A broken chain: c-02 gone
+    // whole, so c-03's parent is missing.
+    std::fs::remove_file(p.join("b/a-03.qcow2")).unwrap();
+    std::fs::remove_file(p.join("b/c-02.qcow2")).unwrap();
+    std::fs::remove_file(p.join("b/c-02.qcow2.manifest")).unwrap();
+    let doc = ok(p, &["list", "b"]);
+    let by_name = |n: &str| {
+        doc["backups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["name"] == n)
+            .unwrap_or_else(|| panic!("{n} not listed: {doc}"))
+            .clone()
+    };
+    let a_src = std::fs::canonicalize(p.join("a.raw")).unwrap();
+    let c_src = std::fs::canonicalize(p.join("c.raw")).unwrap();
+    let sources = doc["sources"].as_object().unwrap();
+    assert_eq!(sources.len(), 2, "{doc}");
+    assert_eq!(
+        sources[&a_src.display().to_string()],
+        serde_json::json!(["a-01.qcow2", "a-02.qcow2", "a-03.qcow2"])
+    );
+    assert_eq!(
+        sources[&c_src.display().to_string()],
+        serde_json::json!(["c-01.qcow2", "c-03.qcow2"])
+    );
+    let a1 = by_name("a-01.qcow2");
+    assert_eq!(a1["sync"], "full");
+    assert_eq!(a1["parent"], serde_json::Value::Null);
+    assert_eq!(a1["started"], night(1));
+    assert_eq!(a1["present"], true);
+    assert_eq!(a1["bound"], true);
+    assert!(a1["disk_usage"].as_u64().unwrap() > 0);
+    assert_eq!(a1["virtual_size"], 4 << 20);
+    let a2 = by_name("a-02.qcow2");
+    assert_eq!(a2["parent"], "a-01.qcow2");
+    assert_eq!(a2["sync"], "incremental");
+    let a3 = by_name("a-03.qcow2");
+    assert_eq!(a3["orphan"], true);
+    assert_eq!(a3["present"], false);
+    // The bitmap is anchored to the newest of each chain.
+    assert_eq!(
+        a3["bitmaps"],
+        serde_json::json!([format!("{}:nightly", a_src.display())])
+    );
+    let c3 = by_name("c-03.qcow2");
+    assert_eq!(c3["parent_missing"], true);
+    assert_eq!(c3["parent"], "c-02.qcow2");
+    assert_eq!(by_name("c-01.qcow2")["parent_missing"], false);
+    // Root digests are the manifests'.
+    let m = std::fs::read(p.join("b/a-02.qcow2.manifest")).unwrap();
+    assert!(!m.is_empty());
+    assert_eq!(a2["root_digest"].as_str().unwrap().len(), 64, "{a2}");
+    // --verify checks each present backup; the human listing says what is
+    // wrong.
+    let (rc, v, err) = json_run(p, &["list", "--verify", "b/a-01.qcow2", "b/a-02.qcow2"]);
+    assert_eq!(rc, 0, "{err}");
+    assert_eq!(v["backups"].as_array().unwrap().len(), 2);
+    assert!(
+        v["backups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|b| b["verified"] == true)
+    );
+    let text = stdout(&run_ok(p, &["list", "b"]));
+    assert!(
+        text.contains("ORPHAN") && text.contains("PARENT MISSING"),
+        "{text}"
+    );
+    // A damaged backup fails --verify with exit 7.
+    let f = p.join("b/a-01.qcow2");
+    let len = std::fs::metadata(&f).unwrap().len();
+    let mut data = std::fs::read(&f).unwrap();
+    let at = (len / 2) as usize;
+    data[at] ^= 0xff;
+    std::fs::write(&f, data).unwrap();
+    let (rc, v, _) = json_run(p, &["list", "--verify", "b"]);
+    assert_eq!(rc, 7);
+    let a1 = v["backups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["name"] == "a-01.qcow2")
+        .unwrap()
+        .clone();
+    assert_eq!(a1["verified"], false, "{a1}");
+}
+
+fn sha_all(dir: &Path) -> Vec<(String, String)> {
+    files(dir)
+        .into_iter()
+        .map(|f| {
+            let h = sha256_file(&dir.join(&f));
+            (f, h)
+        })
+        .collect()
+}
+
+#[test]
+fn a_dry_run_changes_nothing_and_prints_the_plan() {
+    let d = tempdir();
+    let p = d.path();
+    data_disk(p, "a.raw", 4);
+    chain(p, "a.raw", "a", 5);
+    let before = sha_all(&p.join("b"));
+    let o = at(
+        p,
+        &night(5),
+        &["prune", "b", "--keep-last", "2", "--dry-run"],
+    );
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let plan = stdout(&o);
+    for (name, verb) in [
+        ("a-01", "remove"),
+        ("a-02", "remove"),
+        ("a-03", "remove"),
+        ("a-04", "consolidate"),
+        ("a-05", "keep"),
+    ] {
+        assert!(
+            plan.lines()
+                .any(|l| l.starts_with(verb) && l.contains(name)),
+            "{name} should be {verb}: {plan}"
+        );
+    }
+    let (rc, doc, _) = json_run(p, &["prune", "b", "--keep-last", "2", "--dry-run"]);
+    assert_eq!(rc, 0);
+    assert_eq!(doc["dry_run"], true);
+    assert!(doc["freed_bytes"].as_u64().unwrap() > 0);
+    assert_eq!(sha_all(&p.join("b")), before);
+    // No rule: refused, nothing changed.
+    let o = run_in(p, &["prune", "b"]);
+    assert_eq!(code(&o), 2, "{}", stderr(&o));
+    assert_eq!(sha_all(&p.join("b")), before);
+}
+
+#[test]
+fn prune_and_backups_into_the_directory_exclude_each_other() {
+    let d = tempdir();
+    let p = d.path();
+    data_disk(p, "a.raw", 32);
+    chain(p, "a.raw", "a", 2);
+    // A backup writing into b/ (slowed down): prune is refused (exit 8),
+    // or waits for it with --wait-lock.
+    let slow = bin()
+        .current_dir(p)
+        .args(["backup", "-q", "--speed", "8M", "a.raw", "b/slow.qcow2"])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let o = run_in(p, &["prune", "b", "--keep-last", "1"]);
+    assert_eq!(code(&o), 8, "{}", stderr(&o));
+    assert!(stderr(&o).contains("in use"), "{}", stderr(&o));
+    let o = run_in(p, &["prune", "b", "--keep-last", "5", "--wait-lock", "30s"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let out = slow.wait_with_output().unwrap();
+    assert!(out.status.success());
+    // A prune holding b/ (here: its lock, as `flock` takes it): a backup
+    // into b/ is refused with exit 8, nothing written.
+    let holder = std::process::Command::new("flock")
+        .args(["-x"])
+        .arg(p.join("b"))
+        .args(["sleep", "3"])
+        .spawn()
+        .expect("flock (util-linux)");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let o = run_in(p, &["backup", "a.raw", "b/during.qcow2"]);
+    assert_eq!(code(&o), 8, "{}", stderr(&o));
+    assert!(stderr(&o).contains("pruned"), "{}", stderr(&o));
+    assert!(!p.join("b/during.qcow2").exists());
+    let mut holder = holder;
+    holder.wait().unwrap();
+}
+
+#[test]
+fn consolidate_makes_a_synthetic_full_without_touching_the_source() {
+    let d = tempdir();
+    let p = d.path();
+    data_disk(p, "a.raw", 8);
+    chain(p, "a.raw", "a", 4);
+    let src = sha256_file(&p.join("a.raw"));
+    let before = sha_all(&p.join("b"));
+    let doc = ok(p, &["consolidate", "b/a-03.qcow2", "full.qcow2"]);
+    assert_eq!(sha256_file(&p.join("a.raw")), src);
+    assert_eq!(sha_all(&p.join("b")), before);
+    assert!(info_json(p, "full.qcow2").get("backing-filename").is_none());
+    assert!(identical_fmt(
+        p,
+        "full.qcow2",
+        "qcow2",
+        "ref-a-03.raw",
+        "raw"
+    ));
+    check_clean(p, "full.qcow2");
+    ok(p, &["verify", "full.qcow2"]);
+    // Its manifest describes the same point in time: same root, the
+    // original source and start time, no parent.
+    let inc = ok(p, &["list", "b/a-03.qcow2"]);
+    let full = ok(p, &["list", "full.qcow2"]);
+    let (i, f) = (&inc["backups"][0], &full["backups"][0]);
+    assert_eq!(f["root_digest"], i["root_digest"]);
+    assert_eq!(f["started"], night(3));
+    assert_eq!(f["source"], i["source"]);
+    assert_eq!(f["parent"], serde_json::Value::Null);
+    assert_eq!(doc["manifest_root_digest"], i["root_digest"]);
+    // It needs the chain no more.
+    for n in 1..=3 {
+        std::fs::remove_file(p.join(format!("b/a-{n:02}.qcow2"))).unwrap();
+    }
+    restores(p, "full.qcow2", "ref-a-03.raw", "after removing the chain");
+}
