@@ -377,3 +377,99 @@ fn consolidate_makes_a_synthetic_full_without_touching_the_source() {
     }
     restores(p, "full.qcow2", "ref-a-03.raw", "after removing the chain");
 }
+
+fn setup_prune(p: &Path) {
+    data_disk(p, "a.raw", 8);
+    chain(p, "a.raw", "a", 4);
+}
+
+/// The files of `b/` that a finished prune --keep-last 2 leaves.
+fn final_files() -> BTreeSet<String> {
+    [
+        "a-03.qcow2",
+        "a-03.qcow2.manifest",
+        "a-04.qcow2",
+        "a-04.qcow2.manifest",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+#[test]
+fn a_prune_killed_at_any_step_leaves_every_kept_backup_restorable_and_a_rerun_finishes_it() {
+    let args = ["prune", "-q", "b", "--keep-last", "2"];
+    let n = {
+        let d = tempdir();
+        let p = d.path();
+        setup_prune(p);
+        let log = p.join("calls.log");
+        let o = crate::crash::run_shim(p, &args, None, Some(&log));
+        assert_eq!(code(&o), 0, "{}", stderr(&o));
+        assert_eq!(files(&p.join("b")), final_files());
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .count() as u64
+    };
+    assert!(
+        n >= 10,
+        "a prune with a consolidation passes only {n} crash points"
+    );
+    eprintln!("prune --keep-last 2 with one consolidation: {n} crash points");
+    for at in 1..=n {
+        let d = tempdir();
+        let p = d.path();
+        setup_prune(p);
+        let o = crate::crash::run_shim(p, &args, Some(at), None);
+        assert_eq!(code(&o), 137, "crash at {at}: {}", stderr(&o));
+        let why = format!("after a kill at step {at} of {n}");
+        // Every backup the plan keeps restores, by imgbackup and qemu-img.
+        for k in ["a-03", "a-04"] {
+            restores(
+                p,
+                &format!("b/{k}.qcow2"),
+                &format!("ref-a-{}.raw", &k[2..]),
+                &why,
+            );
+        }
+        // A rerun finishes the plan: the same final state as without a kill.
+        let o = run_in(p, &args);
+        assert_eq!(code(&o), 0, "{why}: rerun: {}", stderr(&o));
+        assert_eq!(files(&p.join("b")), final_files(), "{why}");
+        for k in ["a-03", "a-04"] {
+            restores(
+                p,
+                &format!("b/{k}.qcow2"),
+                &format!("ref-a-{}.raw", &k[2..]),
+                &why,
+            );
+        }
+        assert!(
+            info_json(p, "b/a-03.qcow2")
+                .get("backing-filename")
+                .is_none(),
+            "{why}"
+        );
+        // The bitmap goes on from the newest backup.
+        ok(p, &["guest", "a.raw", "iops=0,count=5,seed=77"]);
+        at_ok(
+            p,
+            &night(5),
+            &[
+                "backup",
+                "-q",
+                "--sync",
+                "incremental",
+                "--bitmap",
+                "nightly",
+                "a.raw",
+                "b/a-05.qcow2",
+            ],
+        );
+        assert!(
+            identical_fmt(p, "b/a-05.qcow2", "qcow2", "a.raw", "raw"),
+            "{why}"
+        );
+    }
+}
