@@ -202,11 +202,26 @@ fn unlink(p: &Path) -> Result<()> {
 /// Carry out a journal: consolidations, then removals, then the journal
 /// goes.
 fn carry_out(dir: &Path, j: &Journal, cancel: &Cancel) -> Result<()> {
+    // Nothing is removed before every consolidation is done: a
+    // consolidation that fails (a chain that does not hold what its
+    // manifest says, a full disk, a signal) abandons the plan, and what
+    // was consolidated so far stays (self-contained, the same images).
     for name in &j.consolidate {
-        if let Some(r) = cancel.reason() {
-            return Err(JobError::Cancelled(r));
+        let r = match cancel.reason() {
+            Some(r) => Err(JobError::Cancelled(r)),
+            None => super::consolidate::in_place(&dir.join(name), cancel),
+        };
+        if let Err(e) = r {
+            unlink(&journal_path(dir))?;
+            let _ = crate::files::sync_dir(&journal_path(dir));
+            return Err(match e {
+                e @ JobError::Cancelled(_) => e,
+                e => e.within(format!(
+                    "cannot consolidate {} (nothing was removed; the prune was abandoned)",
+                    dir.join(name).display()
+                )),
+            });
         }
-        super::consolidate::in_place(&dir.join(name), cancel)?;
     }
     for name in &j.remove {
         let p = dir.join(name);

@@ -473,3 +473,35 @@ fn a_prune_killed_at_any_step_leaves_every_kept_backup_restorable_and_a_rerun_fi
         );
     }
 }
+
+#[test]
+fn a_chain_that_does_not_hold_its_manifest_is_never_pruned_into() {
+    let d = tempdir();
+    let p = d.path();
+    setup_prune(p);
+    // a-01 (to be removed) is damaged where a-03 reads it: a-03 read
+    // through its chain is not the image its manifest describes, so it
+    // cannot be consolidated.
+    let from_a01 = map_json(p, "b/a-03.qcow2")
+        .into_iter()
+        .find(|e| e["depth"] == 2 && e["data"] == true && e["offset"].is_u64())
+        .expect("a cluster a-03 reads from a-01");
+    let at = from_a01["offset"].as_u64().unwrap() as usize;
+    let f = p.join("b/a-01.qcow2");
+    let mut data = std::fs::read(&f).unwrap();
+    data[at] ^= 0x5a;
+    std::fs::write(&f, data).unwrap();
+    let before = sha_all(&p.join("b"));
+    let o = run_in(p, &["prune", "b", "--keep-last", "2"]);
+    assert_eq!(code(&o), 7, "{}", stderr(&o));
+    assert!(stderr(&o).contains("nothing was removed"), "{}", stderr(&o));
+    // Nothing removed, nothing left over, no plan pending.
+    let after = sha_all(&p.join("b"));
+    let names = |v: &[(String, String)]| v.iter().map(|x| x.0.clone()).collect::<Vec<_>>();
+    assert_eq!(names(&after), names(&before));
+    for (f, h) in &before {
+        if f != "a-03.qcow2" && f != "a-03.qcow2.manifest" {
+            assert_eq!(after.iter().find(|x| &x.0 == f).unwrap().1, *h, "{f} changed");
+        }
+    }
+}
