@@ -33,6 +33,10 @@ struct Listed<'a> {
     verified: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     verify_error: Option<String>,
+    /// `--verify`: the chunks read and checked (an incremental over a
+    /// verified parent checks only what it holds itself).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    chunks_checked: Option<u64>,
 }
 
 /// A set, and the names to show of it (None: all).
@@ -93,19 +97,32 @@ pub fn list(args: &ListArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
             .filter(|b| only.as_ref().is_none_or(|o| o.contains(&b.name)))
             .collect();
         let mut listed = Vec::new();
+        // Oldest first: an incremental whose parent verified reads only
+        // what it holds itself.
+        let mut good: std::collections::BTreeSet<&str> = Default::default();
         for b in &shown {
+            let mut chunks_checked = None;
             let (verified, verify_error) = if args.verify && b.present && !b.damaged {
+                let parent_verified = b
+                    .parent
+                    .as_deref()
+                    .is_some_and(|p| good.contains(p) && !b.parent_missing);
                 let r = crate::job::verify::verify(
                     &crate::job::verify::VerifyConfig {
                         backup: b.path.clone(),
                         against_image: None,
                         format: None,
                         jobs: None,
+                        parent_verified,
                     },
                     &cancel,
                 );
                 match r {
-                    Ok(_) => (Some(true), None),
+                    Ok(v) => {
+                        good.insert(&b.name);
+                        chunks_checked = Some(v.chunks_checked_over_parent.unwrap_or(v.chunks));
+                        (Some(true), None)
+                    }
                     Err(JobError::Cancelled(r)) => return Err(JobError::Cancelled(r).into()),
                     Err(e) => {
                         exit = Exit::Mismatch;
@@ -119,6 +136,7 @@ pub fn list(args: &ListArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
                 backup: b,
                 verified,
                 verify_error,
+                chunks_checked,
             });
         }
         let mut sources: std::collections::BTreeMap<String, Vec<&str>> = Default::default();

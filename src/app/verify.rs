@@ -15,6 +15,7 @@ pub fn run(args: &VerifyArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
             against_image: args.against_image.clone(),
             format: args.format.map(Into::into),
             jobs: args.jobs,
+            parent_verified: false,
         },
         &cancel,
     )?;

@@ -563,8 +563,9 @@ pub struct ListArgs {
     /// read; only they are shown).
     #[arg(required = true, add = complete::backups())]
     pub paths: Vec<PathBuf>,
-    /// Also verify each backup against its manifest (exit 7 if one does
-    /// not match).
+    /// Also verify each backup against its manifest, oldest first (an
+    /// incremental whose parent verified reads only what it holds
+    /// itself); exit 7 if one does not match.
     #[arg(long)]
     pub verify: bool,
     /// First finish a prune that was interrupted in DIR (a kill, a power

@@ -22,11 +22,18 @@ pub struct VerifyConfig {
     pub format: Option<Format>,
     /// Hashing workers (None: the number of CPUs).
     pub jobs: Option<usize>,
+    /// The backup's parent (its manifest's, the next layer of its chain)
+    /// was verified already: the chunks read from it are not read again.
+    pub parent_verified: bool,
 }
 
 /// The result of a verification (the `--json` document).
 #[derive(Debug, serde::Serialize)]
 pub struct VerifySummary {
+    /// With a parent verified before (`list --verify`): the chunks
+    /// checked, the rest being the parent's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub chunks_checked_over_parent: Option<u64>,
     /// True when the backup is whole (nothing skipped when it was made).
     pub ok: bool,
     /// 0, or 3 when the backup records skipped ranges.
@@ -121,8 +128,17 @@ pub fn verify(cfg: &VerifyConfig, cancel: &Cancel) -> Result<VerifySummary> {
         other => other.into(),
     };
     tracing::info!("phase: verify");
+    let over_parent = cfg.parent_verified && !detached && parent_is_next_layer(&image, &manifest);
+    let mut checked = None;
     let res = if detached {
         check_held(image.top().as_ref(), &manifest, jobs, cancel).map(|(d, n)| (d, Some(n)))
+    } else if over_parent {
+        crate::manifest::check_over_verified_parent(&image, &manifest, jobs, cancel).map(
+            |(d, n)| {
+                checked = Some(n);
+                (d, None)
+            },
+        )
     } else {
         check_backup(&image, &manifest, jobs, cancel).map(|d| (d, None))
     };
@@ -195,5 +211,20 @@ pub fn verify(cfg: &VerifyConfig, cancel: &Cancel) -> Result<VerifySummary> {
         incomplete,
         detached_chunks_checked: held,
         parent: manifest.meta.parent.as_ref().map(|p| p.path.clone()),
+        chunks_checked_over_parent: checked,
     })
+}
+
+/// True when the next layer of the backup's chain is the parent its
+/// manifest names.
+fn parent_is_next_layer(image: &crate::node::probe::Image, m: &ManifestFile) -> bool {
+    match (image.layers.get(1), &m.meta.parent) {
+        // ...and its manifest is the one this manifest was made against
+        // (same root digest), whose digests its parent runs stand for.
+        (Some(l), Some(p)) => {
+            crate::files::same_file(&l.info.path, std::path::Path::new(&p.path))
+                && m.parent().is_ok()
+        }
+        _ => false,
+    }
 }

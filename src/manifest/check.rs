@@ -145,6 +145,41 @@ pub fn check_backup(
     first_difference_in(image.node.as_ref(), manifest, &runs, jobs, cancel)
 }
 
+/// Check an incremental opened as `image` against its `manifest` when its
+/// parent — the next layer of its chain, the backup its manifest names —
+/// was verified already (`list --verify` goes oldest first): the chunks
+/// the incremental does not hold itself and its manifest gives as the
+/// parent's are read from that parent and described by its manifest,
+/// equal by construction; the rest is checked as [`check_backup`] does.
+/// Returns the first difference and the number of chunks checked.
+pub fn check_over_verified_parent(
+    image: &crate::node::probe::Image,
+    manifest: &ManifestFile,
+    jobs: usize,
+    cancel: &Cancel,
+) -> Result<(Option<Difference>, u64), CopyError> {
+    let n = manifest.geometry().chunks();
+    let own = top_held(image, manifest)?;
+    let free = complement(&own, n);
+    let trusted = union(
+        manifest
+            .parent_runs()
+            .iter()
+            .flat_map(|&(a, b)| intersect(&free, a, b))
+            .collect(),
+    );
+    let untrusted = complement(&trusted, n);
+    let runs: Vec<(u64, u64)> = runs_to_check(image.node.as_ref(), manifest)?
+        .into_iter()
+        .flat_map(|(a, b)| intersect(&untrusted, a, b))
+        .collect();
+    let checked = runs.iter().map(|(a, b)| b - a).sum();
+    Ok((
+        first_difference_in(image.node.as_ref(), manifest, &runs, jobs, cancel)?,
+        checked,
+    ))
+}
+
 /// The chunks a backup opened as `image` reads from the very backing file
 /// its manifest's backing runs were recorded from (same files, unchanged,
 /// and the backup holds nothing of its own there): equal by construction,

@@ -354,7 +354,18 @@ impl ManifestFile {
             .sum()
     }
 
-    /// The chunk runs `[s, e)` recorded as read from the backing file.
+    /// The chunk runs `[s, e)` recorded as the parent's (an incremental's
+    /// clean chunks: the parent's manifest gives their digests).
+    pub fn parent_runs(&self) -> Vec<(u64, u64)> {
+        self.runs
+            .iter()
+            .filter(|r| r.kind == Kind::Parent)
+            .map(|r| (r.start, r.end))
+            .collect()
+    }
+
+    /// The chunk runs recorded as the source's backing file's (`--sync
+    /// top`).
     pub fn backing_runs(&self) -> Vec<(u64, u64)> {
         self.runs
             .iter()

@@ -27,7 +27,8 @@ pub mod runs;
 mod writer;
 
 pub use check::{
-    Difference, check_backup, check_held, check_image, differing_chunks, read_from_recorded_backing,
+    Difference, check_backup, check_held, check_image, check_over_verified_parent,
+    differing_chunks, read_from_recorded_backing,
 };
 pub use file::{ManifestChecker, ManifestFile, read_meta};
 pub use writer::ManifestWriter;

@@ -501,7 +501,51 @@ fn a_chain_that_does_not_hold_its_manifest_is_never_pruned_into() {
     assert_eq!(names(&after), names(&before));
     for (f, h) in &before {
         if f != "a-03.qcow2" && f != "a-03.qcow2.manifest" {
-            assert_eq!(after.iter().find(|x| &x.0 == f).unwrap().1, *h, "{f} changed");
+            assert_eq!(
+                after.iter().find(|x| &x.0 == f).unwrap().1,
+                *h,
+                "{f} changed"
+            );
         }
     }
+}
+
+#[test]
+fn list_verify_reads_each_backup_once_and_still_finds_damage() {
+    let d = tempdir();
+    let p = d.path();
+    data_disk(p, "a.raw", 8);
+    chain(p, "a.raw", "a", 5);
+    let (rc, doc, err) = json_run(p, &["list", "--verify", "b"]);
+    assert_eq!(rc, 0, "{err}");
+    let b = doc["backups"].as_array().unwrap();
+    let full = b[0]["chunks_checked"].as_u64().unwrap();
+    assert_eq!(full, 128, "{doc}");
+    for inc in &b[1..] {
+        assert_eq!(inc["verified"], true);
+        // An incremental over a verified parent checks what it holds
+        // (12 guest writes, each within two chunks), not the whole image.
+        let n = inc["chunks_checked"].as_u64().unwrap();
+        assert!(n <= 24, "{}: {n} chunks checked", inc["name"]);
+    }
+    // Damage in a-03's own clusters: it fails, and so do the backups that
+    // read through it (their parent did not verify, so they are checked
+    // whole); the ones below stay good.
+    let own = map_json(p, "b/a-03.qcow2")
+        .into_iter()
+        .find(|e| e["depth"] == 0 && e["data"] == true && e["offset"].is_u64())
+        .expect("a cluster of a-03's own");
+    let f = p.join("b/a-03.qcow2");
+    let mut data = std::fs::read(&f).unwrap();
+    data[own["offset"].as_u64().unwrap() as usize] ^= 0x5a;
+    std::fs::write(&f, data).unwrap();
+    let (rc, doc, _) = json_run(p, &["list", "--verify", "b"]);
+    assert_eq!(rc, 7);
+    let verdict: Vec<bool> = doc["backups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["verified"] == true)
+        .collect();
+    assert_eq!(verdict, vec![true, true, false, false, false], "{doc}");
 }
