@@ -333,22 +333,31 @@ impl BlockNode for NbdNode {
     /// What a reader sees: zeros where the server says so, data elsewhere
     /// (a hole not known to read as zeros is read).
     fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
+        self.extent(offset, len, false)
+    }
+}
+
+impl NbdNode {
+    /// The `base:allocation` extent at `offset`; with `holes`, a hole that
+    /// reads as zeros is reported unallocated (the export's own
+    /// allocation), else as zeros. Without allocation information
+    /// everything is data.
+    fn extent(&self, offset: u64, len: u64, holes: bool) -> Result<Extent> {
         super::check_range(&self.name, offset, len, self.size)?;
-        Ok(match self.status(ALLOCATION, offset, len)? {
-            Some((n, flags)) => Extent {
-                status: if flags & NBD_STATE_ZERO != 0 {
-                    Status::Zero
-                } else {
-                    Status::Data
-                },
-                len: n,
-            },
-            // No allocation information: everything is data.
-            None => Extent {
+        let Some((n, flags)) = self.status(ALLOCATION, offset, len)? else {
+            return Ok(Extent {
                 status: Status::Data,
                 len,
-            },
-        })
+            });
+        };
+        let zero = flags & NBD_STATE_ZERO != 0;
+        let status = match (zero, holes && flags & NBD_STATE_HOLE != 0) {
+            (true, true) => Status::Unallocated,
+            (true, false) => Status::Zero,
+            // A hole whose content is not known to be zeros is copied.
+            (false, _) => Status::Data,
+        };
+        Ok(Extent { status, len: n })
     }
 }
 
@@ -373,24 +382,6 @@ impl BlockNode for Allocation {
     }
 
     fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
-        super::check_range(&self.0.name, offset, len, self.0.size)?;
-        Ok(match self.0.status(ALLOCATION, offset, len)? {
-            Some((n, flags)) => Extent {
-                // A hole that reads as zeros is the export's "unallocated";
-                // one whose content is not known to be zeros is copied.
-                status: if flags & NBD_STATE_HOLE != 0 && flags & NBD_STATE_ZERO != 0 {
-                    Status::Unallocated
-                } else if flags & NBD_STATE_ZERO != 0 {
-                    Status::Zero
-                } else {
-                    Status::Data
-                },
-                len: n,
-            },
-            None => Extent {
-                status: Status::Data,
-                len,
-            },
-        })
+        self.0.extent(offset, len, true)
     }
 }

@@ -208,28 +208,13 @@ impl Daemon {
         std::fs::remove_file(self.dir.join("fleece.qcow2")).unwrap();
     }
 
-    /// The READ requests traced since `from` lines: (offset, length).
+    /// The READ requests traced after the first `from` lines of the
+    /// trace, and the lines in it now.
     fn reads(&self, from: usize) -> (Vec<(u64, u64)>, usize) {
         let text = std::fs::read_to_string(self.dir.join("qsd.trace")).unwrap();
         let lines: Vec<&str> = text.lines().collect();
-        let reads = lines[from.min(lines.len())..]
-            .iter()
-            .filter(|l| l.contains(".type = 0x0,"))
-            .map(|l| {
-                let num = |key: &str| -> u64 {
-                    let at = l.find(key).unwrap() + key.len();
-                    l[at..]
-                        .trim_start()
-                        .split(|c: char| !c.is_ascii_digit())
-                        .next()
-                        .unwrap()
-                        .parse()
-                        .unwrap()
-                };
-                (num("from ="), num("len ="))
-            })
-            .collect();
-        (reads, lines.len())
+        let after = lines[from.min(lines.len())..].join("\n");
+        (traced_reads(&after), lines.len())
     }
 
     fn quit(mut self) {
@@ -286,44 +271,6 @@ fn assert_point_in_time(
     );
 }
 
-/// The dirty ranges of QEMU's bitmap `name` in the export, by nbdinfo.
-fn dirty_map(uri: &str, name: &str) -> Vec<(u64, u64)> {
-    let o = Command::new("nbdinfo")
-        .args([&format!("--map=qemu:dirty-bitmap:{name}"), "--json", uri])
-        .output()
-        .expect("nbdinfo");
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
-    let mut out: Vec<(u64, u64)> = Vec::new();
-    for e in v.as_array().unwrap() {
-        if e["type"].as_u64().unwrap() & 1 == 0 {
-            continue;
-        }
-        let (s, l) = (e["offset"].as_u64().unwrap(), e["length"].as_u64().unwrap());
-        match out.last_mut() {
-            Some(last) if last.1 == s => last.1 = s + l,
-            _ => out.push((s, s + l)),
-        }
-    }
-    out
-}
-
-/// The clusters the top layer of `img` holds (depth 0), merged.
-fn own_clusters(p: &Path, img: &str) -> Vec<(u64, u64)> {
-    let mut out: Vec<(u64, u64)> = Vec::new();
-    for e in map_json(p, img) {
-        if e["depth"] != 0 || (e["data"] != true && e["zero"] != true) {
-            continue;
-        }
-        let (s, l) = (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap());
-        match out.last_mut() {
-            Some(last) if last.1 == s => last.1 = s + l,
-            _ => out.push((s, s + l)),
-        }
-    }
-    out
-}
-
 #[test]
 fn fleecing_exports_of_qemu_storage_daemon_back_up_point_in_time_while_a_writer_writes() {
     let d = tempdir();
@@ -341,7 +288,7 @@ fn fleecing_exports_of_qemu_storage_daemon_back_up_point_in_time_while_a_writer_
     std::thread::sleep(Duration::from_millis(600));
     // Night 2: an incremental of what b0 recorded; b1 starts.
     let cut2 = qsd.fleece(Some("b1"), Some("b0"));
-    let dirty = dirty_map(&backup, "b0");
+    let dirty = nbdinfo_dirty(&backup, "b0");
     let (_, seen) = qsd.reads(0);
     let inc = ok(
         p,
@@ -385,7 +332,7 @@ fn fleecing_exports_of_qemu_storage_daemon_back_up_point_in_time_while_a_writer_
             "READ {s}+{l} outside QEMU's dirty map {dirty:?}"
         );
     }
-    assert_eq!(own_clusters(p, "inc.qcow2"), dirty);
+    assert_eq!(crate::nbd_source::top_layer_ranges(p, "inc.qcow2"), dirty);
     assert_eq!(inc["source_bitmap"], "b0");
     // Each backup is the image at its cut; the chain restores with
     // qemu-img and with imgbackup.

@@ -49,18 +49,6 @@ fn connect(uri: &str, contexts: &[&str]) -> Client {
     }
 }
 
-/// Merge adjacent [start, end) ranges.
-fn merged(v: impl IntoIterator<Item = (u64, u64)>) -> Vec<(u64, u64)> {
-    let mut out: Vec<(u64, u64)> = Vec::new();
-    for (s, e) in v {
-        match out.last_mut() {
-            Some(l) if l.1 == s => l.1 = e,
-            _ => out.push((s, e)),
-        }
-    }
-    out
-}
-
 #[test]
 fn reads_and_block_status_from_qemu_nbd_equal_qemu_img() {
     let d = tempdir();
@@ -102,7 +90,7 @@ fn reads_and_block_status_from_qemu_nbd_equal_qemu_img() {
             let (o, l) = (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap());
             (o, o + l)
         });
-    assert_eq!(merged(nonzero), merged(data));
+    assert_eq!(merge_ranges(nonzero), merge_ranges(data));
     // A request past the end fails with the server's error; the
     // connection goes on.
     let mut buf = vec![0u8; 4096];
@@ -190,7 +178,7 @@ fn an_export_as_a_source_node_reads_in_parallel_and_reconnects() {
         }
     })
     .unwrap();
-    let data = merged(data);
+    let data = merge_ranges(data);
     for e in map_json(p, "disk.qcow2")
         .iter()
         .filter(|e| e["data"] == true && e["zero"] == false)
@@ -201,7 +189,7 @@ fn an_export_as_a_source_node_reads_in_parallel_and_reconnects() {
             "{s}+{l} is data in qemu-img map but not in the export's status: {data:?}"
         );
     }
-    for (a, b) in merged(zero) {
+    for (a, b) in merge_ranges(zero) {
         assert!(
             want[a as usize..b as usize].iter().all(|&x| x == 0),
             "{a}..{b}"

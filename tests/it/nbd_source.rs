@@ -99,23 +99,7 @@ impl QemuNbd {
 
     /// The READ requests the server received: (offset, length).
     fn reads(&self) -> Vec<(u64, u64)> {
-        let text = std::fs::read_to_string(&self.trace).unwrap();
-        text.lines()
-            .filter(|l| l.contains(".type = 0x0,"))
-            .map(|l| {
-                let num = |key: &str| -> u64 {
-                    let at = l.find(key).unwrap() + key.len();
-                    l[at..]
-                        .trim_start()
-                        .split(|c: char| !c.is_ascii_digit())
-                        .next()
-                        .unwrap()
-                        .parse()
-                        .unwrap()
-                };
-                (num("from ="), num("len ="))
-            })
-            .collect()
+        traced_reads(&std::fs::read_to_string(&self.trace).unwrap())
     }
 
     fn kill(&mut self) {
@@ -133,33 +117,14 @@ impl Drop for QemuNbd {
 /// The [start, end) ranges `qemu-img map` reports as data (not zeros) in
 /// `img`, merged.
 fn data_ranges(p: &Path, img: &str) -> Vec<(u64, u64)> {
-    let mut out: Vec<(u64, u64)> = Vec::new();
-    for e in map_json(p, img) {
-        if e["data"] != true || e["zero"] == true {
-            continue;
-        }
-        let (s, l) = (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap());
-        match out.last_mut() {
-            Some(last) if last.1 == s => last.1 = s + l,
-            _ => out.push((s, s + l)),
-        }
-    }
-    out
+    map_ranges(p, img, |e| e["data"] == true && e["zero"] != true)
 }
 
 /// `ranges` rounded out to whole 64 KiB clusters (what the job copies),
 /// merged.
 fn clusters(ranges: &[(u64, u64)]) -> Vec<(u64, u64)> {
     let c = 65536;
-    let mut out: Vec<(u64, u64)> = Vec::new();
-    for &(s, e) in ranges {
-        let (s, e) = (s / c * c, e.div_ceil(c) * c);
-        match out.last_mut() {
-            Some(last) if last.1 >= s => last.1 = last.1.max(e),
-            _ => out.push((s, e)),
-        }
-    }
-    out
+    merge_ranges(ranges.iter().map(|&(s, e)| (s / c * c, e.div_ceil(c) * c)))
 }
 
 fn within(ranges: &[(u64, u64)], s: u64, l: u64) -> bool {
@@ -317,43 +282,12 @@ fn top_of_an_export_copies_what_it_reports_allocated() {
     }
 }
 
-/// The dirty ranges of QEMU's bitmap `name` as nbdinfo sees them.
-fn nbdinfo_dirty(uri: &str, name: &str) -> Vec<(u64, u64)> {
-    let o = Command::new("nbdinfo")
-        .args([&format!("--map=qemu:dirty-bitmap:{name}"), "--json", uri])
-        .output()
-        .expect("nbdinfo");
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    let mut out: Vec<(u64, u64)> = Vec::new();
-    for e in v.as_array().unwrap() {
-        if e["type"].as_u64().unwrap() & 1 == 0 {
-            continue;
-        }
-        let (s, l) = (e["offset"].as_u64().unwrap(), e["length"].as_u64().unwrap());
-        match out.last_mut() {
-            Some(last) if last.1 == s => last.1 = s + l,
-            _ => out.push((s, s + l)),
-        }
-    }
-    out
-}
-
 /// The clusters the top layer of `img` holds, data or zeros (depth 0 in
 /// `qemu-img map`), merged.
-fn top_layer_ranges(p: &Path, img: &str) -> Vec<(u64, u64)> {
-    let mut out: Vec<(u64, u64)> = Vec::new();
-    for e in map_json(p, img) {
-        if e["depth"] != 0 || (e["data"] != true && e["zero"] != true) {
-            continue;
-        }
-        let (s, l) = (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap());
-        match out.last_mut() {
-            Some(last) if last.1 == s => last.1 = s + l,
-            _ => out.push((s, s + l)),
-        }
-    }
-    out
+pub(crate) fn top_layer_ranges(p: &Path, img: &str) -> Vec<(u64, u64)> {
+    map_ranges(p, img, |e| {
+        e["depth"] == 0 && (e["data"] == true || e["zero"] == true)
+    })
 }
 
 #[test]

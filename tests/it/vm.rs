@@ -141,6 +141,21 @@ fn consistent_cut(p: &Path, img: &str) -> u64 {
     t
 }
 
+/// Wait until the VM's init says it writes (3 minutes at most: TCG).
+fn wait_for_guest(log: &Path) {
+    let t0 = Instant::now();
+    while !std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .contains("GUEST: START")
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(180),
+            "the VM did not start writing"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 fn guest_count(log: &Path) -> u64 {
     std::fs::read_to_string(log)
         .unwrap_or_default()
@@ -176,17 +191,7 @@ fn vm_writing_through_the_server_gets_point_in_time_backups() {
         .stderr(Stdio::null())
         .spawn()
         .expect("qemu-system-x86_64");
-    let t0 = Instant::now();
-    while !std::fs::read_to_string(&log)
-        .unwrap_or_default()
-        .contains("GUEST: START")
-    {
-        assert!(
-            t0.elapsed() < Duration::from_secs(180),
-            "the VM did not start writing"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_for_guest(&log);
     std::thread::sleep(Duration::from_secs(2));
     // A full backup (anchoring b0) and an incremental, each slowed down so
     // the VM rewrites every slot several times while it runs.
@@ -317,17 +322,7 @@ fn libvirt_pull_mode_backups_of_a_running_vm_are_point_in_time() {
     std::fs::write(p.join("domain.xml"), xml).unwrap();
     virsh(&["create", &p.join("domain.xml").display().to_string()]);
     let _dom = Domain(name.clone());
-    let t0 = Instant::now();
-    while !std::fs::read_to_string(&log)
-        .unwrap_or_default()
-        .contains("GUEST: START")
-    {
-        assert!(
-            t0.elapsed() < Duration::from_secs(180),
-            "the VM did not start writing"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_for_guest(&log);
     std::thread::sleep(Duration::from_secs(2));
     let sock = p.join("backup.sock");
     let uri = format!("nbd+unix:///vda?socket={}", sock.display());
