@@ -61,7 +61,7 @@ if ! virsh -c qemu:///system version >/dev/null 2>&1; then
   for _ in $(seq 100); do virsh -c qemu:///system version >/dev/null 2>&1 && break; sleep 0.1; done
 fi
 if virsh -c qemu:///system version >/dev/null 2>&1; then
-  cargo test --test it -- --ignored --nocapture vm::
+  cargo test --test it -- --ignored --nocapture --test-threads=1 vm::
 elif $if_possible; then
   echo "tests/vm/run.sh: libvirtd is not reachable: the libvirt test did not run" >&2
   cargo test --test it -- --ignored --nocapture vm::vm_writing_through_the_server
