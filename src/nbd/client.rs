@@ -730,10 +730,11 @@ impl Client {
         err.map_or(Ok(()), Err)
     }
 
-    /// Give a payload buffer back (a few are kept).
+    /// Give a payload buffer back (a few of at most 4 MiB are kept, so a
+    /// server sending oversized chunks cannot make the pool grow).
     fn recycle(&self, data: Vec<u8>) {
         let mut spare = lock(&self.spare);
-        if spare.len() < 16 {
+        if spare.len() < 16 && data.capacity() <= 4 << 20 {
             spare.push(data);
         }
     }
