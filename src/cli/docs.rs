@@ -592,7 +592,9 @@ next \fBprune\fR, or \fBlist \-\-repair\fR, finishes the interrupted
 plan first. \fBprune\fR holds DIR locked exclusively; a \fBbackup\fR
 writing into DIR holds it shared, so each waits for the other
 (\fB\-\-wait\-lock\fR) or is refused with exit 8: a prune never removes
-what a running backup builds on.
+what a running backup builds on. \fBprune\fR sees the manifests in DIR
+only: keep each chain in one directory (a backup elsewhere whose parent is
+in DIR is not protected).
 .PP
 \fBconsolidate\fR \fIBACKUP OUTPUT\fR writes the same kind of
 self\-contained copy into a new file with its own manifest (BACKUP's
