@@ -743,8 +743,10 @@ pub fn backup(stream: UnixStream, g: &GlobalOpts, progress: ProgressMode) -> any
     };
     reporter.finish();
     let Some(end) = end else {
+        // The image being backed up went away with its server: the source
+        // could not be read to the end (SPEC §5: exit 4).
         return Err(Reported {
-            exit: Exit::Failure,
+            exit: Exit::SourceRead,
             message: "the server of the image stopped during the backup".into(),
             hint: Some(
                 "the backup was not made (a TARGET.partial it left is not a backup); run it again once the image is served or idle".into(),

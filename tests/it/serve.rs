@@ -1032,3 +1032,38 @@ fn incremental_restores_to_the_image(p: &Path, image: &str, target: &str) {
     qemu_img(p, &["convert", "-O", "raw", target, "flat.raw"]);
     assert!(identical(p, "flat.raw", image));
 }
+
+#[test]
+fn a_server_killed_during_a_backup_in_it_is_a_source_read_error() {
+    let d = tempdir();
+    let p = d.path();
+    data_disk(p, "disk.raw", 32);
+    let mut s = Served::start(p, "disk.raw", &[]);
+    let job = bin()
+        .current_dir(p)
+        .args([
+            "backup",
+            "--speed",
+            "4M",
+            "--progress",
+            "none",
+            "disk.raw",
+            "b.qcow2",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1000));
+    let server = s.child.take().unwrap();
+    signal(&server, libc::SIGKILL);
+    let _ = server.wait_with_output();
+    let o = job.wait_with_output().unwrap();
+    assert_eq!(code(&o), 4, "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("stopped during the backup"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!p.join("b.qcow2").exists());
+}
