@@ -77,7 +77,7 @@ struct Journal {
 /// The plan for `set` under `rules`.
 pub fn plan(set: &Set, rules: &Rules) -> Vec<Item> {
     let mut action: BTreeMap<String, (Action, Vec<String>)> = BTreeMap::new();
-    for (source, backups) in set.by_source() {
+    for backups in set.by_source().into_values() {
         let usable: Vec<_> = backups
             .iter()
             .filter(|b| !b.damaged && b.present && b.started_at().is_some())
@@ -107,7 +107,6 @@ pub fn plan(set: &Set, rules: &Rules) -> Vec<Item> {
                 action.insert(b.name.clone(), (Action::Skip, vec![why.into()]));
             }
         }
-        let _ = source;
     }
     // A kept backup whose parent goes is consolidated; one whose parent
     // is already gone cannot be, and its chain is kept as it is.
