@@ -35,6 +35,10 @@ impl QemuNbd {
             &s,
             "--trace",
             "nbd_receive_request",
+            "--trace",
+            "nbd_co_receive_request_decode_type",
+            "--trace",
+            "nbd_co_send_chunk_read",
         ];
         args.extend_from_slice(extra);
         args.push(img);
@@ -100,6 +104,34 @@ impl QemuNbd {
     /// The READ requests the server received: (offset, length).
     fn reads(&self) -> Vec<(u64, u64)> {
         traced_reads(&std::fs::read_to_string(&self.trace).unwrap())
+    }
+
+    /// The most READ requests the server had received and not yet begun
+    /// to answer at once (its trace of decoded requests and sent replies,
+    /// by cookie; qemu-nbd only).
+    fn most_reads_in_flight(&self) -> usize {
+        let text = std::fs::read_to_string(&self.trace).unwrap();
+        let cookie = |l: &str| -> Option<u64> {
+            let at = l.find("cookie = ")? + "cookie = ".len();
+            l[at..]
+                .split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse()
+                .ok()
+        };
+        let mut open = std::collections::BTreeSet::new();
+        let mut most = 0;
+        for l in text.lines() {
+            if l.starts_with("nbd_co_receive_request_decode_type") && l.contains("(read)") {
+                open.extend(cookie(l));
+                most = most.max(open.len());
+            } else if l.starts_with("nbd_co_send_chunk_read")
+                && let Some(c) = cookie(l)
+            {
+                open.remove(&c);
+            }
+        }
+        most
     }
 
     fn kill(&mut self) {
@@ -216,6 +248,7 @@ fn full_backups_equal_qemu_img_convert(qsd: bool) {
             let read: u64 = reads.iter().map(|r| r.1).sum();
             let want: u64 = data.iter().map(|(a, b)| b - a).sum();
             assert_eq!(read, want, "{img} -> {target}: bytes read");
+
             drop(srv);
             // QEMU's own copy of the same export.
             let srv = serve(img, fmt);
@@ -642,4 +675,22 @@ fn a_read_error_in_the_servers_image_is_a_source_read_error_under_every_policy()
         assert!(got[r.clone()] == want[r], "cluster at {at}");
     }
     drop(srv);
+}
+
+#[test]
+fn several_reads_are_in_flight_on_one_connection() {
+    let d = tempdir();
+    let p = d.path();
+    data_disk(p, "d.raw", 32);
+    // qemu-nbd serves one client and offers no multi-conn: one connection.
+    let srv = QemuNbd::start(p, "d.raw", "raw", &[]);
+    Backup::new(p, &srv.uri(), "d.qcow2")
+        .jobs(4)
+        .max_chunk("256K")
+        .ok();
+    assert_eq!(srv.reads().len(), 128, "32 MiB in 256 KiB reads");
+    let most = srv.most_reads_in_flight();
+    assert!(most >= 2, "one READ at a time on the connection ({most})");
+    drop(srv);
+    assert!(identical_fmt(p, "d.qcow2", "qcow2", "d.raw", "raw"));
 }
