@@ -694,3 +694,56 @@ fn several_reads_are_in_flight_on_one_connection() {
     drop(srv);
     assert!(identical_fmt(p, "d.qcow2", "qcow2", "d.raw", "raw"));
 }
+
+#[test]
+fn a_tcp_export_is_backed_up_too() {
+    let d = tempdir();
+    let p = d.path();
+    make_qcow2(p, "t.qcow2", "");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = Command::new("qemu-nbd")
+        .current_dir(p)
+        .args([
+            "-r",
+            "-t",
+            "-f",
+            "qcow2",
+            "-x",
+            "disk",
+            "-b",
+            "127.0.0.1",
+            "-p",
+        ])
+        .arg(port.to_string())
+        .arg("t.qcow2")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "qemu-nbd did not listen"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(50));
+    let uri = format!("nbd://127.0.0.1:{port}/disk");
+    let s = Backup::new(p, &uri, "t-backup.qcow2").ok();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(s["source"], uri.as_str());
+    assert!(identical_fmt(
+        p,
+        "t-backup.qcow2",
+        "qcow2",
+        "t.qcow2",
+        "qcow2"
+    ));
+    run_ok(p, &["verify", "t-backup.qcow2"]);
+}
