@@ -321,9 +321,10 @@ successful backup is the VM owner's step (libvirt checkpoints, or QMP
 A connection that drops, or an error reply, is a source read error: the
 \fB\-\-on\-source\-error\fR policy applies; with \fBretry\fR the next attempt
 connects again (with the policy's backoff). \fB\-\-timeout\fR and signals
-end the job even while a read waits on a server that stopped answering. A
-server that cannot be reached when the job starts is exit 1, as a missing
-file is.
+end the job even while a read waits on a server that stopped answering,
+and \fB\-\-timeout\fR also while connecting (a handshake gives up after
+20 seconds otherwise). A server that cannot be reached when the job starts
+is exit 1, as a missing file is.
 "#;
 
 const BACKUP_EXAMPLES: &str = r#".TP

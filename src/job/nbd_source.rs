@@ -101,10 +101,17 @@ impl NbdSource {
             .iter()
             .map(|b| dirty_bitmap_context(b))
             .collect();
-        let node = Arc::new(
-            NbdNode::open(uri.clone(), &name, &extra)
-                .map_err(JobError::context("cannot connect to the NBD server"))?,
-        );
+        // A server that never answers the handshake ends the job at its
+        // --timeout (exit 9), as a silent one does later.
+        let t0 = std::time::Instant::now();
+        let opened = NbdNode::open(uri.clone(), &name, &extra, cfg.timeout);
+        let node = match opened {
+            Ok(n) => Arc::new(n),
+            Err(_) if cfg.timeout.is_some_and(|t| t0.elapsed() >= t) => {
+                return Err(JobError::Cancelled(crate::job::cancel::Reason::Timeout));
+            }
+            Err(e) => return Err(JobError::step("cannot connect to the NBD server", e)),
+        };
         if let Some(b) = &cfg.source_bitmap
             && !node.has_context(&dirty_bitmap_context(b))
         {

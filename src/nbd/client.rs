@@ -244,7 +244,7 @@ enum Sock {
 }
 
 impl Sock {
-    fn connect(t: &Transport) -> io::Result<Sock> {
+    fn connect(t: &Transport, limit: Duration) -> io::Result<Sock> {
         match t {
             Transport::Unix(p) => Ok(Sock::Unix(std::os::unix::net::UnixStream::connect(p)?)),
             Transport::Tcp { host, port } => {
@@ -252,7 +252,7 @@ impl Sock {
                 let mut last =
                     io::Error::new(io::ErrorKind::NotFound, format!("{host}: no address"));
                 for a in (host.as_str(), *port).to_socket_addrs()? {
-                    match std::net::TcpStream::connect_timeout(&a, HANDSHAKE_TIMEOUT) {
+                    match std::net::TcpStream::connect_timeout(&a, limit) {
                         Ok(s) => {
                             s.set_nodelay(true)?;
                             return Ok(Sock::Tcp(s));
@@ -540,8 +540,19 @@ impl Client {
     /// and negotiating fail after [`HANDSHAKE_TIMEOUT`] (a server that
     /// serves one client at a time leaves a second one waiting).
     pub fn connect(uri: &NbdUri, contexts: &[&str]) -> Result<Client, ClientError> {
-        let mut sock = Sock::connect(&uri.transport)?;
-        sock.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
+        Self::connect_within(uri, contexts, HANDSHAKE_TIMEOUT)
+    }
+
+    /// [`Client::connect`], giving up after `limit` instead (a job's
+    /// `--timeout` that is shorter).
+    pub fn connect_within(
+        uri: &NbdUri,
+        contexts: &[&str],
+        limit: Duration,
+    ) -> Result<Client, ClientError> {
+        let limit = limit.max(Duration::from_millis(1));
+        let mut sock = Sock::connect(&uri.transport, limit)?;
+        sock.set_read_timeout(Some(limit))?;
         let mut n = Negotiation {
             s: &mut sock,
             info: ExportInfo {
@@ -561,8 +572,8 @@ impl Client {
                 ClientError::Io(io::Error::new(
                     io::ErrorKind::TimedOut,
                     format!(
-                        "the server did not finish the handshake within {} s (does it serve one client at a time, and is another connected?)",
-                        HANDSHAKE_TIMEOUT.as_secs()
+                        "the server did not finish the handshake within {:?} (does it serve one client at a time, and is another connected?)",
+                        limit
                     ),
                 ))
             }

@@ -87,13 +87,23 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl NbdNode {
     /// Connect to `uri` (given as `name`), selecting `base:allocation` and
-    /// the `extra` contexts, and learn the export's size.
-    pub fn open(uri: NbdUri, name: &str, extra: &[String]) -> Result<NbdNode> {
+    /// the `extra` contexts, and learn the export's size. Connecting gives
+    /// up after `limit` (None: the client's default).
+    pub fn open(
+        uri: NbdUri,
+        name: &str,
+        extra: &[String],
+        limit: Option<std::time::Duration>,
+    ) -> Result<NbdNode> {
         let name = PathBuf::from(name);
         let mut contexts = vec![ALLOCATION.to_string()];
         contexts.extend(extra.iter().cloned());
         let refs: Vec<&str> = contexts.iter().map(String::as_str).collect();
-        let c = Client::connect(&uri, &refs).map_err(|e| io_error(Op::Open, &name, 0, 0, e))?;
+        let limit = limit.map_or(crate::nbd::client::HANDSHAKE_TIMEOUT, |l| {
+            l.min(crate::nbd::client::HANDSHAKE_TIMEOUT)
+        });
+        let c = Client::connect_within(&uri, &refs, limit)
+            .map_err(|e| io_error(Op::Open, &name, 0, 0, e))?;
         let (_, preferred, max) = c.info.block_size;
         Ok(NbdNode {
             size: c.info.size,

@@ -143,7 +143,8 @@ fn an_export_as_a_source_node_reads_in_parallel_and_reconnects() {
     let srv = QemuNbd::start(p, "disk.qcow2", &["--socket", &sock_s]);
     let uri = format!("nbd+unix:///disk?socket={sock_s}");
     drop(connect(&uri, &[])); // wait for the server
-    let node = std::sync::Arc::new(NbdNode::open(NbdUri::parse(&uri).unwrap(), &uri, &[]).unwrap());
+    let node =
+        std::sync::Arc::new(NbdNode::open(NbdUri::parse(&uri).unwrap(), &uri, &[], None).unwrap());
     assert_eq!(node.size(), 16 << 20);
     let want = std::sync::Arc::new(raw_content(p, "disk.qcow2"));
     // Four readers at once, each its own connection from the pool.

@@ -747,3 +747,36 @@ fn a_tcp_export_is_backed_up_too() {
     ));
     run_ok(p, &["verify", "t-backup.qcow2"]);
 }
+
+#[test]
+fn a_server_that_never_answers_the_handshake_ends_at_the_timeout() {
+    let d = tempdir();
+    let p = d.path();
+    // Accepts, then says nothing.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let held = std::thread::spawn(move || {
+        let (s, _) = listener.accept().unwrap();
+        std::thread::sleep(Duration::from_secs(5));
+        drop(s);
+    });
+    let t = Instant::now();
+    let o = run_in(
+        p,
+        &[
+            "backup",
+            "--timeout",
+            "1s",
+            &format!("nbd://127.0.0.1:{port}/x"),
+            "x.qcow2",
+        ],
+    );
+    assert_eq!(code(&o), 9, "{}", stderr(&o));
+    assert!(
+        t.elapsed() < Duration::from_secs(4),
+        "took {:?}",
+        t.elapsed()
+    );
+    assert!(!p.join("x.qcow2").exists());
+    held.join().unwrap();
+}
