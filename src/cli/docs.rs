@@ -580,7 +580,7 @@ days that have one (hours, weeks from Monday, months alike, in UTC);
 bitmap is anchored to is always kept. When a kept backup's parent is to
 be removed, the kept backup is first rewritten as a self\-contained
 qcow2 holding the same point\-in\-time image (read through its chain,
-compressed if it was), written as NAME.consolidating and renamed over
+compressed if it was), written as NAME.partial and renamed over
 NAME: its children's backing links and its manifest (same root digest,
 no parent any more, bound to the new file) stay valid, and bitmaps
 anchored to it follow it. Only then are the other backups removed,

@@ -7,8 +7,8 @@
 //! In place, BACKUP is rewritten so that at every moment it stays
 //! restorable and its children's backing links stay valid:
 //!
-//! 1. the copy is made by a backup job into `BACKUP.consolidating` (with
-//!    its own manifest), and its root digest must be BACKUP's;
+//! 1. the copy is made by a backup job into `BACKUP.partial` (with its
+//!    own manifest), and its root digest must be BACKUP's;
 //! 2. BACKUP's manifest is rewritten with no parent and bound to the copy
 //!    (written beside, renamed over it): BACKUP's content still matches it
 //!    (the content decides; the binding only explains);
@@ -30,18 +30,16 @@ use crate::node::probe::{Format, format_for};
 use crate::node::qcow2::Compression;
 use std::path::{Path, PathBuf};
 
-/// Where an in-place consolidation writes its copy.
+/// Where an in-place consolidation writes its copy: `BACKUP.partial`
+/// (SPEC §10), renamed over BACKUP once its manifest is in place.
 pub fn copy_path(backup: &Path) -> PathBuf {
-    let mut s = backup.as_os_str().to_owned();
-    s.push(".consolidating");
-    PathBuf::from(s)
+    crate::target::partial_path(backup)
 }
 
-/// Where the rewritten manifest is written before it is renamed.
+/// Where the rewritten manifest is written before it is renamed over
+/// BACKUP's.
 fn manifest_temp(backup: &Path) -> PathBuf {
-    let mut s = manifest_path(backup).into_os_string();
-    s.push(".consolidating");
-    PathBuf::from(s)
+    crate::target::partial_path(&manifest_path(backup))
 }
 
 fn io_step(what: String) -> impl FnOnce(std::io::Error) -> JobError {
