@@ -55,6 +55,8 @@ pub struct NbdNode {
     max_conns: usize,
     /// Open connections.
     pool: Mutex<Vec<Arc<Client>>>,
+    /// Held while a reader connects again after every connection failed.
+    reconnecting: Mutex<()>,
     /// A background connection attempt is under way.
     connecting: Arc<AtomicBool>,
     /// Where it leaves its connection.
@@ -118,6 +120,7 @@ impl NbdNode {
             name,
             contexts,
             pool: Mutex::new(vec![Arc::new(c)]),
+            reconnecting: Mutex::new(()),
             connecting: Arc::new(AtomicBool::new(false)),
             grown: Mutex::new(None),
             next: AtomicUsize::new(0),
@@ -161,6 +164,13 @@ impl NbdNode {
         let pool = lock(&self.pool);
         if pool.is_empty() {
             drop(pool);
+            // One reader connects again; the others wait for it and share
+            // its connection (a server taking one client at a time would
+            // leave a second connection waiting in its backlog).
+            let _one = lock(&self.reconnecting);
+            if let Some(c) = lock(&self.pool).first().cloned() {
+                return Ok(c);
+            }
             let c = Arc::new(
                 self.connect()
                     .map_err(|e| io_error(Op::Open, &self.name, offset, len, e))?,
