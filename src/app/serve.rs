@@ -348,6 +348,11 @@ fn writable_export(
     let node: Arc<dyn BlockNode> = slot.clone();
     let bitmaps = offered_bitmaps(image, size, Some(&tracked));
     let (t, img) = (tracked.clone(), image.to_path_buf());
+    // A flush saves the bitmaps only when they changed since the last save:
+    // a guest that flushes often and writes where it wrote before pays
+    // nothing (what is on disk stays marked in use until the server stops,
+    // so no reader trusts it meanwhile anyway).
+    let last_saved: std::sync::Mutex<Option<Vec<BitmapState>>> = std::sync::Mutex::new(None);
     let export = Export {
         name: args.export_name.clone(),
         description: image.display().to_string(),
@@ -355,9 +360,19 @@ fn writable_export(
         read_only: false,
         bitmaps,
         on_flush: Some(Arc::new(move || {
+            let now = bitmap_states(&t);
+            let mut last = match last_saved.lock() {
+                Ok(g) => g,
+                Err(p) => p.into_inner(),
+            };
+            if last.as_ref() == Some(&now) {
+                return Ok(());
+            }
             super::marked::save(&img, &t, true, true)
                 .map(|_| ())
-                .map_err(io::Error::other)
+                .map_err(io::Error::other)?;
+            *last = Some(now);
+            Ok(())
         })),
     };
     let served = Served {
@@ -367,6 +382,27 @@ fn writable_export(
         image: opened,
     };
     Ok((export, tracked, raw, served))
+}
+
+/// What a bitmap save writes that can change while served: name, bits,
+/// enabled, inconsistent.
+type BitmapState = (String, crate::bitmap::Bits, bool, bool);
+
+fn bitmap_states(t: &Tracked) -> Vec<BitmapState> {
+    let v = match t.lock() {
+        Ok(v) => v,
+        Err(p) => p.into_inner(),
+    };
+    v.iter()
+        .map(|(b, consistent)| {
+            (
+                b.name.clone(),
+                b.bits.clone(),
+                b.enabled,
+                !*consistent || b.inconsistent,
+            )
+        })
+        .collect()
 }
 
 /// `qemu:dirty-bitmap:NAME` for the bitmaps beside `image`: the live ones

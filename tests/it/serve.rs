@@ -1067,3 +1067,34 @@ fn a_server_killed_during_a_backup_in_it_is_a_source_read_error() {
     );
     assert!(!p.join("b.qcow2").exists());
 }
+
+#[test]
+fn a_flush_saves_the_bitmaps_only_when_they_changed() {
+    let d = tempdir();
+    let p = d.path();
+    data_disk(p, "disk.raw", 8);
+    ok(p, &["bitmap", "add", "disk.raw", "b0"]);
+    let s = Served::start(p, "disk.raw", &[]);
+    let file = p.join("disk.raw.b0.bitmap");
+    let stamp = || {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(&file).unwrap();
+        (m.ino(), m.mtime(), m.mtime_nsec(), sha256_file(&file))
+    };
+    let o = nbd_io(p, &s.uri(), &["write -P 1 0 64k", "flush"]);
+    assert!(o.status.success());
+    let first = stamp();
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    // The same granule again: nothing new to save.
+    let o = nbd_io(p, &s.uri(), &["write -P 2 4k 4k", "flush"]);
+    assert!(o.status.success());
+    assert_eq!(stamp(), first, "a flush rewrote an unchanged bitmap");
+    // A new granule: saved.
+    let o = nbd_io(p, &s.uri(), &["write -P 3 4M 4k", "flush"]);
+    assert!(o.status.success());
+    assert_ne!(stamp().3, first.3, "a flush did not save a changed bitmap");
+    let (rc, err) = s.stop();
+    assert_eq!(rc, 0, "{err}");
+    // After the server, the bitmap holds both granules.
+    assert_eq!(dirty(p, "disk.raw", "b0"), 2);
+}
