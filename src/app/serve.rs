@@ -1,7 +1,7 @@
 //! `imgbackup serve IMAGE (--socket PATH | --listen HOST:PORT)`: export an
 //! image over NBD. Writable exports are raw or qcow2 images written in place; every
 //! enabled bitmap beside the image is marked before a write is issued (so
-//! before it is acknowledged), saved on every flush, and saved with the
+//! before it is acknowledged), saved on a flush when it changed, and saved with the
 //! image's new identity when the server stops, so an incremental after a
 //! served session is exact. Read-only exports take any image (a backup and
 //! its chain, a qcow2).
@@ -323,7 +323,7 @@ fn prepare_overlay(image: &Path, format: Format, overlay: &Path) -> anyhow::Resu
 
 /// The export of an image written in place (raw, or qcow2 through the
 /// in-place writer): every enabled bitmap beside
-/// it marked in use, marked by every write, saved on every flush.
+/// it marked in use, marked by every write, saved on a flush when it changed.
 fn writable_export(
     args: &ServeArgs,
     image: &Path,

@@ -462,7 +462,7 @@ ignored by \fBbackup\fR and replaced by the next server.
 
 const SERVE_BITMAPS: &str = r#"Every enabled bitmap beside a writable IMAGE is marked in use while the
 server runs, marked before each write is issued (so before the client sees
-it acknowledged), saved on every client flush, and saved with the image's
+it acknowledged), saved on a client flush when it changed, and saved with the image's
 new identity when the server stops: an incremental backup after a served
 session copies exactly what the clients wrote. A server killed with
 SIGKILL leaves the bitmaps in use, which the next backup refuses (exit 6)
