@@ -108,6 +108,25 @@ pub fn plan(set: &Set, rules: &Rules) -> Vec<Item> {
             }
         }
     }
+    // A backup whose manifest cannot be read is left alone, and so is the
+    // file its qcow2 header names as its backing file (the chain it needs).
+    for b in &set.backups {
+        if !b.damaged || !b.present {
+            continue;
+        }
+        let Some(parent) = backing_name(&set.dir, &b.path) else {
+            continue;
+        };
+        if let Some(e) = action.get_mut(&parent)
+            && e.0 == Action::Remove
+        {
+            e.0 = Action::Keep;
+            e.1.push(format!(
+                "backing file of {}, whose manifest cannot be read",
+                b.name
+            ));
+        }
+    }
     // A kept backup whose parent goes is consolidated; one whose parent
     // is already gone cannot be, and its chain is kept as it is.
     let parent_of = |name: &str| -> Option<String> {
@@ -155,6 +174,23 @@ pub fn plan(set: &Set, rules: &Rules) -> Vec<Item> {
             }
         })
         .collect()
+}
+
+/// The name in `dir` of the backing file `path`'s qcow2 header names, if
+/// it is in `dir`.
+fn backing_name(dir: &Path, path: &Path) -> Option<String> {
+    let layer = crate::node::qcow2::Qcow2Layer::open(path).ok()?;
+    let name = layer.header().backing_file.clone()?;
+    let resolved = crate::node::graph::resolve_backing(path, &name).ok()?;
+    let (a, b) = (
+        std::fs::canonicalize(crate::files::dir_of(&resolved)).ok()?,
+        std::fs::canonicalize(dir).ok()?,
+    );
+    (a == b).then(|| {
+        resolved
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+    })?
 }
 
 fn journal_path(dir: &Path) -> PathBuf {

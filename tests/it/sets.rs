@@ -549,3 +549,53 @@ fn list_verify_reads_each_backup_once_and_still_finds_damage() {
         .collect();
     assert_eq!(verdict, vec![true, true, false, false, false], "{doc}");
 }
+
+#[test]
+fn the_backing_file_of_a_backup_with_an_unreadable_manifest_is_kept() {
+    let d = tempdir();
+    let p = d.path();
+    setup_prune(p);
+    // a-03's manifest is unreadable: prune leaves a-03 alone, and keeps
+    // a-02, which a-03's qcow2 header names as its backing file.
+    let m = p.join("b/a-03.qcow2.manifest");
+    let mut data = std::fs::read(&m).unwrap();
+    data[..8].copy_from_slice(b"XXXXXXXX");
+    std::fs::write(&m, data).unwrap();
+    let o = at(
+        p,
+        &night(4),
+        &["prune", "b", "--keep-last", "1", "--dry-run"],
+    );
+    let plan = stdout(&o);
+    assert!(
+        plan.lines().any(|l| l.starts_with("consolidate")
+            && l.contains("a-02")
+            && l.contains("whose manifest cannot be read")),
+        "{plan}"
+    );
+    assert!(
+        plan.lines()
+            .any(|l| l.starts_with("remove") && l.contains("a-01")),
+        "{plan}"
+    );
+    assert!(
+        plan.lines()
+            .any(|l| l.starts_with("left") && l.contains("a-03")),
+        "{plan}"
+    );
+    let o = run_in(p, &["prune", "-q", "b", "--keep-last", "1"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert!(!p.join("b/a-01.qcow2").exists());
+    // The chain a-04 -> a-03 -> a-02 still reads as the image of night 4.
+    for (n, f) in [
+        (2, "b/a-02.qcow2"),
+        (3, "b/a-03.qcow2"),
+        (4, "b/a-04.qcow2"),
+    ] {
+        assert!(
+            identical_fmt(p, f, "qcow2", &format!("ref-a-{n:02}.raw"), "raw"),
+            "{f}"
+        );
+        check_clean(p, f);
+    }
+}
