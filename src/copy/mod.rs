@@ -434,6 +434,21 @@ impl BlockCopy {
         Some(claim)
     }
 
+    /// Wait until no claim is in flight (a copy-before-write still copying
+    /// may yet give its clusters back), or the job is cancelled.
+    pub fn wait_idle(&self) {
+        let mut g = self.lock();
+        while !g.inflight.is_empty() && !self.cancel.is_cancelled() {
+            g = match self
+                .changed
+                .wait_timeout(g, std::time::Duration::from_millis(50))
+            {
+                Ok((g, _)) => g,
+                Err(p) => p.into_inner().0,
+            };
+        }
+    }
+
     /// Finish a claim: on failure its clusters become dirty again.
     pub fn release(&self, claim: Claim, ok: bool) {
         let cs = self.cfg.cluster_size;

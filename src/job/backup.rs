@@ -27,7 +27,7 @@ use super::nbd_source::NbdSource;
 use super::policy::Policies;
 use super::sync_bitmap::{Before, SyncBitmap};
 use super::sync_mode::{BitmapMode, DefaultBacking, SyncMode};
-use super::{PolicyLog, RetryEvent, outcome, run_background, run_drain};
+use super::{PolicyLog, RetryEvent, copy_left_behind, outcome, run_background, run_drain};
 use crate::bitmap::{Bitmap, BitmapError, Bits, Identity, Tracked};
 use crate::copy::{BlockCopy, ChunkObserver, Config, CopyError};
 use crate::guest::{self, GuestReport, GuestSpec};
@@ -1402,6 +1402,14 @@ impl Running {
             if result.is_err() || !bounded {
                 stop_guest.store(true, Ordering::Relaxed);
             }
+            let stats = guest.and_then(|h| h.join().ok());
+            // A copy-before-write that failed gave its clusters back, maybe
+            // after the workers had passed them: copy them now, while a
+            // served image's writes still go through the filter.
+            let result = result.and_then(|()| match cfg.sync.copies_in_background() {
+                true => copy_left_behind(bc, cancel, policies, plog),
+                false => Ok(()),
+            });
             // A served image's clients go on writing: once every cluster is
             // copied (or the job failed) the filter has nothing left to do.
             // Removing it waits for the writes in flight through it, so no
@@ -1409,7 +1417,6 @@ impl Running {
             if let Some(s) = &self.job.served {
                 s.slot.remove();
             }
-            let stats = guest.and_then(|h| h.join().ok());
             // The cache drains once no guest can fill it any more.
             stop_drain.store(true, Ordering::Relaxed);
             let _ = drain.join();

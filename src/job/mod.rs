@@ -155,6 +155,49 @@ pub fn run_background(
     outcome(bc, cancel)
 }
 
+/// Copy, under the error policies, the clusters still to copy after the
+/// workers finished that no policy skipped: those a failed
+/// copy-before-write gave back after the workers had passed them. Call it
+/// while the writers still go through the filter (or have stopped), so
+/// what it copies is still the point-in-time data.
+pub fn copy_left_behind(
+    bc: &BlockCopy,
+    cancel: &Cancel,
+    policies: &Policies,
+    plog: &PolicyLog,
+) -> Result<(), JobError> {
+    let cs = bc.cluster_size();
+    let mut buf = Vec::new();
+    loop {
+        bc.wait_idle();
+        let mut left = bc.bitmap();
+        for (s, e) in plog.skipped_ranges() {
+            left.clear_range(s / cs, e.div_ceil(cs));
+        }
+        let runs = left.runs();
+        if runs.is_empty() || bc.failed() || cancel.is_cancelled() {
+            break;
+        }
+        tracing::debug!(
+            "copying {} run(s) a failed copy-before-write gave back",
+            runs.len()
+        );
+        for (s, e) in runs {
+            let claims = match bc.claim_range(s * cs, (e - s) * cs, None) {
+                Ok(c) => c,
+                Err(err) => {
+                    bc.fail(err);
+                    break;
+                }
+            };
+            for c in claims {
+                handle_claim(bc, c, &mut buf, cancel, policies, plog);
+            }
+        }
+    }
+    outcome(bc, cancel)
+}
+
 /// Copy one claim under the error policies. Returns the bytes read.
 fn handle_claim(
     bc: &BlockCopy,

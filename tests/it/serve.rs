@@ -1098,3 +1098,57 @@ fn a_flush_saves_the_bitmaps_only_when_they_changed() {
     // After the server, the bitmap holds both granules.
     assert_eq!(dirty(p, "disk.raw", "b0"), 2);
 }
+
+#[test]
+fn a_copy_before_write_that_fails_after_the_workers_passed_is_copied_before_the_end() {
+    let d = tempdir();
+    let p = d.path();
+    data_disk(p, "disk.raw", 16);
+    let orig = raw_content(p, "disk.raw");
+    let s = Served::start(p, "disk.raw", &[]);
+    // The first read at 8 MiB waits 3 s and fails: that is the copy-
+    // before-write of the client's write below, which holds the cluster
+    // while the (slowed) workers go past it.
+    let job = bin()
+        .current_dir(p)
+        .args([
+            "--json",
+            "backup",
+            "--inject",
+            "source:read:EIO@8M,once,delay=3s",
+            "--on-source-error",
+            "ignore",
+            "--speed",
+            "4M",
+            "--progress",
+            "none",
+            "disk.raw",
+            "t.qcow2",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    // Its copy-before-write fails: the write fails (break-guest-write).
+    let w = nbd_io(p, &s.uri(), &["write -P 0x77 8M 4k"]);
+    let o = job.wait_with_output().unwrap();
+    let doc: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+    assert_eq!(
+        code(&o),
+        0,
+        "{}\n{doc}\nclient: {}",
+        stderr(&o),
+        String::from_utf8_lossy(&w.stdout)
+    );
+    assert!(
+        String::from_utf8_lossy(&w.stdout).contains("failed"),
+        "the client's write went through: {}",
+        String::from_utf8_lossy(&w.stdout)
+    );
+    // The cluster the filter gave back was copied after all: the backup
+    // is the image at its point in time, whole.
+    assert_eq!(raw_content(p, "t.qcow2"), orig);
+    let (rc, err) = s.stop();
+    assert_eq!(rc, 0, "{err}");
+}
