@@ -360,14 +360,14 @@ fn writable_export(
         read_only: false,
         bitmaps,
         on_flush: Some(Arc::new(move || {
-            let now = bitmap_states(&t);
             let mut last = match last_saved.lock() {
                 Ok(g) => g,
                 Err(p) => p.into_inner(),
             };
-            if last.as_ref() == Some(&now) {
+            if last.as_deref().is_some_and(|l| unchanged_since(&t, l)) {
                 return Ok(());
             }
+            let now = bitmap_states(&t);
             super::marked::save(&img, &t, true, true)
                 .map(|_| ())
                 .map_err(io::Error::other)?;
@@ -387,6 +387,24 @@ fn writable_export(
 /// What a bitmap save writes that can change while served: name, bits,
 /// enabled, inconsistent.
 type BitmapState = (String, crate::bitmap::Bits, bool, bool);
+
+/// True when the bitmaps are as `last` recorded them (compared in place:
+/// a flush that finds nothing new copies nothing).
+fn unchanged_since(t: &Tracked, last: &[BitmapState]) -> bool {
+    let v = match t.lock() {
+        Ok(v) => v,
+        Err(p) => p.into_inner(),
+    };
+    v.len() == last.len()
+        && v.iter()
+            .zip(last)
+            .all(|((b, consistent), (n, bits, en, inc))| {
+                b.name == *n
+                    && b.enabled == *en
+                    && (!*consistent || b.inconsistent) == *inc
+                    && b.bits == *bits
+            })
+}
 
 fn bitmap_states(t: &Tracked) -> Vec<BitmapState> {
     let v = match t.lock() {

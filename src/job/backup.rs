@@ -558,10 +558,7 @@ fn check_unchanged(before: &[SourceFile]) -> Result<()> {
 /// or the backup is wrong.
 fn check_all_copied(bc: &BlockCopy, skipped: &[(u64, u64)]) -> Result<()> {
     let cs = bc.cluster_size();
-    let mut left = bc.not_copied();
-    for &(s, e) in skipped {
-        left.clear_range(s / cs, e.div_ceil(cs));
-    }
+    let left = super::without_skipped(bc.not_copied(), skipped, cs);
     if let Some(c) = left.next_set(0) {
         return Err(JobError::Internal(format!(
             "the cluster at offset {} was neither copied nor listed as skipped; the backup was not kept",

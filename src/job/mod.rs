@@ -108,6 +108,19 @@ impl PolicyLog {
     }
 }
 
+/// `bits` (of clusters of `cs` bytes) without the byte `ranges` an ignore
+/// policy skipped.
+pub fn without_skipped(
+    mut bits: crate::bitmap::Bits,
+    ranges: &[(u64, u64)],
+    cs: u64,
+) -> crate::bitmap::Bits {
+    for &(s, e) in ranges {
+        bits.clear_range(s / cs, e.div_ceil(cs));
+    }
+    bits
+}
+
 /// Run the background copy of `bc` on `jobs` workers until the copy bitmap
 /// is drained, a failure stops it ([`BlockCopy::fail`], from a worker or
 /// from the copy-before-write filter), or it is cancelled. In-flight copies
@@ -170,11 +183,7 @@ pub fn copy_left_behind(
     let mut buf = Vec::new();
     loop {
         bc.wait_idle();
-        let mut left = bc.bitmap();
-        for (s, e) in plog.skipped_ranges() {
-            left.clear_range(s / cs, e.div_ceil(cs));
-        }
-        let runs = left.runs();
+        let runs = without_skipped(bc.bitmap(), &plog.skipped_ranges(), cs).runs();
         if runs.is_empty() || bc.failed() || cancel.is_cancelled() {
             break;
         }

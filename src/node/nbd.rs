@@ -53,14 +53,12 @@ pub struct NbdNode {
     max_request: usize,
     /// Connections at most (1 without multi-conn).
     max_conns: usize,
-    /// Open connections.
-    pool: Mutex<Vec<Arc<Client>>>,
+    /// Open connections (a background connection attempt adds to it).
+    pool: Arc<Mutex<Vec<Arc<Client>>>>,
     /// Held while a reader connects again after every connection failed.
     reconnecting: Mutex<()>,
     /// A background connection attempt is under way.
     connecting: Arc<AtomicBool>,
-    /// Where it leaves its connection.
-    grown: Mutex<Option<Arc<Mutex<Option<Client>>>>>,
     next: AtomicUsize,
     /// Asked while a request waits: true abandons it (cancellation).
     stop: OnceLock<StopFn>,
@@ -119,10 +117,9 @@ impl NbdNode {
             uri,
             name,
             contexts,
-            pool: Mutex::new(vec![Arc::new(c)]),
+            pool: Arc::new(Mutex::new(vec![Arc::new(c)])),
             reconnecting: Mutex::new(()),
             connecting: Arc::new(AtomicBool::new(false)),
-            grown: Mutex::new(None),
             next: AtomicUsize::new(0),
             stop: OnceLock::new(),
             extents: Mutex::new(HashMap::new()),
@@ -189,39 +186,32 @@ impl NbdNode {
         Ok(c)
     }
 
-    /// Open one more connection in the background.
+    /// Open one more connection in the background; it joins the pool when
+    /// it is ready (unless the node is gone or the pool full by then).
     fn grow(&self) {
         let (uri, contexts) = (self.uri.clone(), self.contexts.clone());
         let connecting = self.connecting.clone();
-        let done = Arc::new(Mutex::new(None::<Client>));
-        let slot = done.clone();
+        let pool = Arc::downgrade(&self.pool);
+        let max = self.max_conns;
         let spawned = std::thread::Builder::new()
             .name("nbd-connect".into())
             .spawn(move || {
                 let refs: Vec<&str> = contexts.iter().map(String::as_str).collect();
                 match Client::connect(&uri, &refs) {
-                    Ok(c) => *lock(&slot) = Some(c),
+                    Ok(c) => {
+                        if let Some(pool) = pool.upgrade() {
+                            let mut g = lock(&pool);
+                            if g.len() < max {
+                                g.push(Arc::new(c));
+                            }
+                        }
+                    }
                     Err(e) => tracing::debug!("no further NBD connection: {e}"),
                 }
                 connecting.store(false, Ordering::SeqCst);
             });
         if spawned.is_err() {
             self.connecting.store(false, Ordering::SeqCst);
-            return;
-        }
-        *lock(&self.grown) = Some(done);
-    }
-
-    /// Take a connection the background attempt opened into the pool.
-    fn adopt(&self) {
-        let mut g = lock(&self.grown);
-        let Some(slot) = g.as_ref() else { return };
-        let Some(c) = lock(slot).take() else { return };
-        *g = None;
-        drop(g);
-        let mut pool = lock(&self.pool);
-        if pool.len() < self.max_conns {
-            pool.push(Arc::new(c));
         }
     }
 
@@ -234,7 +224,6 @@ impl NbdNode {
         len: u64,
         f: impl FnOnce(&Client, &dyn Fn() -> bool) -> std::result::Result<T, ClientError>,
     ) -> Result<T> {
-        self.adopt();
         let c = self.client(offset, len)?;
         let stop = self.stop.get().cloned();
         let stop = move || stop.as_ref().is_some_and(|s| s());

@@ -253,8 +253,7 @@ pub fn in_place(backup: &Path, cancel: &Cancel) -> Result<()> {
         backup.display()
     )))?;
     remove_if_present(&copy_manifest)?;
-    // Step 4.
-    let m = manifest_of(backup)?;
+    // Step 4 (the source and root digest are the ones read at the start).
     reanchor(backup, &m.meta)
 }
 

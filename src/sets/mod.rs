@@ -7,7 +7,7 @@ pub mod consolidate;
 pub mod prune;
 pub mod retention;
 
-use crate::manifest::{FileBinding, Meta, manifest_path, read_meta};
+use crate::manifest::{FileBinding, manifest_path, read_meta};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
@@ -22,12 +22,6 @@ pub struct Backup {
     pub name: String,
     /// Its path.
     pub path: PathBuf,
-    /// Its manifest's path.
-    #[serde(skip)]
-    pub manifest: PathBuf,
-    /// The manifest's metadata (None: the manifest cannot be read).
-    #[serde(skip)]
-    pub meta: Option<Meta>,
     /// The parent's name when it is in the same directory, else its path.
     pub parent: Option<String>,
     /// The parent the manifest names is gone (the backup cannot be
@@ -170,8 +164,6 @@ pub fn scan(dir: &Path) -> std::io::Result<Set> {
             damaged: meta.is_none(),
             bound,
             present,
-            manifest,
-            meta,
             path,
         });
     }
