@@ -164,6 +164,35 @@ pub fn list(args: &ListArgs, g: &GlobalOpts) -> anyhow::Result<Exit> {
             render_listing(d);
         }
     }
+    // For cron: a backup that cannot be restored as listed is exit 7 and
+    // one line on stderr, whatever the output format.
+    let broken: Vec<String> = docs
+        .iter()
+        .flat_map(|d| &d.backups)
+        .filter_map(|l| {
+            let b = l.backup;
+            let why = if b.damaged {
+                "manifest unreadable"
+            } else if b.orphan {
+                "file missing"
+            } else if b.parent_missing {
+                "parent missing"
+            } else {
+                return None;
+            };
+            Some(format!("{} ({why})", b.path.display()))
+        })
+        .collect();
+    if !broken.is_empty() {
+        exit = Exit::Mismatch;
+        if !g.quiet {
+            crate::errln!(
+                "imgbackup: {} backup(s) cannot be restored as listed: {}",
+                broken.len(),
+                broken.join(", ")
+            );
+        }
+    }
     Ok(exit)
 }
 

@@ -569,8 +569,11 @@ the set.
 \fBlist\fR shows each chain, oldest first, with what is wrong: an
 \fIorphan\fR (a manifest whose file is gone), a \fImissing parent\fR (the
 backup cannot be restored), a manifest not bound to its file (the file
-was copied or replaced), a damaged manifest. The bitmaps anchored to a
-backup are found beside the sources its manifest names.
+was copied or replaced), a damaged manifest. A backup that cannot be
+restored as listed (an orphan, a missing parent, an unreadable manifest)
+makes \fBlist\fR exit 7 with one line on stderr naming it, so a cron job
+sees a broken set by its exit code. The bitmaps anchored to a backup are
+found beside the sources its manifest names.
 .PP
 \fBprune\fR applies its rules to the backups of each source, with
 restic's \fBforget\fR semantics: a backup is kept if any rule keeps it;

@@ -557,7 +557,8 @@ pub struct GuestArgs {
 }
 
 #[derive(Debug, Args)]
-/// `imgbackup list`.
+/// `imgbackup list` (exit 7 when a listed backup cannot be restored: its
+/// file or its parent is missing, or its manifest cannot be read).
 pub struct ListArgs {
     /// A directory of backups, or backup files (their directories are
     /// read; only they are shown).

@@ -169,7 +169,16 @@ fn list_shows_two_chains_an_orphan_and_a_missing_parent() {
     std::fs::remove_file(p.join("b/a-03.qcow2")).unwrap();
     std::fs::remove_file(p.join("b/c-02.qcow2")).unwrap();
     std::fs::remove_file(p.join("b/c-02.qcow2.manifest")).unwrap();
-    let doc = ok(p, &["list", "b"]);
+    // For cron: the orphan and the broken chain make it exit 7, with one
+    // line naming them.
+    let (rc, doc, err) = json_run(p, &["list", "b"]);
+    assert_eq!(rc, 7, "{err}");
+    assert!(
+        err.contains("2 backup(s) cannot be restored")
+            && err.contains("a-03.qcow2 (file missing)")
+            && err.contains("c-03.qcow2 (parent missing)"),
+        "{err}"
+    );
     let by_name = |n: &str| {
         doc["backups"]
             .as_array()
@@ -230,7 +239,7 @@ fn list_shows_two_chains_an_orphan_and_a_missing_parent() {
             .iter()
             .all(|b| b["verified"] == true)
     );
-    let text = stdout(&run_ok(p, &["list", "b"]));
+    let text = stdout(&run_in(p, &["list", "b"]));
     assert!(
         text.contains("ORPHAN") && text.contains("PARENT MISSING"),
         "{text}"
