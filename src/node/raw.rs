@@ -76,6 +76,8 @@ pub struct RawNode {
     /// A block device: its size comes from the kernel, it has no holes to
     /// find (everything is data), and zeroing writes zeros into it.
     device: bool,
+    /// Data writes take turns (see [`crate::node::WriteGate`]).
+    gate: super::WriteGate,
 }
 
 impl RawNode {
@@ -109,6 +111,7 @@ impl RawNode {
             size: len,
             writable,
             device: true,
+            gate: super::WriteGate::default(),
         })
     }
 
@@ -136,6 +139,7 @@ impl RawNode {
             size,
             writable,
             device: false,
+            gate: super::WriteGate::default(),
         })
     }
 
@@ -279,12 +283,13 @@ impl BlockNode for RawNode {
         check_range(&self.path, offset, buf.len() as u64, self.size)?;
         // Large buffered writes at large aligned offsets are much slower on
         // ext4 (large folios) than the same bytes in 256 KiB pieces.
-        for (k, piece) in buf.chunks(WRITE_PIECE).enumerate() {
-            let at = offset + (k * WRITE_PIECE) as u64;
-            self.file
-                .write_all_at(piece, at)
-                .map_err(|e| BlockError::io(Op::Write, &self.path, at, piece.len() as u64, e))?;
-        }
+        let pieces = buf
+            .chunks(WRITE_PIECE)
+            .enumerate()
+            .map(|(k, piece)| (piece, offset + (k * WRITE_PIECE) as u64));
+        self.gate
+            .write_pieces(&self.file, pieces)
+            .map_err(|(at, len, e)| BlockError::io(Op::Write, &self.path, at, len as u64, e))?;
         super::start_writeback(&self.file, offset, buf.len() as u64);
         Ok(())
     }

@@ -169,6 +169,8 @@ pub struct Qcow2Writer {
     /// Where compressed clusters are packed: (the next free byte, the end
     /// of the host clusters taken for packing so far).
     pack: Mutex<(u64, u64)>,
+    /// Data writes take turns (see [`crate::node::WriteGate`]).
+    gate: crate::node::WriteGate,
     finished: AtomicBool,
 }
 
@@ -232,6 +234,7 @@ impl Qcow2Writer {
             l2,
             free: Mutex::new(Vec::new()),
             pack: Mutex::new((0, 0)),
+            gate: crate::node::WriteGate::default(),
             finished: AtomicBool::new(false),
         })
     }
@@ -536,8 +539,8 @@ impl Qcow2Writer {
                 continue;
             };
             let host = self.pack(len);
-            self.file
-                .write_all_at(&out[..len as usize], host)
+            self.gate
+                .write(&self.file, &out[..len as usize], host)
                 .map_err(|e| BlockError::io(Op::Write, &self.path, host, len, e))?;
             let x = self.compressed_offset_bits();
             let sectors = (host + len - 1) / 512 - host / 512;
@@ -734,20 +737,21 @@ impl Qcow2Writer {
         let whole = data.len() / cs * cs;
         if whole > 0 {
             // 256 KiB pieces: large buffered writes are slower (see raw.rs).
-            for (k, piece) in data[..whole].chunks(256 << 10).enumerate() {
-                let at = host + (k * (256 << 10)) as u64;
-                self.file
-                    .write_all_at(piece, at)
-                    .map_err(|e| werr(at, piece.len(), e))?;
-            }
+            let pieces = data[..whole]
+                .chunks(256 << 10)
+                .enumerate()
+                .map(|(k, piece)| (piece, host + (k * (256 << 10)) as u64));
+            self.gate
+                .write_pieces(&self.file, pieces)
+                .map_err(|(at, len, e)| werr(at, len, e))?;
             crate::node::start_writeback(&self.file, host, whole as u64);
         }
         if whole < data.len() {
             let mut last = vec![0u8; cs];
             last[..data.len() - whole].copy_from_slice(&data[whole..]);
             let at = host + whole as u64;
-            self.file
-                .write_all_at(&last, at)
+            self.gate
+                .write(&self.file, &last, at)
                 .map_err(|e| werr(at, cs, e))?;
         }
         Ok(())
