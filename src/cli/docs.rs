@@ -300,7 +300,11 @@ VM is running (recipes: docs/live\-vms.md). The export is read with
 structured replies and \fBbase:allocation\fR block status: ranges it reports
 as zeros are never read and stay unallocated in a qcow2 TARGET. Several
 requests are in flight on one connection; a server that advertises
-multi\-conn gets more connections. imgbackup takes no lock on an export
+multi\-conn gets more connections. Under \fB\-\-on\-source\-error ignore\fR, a
+request whose connection was lost is sent once more, alone, on a new
+connection before it counts as failed: QEMU's server drops the connection
+when a read fails in its image, failing every request in flight with it, and
+only the damaged clusters should be skipped. imgbackup takes no lock on an export
 (its server owns the image) and keeps no bitmap files for it.
 .PP
 \fB\-\-sync full\fR copies the export. \fB\-\-sync top\fR copies what

@@ -916,6 +916,7 @@ impl BackupJob {
         if let Some(n) = &job.nbd {
             let c = cancel.clone();
             n.set_stop(move || c.is_cancelled());
+            n.isolate_lost_requests(job.cfg.policies.source == super::policy::ErrorPolicy::Ignore);
         }
         if let Some(served) = job.served.clone() {
             return served

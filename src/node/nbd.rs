@@ -5,7 +5,9 @@
 //! multi-conn (a server may serve one client at a time), else up to one per
 //! reader, opened in the background so that a server which accepts fewer
 //! never holds a request up. A connection that fails is dropped: the next
-//! request (a retry under `--on-source-error retry`) connects again.
+//! request (a retry under `--on-source-error retry`) connects again. Under
+//! `ignore`, a request whose connection was lost is sent once more, alone
+//! (no other request in flight), before it counts as failed.
 //!
 //! [`NbdNode::allocation`] is the export's own allocation (holes the
 //! server reports are unallocated): what `--sync top` copies.
@@ -17,7 +19,7 @@ use crate::nbd::proto::{NBD_FLAG_CAN_MULTI_CONN, NBD_STATE_DIRTY, NBD_STATE_HOLE
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
 
 /// The context that tells holes and zeros.
 pub const ALLOCATION: &str = "base:allocation";
@@ -64,6 +66,12 @@ pub struct NbdNode {
     stop: OnceLock<StopFn>,
     /// Extents the server described, per context: start -> (end, flags).
     extents: Mutex<HashMap<String, Extents>>,
+    /// Re-send, alone, a request that failed because its connection was
+    /// lost (see [`NbdNode::isolate_lost_requests`]).
+    isolate: AtomicBool,
+    /// Held shared by every request in flight, exclusively by a request
+    /// sent again alone.
+    quiet: RwLock<()>,
     /// READ requests sent, and their bytes.
     reads: AtomicUsize,
     read_bytes: std::sync::atomic::AtomicU64,
@@ -119,6 +127,8 @@ impl NbdNode {
             contexts,
             pool: Arc::new(Mutex::new(vec![Arc::new(c)])),
             reconnecting: Mutex::new(()),
+            isolate: AtomicBool::new(false),
+            quiet: RwLock::new(()),
             connecting: Arc::new(AtomicBool::new(false)),
             next: AtomicUsize::new(0),
             stop: OnceLock::new(),
@@ -132,6 +142,18 @@ impl NbdNode {
     /// cancellation): a server that stopped answering never holds the job.
     pub fn set_stop(&self, stop: impl Fn() -> bool + Send + Sync + 'static) {
         let _ = self.stop.set(Arc::new(stop));
+    }
+
+    /// Send a request that failed because its connection was lost once
+    /// more, alone (no other request in flight, on a connection opened
+    /// again), before reporting the failure. QEMU's server drops the
+    /// connection when a read fails in its image, and every request in
+    /// flight on it fails with the damaged one: under `--on-source-error
+    /// ignore` they would all be skipped. Sent alone, only the damaged
+    /// one fails again. Off by default: under `report` the first failure
+    /// ends the job, and `retry` sends requests again itself.
+    pub fn isolate_lost_requests(&self, on: bool) {
+        self.isolate.store(on, Ordering::Relaxed);
     }
 
     /// READ requests sent so far and their bytes.
@@ -216,24 +238,56 @@ impl NbdNode {
     }
 
     /// Run `f` on a connection; a connection the failure broke leaves the
-    /// pool.
+    /// pool. A request whose connection was lost is sent again alone when
+    /// [`NbdNode::isolate_lost_requests`] is on.
     fn with_client<T>(
         &self,
         op: Op,
         offset: u64,
         len: u64,
-        f: impl FnOnce(&Client, &dyn Fn() -> bool) -> std::result::Result<T, ClientError>,
+        mut f: impl FnMut(&Client, &dyn Fn() -> bool) -> std::result::Result<T, ClientError>,
     ) -> Result<T> {
-        let c = self.client(offset, len)?;
+        if !self.isolate.load(Ordering::Relaxed) {
+            return self.attempt(op, offset, len, &mut f).map_err(|(_, e)| e);
+        }
+        let first = {
+            let _shared = self.quiet.read().unwrap_or_else(|p| p.into_inner());
+            self.attempt(op, offset, len, &mut f)
+        };
+        match first {
+            Err((true, _)) => {
+                let _alone = self.quiet.write().unwrap_or_else(|p| p.into_inner());
+                tracing::info!(
+                    "{}: the connection was lost; sending the request at offset {offset} again, alone",
+                    self.name.display()
+                );
+                self.attempt(op, offset, len, &mut f).map_err(|(_, e)| e)
+            }
+            other => other.map_err(|(_, e)| e),
+        }
+    }
+
+    /// One attempt of [`NbdNode::with_client`]; a failure says whether
+    /// the request's connection was lost under it (not a failure the
+    /// server replied with, not a connection that could not be opened).
+    fn attempt<T>(
+        &self,
+        op: Op,
+        offset: u64,
+        len: u64,
+        f: &mut impl FnMut(&Client, &dyn Fn() -> bool) -> std::result::Result<T, ClientError>,
+    ) -> std::result::Result<T, (bool, BlockError)> {
+        let c = self.client(offset, len).map_err(|e| (false, e))?;
         let stop = self.stop.get().cloned();
         let stop = move || stop.as_ref().is_some_and(|s| s());
         match f(&c, &stop) {
             Ok(v) => Ok(v),
             Err(e) => {
+                let lost = matches!(e, ClientError::Closed(_) | ClientError::Io(_));
                 if e.breaks_connection() || c.is_broken() {
                     lock(&self.pool).retain(|x| !Arc::ptr_eq(x, &c));
                 }
-                Err(io_error(op, &self.name, offset, len, e))
+                Err((lost, io_error(op, &self.name, offset, len, e)))
             }
         }
     }
