@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 
 const SLOTS: u64 = 64;
 const MODULES: [&str; 6] = [
-    "virtio",
     "virtio_ring",
+    "virtio",
     "virtio_pci_modern_dev",
     "virtio_pci_legacy_dev",
     "virtio_pci",
@@ -31,11 +31,16 @@ B=/bin/busybox
 $B mount -t proc proc /proc
 $B mount -t sysfs sys /sys
 $B mount -t devtmpfs dev /dev
-for m in virtio virtio_ring virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk; do
-  [ -f /lib/modules/$m.ko ] && $B insmod /lib/modules/$m.ko
+# Dependencies first; a module whose dependency is not loaded yet fails
+# and is tried again on the next pass (kernels differ in what needs what).
+for pass in 1 2 3; do
+  for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk; do
+    [ -f /lib/modules/$m.ko ] && $B insmod /lib/modules/$m.ko 2>/dev/null
+  done
 done
 i=0
 while [ ! -b /dev/vda ] && [ $i -lt 100 ]; do $B sleep 0.1; i=$((i+1)); done
+[ -b /dev/vda ] || { echo "GUEST: NO DISK"; $B poweroff -f; }
 echo "GUEST: START"
 i=1
 while true; do
@@ -144,10 +149,15 @@ fn consistent_cut(p: &Path, img: &str) -> u64 {
 /// Wait until the VM's init says it writes (3 minutes at most: TCG).
 fn wait_for_guest(log: &Path) {
     let t0 = Instant::now();
-    while !std::fs::read_to_string(log)
-        .unwrap_or_default()
-        .contains("GUEST: START")
-    {
+    loop {
+        let console = std::fs::read_to_string(log).unwrap_or_default();
+        assert!(
+            !console.contains("GUEST: NO DISK"),
+            "the VM found no virtio disk (its modules did not load):\n{console}"
+        );
+        if console.contains("GUEST: START") {
+            break;
+        }
         assert!(
             t0.elapsed() < Duration::from_secs(180),
             "the VM did not start writing"
