@@ -362,11 +362,24 @@ pub fn start_writeback(file: &std::fs::File, offset: u64, len: u64) {
 /// a 2-core VM: up to 5 CPU-s of a 1.4 s full backup, when the host
 /// preempts the lock holder); waiting here sleeps instead, and a whole
 /// request's pieces go through under one turn, so a turn changes hands
-/// once per request, not once per piece.
-#[derive(Debug, Default)]
-pub struct WriteGate(std::sync::Mutex<()>);
+/// once per request, not once per piece. Block devices take no such lock
+/// for buffered writes: their gate ([`WriteGate::open`]) lets writers
+/// through together.
+#[derive(Debug)]
+pub struct WriteGate(Option<std::sync::Mutex<()>>);
+
+impl Default for WriteGate {
+    fn default() -> WriteGate {
+        WriteGate(Some(std::sync::Mutex::new(())))
+    }
+}
 
 impl WriteGate {
+    /// A gate that never makes a writer wait.
+    pub fn open() -> WriteGate {
+        WriteGate(None)
+    }
+
     /// Write each of `pieces` (data, file offset) into `file`, alone
     /// among this gate's writers; the first failure ends it with the
     /// piece's offset and length.
@@ -376,7 +389,10 @@ impl WriteGate {
         pieces: impl IntoIterator<Item = (&'a [u8], u64)>,
     ) -> std::result::Result<(), (u64, usize, std::io::Error)> {
         use std::os::unix::fs::FileExt;
-        let _turn = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let _turn = self
+            .0
+            .as_ref()
+            .map(|m| m.lock().unwrap_or_else(|p| p.into_inner()));
         for (buf, at) in pieces {
             file.write_all_at(buf, at).map_err(|e| (at, buf.len(), e))?;
         }

@@ -111,7 +111,7 @@ impl RawNode {
             size: len,
             writable,
             device: true,
-            gate: super::WriteGate::default(),
+            gate: super::WriteGate::open(),
         })
     }
 
