@@ -593,28 +593,23 @@ fn a_read_error_in_the_servers_image_is_a_source_read_error_under_every_policy()
         p.join("bd.conf").display(),
         p.join("e.raw").display()
     );
-    let serve = || {
-        let sock = p.join("e.sock");
-        let _ = std::fs::remove_file(&sock);
-        let child = Command::new("qemu-nbd")
-            .current_dir(p)
-            .args(["-r", "-t", "-x", "disk", "--socket"])
-            .arg(&sock)
-            .args(["--object", "throttle-group,id=tg,x-bps-read=16777216"])
-            .args(["--image-opts", &opts])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let srv = QemuNbd {
-            child,
-            sock,
-            trace: p.join("unused"),
-        };
-        srv.wait_ready();
-        srv
+    let sock = p.join("e.sock");
+    let child = Command::new("qemu-nbd")
+        .current_dir(p)
+        .args(["-r", "-t", "-x", "disk", "--socket"])
+        .arg(&sock)
+        .args(["--object", "throttle-group,id=tg,x-bps-read=16777216"])
+        .args(["--image-opts", &opts])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let srv = QemuNbd {
+        child,
+        sock,
+        trace: p.join("unused"),
     };
-    let srv = serve();
+    srv.wait_ready();
     let uri = srv.uri();
     // report: exit 4, the export named, nothing left behind.
     let o = run_in(p, &["backup", &uri, "r.qcow2"]);

@@ -732,27 +732,25 @@ impl Qcow2Writer {
     /// zeros so every data cluster lies wholly inside the file.
     fn write_padded(&self, host: u64, data: &[u8]) -> Result<()> {
         let cs = self.cs() as usize;
-        let werr =
-            |off: u64, len: usize, e| BlockError::io(Op::Write, &self.path, off, len as u64, e);
         let whole = data.len() / cs * cs;
-        if whole > 0 {
-            // 256 KiB pieces: large buffered writes are slower (see raw.rs).
-            let pieces = data[..whole]
-                .chunks(256 << 10)
-                .enumerate()
-                .map(|(k, piece)| (piece, host + (k * (256 << 10)) as u64));
-            self.gate
-                .write_pieces(&self.file, pieces)
-                .map_err(|(at, len, e)| werr(at, len, e))?;
-            crate::node::start_writeback(&self.file, host, whole as u64);
-        }
-        if whole < data.len() {
+        // The last, partial cluster padded with zeros.
+        let last = (whole < data.len()).then(|| {
             let mut last = vec![0u8; cs];
             last[..data.len() - whole].copy_from_slice(&data[whole..]);
-            let at = host + whole as u64;
-            self.gate
-                .write(&self.file, &last, at)
-                .map_err(|e| werr(at, cs, e))?;
+            last
+        });
+        // 256 KiB pieces (large buffered writes are slower, see raw.rs),
+        // all under one turn of the gate.
+        let pieces = data[..whole]
+            .chunks(256 << 10)
+            .enumerate()
+            .map(|(k, piece)| (piece, host + (k * (256 << 10)) as u64))
+            .chain(last.as_deref().map(|l| (l, host + whole as u64)));
+        self.gate
+            .write_pieces(&self.file, pieces)
+            .map_err(|(at, len, e)| BlockError::io(Op::Write, &self.path, at, len as u64, e))?;
+        if whole > 0 {
+            crate::node::start_writeback(&self.file, host, whole as u64);
         }
         Ok(())
     }
