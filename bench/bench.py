@@ -19,6 +19,7 @@ from imgbackup's JSON summary and from the anchor's RESULT line. Results are
 printed and, with --out, appended to a Markdown file.
 """
 import argparse
+import atexit
 import json
 import os
 import shlex
@@ -581,6 +582,43 @@ def served_backup_latency(images, runs):
     return rows
 
 
+PAGE_REPORTING = "/sys/module/page_reporting/parameters/page_reporting_order"
+
+
+def pause_page_reporting():
+    """On a VM whose virtio-balloon reports free pages to the host, pause the
+    reporting for this run and restore it at exit.
+
+    A reported page is handed back to the host; the next allocation that
+    gets it (a page-cache page of the next run's output) faults on the host
+    first. Which run pays depends on when the reporting thread last passed,
+    so the same command took 0.6 s or 1.1-5.6 s (full.raw, --no-manifest)
+    and same-run ratios swung by 2x. Raising the order above the largest
+    free block the kernel keeps (order 10) reports nothing; both sides of
+    every pair then run as on a machine without a balloon.
+    """
+    try:
+        with open(PAGE_REPORTING) as f:
+            old = f.read().strip()
+    except OSError:
+        return "no free page reporting"
+    if old.isdigit() and int(old) > 10:
+        return "free page reporting paused (order %s)" % old
+    try:
+        with open(PAGE_REPORTING, "w") as f:
+            f.write("11")
+    except OSError:
+        print("warning: free page reporting is on (%s) and cannot be paused without root: "
+              "timings will swing" % PAGE_REPORTING, file=sys.stderr)
+        return "free page reporting ON (order %s; not root)" % old
+
+    def restore():
+        with open(PAGE_REPORTING, "w") as f:
+            f.write(old)
+    atexit.register(restore)
+    return "free page reporting paused (order %s -> 11)" % old
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--images", default="/tmp/imgbackup-bench")
@@ -589,7 +627,12 @@ def main():
     ap.add_argument("--only", nargs="*")
     ap.add_argument("--out")
     ap.add_argument("--baseline", help="another imgbackup binary to compare this build with (only those pairs run)")
+    ap.add_argument("--keep-page-reporting", action="store_true",
+                    help="leave a virtio-balloon's free page reporting on (see pause_page_reporting)")
     a = ap.parse_args()
+    reporting = "free page reporting: as the machine has it"
+    if not a.keep_page_reporting:
+        reporting = pause_page_reporting()
     if not os.path.exists(BIN):
         sys.exit("build first: cargo build --release")
     os.makedirs(a.images, exist_ok=True)
@@ -601,8 +644,8 @@ def main():
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    head = "## %s — %s, nproc %d, %s images, %d pairs after a warm-up" % (
-        time.strftime("%Y-%m-%d"), cpu, os.cpu_count(), a.size, a.runs)
+    head = "## %s — %s, nproc %d, %s images, %d pairs after a warm-up; %s" % (
+        time.strftime("%Y-%m-%d"), cpu, os.cpu_count(), a.size, a.runs, reporting)
     lines = [head, "", "| pair | A median s | B median s | A/B median | A/B geomean | A peak RSS MiB | B peak RSS MiB |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     print(head)

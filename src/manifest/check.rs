@@ -3,6 +3,7 @@
 //! read.
 
 use super::runs::union;
+use super::sha256x::LANES;
 use super::{ManifestFile, Sha, ZeroDigests, hex};
 use crate::bitmap::Bits;
 use crate::copy::CopyError;
@@ -61,7 +62,7 @@ pub(super) fn digests_of(
     let start = a * geo.chunk;
     let end = (b * geo.chunk).min(geo.size);
     let mut out = Vec::with_capacity((b - a) as usize);
-    let mut buf = vec![0u8; geo.chunk as usize];
+    let mut buf = vec![0u8; geo.chunk as usize * LANES];
     let mut pos = start;
     while pos < end {
         let ext = image
@@ -82,10 +83,12 @@ pub(super) fn digests_of(
                 continue;
             }
         }
+        // Data: up to LANES chunks of it in one read, hashed together.
         let i = pos / geo.chunk;
-        let n = geo.len(i) as usize;
+        let upto = ext_end.div_ceil(geo.chunk).min(i + LANES as u64);
+        let n = ((upto * geo.chunk).min(end) - pos) as usize;
         image.read(pos, &mut buf[..n]).map_err(CopyError::Source)?;
-        out.push(zero.of_data(i, &buf[..n]));
+        out.extend(zero.of_chunks(i, &buf[..n]));
         pos += n as u64;
     }
     Ok(out)

@@ -796,11 +796,7 @@ impl ChunkObserver for ManifestChecker {
                     let c = geo.chunk as usize;
                     let from = (a - first) as usize * c;
                     let to = ((b - first) as usize * c).min(buf.len());
-                    buf[from..to]
-                        .chunks(c)
-                        .enumerate()
-                        .map(|(k, piece)| self.zero.of_data(a + k as u64, piece))
-                        .collect()
+                    self.zero.of_chunks(a, &buf[from..to])
                 }
             };
             self.check(a, &got)?;

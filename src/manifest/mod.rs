@@ -24,6 +24,7 @@
 mod check;
 pub mod file;
 pub mod runs;
+pub mod sha256x;
 mod writer;
 
 pub use check::{
@@ -436,6 +437,37 @@ impl ZeroDigests {
         } else {
             self.algo.hash(data)
         }
+    }
+
+    /// The digests of the chunks from `first` on that `buf` holds (cut at
+    /// chunk boundaries; the last piece may be short), as
+    /// [`ZeroDigests::of_data`] gives them one by one. SHA-256 digests of
+    /// the chunks that are not zeros are computed several at a time
+    /// ([`sha256x::digest_many`]).
+    pub fn of_chunks(&self, first: u64, buf: &[u8]) -> Vec<Sha> {
+        let c = self.geo.chunk as usize;
+        let mut out: Vec<Sha> = Vec::with_capacity(buf.len().div_ceil(c));
+        let mut data: Vec<&[u8]> = Vec::new();
+        let mut at: Vec<usize> = Vec::new();
+        for (k, piece) in buf.chunks(c).enumerate() {
+            if crate::node::is_zero(piece) {
+                out.push(self.of(first + k as u64));
+            } else if self.algo == DigestAlgo::Sha256 {
+                at.push(out.len());
+                data.push(piece);
+                out.push([0; 32]);
+            } else {
+                out.push(self.algo.hash(piece));
+            }
+        }
+        if !data.is_empty() {
+            let mut got = vec![[0u8; 32]; data.len()];
+            sha256x::digest_many(&data, &mut got);
+            for (i, d) in at.into_iter().zip(got) {
+                out[i] = d;
+            }
+        }
+        out
     }
 }
 

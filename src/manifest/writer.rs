@@ -366,11 +366,7 @@ impl ChunkObserver for ManifestWriter {
                 Ok(())
             }
             ChunkData::Bytes(buf) => {
-                let ds: Vec<Sha> = buf
-                    .chunks(c as usize)
-                    .enumerate()
-                    .map(|(k, b)| self.zero.of_data(first + k as u64, b))
-                    .collect();
+                let ds = self.zero.of_chunks(first, buf);
                 self.put_many(first, &ds).map_err(CopyError::Manifest)
             }
         }

@@ -153,6 +153,40 @@ impl Compression {
     }
 }
 
+/// Where compressed clusters go: the host bytes `[next, end)` right behind
+/// the last piece, and spares: the rests of host clusters that an
+/// uncompressed cluster allocated behind them cut short.
+#[derive(Debug, Default)]
+struct Pack {
+    next: u64,
+    end: u64,
+    spare: Vec<(u64, u64)>,
+}
+
+impl Pack {
+    /// Rests smaller than this are not kept.
+    const MIN_SPARE: u64 = 64;
+    /// At most this many rests are kept (the smallest goes first).
+    const MAX_SPARES: usize = 64;
+
+    fn keep_spare(&mut self, start: u64, end: u64) {
+        if end < start + Self::MIN_SPARE {
+            return;
+        }
+        if self.spare.len() == Self::MAX_SPARES {
+            let Some(k) = (0..self.spare.len()).min_by_key(|&k| self.spare[k].1 - self.spare[k].0)
+            else {
+                return;
+            };
+            if self.spare[k].1 - self.spare[k].0 >= end - start {
+                return;
+            }
+            self.spare.swap_remove(k);
+        }
+        self.spare.push((start, end));
+    }
+}
+
 /// A new qcow2 file being written. See the module documentation.
 pub struct Qcow2Writer {
     // set at create
@@ -166,9 +200,8 @@ pub struct Qcow2Writer {
     next_host: AtomicU64,
     l2: Vec<OnceLock<Box<[AtomicU64]>>>,
     free: Mutex<Vec<u64>>,
-    /// Where compressed clusters are packed: (the next free byte, the end
-    /// of the host clusters taken for packing so far).
-    pack: Mutex<(u64, u64)>,
+    /// Where compressed clusters are packed.
+    pack: Mutex<Pack>,
     /// Data writes take turns (see [`crate::node::WriteGate`]).
     gate: crate::node::WriteGate,
     finished: AtomicBool,
@@ -233,7 +266,7 @@ impl Qcow2Writer {
             next_host: AtomicU64::new(cs),
             l2,
             free: Mutex::new(Vec::new()),
-            pack: Mutex::new((0, 0)),
+            pack: Mutex::new(Pack::default()),
             gate: crate::node::WriteGate::default(),
             finished: AtomicBool::new(false),
         })
@@ -478,35 +511,49 @@ impl Qcow2Writer {
     /// after byte and may span two host clusters, as QEMU packs them (a
     /// descriptor holds any byte offset and a sector count): when a piece
     /// does not fit, the next host cluster is taken right behind the
-    /// current one if nothing else was allocated there meanwhile;
-    /// otherwise the rest of the current one stays unused.
+    /// current one if nothing else was allocated there meanwhile. When
+    /// something was (an uncompressed cluster), the rest of the current one
+    /// is kept as a spare, and the next pieces that fit in a spare go there
+    /// first; QEMU leaves it unused.
     fn pack(&self, len: u64) -> u64 {
         let cs = self.cs();
         let mut p = match self.pack.lock() {
             Ok(g) => g,
             Err(e) => e.into_inner(),
         };
-        while p.0 == 0 || p.0 + len > p.1 {
-            let behind = p.0 != 0
+        if let Some(k) = p.spare.iter().position(|&(a, b)| a + len <= b) {
+            let at = p.spare[k].0;
+            p.spare[k].0 += len;
+            if p.spare[k].1 - p.spare[k].0 < Pack::MIN_SPARE {
+                p.spare.swap_remove(k);
+            }
+            return at;
+        }
+        while p.next == 0 || p.next + len > p.end {
+            let behind = p.next != 0
                 && self
                     .next_host
-                    .compare_exchange(p.1, p.1 + cs, Ordering::AcqRel, Ordering::Acquire)
+                    .compare_exchange(p.end, p.end + cs, Ordering::AcqRel, Ordering::Acquire)
                     .is_ok();
             if behind {
-                p.1 += cs;
+                p.end += cs;
             } else {
                 let start = self.next_host.fetch_add(cs, Ordering::AcqRel);
-                *p = (start, start + cs);
+                let (next, end) = (p.next, p.end);
+                p.keep_spare(next, end);
+                p.next = start;
+                p.end = start + cs;
             }
         }
-        let at = p.0;
-        p.0 += len;
+        let at = p.next;
+        p.next += len;
         at
     }
 
     /// Write whole clusters at `offset` compressed (deflate, as QEMU's zlib
-    /// compression type); a cluster that does not shrink by a sector is
-    /// written as is.
+    /// compression type, or zstd); a cluster that does not shrink is written
+    /// as is (QEMU's rule: a compressed cluster is at most one byte short of
+    /// a cluster).
     fn compress_clusters(&self, offset: u64, buf: &[u8]) -> Result<()> {
         self.check_open(Op::Write)?;
         check_range(&self.path, offset, buf.len() as u64, self.size)?;
@@ -528,13 +575,13 @@ impl Qcow2Writer {
             // For deflate, clusters whose bytes are near-uniform (compressed
             // or encrypted data) are written as they are without trying
             // (deflate is slow on them); zstd gives up on such data faster
-            // than the test costs. Compressed clusters are kept if they save
-            // a sector.
+            // than the test costs. Compressed clusters are kept if they are
+            // smaller than the cluster, as QEMU keeps them.
             if matches!(self.compression, Compression::Deflate(_)) && looks_incompressible(src) {
                 self.write(at, piece)?;
                 continue;
             }
-            let Some(len) = self.compression.compress(src, &mut out[..cs - 512]) else {
+            let Some(len) = self.compression.compress(src, &mut out[..cs - 1]) else {
                 self.write(at, piece)?;
                 continue;
             };
