@@ -799,9 +799,23 @@ impl BlockCopy {
                 continue;
             }
             // Data (or a zero extent smaller than a cluster): read whole
-            // clusters.
+            // clusters, and the data extents right behind in one go (a
+            // chain's layers cut its data into small extents; read through
+            // the chain, they are one request).
             let end = (ext_end.div_ceil(cs) * cs).min(claim.end);
-            let end = end.max((pos + cs).min(claim.end));
+            let mut end = end.max((pos + cs).min(claim.end));
+            // (Allocation, not status: data over a host hole behind is read
+            // as zeros with the rest, at most to the claim's end.)
+            while end < claim.end {
+                let next = self
+                    .source
+                    .allocation(end, claim.end - end)
+                    .map_err(CopyError::Source)?;
+                if next.status != Status::Data {
+                    break;
+                }
+                end = ((end + next.len).div_ceil(cs) * cs).min(claim.end);
+            }
             if self.kernel_copied(pos, end, ctx)? {
                 tracing::trace!("{pos}..{end}: copied in the kernel");
             } else {

@@ -52,6 +52,8 @@ where
 }
 
 /// Digests of chunks `[a, b)` of `image`, reading only what holds data.
+/// Data chunks are hashed [`LANES`] at a time, wherever they come from (a
+/// chain's layers split the data into small extents between zeros).
 pub(super) fn digests_of(
     image: &dyn BlockNode,
     a: u64,
@@ -59,14 +61,33 @@ pub(super) fn digests_of(
     zero: &ZeroDigests,
 ) -> Result<Vec<Sha>, CopyError> {
     let geo = zero.geometry();
+    let c = geo.chunk as usize;
     let start = a * geo.chunk;
     let end = (b * geo.chunk).min(geo.size);
-    let mut out = Vec::with_capacity((b - a) as usize);
-    let mut buf = vec![0u8; geo.chunk as usize * LANES];
+    let mut out: Vec<Sha> = Vec::with_capacity((b - a) as usize);
+    let mut buf = vec![0u8; c * LANES];
+    // Data chunks read but not hashed yet: (chunk, bytes in `buf`, in
+    // slots of a chunk each); their digests go to `out[chunk - a]`.
+    let mut pending: Vec<(u64, usize)> = Vec::with_capacity(LANES);
+    let hash = |out: &mut Vec<Sha>, pending: &mut Vec<(u64, usize)>, buf: &[u8]| {
+        let pieces: Vec<(u64, &[u8])> = pending
+            .iter()
+            .enumerate()
+            .map(|(slot, &(i, n))| (i, &buf[slot * c..slot * c + n]))
+            .collect();
+        let mut got = vec![[0u8; 32]; pieces.len()];
+        zero.of_pieces(&pieces, &mut got);
+        for (&(i, _), d) in pending.iter().zip(got) {
+            out[(i - a) as usize] = d;
+        }
+        pending.clear();
+    };
     let mut pos = start;
     while pos < end {
+        // Data over a host hole is read (zeros, no hashing) rather than
+        // asked about: one seek less per extent.
         let ext = image
-            .block_status(pos, end - pos)
+            .allocation(pos, end - pos)
             .map_err(CopyError::Source)?;
         let ext_end = pos + ext.len;
         // Whole chunks inside a zero extent need no I/O.
@@ -83,14 +104,26 @@ pub(super) fn digests_of(
                 continue;
             }
         }
-        // Data: up to LANES chunks of it in one read, hashed together.
+        // Data: as many chunks of this extent as the batch has room for,
+        // in one read.
         let i = pos / geo.chunk;
-        let upto = ext_end.div_ceil(geo.chunk).min(i + LANES as u64);
+        let room = (LANES - pending.len()) as u64;
+        let upto = ext_end.div_ceil(geo.chunk).min(i + room);
         let n = ((upto * geo.chunk).min(end) - pos) as usize;
-        image.read(pos, &mut buf[..n]).map_err(CopyError::Source)?;
-        out.extend(zero.of_chunks(i, &buf[..n]));
+        let slot = pending.len() * c;
+        image
+            .read(pos, &mut buf[slot..slot + n])
+            .map_err(CopyError::Source)?;
+        for k in 0..(upto - i) as usize {
+            pending.push((i + k as u64, (n - k * c).min(c)));
+            out.push([0u8; 32]);
+        }
         pos += n as u64;
+        if pending.len() == LANES {
+            hash(&mut out, &mut pending, &buf);
+        }
     }
+    hash(&mut out, &mut pending, &buf);
     Ok(out)
 }
 
@@ -119,7 +152,9 @@ fn runs_to_check(
         .data_runs(0, geo.chunks())
         .map_err(CopyError::ManifestRead)?;
     let end = image.size().min(geo.size);
-    crate::node::for_each_extent(image, 0, end, |pos, ext| {
+    // Data over host holes is checked too (it reads as zeros): no seek per
+    // extent to tell.
+    crate::node::for_each_allocation(image, 0, end, |pos, ext| {
         if ext.status == Status::Data {
             runs.push(geo.chunks_of(pos, pos + ext.len));
         }

@@ -441,33 +441,43 @@ impl ZeroDigests {
 
     /// The digests of the chunks from `first` on that `buf` holds (cut at
     /// chunk boundaries; the last piece may be short), as
+    /// [`ZeroDigests::of_data`] gives them one by one.
+    pub fn of_chunks(&self, first: u64, buf: &[u8]) -> Vec<Sha> {
+        let c = self.geo.chunk as usize;
+        let pieces: Vec<(u64, &[u8])> = buf
+            .chunks(c)
+            .enumerate()
+            .map(|(k, piece)| (first + k as u64, piece))
+            .collect();
+        let mut out = vec![[0u8; 32]; pieces.len()];
+        self.of_pieces(&pieces, &mut out);
+        out
+    }
+
+    /// The digest of each `(chunk, bytes)` into `out` (same length), as
     /// [`ZeroDigests::of_data`] gives them one by one. SHA-256 digests of
     /// the chunks that are not zeros are computed several at a time
     /// ([`sha256x::digest_many`]).
-    pub fn of_chunks(&self, first: u64, buf: &[u8]) -> Vec<Sha> {
-        let c = self.geo.chunk as usize;
-        let mut out: Vec<Sha> = Vec::with_capacity(buf.len().div_ceil(c));
-        let mut data: Vec<&[u8]> = Vec::new();
-        let mut at: Vec<usize> = Vec::new();
-        for (k, piece) in buf.chunks(c).enumerate() {
+    pub fn of_pieces(&self, pieces: &[(u64, &[u8])], out: &mut [Sha]) {
+        let mut data: Vec<&[u8]> = Vec::with_capacity(pieces.len());
+        let mut at: Vec<usize> = Vec::with_capacity(pieces.len());
+        for (k, &(i, piece)) in pieces.iter().enumerate() {
             if crate::node::is_zero(piece) {
-                out.push(self.of(first + k as u64));
+                out[k] = self.of(i);
             } else if self.algo == DigestAlgo::Sha256 {
-                at.push(out.len());
+                at.push(k);
                 data.push(piece);
-                out.push([0; 32]);
             } else {
-                out.push(self.algo.hash(piece));
+                out[k] = self.algo.hash(piece);
             }
         }
         if !data.is_empty() {
             let mut got = vec![[0u8; 32]; data.len()];
             sha256x::digest_many(&data, &mut got);
-            for (i, d) in at.into_iter().zip(got) {
-                out[i] = d;
+            for (k, d) in at.into_iter().zip(got) {
+                out[k] = d;
             }
         }
-        out
     }
 }
 

@@ -22,31 +22,28 @@ pub const LANES: usize = 4;
 pub fn digest_many(msgs: &[&[u8]], out: &mut [Sha]) {
     debug_assert_eq!(msgs.len(), out.len());
     let mut i = 0;
-    #[cfg(target_arch = "x86_64")]
-    if x86::available() {
-        while i + LANES <= msgs.len() {
-            let group: &[&[u8]; LANES] = match msgs[i..i + LANES].try_into() {
-                Ok(g) => g,
-                Err(_) => break,
-            };
-            if group.iter().all(|m| m.len() == group[0].len()) {
-                let got = x86::digest_lanes(group);
-                out[i..i + LANES].copy_from_slice(&got);
-                i += LANES;
-            } else {
-                out[i] = Sha256::digest(msgs[i]).into();
-                i += 1;
-            }
+    while i < msgs.len() {
+        // The next messages of the same length, up to LANES of them.
+        let k = msgs[i..]
+            .iter()
+            .take(LANES)
+            .take_while(|m| m.len() == msgs[i].len())
+            .count();
+        #[cfg(target_arch = "x86_64")]
+        if k > 1 && x86::available() {
+            x86::digest_lanes(&msgs[i..i + k], &mut out[i..i + k]);
+            i += k;
+            continue;
         }
-    }
-    for (m, o) in msgs[i..].iter().zip(&mut out[i..]) {
-        *o = Sha256::digest(m).into();
+        out[i] = Sha256::digest(msgs[i]).into();
+        i += 1;
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::{LANES, Sha};
+
     use std::arch::x86_64::*;
 
     const K: [u32; 64] = [
@@ -79,12 +76,20 @@ mod x86 {
         })
     }
 
-    /// SHA-256 of [`LANES`] messages of the same length.
-    pub fn digest_lanes(msgs: &[&[u8]; LANES]) -> [Sha; LANES] {
+    /// SHA-256 of 2 to [`LANES`] messages of the same length, into `out`.
+    pub fn digest_lanes(msgs: &[&[u8]], out: &mut [Sha]) {
         assert!(available(), "digest_lanes needs the SHA extensions");
+        assert!(msgs.iter().all(|m| m.len() == msgs[0].len()) && msgs.len() == out.len());
         // SAFETY: the CPU has the features `lanes` is compiled for (checked
         // just above).
-        unsafe { lanes(msgs) }
+        unsafe {
+            match msgs.len() {
+                2 => out.copy_from_slice(&lanes::<2>(msgs)),
+                3 => out.copy_from_slice(&lanes::<3>(msgs)),
+                4 => out.copy_from_slice(&lanes::<4>(msgs)),
+                n => panic!("digest_lanes takes 2 to {LANES} messages, not {n}"),
+            }
+        }
     }
 
     /// The state of one stream, in the order `sha256rnds2` takes it.
@@ -94,19 +99,25 @@ mod x86 {
         cdgh: __m128i,
     }
 
+    /// `msgs` holds N messages of the same length.
     #[target_feature(enable = "sha,sse2,ssse3,sse4.1")]
-    fn lanes(msgs: &[&[u8]; LANES]) -> [Sha; LANES] {
+    fn lanes<const N: usize>(msgs: &[&[u8]]) -> [Sha; N] {
         let len = msgs[0].len();
         let full = len / 64;
-        let mut st = [init(); LANES];
+        let mut st = [init(); N];
+        let mut ptrs = [std::ptr::null(); N];
         for b in 0..full {
-            // SAFETY: every message holds `len >= (b + 1) * 64` bytes.
-            unsafe { compress(&mut st, msgs.map(|m| m.as_ptr().add(b * 64))) };
+            for (q, m) in ptrs.iter_mut().zip(msgs) {
+                // SAFETY: every message holds `len >= (b + 1) * 64` bytes.
+                *q = unsafe { m.as_ptr().add(b * 64) };
+            }
+            // SAFETY: each pointer has 64 bytes of its message behind it.
+            unsafe { compress(&mut st, ptrs) };
         }
         // The tail and the padding: one block, or two when the tail leaves
         // no room for the 0x80 byte and the 8-byte length.
         let tail = len - full * 64;
-        let mut pad = [[0u8; 128]; LANES];
+        let mut pad = [[0u8; 128]; N];
         let n = if tail < 56 { 64 } else { 128 };
         for (p, m) in pad.iter_mut().zip(msgs) {
             p[..tail].copy_from_slice(&m[full * 64..]);
@@ -114,7 +125,6 @@ mod x86 {
             p[n - 8..n].copy_from_slice(&((len as u64) * 8).to_be_bytes());
         }
         for half in 0..n / 64 {
-            let mut ptrs = [std::ptr::null(); LANES];
             for (q, p) in ptrs.iter_mut().zip(&pad) {
                 *q = p[half * 64..].as_ptr();
             }
@@ -171,20 +181,20 @@ mod x86 {
     /// Each pointer has 64 readable bytes behind it, and the caller is
     /// compiled with the SHA extensions.
     #[inline(always)]
-    unsafe fn compress(st: &mut [State; LANES], blocks: [*const u8; LANES]) {
+    unsafe fn compress<const N: usize>(st: &mut [State; N], blocks: [*const u8; N]) {
         // SAFETY: as the function's contract says; K holds 64 u32s.
         unsafe {
             let bswap = _mm_set_epi64x(0x0c0d_0e0f_0809_0a0b, 0x0405_0607_0001_0203);
             let saved = *st;
-            let mut w = [[_mm_setzero_si128(); 4]; LANES];
-            for l in 0..LANES {
+            let mut w = [[_mm_setzero_si128(); 4]; N];
+            for l in 0..N {
                 for (j, wj) in w[l].iter_mut().enumerate() {
                     *wj = _mm_shuffle_epi8(_mm_loadu_si128(blocks[l].add(16 * j).cast()), bswap);
                 }
             }
             for r in 0..16 {
                 let k = _mm_loadu_si128(K.as_ptr().add(4 * r).cast());
-                for l in 0..LANES {
+                for l in 0..N {
                     let wl = &mut w[l];
                     if r >= 4 {
                         // W[4r..4r+4] from the four previous groups, kept in
@@ -202,7 +212,7 @@ mod x86 {
                     s.abef = _mm_sha256rnds2_epu32(s.abef, s.cdgh, _mm_shuffle_epi32(t, 0x0E));
                 }
             }
-            for l in 0..LANES {
+            for l in 0..N {
                 st[l].abef = _mm_add_epi32(st[l].abef, saved[l].abef);
                 st[l].cdgh = _mm_add_epi32(st[l].cdgh, saved[l].cdgh);
             }
@@ -246,7 +256,8 @@ mod tests {
 
     #[test]
     fn mixed_lengths_fall_back_where_a_group_differs() {
-        let lens = [64, 64, 64, 63, 64, 64, 64, 64, 64, 10, 0];
+        // Groups of 3, 2, 4, 1 and single messages of other lengths.
+        let lens = [64, 64, 64, 63, 63, 64, 64, 64, 64, 64, 10, 0];
         let data: Vec<Vec<u8>> = lens
             .iter()
             .enumerate()

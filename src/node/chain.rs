@@ -29,8 +29,8 @@ impl ChainNode {
     }
 
     /// Status of the backing image for `[offset, offset+len)`, which the top
-    /// leaves unallocated.
-    fn below(&self, offset: u64, len: u64) -> Result<Extent> {
+    /// leaves unallocated ([`BlockNode::allocation`] when `fast`).
+    fn below(&self, offset: u64, len: u64, fast: bool) -> Result<Extent> {
         let Some(b) = &self.backing else {
             return Ok(Extent {
                 status: Status::Unallocated,
@@ -44,7 +44,11 @@ impl ChainNode {
                 len,
             });
         }
-        b.block_status(offset, len.min(bsize - offset))
+        if fast {
+            b.allocation(offset, len.min(bsize - offset))
+        } else {
+            b.block_status(offset, len.min(bsize - offset))
+        }
     }
 }
 
@@ -70,7 +74,7 @@ impl BlockNode for ChainNode {
         let end = offset + buf.len() as u64;
         let mut pos = offset;
         while pos < end {
-            let ext = self.top.block_status(pos, end - pos)?;
+            let ext = self.top.allocation(pos, end - pos)?;
             let out = &mut buf[(pos - offset) as usize..(pos - offset + ext.len) as usize];
             match ext.status {
                 Status::Data => self.top.read(pos, out)?,
@@ -101,6 +105,15 @@ impl BlockNode for ChainNode {
         if ext.status != Status::Unallocated {
             return Ok(ext);
         }
-        self.below(offset, ext.len)
+        self.below(offset, ext.len, false)
+    }
+
+    fn allocation(&self, offset: u64, len: u64) -> Result<Extent> {
+        check_range(self.path(), offset, len, self.size())?;
+        let ext = self.top.allocation(offset, len)?;
+        if ext.status != Status::Unallocated {
+            return Ok(ext);
+        }
+        self.below(offset, ext.len, true)
     }
 }

@@ -750,6 +750,18 @@ impl BlockNode for Qcow2Layer {
     }
 
     fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
+        self.status(offset, len, true)
+    }
+
+    fn allocation(&self, offset: u64, len: u64) -> Result<Extent> {
+        self.status(offset, len, false)
+    }
+}
+
+impl Qcow2Layer {
+    /// [`BlockNode::block_status`] (`holes`: data clusters over a hole in
+    /// the host file are zeros) or [`BlockNode::allocation`].
+    fn status(&self, offset: u64, len: u64, holes: bool) -> Result<Extent> {
         check_range(&self.path, offset, len, self.header.size)?;
         let cs = self.header.cluster_size();
         let end = offset + len;
@@ -771,6 +783,12 @@ impl BlockNode for Qcow2Layer {
                         }
                         _ => break,
                     }
+                }
+                if !holes {
+                    return Ok(Extent {
+                        status: Status::Data,
+                        len: pos.min(end) - offset,
+                    });
                 }
                 let hs = host + offset % cs;
                 let he = hs + (pos.min(end) - offset);
