@@ -42,7 +42,7 @@ pub fn digest_many(msgs: &[&[u8]], out: &mut [Sha]) {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{LANES, Sha};
+    use super::Sha;
 
     use std::arch::x86_64::*;
 
@@ -76,18 +76,21 @@ mod x86 {
         })
     }
 
-    /// SHA-256 of 2 to [`LANES`] messages of the same length, into `out`.
+    /// SHA-256 of 2 to [`super::LANES`] messages of the same length, into `out`
+    /// (anything else: one by one with `sha2`).
     pub fn digest_lanes(msgs: &[&[u8]], out: &mut [Sha]) {
-        assert!(available(), "digest_lanes needs the SHA extensions");
-        assert!(msgs.iter().all(|m| m.len() == msgs[0].len()) && msgs.len() == out.len());
-        // SAFETY: the CPU has the features `lanes` is compiled for (checked
-        // just above).
-        unsafe {
-            match msgs.len() {
-                2 => out.copy_from_slice(&lanes::<2>(msgs)),
-                3 => out.copy_from_slice(&lanes::<3>(msgs)),
-                4 => out.copy_from_slice(&lanes::<4>(msgs)),
-                n => panic!("digest_lanes takes 2 to {LANES} messages, not {n}"),
+        let same = msgs.iter().all(|m| m.len() == msgs[0].len()) && msgs.len() == out.len();
+        // SAFETY (each arm): the CPU has the features `lanes` is compiled
+        // for, checked by `available`.
+        match msgs.len() {
+            2 if same && available() => out.copy_from_slice(&unsafe { lanes::<2>(msgs) }),
+            3 if same && available() => out.copy_from_slice(&unsafe { lanes::<3>(msgs) }),
+            4 if same && available() => out.copy_from_slice(&unsafe { lanes::<4>(msgs) }),
+            _ => {
+                use sha2::{Digest, Sha256};
+                for (m, o) in msgs.iter().zip(out.iter_mut()) {
+                    *o = Sha256::digest(m).into();
+                }
             }
         }
     }
