@@ -204,6 +204,8 @@ pub struct Qcow2Writer {
     pack: Mutex<Pack>,
     /// Data writes take turns (see [`crate::node::WriteGate`]).
     gate: crate::node::WriteGate,
+    /// Where writeback was last started up to (see [`Qcow2Writer::kick`]).
+    kicked: AtomicU64,
     finished: AtomicBool,
 }
 
@@ -268,6 +270,7 @@ impl Qcow2Writer {
             free: Mutex::new(Vec::new()),
             pack: Mutex::new(Pack::default()),
             gate: crate::node::WriteGate::default(),
+            kicked: AtomicU64::new(cs),
             finished: AtomicBool::new(false),
         })
     }
@@ -797,11 +800,32 @@ impl Qcow2Writer {
             .write_pieces(&self.file, pieces)
             .map_err(|(at, len, e)| BlockError::io(Op::Write, &self.path, at, len as u64, e))?;
         if whole > 0 {
-            crate::node::start_writeback(&self.file, host, whole as u64);
+            self.kick(host + whole as u64);
         }
         Ok(())
     }
+
+    /// Start writing back what was written up to host offset `end` once
+    /// [`WRITEBACK_BATCH`] bytes gathered since the last start: the device
+    /// works while the copy goes on, and an incremental's scattered
+    /// clusters (written one after another in the host file) do not cost a
+    /// writeback request each. What this leaves behind (below the last
+    /// start, or the tail) is written by [`Qcow2Writer::finish`]'s sync.
+    fn kick(&self, end: u64) {
+        let from = self.kicked.load(Ordering::Acquire);
+        if end >= from + WRITEBACK_BATCH
+            && self
+                .kicked
+                .compare_exchange(from, end, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
+            crate::node::start_writeback(&self.file, from, end - from);
+        }
+    }
 }
+
+/// Bytes of data written between two starts of writeback.
+const WRITEBACK_BATCH: u64 = 4 << 20;
 
 /// True when `buf` looks incompressible: its byte histogram is close to
 /// uniform (more than 7.9 bits of entropy per byte, as compressed or
