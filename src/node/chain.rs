@@ -28,6 +28,21 @@ impl ChainNode {
         &self.top
     }
 
+    /// [`BlockNode::block_status`], or [`BlockNode::allocation`] when
+    /// `fast`, of the whole chain.
+    fn status(&self, offset: u64, len: u64, fast: bool) -> Result<Extent> {
+        check_range(self.path(), offset, len, self.size())?;
+        let ext = if fast {
+            self.top.allocation(offset, len)?
+        } else {
+            self.top.block_status(offset, len)?
+        };
+        if ext.status != Status::Unallocated {
+            return Ok(ext);
+        }
+        self.below(offset, ext.len, fast)
+    }
+
     /// Status of the backing image for `[offset, offset+len)`, which the top
     /// leaves unallocated ([`BlockNode::allocation`] when `fast`).
     fn below(&self, offset: u64, len: u64, fast: bool) -> Result<Extent> {
@@ -100,20 +115,10 @@ impl BlockNode for ChainNode {
     /// The status of the whole image: Data or Zero where some layer holds
     /// the range, Unallocated where none does (reads as zeros).
     fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
-        check_range(self.path(), offset, len, self.size())?;
-        let ext = self.top.block_status(offset, len)?;
-        if ext.status != Status::Unallocated {
-            return Ok(ext);
-        }
-        self.below(offset, ext.len, false)
+        self.status(offset, len, false)
     }
 
     fn allocation(&self, offset: u64, len: u64) -> Result<Extent> {
-        check_range(self.path(), offset, len, self.size())?;
-        let ext = self.top.allocation(offset, len)?;
-        if ext.status != Status::Unallocated {
-            return Ok(ext);
-        }
-        self.below(offset, ext.len, true)
+        self.status(offset, len, true)
     }
 }

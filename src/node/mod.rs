@@ -324,15 +324,9 @@ pub fn for_each_extent(
     node: &dyn BlockNode,
     start: u64,
     end: u64,
-    mut f: impl FnMut(u64, Extent),
+    f: impl FnMut(u64, Extent),
 ) -> Result<()> {
-    let mut pos = start;
-    while pos < end {
-        let ext = node.block_status(pos, end - pos)?;
-        f(pos, ext);
-        pos += ext.len;
-    }
-    Ok(())
+    walk(node, start, end, false, f)
 }
 
 /// [`for_each_extent`] with [`BlockNode::allocation`]: data over host
@@ -341,11 +335,25 @@ pub fn for_each_allocation(
     node: &dyn BlockNode,
     start: u64,
     end: u64,
+    f: impl FnMut(u64, Extent),
+) -> Result<()> {
+    walk(node, start, end, true, f)
+}
+
+fn walk(
+    node: &dyn BlockNode,
+    start: u64,
+    end: u64,
+    allocation: bool,
     mut f: impl FnMut(u64, Extent),
 ) -> Result<()> {
     let mut pos = start;
     while pos < end {
-        let ext = node.allocation(pos, end - pos)?;
+        let ext = if allocation {
+            node.allocation(pos, end - pos)?
+        } else {
+            node.block_status(pos, end - pos)?
+        };
         f(pos, ext);
         pos += ext.len;
     }
