@@ -375,3 +375,69 @@ fn preallocated_clusters_never_written_cost_no_io() {
     assert_eq!(doc["bytes_copied"], (1 << 20) + 65536, "{doc}");
     exact(p, "pre.qcow2");
 }
+
+#[test]
+fn a_preallocated_layer_shadows_its_backing_with_zeros_where_never_written() {
+    // Every cluster of the top layer is allocated (preallocation=metadata)
+    // over holes in its file: it reads as zeros, not as the backing file's
+    // data, wherever it was not written. Reads through the chain, the
+    // manifest's digests and `verify` (which do not ask the host file
+    // where its holes are) must see the same zeros QEMU does.
+    let d = tempdir();
+    let p = d.path();
+    qemu_img(p, &["create", "-f", "qcow2", "base.qcow2", "8M"]);
+    qemu_io(p, "qcow2", "base.qcow2", &["write -P 0x11 0 8M"]);
+    // (qemu-img creates no preallocated image over a backing file: the
+    // backing file is set afterwards, the image left as it is.)
+    qemu_img(
+        p,
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "preallocation=metadata",
+            "top.qcow2",
+            "8M",
+        ],
+    );
+    qemu_io(
+        p,
+        "qcow2",
+        "top.qcow2",
+        &["write -P 0x22 1M 64k", "write -P 0x33 5M 128k"],
+    );
+    qemu_img(
+        p,
+        &[
+            "rebase",
+            "-u",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            "top.qcow2",
+        ],
+    );
+    // QEMU reads zeros, not 0x11, beside what was written.
+    let o = std::process::Command::new("qemu-io")
+        .current_dir(p)
+        .args(["-f", "qcow2", "-r", "-c", "read -P 0 0 1M", "top.qcow2"])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("read 1048576/1048576"),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    exact(p, "top.qcow2");
+    // A backup of it, and the backup verifies against its manifest.
+    let o = run_in(p, &["backup", "-q", "top.qcow2", "b.qcow2"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert!(identical(p, "top.qcow2", "b.qcow2"));
+    let o = run_in(p, &["verify", "b.qcow2"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    // The image itself, checked against the backup's manifest.
+    let o = run_in(p, &["verify", "b.qcow2", "--against", "top.qcow2"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+}
