@@ -221,9 +221,26 @@ impl Qcow2Layer {
     pub fn open_file(path: &Path, file: File, kind: crate::files::Kind) -> Result<Qcow2Layer> {
         let file_len = crate::files::file_len(&file, kind)
             .map_err(|e| BlockError::io(Op::Open, path, 0, 0, e))?;
-        let mut buf = vec![0u8; (file_len.min(2 << 20)) as usize];
+        // The header cluster: everything the header describes lies in it.
+        // Its size is in the header: 64 KiB first (the usual cluster size),
+        // the rest when the header names a larger one.
+        let mut buf = vec![0u8; (file_len.min(64 << 10)) as usize];
         file.read_exact_at(&mut buf, 0)
             .map_err(|e| BlockError::io(Op::Read, path, 0, buf.len() as u64, e))?;
+        if let Some(bits) = buf
+            .get(20..24)
+            .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+        {
+            let want = file_len.min(2 << 20).min(1u64 << bits.min(21)) as usize;
+            if want > buf.len() {
+                let have = buf.len();
+                buf.resize(want, 0);
+                file.read_exact_at(&mut buf[have..], have as u64)
+                    .map_err(|e| {
+                        BlockError::io(Op::Read, path, have as u64, (want - have) as u64, e)
+                    })?;
+            }
+        }
         let header = Header::parse(path, &buf, file_len)?;
         let cs = header.cluster_size();
         buf.truncate(cs.min(file_len) as usize);
