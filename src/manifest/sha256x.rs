@@ -8,8 +8,8 @@
 //! rounds interleaved, so the instructions of one stream issue while another
 //! waits: the same digests (each lane is plain FIPS 180-4 SHA-256 of its
 //! message, checked against the `sha2` crate in the tests) for a fraction
-//! of the time. Without the SHA extensions, and for what does not fill a
-//! group of equal-length messages, it hashes with `sha2` one message at a
+//! of the time. Without the SHA extensions, and for a message whose
+//! neighbours have other lengths, it hashes with `sha2` one message at a
 //! time.
 
 use super::Sha;
@@ -23,17 +23,19 @@ pub fn digest_many(msgs: &[&[u8]], out: &mut [Sha]) {
     debug_assert_eq!(msgs.len(), out.len());
     let mut i = 0;
     while i < msgs.len() {
-        // The next messages of the same length, up to LANES of them.
-        let k = msgs[i..]
-            .iter()
-            .take(LANES)
-            .take_while(|m| m.len() == msgs[i].len())
-            .count();
         #[cfg(target_arch = "x86_64")]
-        if k > 1 && x86::available() {
-            x86::digest_lanes(&msgs[i..i + k], &mut out[i..i + k]);
-            i += k;
-            continue;
+        if x86::available() {
+            // The next messages of the same length, up to LANES of them.
+            let k = msgs[i..]
+                .iter()
+                .take(LANES)
+                .take_while(|m| m.len() == msgs[i].len())
+                .count();
+            if k > 1 {
+                x86::digest_lanes(&msgs[i..i + k], &mut out[i..i + k]);
+                i += k;
+                continue;
+            }
         }
         out[i] = Sha256::digest(msgs[i]).into();
         i += 1;
@@ -80,8 +82,9 @@ mod x86 {
     /// (anything else: one by one with `sha2`).
     pub fn digest_lanes(msgs: &[&[u8]], out: &mut [Sha]) {
         let same = msgs.iter().all(|m| m.len() == msgs[0].len()) && msgs.len() == out.len();
-        // SAFETY (each arm): the CPU has the features `lanes` is compiled
-        // for, checked by `available`.
+        // SAFETY (each arm): as many messages as lanes, all of one length
+        // (`same`), and the CPU has the features `lanes` is compiled for
+        // (`available`).
         match msgs.len() {
             2 if same && available() => out.copy_from_slice(&unsafe { lanes::<2>(msgs) }),
             3 if same && available() => out.copy_from_slice(&unsafe { lanes::<3>(msgs) }),
@@ -102,9 +105,14 @@ mod x86 {
         cdgh: __m128i,
     }
 
-    /// `msgs` holds N messages of the same length.
+    /// SHA-256 of the N messages of `msgs`.
+    ///
+    /// # Safety
+    ///
+    /// `msgs` holds exactly N messages, all of the same length, and the CPU
+    /// has the features this is compiled for.
     #[target_feature(enable = "sha,sse2,ssse3,sse4.1")]
-    fn lanes<const N: usize>(msgs: &[&[u8]]) -> [Sha; N] {
+    unsafe fn lanes<const N: usize>(msgs: &[&[u8]]) -> [Sha; N] {
         let len = msgs[0].len();
         let full = len / 64;
         let mut st = [init(); N];
