@@ -1145,15 +1145,19 @@ fn check_target(
     Ok(())
 }
 
-/// Bytes a backup of the clusters in `bits` reads.
+/// Bytes a backup of the clusters in `bits` reads: whole clusters wherever
+/// some of a cluster holds data, as the copy reads them (so the count does
+/// not depend on where the host file has holes inside a cluster).
 fn dry_run_counts(node: &dyn BlockNode, bits: &Bits, cluster: u64) -> Result<DryRun> {
     let mut d = DryRun::default();
+    let size = node.size();
     let mut last_data_cluster = u64::MAX;
+    let mut total = 0;
     for (s, e) in bits.runs() {
-        let end = (e * cluster).min(node.size());
+        let end = (e * cluster).min(size);
+        total += end.saturating_sub(s * cluster);
         for_each_extent(node, s * cluster, end, |pos, ext| {
             if ext.status == Status::Data {
-                d.data += ext.len;
                 // Clusters touched by this extent, each counted once.
                 let (first, last) = (pos / cluster, (pos + ext.len).div_ceil(cluster));
                 let first = if first == last_data_cluster {
@@ -1161,14 +1165,16 @@ fn dry_run_counts(node: &dyn BlockNode, bits: &Bits, cluster: u64) -> Result<Dry
                 } else {
                     first
                 };
-                d.data_clusters += last.saturating_sub(first);
+                if last > first {
+                    d.data_clusters += last - first;
+                    d.data += (last * cluster).min(size) - first * cluster;
+                }
                 last_data_cluster = last - 1;
-            } else {
-                d.zero += ext.len;
             }
         })
         .map_err(CopyError::Source)?;
     }
+    d.zero = total - d.data;
     d.clusters = bits.count();
     Ok(d)
 }
