@@ -21,7 +21,7 @@ use crate::bitmap::Bits;
 use crate::error::BlockError;
 use crate::job::cancel::Cancel;
 use crate::node::ranges::InFlight;
-use crate::node::{BlockNode, Status, is_zero};
+use crate::node::{BlockNode, Extent, Status, is_zero};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use throttle::Throttle;
@@ -772,12 +772,17 @@ impl BlockCopy {
     ) -> Result<(), CopyError> {
         let cs = self.cfg.cluster_size;
         let mut pos = claim.start;
+        // The status at `pos` when the data run before it already asked.
+        let mut known: Option<Extent> = None;
         while pos < claim.end {
             ctx.check(&self.cancel)?;
-            let ext = self
-                .source
-                .block_status(pos, claim.end - pos)
-                .map_err(CopyError::Source)?;
+            let ext = match known.take() {
+                Some(e) => e,
+                None => self
+                    .source
+                    .block_status(pos, claim.end - pos)
+                    .map_err(CopyError::Source)?,
+            };
             let ext_end = pos + ext.len;
             let aligned_end = if ext_end == claim.end {
                 ext_end
@@ -805,13 +810,16 @@ impl BlockCopy {
             let end = (ext_end.div_ceil(cs) * cs).min(claim.end);
             let mut end = end.max((pos + cs).min(claim.end));
             // (Allocation, not status: data over a host hole behind is read
-            // as zeros with the rest, at most to the claim's end.)
+            // as zeros with the rest, at most to the claim's end. Its zero
+            // and unallocated answers are exact: the next turn uses the one
+            // that ends the run.)
             while end < claim.end {
                 let next = self
                     .source
                     .allocation(end, claim.end - end)
                     .map_err(CopyError::Source)?;
                 if next.status != Status::Data {
+                    known = Some(next);
                     break;
                 }
                 end = ((end + next.len).div_ceil(cs) * cs).min(claim.end);
