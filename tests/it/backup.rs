@@ -627,14 +627,18 @@ fn compressed_text_packs_as_tightly_as_qemu_img() {
         .concat(),
     );
     let size = |f: &str| std::fs::metadata(p.join(f)).unwrap().len();
-    // (qemu: the image to be no larger than; None: levels that trade size
-    // for speed differently, checked for correctness only.)
+    // (qemu: the image to be no larger than, times the slack; None: levels
+    // that trade size for speed, checked for correctness only.) imgbackup's
+    // deflate writes no more than zlib's level 6 that QEMU uses (it takes a
+    // 3-byte match only where that saves bits); zstd is the same library
+    // at the same level, within 1 %.
     for (jobs, compress, qemu, kind) in [
-        ("1", "--compress", Some("q.qcow2"), "zlib"),
-        ("2", "--compress", Some("q.qcow2"), "zlib"),
+        ("1", "--compress", Some(("q.qcow2", 1.0)), "zlib"),
+        ("2", "--compress", Some(("q.qcow2", 1.0)), "zlib"),
+        ("2", "--compress=deflate:9", Some(("q.qcow2", 1.0)), "zlib"),
         ("2", "--compress=deflate:1", None, "zlib"),
-        ("2", "--compress=zstd", Some("qz.qcow2"), "zstd"),
-        ("1", "--compress=zstd:9", Some("qz.qcow2"), "zstd"),
+        ("2", "--compress=zstd", Some(("qz.qcow2", 1.01)), "zstd"),
+        ("1", "--compress=zstd:9", Some(("qz.qcow2", 1.01)), "zstd"),
     ] {
         let tgt = format!("c{jobs}-{}.qcow2", compress.replace([':', '='], "-"));
         Backup::new(p, "text.raw", &tgt)
@@ -645,10 +649,10 @@ fn compressed_text_packs_as_tightly_as_qemu_img() {
         assert!(identical(p, "text.raw", &tgt), "{tgt}");
         let info = info_json(p, &tgt);
         assert_eq!(info["format-specific"]["data"]["compression-type"], kind);
-        if let Some(qemu) = qemu {
+        if let Some((qemu, slack)) = qemu {
             let (ours, theirs) = (size(&tgt), size(qemu));
             assert!(
-                ours as f64 <= theirs as f64 * 1.01,
+                ours as f64 <= theirs as f64 * slack,
                 "{compress} --jobs {jobs}: {ours} bytes, qemu-img convert -c {theirs}"
             );
         }

@@ -120,26 +120,13 @@ impl Compression {
     fn compress(self, src: &[u8], out: &mut [u8]) -> Option<u64> {
         use std::cell::RefCell;
         thread_local! {
-            static DEFLATE: RefCell<Option<(u32, flate2::Compress)>> = const { RefCell::new(None) };
+            static DEFLATE: RefCell<super::deflate::Deflater> = RefCell::new(super::deflate::Deflater::new());
             static ZSTD: RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> = const { RefCell::new(None) };
         }
         match self {
             Compression::Deflate(level) => DEFLATE.with(|cell| {
-                let mut slot = cell.try_borrow_mut().ok()?;
-                if slot.as_ref().is_none_or(|(l, _)| *l != level) {
-                    *slot = Some((
-                        level,
-                        flate2::Compress::new_with_window_bits(
-                            flate2::Compression::new(level),
-                            false,
-                            12,
-                        ),
-                    ));
-                }
-                let (_, c) = slot.as_mut()?;
-                c.reset();
-                let status = c.compress(src, out, flate2::FlushCompress::Finish);
-                matches!(status, Ok(flate2::Status::StreamEnd)).then(|| c.total_out())
+                let mut d = cell.try_borrow_mut().ok()?;
+                d.compress(src, level, out).map(|n| n as u64)
             }),
             Compression::Zstd(level) => ZSTD.with(|cell| {
                 let mut slot = cell.try_borrow_mut().ok()?;
