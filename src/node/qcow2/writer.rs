@@ -30,10 +30,10 @@ use std::sync::{Mutex, OnceLock};
 
 const REFCOUNT_ORDER: u32 = 4; // 16-bit refcounts, as qemu-img creates them
 const HEADER_LEN: u32 = 112; // v3 header with the compression-type byte, padded
-/// The default deflate level. zlib-rs's level 6 is about 2.5 times as
-/// fast as zlib's (what qemu-img uses) and writes 0-4 % more or less
-/// depending on the data (measured in BENCHMARKS.md); its level 9 is
-/// smaller on some data and larger on other.
+/// The default deflate level of imgbackup's encoder
+/// ([`super::deflate`]): no larger than zlib's level 6 (what qemu-img
+/// writes) on file-system content and text, at about twice its speed
+/// (BENCHMARKS.md).
 const DEFLATE_LEVEL: u32 = 6;
 
 /// Options for a new image.
