@@ -35,3 +35,18 @@ pub mod signals;
 pub mod stats;
 pub mod target;
 pub mod units;
+
+/// `n` bytes of xorshift noise from `seed`: incompressible test data, the
+/// same for the same seed.
+#[cfg(test)]
+pub(crate) fn noise(seed: u64, n: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}

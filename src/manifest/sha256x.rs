@@ -235,17 +235,7 @@ mod x86 {
 mod tests {
     use super::*;
 
-    fn bytes(seed: u64, n: usize) -> Vec<u8> {
-        let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-        (0..n)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
-    }
+    use crate::noise as bytes;
 
     #[test]
     fn every_lane_is_the_sha256_of_its_message() {
