@@ -133,8 +133,7 @@ impl Compression {
                 let mut slot = cell.try_borrow_mut().ok()?;
                 let (d, back) = &mut *slot;
                 let n = d.compress(src, level, out)?;
-                back.resize(src.len(), 0);
-                if !(super::reader::decompress_cluster(0, &out[..n], back) && back[..] == *src) {
+                if !inflates_to(&out[..n], src, back) {
                     tracing::warn!(
                         "a compressed cluster did not inflate back to its bytes: written uncompressed"
                     );
@@ -152,6 +151,13 @@ impl Compression {
             }),
         }
     }
+}
+
+/// Whether the deflate stream `comp` inflates, as QEMU inflates a
+/// cluster, to exactly `src` (`back` is scratch space).
+fn inflates_to(comp: &[u8], src: &[u8], back: &mut Vec<u8>) -> bool {
+    back.resize(src.len(), 0);
+    super::reader::decompress_cluster(0, comp, back) && back[..] == *src
 }
 
 /// Where compressed clusters go: the host bytes `[next, end)` right behind
@@ -846,4 +852,48 @@ fn looks_incompressible(buf: &[u8]) -> bool {
         })
         .sum();
     bits > 7.9
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_deflate_stream_that_does_not_inflate_to_its_cluster_is_refused() {
+        // What the self-check behind every compressed cluster catches: a
+        // stream that fails to inflate, or inflates to other bytes.
+        let mut src = Vec::new();
+        let mut i = 0u32;
+        while src.len() < 65536 {
+            i = i.wrapping_mul(1_103_515_245).wrapping_add(12345);
+            src.extend_from_slice(format!("cluster {} ", (i >> 16) % 1000).as_bytes());
+        }
+        src.truncate(65536);
+        let mut out = vec![0u8; 65535];
+        let n = super::super::deflate::Deflater::new()
+            .compress(&src, 6, &mut out)
+            .unwrap();
+        let mut back = Vec::new();
+        assert!(inflates_to(&out[..n], &src, &mut back));
+        // another cluster's bytes
+        let mut other = src.clone();
+        other[40000] ^= 1;
+        assert!(!inflates_to(&out[..n], &other, &mut back));
+        // damaged streams: a flipped bit in the data, a truncated end (bits
+        // after the cluster's last byte, the end-of-block code, are not
+        // read: QEMU stops when the cluster is full, and so does the check)
+        for at in [0, 1, n / 3, n / 2, n - 40] {
+            let mut bad = out[..n].to_vec();
+            bad[at] ^= 0x10;
+            assert!(!inflates_to(&bad, &src, &mut back), "bit flipped at {at}");
+        }
+        assert!(!inflates_to(&out[..n - 4], &src, &mut back));
+        // and Compression::compress passes a good one through
+        let mut out2 = vec![0u8; 65535];
+        assert_eq!(
+            Compression::Deflate(6).compress(&src, &mut out2),
+            Some(n as u64)
+        );
+        assert_eq!(out2[..n], out[..n]);
+    }
 }
