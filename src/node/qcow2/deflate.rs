@@ -282,13 +282,21 @@ impl Deflater {
         }
     }
 
+    /// Enter `pos`, whose first 4 bytes are `here`, into the tables; the
+    /// heads of its 4-byte and 3-byte hashes before it.
+    #[inline(always)]
+    fn enter(&mut self, here: u32, pos: usize) -> (u16, u16) {
+        let (h4, h3) = (hash4(here), hash3(here));
+        let heads = (self.head4[h4], self.head3[h3]);
+        self.prev[pos % RING] = Self::link(heads.0, pos);
+        self.head4[h4] = pos as u16;
+        self.head3[h3] = pos as u16;
+        heads
+    }
+
     #[inline(always)]
     fn insert(&mut self, data: &[u8], pos: usize) {
-        let v = read4(data, pos);
-        let h = hash4(v);
-        self.prev[pos % RING] = Self::link(self.head4[h], pos);
-        self.head4[h] = pos as u16;
-        self.head3[hash3(v)] = pos as u16;
+        self.enter(read4(data, pos), pos);
     }
 
     /// Insert `pos` into the tables and return its longest match longer
@@ -305,11 +313,7 @@ impl Deflater {
     ) -> (usize, usize) {
         let max = (data.len() - pos).min(MAX_MATCH);
         let here = read4(data, pos);
-        let (h4, h3) = (hash4(here), hash3(here));
-        let (head, head3) = (self.head4[h4], self.head3[h3]);
-        self.prev[pos % RING] = Self::link(head, pos);
-        self.head4[h4] = pos as u16;
-        self.head3[h3] = pos as u16;
+        let (head, head3) = self.enter(here, pos);
 
         let mut dist = 0;
         if best >= max {
@@ -378,8 +382,8 @@ impl Deflater {
         }
     }
 
-    /// Whether a short match costs less than its bytes as literals; a
-    /// match of 8 or more always wins.
+    /// Whether a 3-byte match costs less than its bytes as literals (with
+    /// a bit to spare); a longer match always wins.
     #[inline]
     fn worth(&self, data: &[u8], pos: usize, len: usize, dist: usize) -> bool {
         if len >= 4 {
@@ -481,27 +485,6 @@ impl Deflater {
         code_lengths(&self.lit_freq, 15, &mut lit_len);
         code_lengths(&self.dist_freq, 15, &mut dist_len);
         let header = Header::new(&lit_len, &dist_len);
-        {
-            let k: u64 = lit_len
-                .iter()
-                .filter(|&&l| l > 0)
-                .map(|&l| 1u64 << (15 - l))
-                .sum();
-            let kd: u64 = dist_len
-                .iter()
-                .filter(|&&l| l > 0)
-                .map(|&l| 1u64 << (15 - l))
-                .sum();
-            let unused = self
-                .lit_freq
-                .iter()
-                .zip(&lit_len)
-                .any(|(&f, &l)| f > 0 && l == 0);
-            if k != 1 << 15 || kd != 1 << 15 || unused || lit_len.iter().any(|&l| l > 15) {
-                eprintln!("BAD kraft {k} {kd} unused {unused} {:?}", lit_len);
-            }
-        }
-
         let extra_bits: u64 = (0..29)
             .map(|c| u64::from(self.lit_freq[257 + c]) * u64::from(LEN_EXTRA[c]))
             .sum::<u64>()
