@@ -372,9 +372,14 @@ impl BlockCopy {
     /// it.
     pub fn map_holes(&self) {
         let cs = self.cfg.cluster_size;
+        let max = (self.cfg.max_chunk / cs).max(1);
         let bits = self.bitmap();
         let mut holes = Bits::new(bits.len());
-        for (s, e) in bits.runs() {
+        // A run no longer than one claim is claimed whole either way: only
+        // longer runs are worth their block-status calls (an incremental's
+        // thousands of single dirty clusters would otherwise cost a serial
+        // walk before the copy starts).
+        for (s, e) in bits.runs().into_iter().filter(|&(s, e)| e - s > max) {
             let (mut pos, end) = (s * cs, (e * cs).min(self.len));
             while pos < end {
                 if self.cancel.is_cancelled() {

@@ -1622,10 +1622,13 @@ impl Running {
             .target
             .reopen()
             .map_err(JobError::context("cannot open the new backup"))?;
+        m.settle()
+            .map_err(|e| JobError::step(what, CopyError::Manifest(e)))?;
         m.fill_ranges_from(written.node.as_ref(), skipped, jobs, cancel)
             .map_err(JobError::context(what))?;
         if let Some(p) = &job.parent {
-            m.fill_from_parent(p);
+            m.fill_from_parent(p)
+                .map_err(|e| JobError::step(what, CopyError::Manifest(e)))?;
         }
         // `--sync top`: what the copy did not see is the backing file's,
         // recorded by identity and digested when a check needs it.
@@ -1639,7 +1642,8 @@ impl Running {
             m.fill_from(job.image.node.as_ref(), jobs, cancel)
                 .map_err(JobError::context(what))?;
         } else {
-            m.fill_from_backing();
+            m.fill_from_backing()
+                .map_err(|e| JobError::step(what, CopyError::Manifest(e)))?;
         }
         let binding = self
             .target

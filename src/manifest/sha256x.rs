@@ -18,6 +18,16 @@ use sha2::{Digest, Sha256};
 /// Messages hashed in lockstep.
 pub const LANES: usize = 4;
 
+/// True when [`digest_many`] hashes equal-length messages in lockstep on
+/// this CPU (otherwise it hashes them one by one, and gathering messages
+/// for it gains nothing).
+pub fn batches() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return x86::available();
+    #[cfg(not(target_arch = "x86_64"))]
+    return false;
+}
+
 /// SHA-256 of each message in `msgs`, in order, into `out` (same length).
 pub fn digest_many(msgs: &[&[u8]], out: &mut [Sha]) {
     debug_assert_eq!(msgs.len(), out.len());

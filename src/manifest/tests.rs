@@ -120,9 +120,9 @@ fn write(
         chunk,
     };
     let w = new_writer(&path, geo, algo);
-    assert_eq!(w.gaps(), vec![(0, geo.chunks())]);
+    assert_eq!(w.gaps().unwrap(), vec![(0, geo.chunks())]);
     w.fill_from(image, 3, &Cancel::new()).unwrap();
-    assert!(w.gaps().is_empty());
+    assert!(w.gaps().unwrap().is_empty());
     let mut m = meta();
     w.finish(&mut m, None).unwrap();
     ManifestFile::open(&path).unwrap()
@@ -213,6 +213,64 @@ fn the_manifest_size_follows_the_data() {
 }
 
 #[test]
+fn chunks_seen_one_at_a_time_in_any_order_give_the_same_manifest() {
+    use crate::copy::{ChunkData, ChunkObserver};
+    let d = tempfile::tempdir().unwrap();
+    let chunk = 4096u64;
+    let c = chunk as usize;
+    // 23 chunks and a short last one; chunk 5 is zeros (seen as bytes),
+    // chunks 9..11 are zeros (seen as a zero range).
+    let mut bytes: Vec<u8> = (0..23 * chunk + 100).map(|i| (i % 249) as u8 | 1).collect();
+    bytes[5 * c..6 * c].fill(0);
+    bytes[9 * c..11 * c].fill(0);
+    // Pieces as copy workers report them: single chunks (queued and hashed
+    // several at a time), a pair, a run of five (hashed at once), the
+    // zeros, the short last chunk; out of order.
+    let pieces: [(usize, usize); 14] = [
+        (7, 8),
+        (0, 1),
+        (5, 6),
+        (12, 17),
+        (2, 3),
+        (22, 23),
+        (1, 2),
+        (3, 5),
+        (17, 18),
+        (6, 7),
+        (18, 22),
+        (11, 12),
+        (8, 9),
+        (23, 24),
+    ];
+    for algo in [DigestAlgo::Sha256, DigestAlgo::Blake3] {
+        let path = manifest_path(&d.path().join(algo.name()));
+        let geo = Geometry {
+            size: bytes.len() as u64,
+            chunk,
+        };
+        let w = new_writer(&path, geo, algo);
+        w.copied(9 * chunk, ChunkData::Zeroes(2 * chunk)).unwrap();
+        for (a, b) in pieces {
+            let piece = &bytes[a * c..(b * c).min(bytes.len())];
+            w.copied((a * c) as u64, ChunkData::Bytes(piece)).unwrap();
+        }
+        // Whatever is still queued counts as recorded.
+        assert!(w.gaps().unwrap().is_empty());
+        let mut m = meta();
+        w.finish(&mut m, None).unwrap();
+        let got = ManifestFile::open(&path).unwrap();
+        assert_eq!(got.meta.root_digest, root_of(&bytes, c, algo));
+        assert_eq!(got.meta.data_chunks, 21);
+        let want: Vec<Sha> = bytes.chunks(c).map(|x| algo.hash(x)).collect();
+        assert_eq!(got.digests(0, 24).unwrap(), want);
+        assert_eq!(
+            got.data_runs(0, 24).unwrap(),
+            vec![(0, 5), (6, 9), (11, 24)]
+        );
+    }
+}
+
+#[test]
 fn an_incremental_refers_to_its_parent_and_has_the_full_root() {
     let d = tempfile::tempdir().unwrap();
     let p = d.path();
@@ -237,8 +295,8 @@ fn an_incremental_refers_to_its_parent_and_has_the_full_root() {
     )
     .unwrap();
     w.put_many(40, &[z.of(40)]).unwrap();
-    w.fill_from_parent(&parent);
-    assert!(w.gaps().is_empty());
+    w.fill_from_parent(&parent).unwrap();
+    assert!(w.gaps().unwrap().is_empty());
     let mut m = meta();
     m.parent = Some(Parent {
         path: p.join("parent").display().to_string(),
@@ -379,7 +437,7 @@ fn version_1_manifests_are_read_and_serve_as_parents() {
     let w = new_writer(&path, geo, DigestAlgo::Sha256);
     w.put_many(10, &[digest(&new[10 * chunk..11 * chunk])])
         .unwrap();
-    w.fill_from_parent(&v1);
+    w.fill_from_parent(&v1).unwrap();
     let mut m = meta();
     m.parent = Some(Parent {
         path: p.join("v1").display().to_string(),
@@ -418,7 +476,7 @@ fn backing_runs_are_digested_when_needed_and_only_from_the_same_file() {
     let w = new_writer(&path, geo, DigestAlgo::Sha256);
     w.put_many(5, &[digest(&image[5 * chunk..6 * chunk])])
         .unwrap();
-    w.fill_from_backing();
+    w.fill_from_backing().unwrap();
     let mut m = meta();
     // Without the backing files named, finishing is refused.
     assert!(w.finish(&mut m.clone(), None).is_err());
@@ -431,7 +489,7 @@ fn backing_runs_are_digested_when_needed_and_only_from_the_same_file() {
     let w2 = new_writer(&path, geo, DigestAlgo::Sha256);
     w2.put_many(5, &[digest(&image[5 * chunk..6 * chunk])])
         .unwrap();
-    w2.fill_from_backing();
+    w2.fill_from_backing().unwrap();
     w2.finish(&mut m, None).unwrap();
     let mf = ManifestFile::open(&path).unwrap();
     assert!(!mf.meta.root_known());

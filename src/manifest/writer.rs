@@ -8,6 +8,7 @@
 use super::check::{digests_of, for_each_batch};
 use super::file::{MAX_META_V2, ManifestFile, Piece, run_table_offset};
 use super::runs::{Kind, RunMap};
+use super::sha256x::LANES;
 use super::{DigestAlgo, Geometry, MAGIC, Meta, RootHasher, Sha, VERSION, ZeroDigests, hex};
 use crate::copy::{ChunkData, ChunkObserver, CopyError};
 use crate::job::cancel::Cancel;
@@ -19,7 +20,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-/// Digests read from the scratch file at once.
+/// Digests read from the scratch file at once (128 KiB, aligned).
 const BLOCK: u64 = 4096;
 
 /// Builds `TARGET.manifest.partial` while the copy runs.
@@ -30,6 +31,18 @@ pub struct ManifestWriter {
     geo: Geometry,
     zero: ZeroDigests,
     map: Mutex<RunMap>,
+    pending: Mutex<Pending>,
+}
+
+/// Copied chunks waiting to be hashed [`LANES`] at a time: an incremental
+/// copies its dirty clusters one by one, and a single SHA-256 stream leaves
+/// most of the CPU's SHA unit idle ([`super::sha256x`]).
+#[derive(Default)]
+struct Pending {
+    /// `(chunk, bytes)`, fewer than [`LANES`] between calls.
+    chunks: Vec<(u64, Vec<u8>)>,
+    /// Buffers of hashed chunks, to be filled again.
+    spare: Vec<Vec<u8>>,
 }
 
 impl ManifestWriter {
@@ -53,6 +66,7 @@ impl ManifestWriter {
             zero: geo.zero_digests(algo),
             geo,
             map: Mutex::new(RunMap::new()),
+            pending: Mutex::new(Pending::default()),
         })
     }
 
@@ -107,10 +121,63 @@ impl ManifestWriter {
         Ok(())
     }
 
-    /// Chunk runs nothing was recorded for yet.
-    pub fn gaps(&self) -> Vec<(u64, u64)> {
+    fn with_pending<T>(&self, f: impl FnOnce(&mut Pending) -> T) -> T {
+        match self.pending.lock() {
+            Ok(mut p) => f(&mut p),
+            Err(p) => f(&mut p.into_inner()),
+        }
+    }
+
+    /// Queue a copy of the full chunk `i`; when [`LANES`] are queued, hash
+    /// and record them.
+    fn queue(&self, i: u64, bytes: &[u8]) -> io::Result<()> {
+        let batch = self.with_pending(|p| {
+            let mut b = p.spare.pop().unwrap_or_default();
+            b.clear();
+            b.extend_from_slice(bytes);
+            p.chunks.push((i, b));
+            if p.chunks.len() >= LANES {
+                std::mem::take(&mut p.chunks)
+            } else {
+                Vec::new()
+            }
+        });
+        self.record(batch)
+    }
+
+    /// Hash and record the queued `batch`, and keep its buffers.
+    fn record(&self, batch: Vec<(u64, Vec<u8>)>) -> io::Result<()> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let pieces: Vec<(u64, &[u8])> = batch.iter().map(|(i, b)| (*i, b.as_slice())).collect();
+        let mut ds = vec![[0u8; 32]; pieces.len()];
+        self.zero.of_pieces(&pieces, &mut ds);
+        for (&(i, _), d) in pieces.iter().zip(&ds) {
+            self.put_many(i, std::slice::from_ref(d))?;
+        }
+        self.with_pending(|p| {
+            if p.spare.len() < LANES {
+                p.spare
+                    .extend(batch.into_iter().map(|(_, b)| b).take(LANES));
+            }
+        });
+        Ok(())
+    }
+
+    /// Hash and record the chunks still queued. Must follow the copy,
+    /// before anything else is recorded ([`Self::gaps`] calls it).
+    pub fn settle(&self) -> io::Result<()> {
+        let batch = self.with_pending(|p| std::mem::take(&mut p.chunks));
+        self.record(batch)
+    }
+
+    /// Chunk runs nothing was recorded for yet (queued chunks are hashed
+    /// and recorded first).
+    pub fn gaps(&self) -> io::Result<Vec<(u64, u64)>> {
+        self.settle()?;
         let n = self.geo.chunks();
-        self.with_map(|m| m.gaps(n))
+        Ok(self.with_map(|m| m.gaps(n)))
     }
 
     /// Fill the chunks not recorded yet from `image` (the point-in-time
@@ -124,7 +191,7 @@ impl ManifestWriter {
     ) -> Result<(), CopyError> {
         let geo = self.geo;
         let mut data = Vec::new();
-        for (s, e) in self.gaps() {
+        for (s, e) in self.gaps().map_err(CopyError::Manifest)? {
             let (start, end) = (s * geo.chunk, (e * geo.chunk).min(geo.size));
             let mut zero_from = s;
             crate::node::for_each_extent(image, start, end, |pos, ext| {
@@ -178,65 +245,94 @@ impl ManifestWriter {
     /// (an incremental's clean chunks): one run record each, no digest is
     /// copied. `parent` must have this geometry and digest algorithm
     /// (otherwise nothing is recorded and [`Self::fill_from`] hashes them).
-    pub fn fill_from_parent(&self, parent: &ManifestFile) {
+    pub fn fill_from_parent(&self, parent: &ManifestFile) -> io::Result<()> {
         if parent.geometry() != self.geo || parent.algo() != self.algo() {
-            return;
+            return Ok(());
         }
-        let gaps = self.gaps();
+        let gaps = self.gaps()?;
         self.with_map(|m| {
             for (s, e) in gaps {
                 m.insert(s, e, Kind::Parent);
             }
         });
+        Ok(())
     }
 
     /// Say that the chunks not recorded yet read as the source's backing
     /// file reads them (`--sync top`): one run record each, nothing read
     /// or hashed now. The caller names the backing chain in
     /// `Meta::backing_files`; the root digest is then deferred.
-    pub fn fill_from_backing(&self) {
-        let gaps = self.gaps();
+    pub fn fill_from_backing(&self) -> io::Result<()> {
+        let gaps = self.gaps()?;
         self.with_map(|m| {
             for (s, e) in gaps {
                 m.insert(s, e, Kind::Backing);
             }
         });
+        Ok(())
     }
 
-    fn read_scratch(&self, first: u64, n: u64, out: &mut Vec<Sha>) -> io::Result<()> {
-        let mut raw = vec![0u8; (n * 32) as usize];
-        self.scratch.read_exact_at(&mut raw, first * 32)?;
-        out.clear();
-        out.extend(raw.chunks_exact(32).map(|c| {
-            let mut d = [0u8; 32];
-            d.copy_from_slice(c);
-            d
-        }));
+    /// Visit the digests of data chunks `[s, e)` from the scratch file,
+    /// through `win` (runs visited in increasing order read each block of
+    /// the scratch file once, however many short runs it holds).
+    fn scratch_digests(
+        &self,
+        win: &mut Window,
+        s: u64,
+        e: u64,
+        f: &mut dyn FnMut(&Sha) -> io::Result<()>,
+    ) -> io::Result<()> {
+        let mut i = s;
+        while i < e {
+            let block = i / BLOCK;
+            if win.block != Some(block) {
+                let n = (self.geo.chunks() - block * BLOCK).min(BLOCK);
+                win.raw.clear();
+                win.raw.resize((n * 32) as usize, 0);
+                // The scratch file ends after the last data chunk recorded.
+                let (mut got, at) = (0, block * BLOCK * 32);
+                while got < win.raw.len() {
+                    match self.scratch.read_at(&mut win.raw[got..], at + got as u64) {
+                        Ok(0) => break,
+                        Ok(k) => got += k,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                win.block = Some(block);
+                win.valid = got / 32;
+            }
+            let j = e.min((block + 1) * BLOCK);
+            if j - block * BLOCK > win.valid as u64 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "internal error: the scratch file lacks digests",
+                ));
+            }
+            let at = ((i - block * BLOCK) * 32) as usize;
+            for c in win.raw[at..at + ((j - i) * 32) as usize].chunks_exact(32) {
+                let mut d = [0u8; 32];
+                d.copy_from_slice(c);
+                f(&d)?;
+            }
+            i = j;
+        }
         Ok(())
     }
 
     /// The root digest of the image the `runs` describe: data digests from
     /// the scratch file, a parent's through its manifest.
-    fn root(
-        &self,
-        runs: &[(u64, u64, Kind)],
-        parent: Option<&ManifestFile>,
-        buf: &mut Vec<Sha>,
-    ) -> io::Result<Sha> {
+    fn root(&self, runs: &[(u64, u64, Kind)], parent: Option<&ManifestFile>) -> io::Result<Sha> {
         let internal = |what: &str| io::Error::other(format!("internal error: {what}"));
         let mut root = RootHasher::new(self.geo, self.algo());
+        let mut win = Window::default();
         for &(s, e, kind) in runs {
             match kind {
                 Kind::Zero => root.zeros(e - s),
-                Kind::Data => {
-                    let mut i = s;
-                    while i < e {
-                        let j = (i + BLOCK).min(e);
-                        self.read_scratch(i, j - i, buf)?;
-                        buf.iter().for_each(|d| root.chunk(d));
-                        i = j;
-                    }
-                }
+                Kind::Data => self.scratch_digests(&mut win, s, e, &mut |d| {
+                    root.chunk(d);
+                    Ok(())
+                })?,
                 Kind::Backing => return Err(internal("a root over backing runs")),
                 Kind::Parent => {
                     let p = parent.ok_or_else(|| internal("no parent manifest"))?;
@@ -261,7 +357,7 @@ impl ManifestWriter {
     /// given when chunks refer to it.
     pub fn finish(&self, meta: &mut Meta, parent: Option<&ManifestFile>) -> io::Result<()> {
         let internal = |what: &str| io::Error::other(format!("internal error: {what}"));
-        if !self.gaps().is_empty() {
+        if !self.gaps()?.is_empty() {
             return Err(internal("the manifest lacks digests"));
         }
         let runs = self.with_map(|m| m.runs());
@@ -274,12 +370,11 @@ impl ManifestWriter {
             .filter(|r| r.2 == Kind::Data)
             .map(|r| r.1 - r.0)
             .sum();
-        let mut buf = Vec::new();
         // A deferred root is computed by the first check that needs it.
         meta.root_digest = if deferred {
             String::new()
         } else {
-            hex(&self.root(&runs, parent, &mut buf)?)
+            hex(&self.root(&runs, parent)?)
         };
         meta.chunk_size = self.geo.chunk;
         meta.chunks = self.geo.chunks();
@@ -310,18 +405,10 @@ impl ManifestWriter {
             out.write_all(&s.to_be_bytes())?;
             out.write_all(&((kind.code() << 62) | (e - s)).to_be_bytes())?;
         }
+        let mut win = Window::default();
         for &(s, e, kind) in &runs {
-            if kind != Kind::Data {
-                continue;
-            }
-            let mut i = s;
-            while i < e {
-                let j = (i + BLOCK).min(e);
-                self.read_scratch(i, j - i, &mut buf)?;
-                for d in &buf {
-                    out.write_all(d)?;
-                }
-                i = j;
+            if kind == Kind::Data {
+                self.scratch_digests(&mut win, s, e, &mut |d| out.write_all(d))?;
             }
         }
         let sum: Sha = out.sum.finalize().into();
@@ -336,6 +423,15 @@ impl ManifestWriter {
     pub fn path(&self) -> &Path {
         &self.path
     }
+}
+
+/// The block of the scratch file read last.
+#[derive(Default)]
+struct Window {
+    block: Option<u64>,
+    raw: Vec<u8>,
+    /// Digests the scratch file held in `raw`.
+    valid: usize,
 }
 
 /// A writer that hashes what goes through it.
@@ -363,6 +459,23 @@ impl ChunkObserver for ManifestWriter {
         match data {
             ChunkData::Zeroes(len) => {
                 self.put_zeros(first, (offset + len).div_ceil(c));
+                Ok(())
+            }
+            // A few full chunks wait for others to be hashed with them.
+            ChunkData::Bytes(buf)
+                if buf.len() < LANES * c as usize
+                    && buf.len() % c as usize == 0
+                    && self.algo() == DigestAlgo::Sha256
+                    && super::sha256x::batches() =>
+            {
+                for (k, piece) in buf.chunks(c as usize).enumerate() {
+                    let i = first + k as u64;
+                    if crate::node::is_zero(piece) {
+                        self.put_zeros(i, i + 1);
+                    } else {
+                        self.queue(i, piece).map_err(CopyError::Manifest)?;
+                    }
+                }
                 Ok(())
             }
             ChunkData::Bytes(buf) => {
