@@ -225,6 +225,10 @@ struct CbwCache {
 /// 64 TiB image of holes is 65536 claims.
 pub const HOLE_CLAIM: u64 = 1 << 30;
 
+/// [`BlockCopy::map_holes`] walks the source this much at a time, looking
+/// for a cancel in between.
+const HOLE_MAP_SLICE: u64 = 64 << 30;
+
 /// A claimed run of clusters `[start, end)` in bytes (end clamped to the
 /// image size).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -381,29 +385,33 @@ impl BlockCopy {
         // walk before the copy starts).
         for (s, e) in bits.runs().into_iter().filter(|&(s, e)| e - s > max) {
             let (mut pos, end) = (s * cs, (e * cs).min(self.len));
+            // In slices, to stop soon after a cancel.
             while pos < end {
                 if self.cancel.is_cancelled() {
                     return;
                 }
-                let ext = match self.source.block_status(pos, end - pos) {
-                    Ok(ext) => ext,
-                    Err(e) => {
-                        tracing::debug!("no hole map: block status at {pos}: {e}");
+                let to = end.min(pos.saturating_add(HOLE_MAP_SLICE));
+                let res = crate::node::for_each_extent(self.source.as_ref(), pos, to, |at, ext| {
+                    if ext.status == Status::Data {
                         return;
                     }
-                };
-                let ext_end = pos + ext.len;
-                let aligned_end = if ext_end == end {
-                    end
-                } else {
-                    ext_end / cs * cs
-                };
-                if ext.status != Status::Data && aligned_end > pos {
-                    holes.set_range(pos / cs, aligned_end.div_ceil(cs));
-                    pos = aligned_end;
-                } else {
-                    pos = (ext_end.div_ceil(cs) * cs).max(pos + cs).min(end);
+                    // Whole clusters only; the run's last may be short.
+                    let ext_end = at + ext.len;
+                    let first = at.div_ceil(cs);
+                    let last = if ext_end == self.len {
+                        ext_end.div_ceil(cs)
+                    } else {
+                        ext_end / cs
+                    };
+                    if last > first {
+                        holes.set_range(first, last);
+                    }
+                });
+                if let Err(e) = res {
+                    tracing::debug!("no hole map: block status in {pos}..{to}: {e}");
+                    return;
                 }
+                pos = to;
             }
         }
         let _ = self.holes.set(holes);

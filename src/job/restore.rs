@@ -93,7 +93,7 @@ impl RestoreJob {
     /// (OUTPUT.partial, or the device opened exclusively).
     pub fn prepare(cfg: RestoreConfig, cancel: Cancel) -> Result<RestoreJob> {
         let t0 = Instant::now();
-        let image =
+        let mut image =
             open_image(&cfg.backup, None).map_err(JobError::context("cannot open the backup"))?;
         let size = image.node.size();
         let on_device = std::fs::metadata(&cfg.output)
@@ -111,6 +111,12 @@ impl RestoreJob {
             (None, false) => format_for(&cfg.output, Format::Raw),
         };
         let manifest = open_manifest(&cfg, &image)?;
+        // Nothing writes to a backup being restored: its chain is mapped
+        // once, while the manifests of an incremental's parents are opened.
+        rayon::join(
+            || crate::node::frozen::FrozenChain::freeze(&mut image),
+            || manifest.as_ref().map(|m| m.open_parents()),
+        );
         // The output may not be the backup or a file of its chain.
         let protected = guard::Protected::source(&image);
         protected.check(&cfg.output, "output")?;

@@ -99,8 +99,14 @@ pub fn verify(cfg: &VerifyConfig, cancel: &Cancel) -> Result<VerifySummary> {
         )),
         other => other.into(),
     })?;
-    let image =
+    let mut image =
         open_image(&cfg.backup, None).map_err(JobError::context("cannot open the backup"))?;
+    // Nothing writes to a backup being verified: its chain is mapped once,
+    // while the manifests of an incremental's parents are opened.
+    rayon::join(
+        || crate::node::frozen::FrozenChain::freeze(&mut image),
+        || manifest.open_parents(),
+    );
     let size = image.node.size();
     if size != manifest.meta.virtual_size {
         return Err(JobError::Verify(format!(

@@ -41,8 +41,12 @@ where
         .num_threads(jobs.max(1))
         .build()
         .map_err(|e| CopyError::Manifest(io::Error::other(e)))?;
+    // One batch per task: rayon would otherwise hand each worker a long
+    // stretch to do alone, and a worker whose reads wait on the disk (or a
+    // chain's scattered layers) would be left with the end while the other
+    // sleeps.
     pool.install(|| {
-        batches.par_iter().try_for_each(|&(a, b)| {
+        batches.par_iter().with_max_len(1).try_for_each(|&(a, b)| {
             if cancel.is_cancelled() {
                 return Err(CopyError::Cancelled);
             }
@@ -148,18 +152,25 @@ fn runs_to_check(
     manifest: &ManifestFile,
 ) -> Result<Vec<(u64, u64)>, CopyError> {
     let geo = manifest.geometry();
-    let mut runs = manifest
-        .data_runs(0, geo.chunks())
-        .map_err(CopyError::ManifestRead)?;
     let end = image.size().min(geo.size);
-    // Data over host holes is checked too (it reads as zeros): no seek per
-    // extent to tell.
-    crate::node::for_each_allocation(image, 0, end, |pos, ext| {
-        if ext.status == Status::Data {
-            runs.push(geo.chunks_of(pos, pos + ext.len));
-        }
-    })
-    .map_err(CopyError::Source)?;
+    // The manifest's runs (a chain's manifests opened and checked) and the
+    // image's map (a chain's layers walked) side by side.
+    let (mine, theirs) = rayon::join(
+        || manifest.data_runs(0, geo.chunks()),
+        || {
+            let mut runs = Vec::new();
+            // Data over host holes is checked too (it reads as zeros): no
+            // seek per extent to tell.
+            crate::node::for_each_allocation(image, 0, end, |pos, ext| {
+                if ext.status == Status::Data {
+                    runs.push(geo.chunks_of(pos, pos + ext.len));
+                }
+            })
+            .map(|()| runs)
+        },
+    );
+    let mut runs = mine.map_err(CopyError::ManifestRead)?;
+    runs.extend(theirs.map_err(CopyError::Source)?);
     Ok(union(runs))
 }
 

@@ -73,11 +73,46 @@ pub struct ManifestFile {
     /// Its metadata.
     pub meta: Meta,
     file: File,
+    /// The whole file as its checksum was checked, when small enough
+    /// ([`KEEP_MAX`], within [`KEEP_BUDGET`]): digests are then read from
+    /// these very bytes, not from the file again.
+    pub(super) kept: Option<Kept>,
     runs: Vec<Run>,
     digests_at: u64,
     zero: ZeroDigests,
     parent: OnceLock<Result<Box<ManifestFile>, ManifestError>>,
     backing: OnceLock<Result<Arc<dyn BlockNode>, (PathBuf, String)>>,
+}
+
+/// The largest manifest kept in memory once opened (a chain's manifests
+/// are read many times over, a few digests at a time).
+const KEEP_MAX: u64 = 4 << 20;
+
+/// The most bytes of manifests kept in memory at once, all together.
+const KEEP_BUDGET: usize = 64 << 20;
+
+/// Bytes of manifests kept in memory now.
+static KEPT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// A manifest's bytes kept in memory, counted in [`KEPT`] while they live.
+pub(super) struct Kept(Vec<u8>);
+
+impl Kept {
+    /// Room for `n` bytes, if [`KEEP_BUDGET`] has them left.
+    fn reserve(n: usize) -> Option<Kept> {
+        use std::sync::atomic::Ordering;
+        KEPT.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |k| {
+            (k + n <= KEEP_BUDGET).then_some(k + n)
+        })
+        .ok()
+        .map(|_| Kept(Vec::with_capacity(n)))
+    }
+}
+
+impl Drop for Kept {
+    fn drop(&mut self) {
+        KEPT.fetch_sub(self.0.capacity(), std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 fn be64(b: &[u8]) -> u64 {
@@ -120,6 +155,12 @@ impl ManifestFile {
     /// Open and validate `path` (its checksum, header, metadata and, for
     /// version 2, its run table).
     pub fn open(path: &Path) -> Result<ManifestFile, ManifestError> {
+        Self::open_with(path, true)
+    }
+
+    /// [`Self::open`]; `keep`: whether a small manifest's bytes may be
+    /// kept in memory (otherwise its digests are read from the file).
+    pub(super) fn open_with(path: &Path, keep: bool) -> Result<ManifestFile, ManifestError> {
         let file = match File::open(path) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
@@ -157,13 +198,21 @@ impl ManifestFile {
         let count = be64(&head[24..]);
         // The checksum first: nothing else is trusted before it.
         let mut sum = Sha256::new();
-        let mut buf = vec![0u8; 1 << 20];
-        let mut pos = 0;
         let body = len - 32;
+        let mut kept = if keep && body <= KEEP_MAX {
+            Kept::reserve(body as usize)
+        } else {
+            None
+        };
+        let mut buf = vec![0u8; (1 << 20).min(body as usize)];
+        let mut pos = 0;
         while pos < body {
             let k = (body - pos).min(buf.len() as u64) as usize;
             file.read_exact_at(&mut buf[..k], pos).map_err(ioerr)?;
             sum.update(&buf[..k]);
+            if let Some(v) = kept.as_mut() {
+                v.0.extend_from_slice(&buf[..k]);
+            }
             pos += k as u64;
         }
         let mut want = [0u8; 32];
@@ -233,6 +282,7 @@ impl ManifestFile {
             path: path.to_path_buf(),
             meta,
             file,
+            kept,
             runs,
             digests_at,
             zero,
@@ -339,6 +389,19 @@ impl ManifestFile {
     /// Chunks whose digests come from the parent's manifest.
     pub fn parent_chunks(&self) -> u64 {
         self.chunks_of(Kind::Parent)
+    }
+
+    /// Open (and check) the manifests of the parents this one refers to,
+    /// down the chain, now rather than at the first digest a parent gives.
+    /// Errors are left for that first use to report.
+    pub fn open_parents(&self) {
+        let mut m = self;
+        while m.parent_chunks() > 0 {
+            match m.parent() {
+                Ok(p) => m = p,
+                Err(_) => return,
+            }
+        }
     }
 
     /// Chunks read from the source's backing file, digested when needed.
@@ -578,6 +641,22 @@ impl ManifestFile {
     }
 
     fn read_digests(&self, first: u64, n: u64, out: &mut Vec<Sha>) -> Result<(), ManifestError> {
+        if let Some(kept) = &self.kept {
+            let at = (self.digests_at + first * 32) as usize;
+            let Some(raw) = kept.0.get(at..at + (n * 32) as usize) else {
+                return Err(ManifestError::Damaged {
+                    path: self.path.clone(),
+                    detail: format!("digests {first}..{} lie past its end", first + n),
+                });
+            };
+            out.clear();
+            out.extend(raw.chunks_exact(32).map(|c| {
+                let mut d = [0u8; 32];
+                d.copy_from_slice(c);
+                d
+            }));
+            return Ok(());
+        }
         let mut raw = vec![0u8; (n * 32) as usize];
         self.file
             .read_exact_at(&mut raw, self.digests_at + first * 32)

@@ -177,6 +177,13 @@ fn digests_root_and_differences() {
         assert_eq!(m.digests(7, 33).unwrap(), want[7..33].to_vec());
         assert_eq!(m.meta.root_digest, root_of(&bytes, chunk as usize, algo));
         assert_eq!(hex(&m.compute_root().unwrap()), m.meta.root_digest);
+        // Kept in memory once opened, or read from the file: the same.
+        assert!(m.kept.is_some());
+        let unkept = ManifestFile::open_with(&m.path, false).unwrap();
+        assert!(unkept.kept.is_none());
+        assert_eq!(unkept.digests(0, 101).unwrap(), want);
+        assert_eq!(unkept.digests(7, 33).unwrap(), want[7..33].to_vec());
+        assert_eq!(hex(&unkept.compute_root().unwrap()), m.meta.root_digest);
         assert_eq!(m.data_runs(0, 101).unwrap(), vec![(0, 10), (30, 101)]);
         let cancel = Cancel::new();
         assert_eq!(check_image(&image, &m, 2, &cancel).unwrap(), None);

@@ -67,6 +67,95 @@ impl ChainNode {
     }
 }
 
+/// Bytes of the image a chain maps at once in [`ChainNode::walk_extents`]:
+/// what it holds in memory is bounded by this window's extents, whatever
+/// the virtual size.
+/// (Small in the unit tests, so that they cross windows.)
+const WINDOW: u64 = if cfg!(test) { 1 << 14 } else { 1 << 30 };
+
+impl ChainNode {
+    /// The extents of `[start, end)` (at most one [`WINDOW`]) in offset
+    /// order: the top's own map walked once, and where it holds nothing,
+    /// the map of the chain below, walked once over the span of those
+    /// holes rather than once per hole.
+    fn window(&self, start: u64, end: u64, fast: bool) -> Result<Vec<(u64, Extent)>> {
+        let mut out: Vec<(u64, Extent)> = Vec::new();
+        let mut holes: Vec<(u64, u64)> = Vec::new();
+        self.top.walk_extents(start, end, fast, &mut |pos, ext| {
+            if ext.status == Status::Unallocated {
+                match holes.last_mut() {
+                    Some(h) if h.1 == pos => h.1 = pos + ext.len,
+                    _ => holes.push((pos, pos + ext.len)),
+                }
+            } else {
+                out.push((pos, ext));
+            }
+        })?;
+        let below_end = self.backing.as_ref().map_or(0, |b| b.size());
+        let (lo, hi) = match (holes.first(), holes.last()) {
+            (Some(a), Some(b)) => (a.0, b.1.min(below_end)),
+            _ => (0, 0),
+        };
+        if let (Some(b), true) = (&self.backing, lo < hi) {
+            let mut k = 0;
+            b.walk_extents(lo, hi, fast, &mut |pos, ext| {
+                let e = pos + ext.len;
+                // The holes this extent overlaps (both lists are sorted).
+                while k < holes.len() && holes[k].1 <= pos {
+                    k += 1;
+                }
+                let mut j = k;
+                while j < holes.len() && holes[j].0 < e {
+                    let (a, z) = (holes[j].0.max(pos), holes[j].1.min(e));
+                    if a < z && ext.status != Status::Unallocated {
+                        out.push((
+                            a,
+                            Extent {
+                                status: ext.status,
+                                len: z - a,
+                            },
+                        ));
+                    }
+                    j += 1;
+                }
+            })?;
+        }
+        // What no layer holds is unallocated; neighbours of one status merge.
+        out.sort_unstable_by_key(|e| e.0);
+        let mut merged: Vec<(u64, Extent)> = Vec::with_capacity(out.len() + 1);
+        let mut pos = start;
+        let mut push = |at: u64, ext: Extent| match merged.last_mut() {
+            Some((p, last)) if last.status == ext.status && *p + last.len == at => {
+                last.len += ext.len;
+            }
+            _ => merged.push((at, ext)),
+        };
+        for (at, ext) in out {
+            if at > pos {
+                push(
+                    pos,
+                    Extent {
+                        status: Status::Unallocated,
+                        len: at - pos,
+                    },
+                );
+            }
+            push(at, ext);
+            pos = at + ext.len;
+        }
+        if pos < end {
+            push(
+                pos,
+                Extent {
+                    status: Status::Unallocated,
+                    len: end - pos,
+                },
+            );
+        }
+        Ok(merged)
+    }
+}
+
 impl BlockNode for ChainNode {
     fn path(&self) -> &Path {
         self.top.path()
@@ -120,5 +209,142 @@ impl BlockNode for ChainNode {
 
     fn allocation(&self, offset: u64, len: u64) -> Result<Extent> {
         self.status(offset, len, true)
+    }
+
+    /// Each layer's map is walked once per [`WINDOW`] (not once per extent
+    /// of the layers above it), so a long chain of small incrementals maps
+    /// in time that follows its layers' extents.
+    fn walk_extents(
+        &self,
+        start: u64,
+        end: u64,
+        fast: bool,
+        f: &mut dyn FnMut(u64, Extent),
+    ) -> Result<()> {
+        check_range(self.path(), start, end.saturating_sub(start), self.size())?;
+        let mut pos = start;
+        while pos < end {
+            let w = end.min(pos.saturating_add(WINDOW));
+            for (at, ext) in self.window(pos, w, fast)? {
+                f(at, ext);
+            }
+            pos = w;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// A layer described by the status of each of its clusters; its
+    /// status answers stop after `cap` clusters, as a qcow2 layer's do.
+    struct MapNode {
+        path: std::path::PathBuf,
+        map: Vec<Status>,
+        cluster: u64,
+        cap: u64,
+    }
+
+    impl BlockNode for MapNode {
+        fn path(&self) -> &Path {
+            &self.path
+        }
+        fn size(&self) -> u64 {
+            self.map.len() as u64 * self.cluster
+        }
+        fn cluster_size(&self) -> u64 {
+            self.cluster
+        }
+        fn read(&self, _offset: u64, buf: &mut [u8]) -> Result<()> {
+            buf.fill(0);
+            Ok(())
+        }
+        fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
+            check_range(&self.path, offset, len, self.size())?;
+            let (c, end) = (self.cluster, offset + len);
+            let status = self.map[(offset / c) as usize];
+            let mut pos = (offset / c + 1) * c;
+            let mut n = 1;
+            while pos < end && n < self.cap && self.map[(pos / c) as usize] == status {
+                pos += c;
+                n += 1;
+            }
+            Ok(Extent {
+                status,
+                len: pos.min(end) - offset,
+            })
+        }
+    }
+
+    /// Coalesced `(start, end, status)` runs.
+    fn runs(node: &dyn BlockNode, start: u64, end: u64, merged: bool) -> Vec<(u64, u64, Status)> {
+        let mut out: Vec<(u64, u64, Status)> = Vec::new();
+        let mut add = |pos: u64, ext: Extent| match out.last_mut() {
+            Some(l) if l.1 == pos && l.2 == ext.status => l.1 = pos + ext.len,
+            _ => out.push((pos, pos + ext.len, ext.status)),
+        };
+        if merged {
+            node.walk_extents(start, end, false, &mut add).unwrap();
+        } else {
+            // One status call per extent, as before walk_extents.
+            let mut pos = start;
+            while pos < end {
+                let ext = node.block_status(pos, end - pos).unwrap();
+                add(pos, ext);
+                pos += ext.len;
+            }
+        }
+        out
+    }
+
+    fn layer() -> impl Strategy<Value = (Vec<u8>, u64)> {
+        (
+            // 0: unallocated (most), 1: data, 2: zero.
+            proptest::collection::vec(
+                prop_oneof![6 => Just(0u8), 3 => Just(1u8), 1 => Just(2u8)],
+                1..96,
+            ),
+            1u64..6,
+        )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+        /// The chain's merged walk gives the map one status call per
+        /// extent gives, across windows, for layers of different sizes.
+        #[test]
+        fn the_merged_walk_maps_as_extent_by_extent(
+            layers in proptest::collection::vec(layer(), 1..6),
+            a in 0u64..96,
+            b in 0u64..96,
+        ) {
+            let cluster = 512u64;
+            let mut node: Option<Arc<dyn BlockNode>> = None;
+            for (k, (map, cap)) in layers.iter().enumerate().rev() {
+                let map = map
+                    .iter()
+                    .map(|&m| match m {
+                        1 => Status::Data,
+                        2 => Status::Zero,
+                        _ => Status::Unallocated,
+                    })
+                    .collect();
+                let top: Arc<dyn BlockNode> = Arc::new(MapNode {
+                    path: format!("layer{k}").into(),
+                    map,
+                    cluster,
+                    cap: *cap,
+                });
+                node = Some(Arc::new(ChainNode::new(top, node)));
+            }
+            let chain = node.unwrap();
+            let size = chain.size();
+            let (a, b) = ((a * 300).min(size), (b * 300).min(size));
+            let (s, e) = (a.min(b), a.max(b));
+            prop_assert_eq!(runs(chain.as_ref(), s, e, true), runs(chain.as_ref(), s, e, false));
+        }
     }
 }

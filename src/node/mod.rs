@@ -23,6 +23,7 @@
 pub mod cbw;
 pub mod chain;
 pub mod fault;
+pub mod frozen;
 pub mod graph;
 pub mod marking;
 pub mod mem;
@@ -135,6 +136,31 @@ pub trait BlockNode: Send + Sync {
     /// as exact as `block_status`'s.
     fn allocation(&self, offset: u64, len: u64) -> Result<Extent> {
         self.block_status(offset, len)
+    }
+
+    /// Walk `[start, end)` extent by extent in offset order, calling `f`
+    /// for each: [`BlockNode::block_status`], or [`BlockNode::allocation`]
+    /// when `fast`. The extents cover the range without gaps; adjacent ones
+    /// may have the same status. A node that can map a range more cheaply
+    /// than one call per extent (a backing chain) overrides it.
+    fn walk_extents(
+        &self,
+        start: u64,
+        end: u64,
+        fast: bool,
+        f: &mut dyn FnMut(u64, Extent),
+    ) -> Result<()> {
+        let mut pos = start;
+        while pos < end {
+            let ext = if fast {
+                self.allocation(pos, end - pos)?
+            } else {
+                self.block_status(pos, end - pos)?
+            };
+            f(pos, ext);
+            pos += ext.len;
+        }
+        Ok(())
     }
 
     /// The identity (size, modification time, inode, device) of the file
@@ -324,9 +350,9 @@ pub fn for_each_extent(
     node: &dyn BlockNode,
     start: u64,
     end: u64,
-    f: impl FnMut(u64, Extent),
+    mut f: impl FnMut(u64, Extent),
 ) -> Result<()> {
-    walk(node, start, end, false, f)
+    node.walk_extents(start, end, false, &mut f)
 }
 
 /// [`for_each_extent`] with [`BlockNode::allocation`]: data over host
@@ -335,29 +361,9 @@ pub fn for_each_allocation(
     node: &dyn BlockNode,
     start: u64,
     end: u64,
-    f: impl FnMut(u64, Extent),
-) -> Result<()> {
-    walk(node, start, end, true, f)
-}
-
-fn walk(
-    node: &dyn BlockNode,
-    start: u64,
-    end: u64,
-    allocation: bool,
     mut f: impl FnMut(u64, Extent),
 ) -> Result<()> {
-    let mut pos = start;
-    while pos < end {
-        let ext = if allocation {
-            node.allocation(pos, end - pos)?
-        } else {
-            node.block_status(pos, end - pos)?
-        };
-        f(pos, ext);
-        pos += ext.len;
-    }
-    Ok(())
+    node.walk_extents(start, end, true, &mut f)
 }
 
 /// Check that `[offset, offset + len)` lies inside a node of `size` bytes.
