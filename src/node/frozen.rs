@@ -48,6 +48,11 @@ impl FrozenChain {
     /// layer cannot be mapped (its error is then met, and reported, where
     /// it is read).
     pub fn map(image: &Image) -> Option<FrozenChain> {
+        Self::map_at_most(image, MAX_RUNS)
+    }
+
+    /// [`Self::map`] with a map of at most `max` runs.
+    fn map_at_most(image: &Image, max: usize) -> Option<FrozenChain> {
         use rayon::prelude::*;
         if image.layers.len() < 2 {
             return None;
@@ -66,17 +71,17 @@ impl FrozenChain {
             .par_iter()
             .with_max_len(1)
             .map(|&(s, e)| {
-                if count.load(Ordering::Relaxed) > MAX_RUNS {
+                if count.load(Ordering::Relaxed) > max {
                     return None;
                 }
-                let runs = map_slice(&layers, s, e)
+                let runs = map_slice(&layers, s, e, max)
                     .map_err(|err| tracing::debug!("no chain map: {err}"))
                     .ok()?;
                 count.fetch_add(runs.len(), Ordering::Relaxed);
                 Some(runs)
             })
             .collect();
-        if count.load(Ordering::Relaxed) > MAX_RUNS {
+        if count.load(Ordering::Relaxed) > max {
             return None;
         }
         let mut runs = Vec::with_capacity(count.load(Ordering::Relaxed));
@@ -119,8 +124,9 @@ impl FrozenChain {
 /// The runs of `[s, e)`: each layer, top down, walked once over what the
 /// layers above leave unallocated. As in [`super::chain::ChainNode`], a
 /// layer shorter than the one above it reads as zeros past its end, and
-/// the layers below it are not asked there.
-fn map_slice(layers: &[Arc<dyn BlockNode>], s: u64, e: u64) -> Result<Vec<Run>> {
+/// the layers below it are not asked there. Past `max` runs (held or
+/// still open) it stops collecting and returns more than `max`.
+fn map_slice(layers: &[Arc<dyn BlockNode>], s: u64, e: u64, max: usize) -> Result<Vec<Run>> {
     let mut out: Vec<Run> = Vec::new();
     let mut open: Vec<(u64, u64)> = vec![(s, e)];
     for (k, layer) in layers.iter().enumerate() {
@@ -135,6 +141,9 @@ fn map_slice(layers: &[Arc<dyn BlockNode>], s: u64, e: u64) -> Result<Vec<Run>> 
         let mut still: Vec<(u64, u64)> = Vec::new();
         let mut j = 0;
         layer.walk_extents(lo, hi, true, &mut |pos, ext| {
+            if out.len() + still.len() > max {
+                return;
+            }
             let end = pos + ext.len;
             while j < open.len() && open[j].1 <= pos {
                 j += 1;
@@ -160,10 +169,16 @@ fn map_slice(layers: &[Arc<dyn BlockNode>], s: u64, e: u64) -> Result<Vec<Run>> 
                 i += 1;
             }
         })?;
-        open = still;
-        if out.len() > MAX_RUNS {
+        if out.len() + still.len() > max {
+            out.extend(still.iter().map(|&(start, end)| Run {
+                start,
+                end,
+                status: Status::Unallocated,
+                layer: NONE,
+            }));
             return Ok(out);
         }
+        open = still;
     }
     // What no layer holds reads as zeros; runs alike and adjacent merge.
     out.sort_unstable_by_key(|r| r.start);
@@ -436,6 +451,21 @@ mod tests {
             let e2 = frozen.allocation(off, n as u64).unwrap();
             prop_assert_eq!(e1.status, e2.status);
         }
+    }
+
+    #[test]
+    fn a_map_past_its_limit_is_not_made() {
+        // Alternating clusters over three layers: 13 runs.
+        let img = image(&[
+            (vec![1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0], 5),
+            (vec![0, 2, 0, 0, 0, 1, 0, 0, 0, 2, 0, 0], 6),
+            (vec![0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 1, 1], 7),
+        ]);
+        let f = FrozenChain::map_at_most(&img, 100).unwrap();
+        assert_eq!(f.runs.len(), 12);
+        assert!(FrozenChain::map_at_most(&img, 12).is_some());
+        assert!(FrozenChain::map_at_most(&img, 11).is_none());
+        assert!(FrozenChain::map_at_most(&img, 3).is_none());
     }
 
     #[test]
