@@ -58,6 +58,7 @@ impl From<&BackupArgs> for BackupConfig {
             digest: a.digest.map(Into::into),
             inject: a.inject.clone(),
             directory_lock: true,
+            unchanging_source: false,
         }
     }
 }

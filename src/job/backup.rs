@@ -160,6 +160,11 @@ pub struct BackupConfig {
     /// that `prune` never removes what the job builds on (false only for
     /// jobs `prune` runs itself, under its exclusive lock).
     pub directory_lock: bool,
+    /// Nothing writes to the source while the job reads it (a backup
+    /// being consolidated): its backing chain is mapped once and each run
+    /// read straight from its layer ([`crate::node::frozen::FrozenChain`]).
+    /// Refused with `guest`.
+    pub unchanging_source: bool,
 }
 
 /// The validated, derived settings of one backup.
@@ -695,6 +700,16 @@ impl BackupJob {
             }
         }
         guard::check_output(&cfg.target, cfg.force, "target")?;
+        let mut image = image;
+        if cfg.unchanging_source {
+            if cfg.guest.is_some() || served.is_some() || nbd.is_some() {
+                return Err(JobError::Internal(
+                    "an unchanging source cannot have a guest, a server or an NBD export".into(),
+                ));
+            }
+            // Mapped under the source's lock.
+            crate::node::frozen::FrozenChain::freeze(&mut image);
+        }
         let mut locks = locks;
         if cfg.directory_lock {
             locks.directory(&crate::files::dir_of(&cfg.target), false, cfg.wait_lock)?;

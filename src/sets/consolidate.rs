@@ -123,6 +123,8 @@ fn job_config(
         digest: Some(m.algo()),
         inject: Vec::new(),
         directory_lock,
+        // A backup: nothing writes to it.
+        unchanging_source: true,
     })
 }
 
