@@ -512,33 +512,69 @@ impl Qcow2Layer {
 /// QEMU's qcow2_zstd_decompress, also when the frame does not end there.
 pub(crate) fn decompress_cluster(compression_type: u8, comp: &[u8], out: &mut [u8]) -> bool {
     match compression_type {
+        // One decompressor per thread, reset for each cluster (a new one
+        // per cluster costs its allocation every time).
         0 => {
-            let mut d = flate2::Decompress::new(false);
-            let res = d.decompress(comp, out, flate2::FlushDecompress::Finish);
-            res.is_ok() && d.total_out() as usize == out.len()
+            thread_local! {
+                static INFLATE: std::cell::RefCell<flate2::Decompress> =
+                    std::cell::RefCell::new(flate2::Decompress::new(false));
+            }
+            INFLATE.with(|d| {
+                let mut d = d.borrow_mut();
+                d.reset(false);
+                let res = d.decompress(comp, out, flate2::FlushDecompress::Finish);
+                res.is_ok() && d.total_out() as usize == out.len()
+            })
         }
         1 => {
-            use zstd::stream::raw::{Decoder, InBuffer, Operation, OutBuffer};
-            let Ok(mut d) = Decoder::new() else {
-                return false;
-            };
-            let mut input = InBuffer::around(comp);
-            let mut output = OutBuffer::around(out);
-            let mut last = 1;
-            while output.pos() < output.capacity() {
-                let (in_before, out_before) = (input.pos(), output.pos());
-                match d.run(&mut input, &mut output) {
-                    Ok(hint) => last = hint,
-                    Err(_) => return false,
-                }
-                if input.pos() <= in_before && output.pos() <= out_before {
-                    return false;
-                }
+            use zstd::stream::raw::Decoder;
+            thread_local! {
+                static ZSTD: std::cell::RefCell<Option<Decoder<'static>>> =
+                    const { std::cell::RefCell::new(None) };
             }
-            last == 0
+            ZSTD.with(|slot| {
+                let mut slot = slot.borrow_mut();
+                if slot.is_none() {
+                    *slot = Decoder::new().ok();
+                }
+                match slot.as_mut() {
+                    Some(d) => {
+                        let ok = zstd_cluster(d, comp, out);
+                        // A failed frame may leave the context mid-frame.
+                        if !ok {
+                            *slot = None;
+                        }
+                        ok
+                    }
+                    None => false,
+                }
+            })
         }
         _ => false,
     }
+}
+
+/// Decompress one zstd frame `comp` into exactly `out` with `d`, reset
+/// first.
+fn zstd_cluster(d: &mut zstd::stream::raw::Decoder<'static>, comp: &[u8], out: &mut [u8]) -> bool {
+    use zstd::stream::raw::{InBuffer, Operation, OutBuffer};
+    if d.reinit().is_err() {
+        return false;
+    }
+    let mut input = InBuffer::around(comp);
+    let mut output = OutBuffer::around(out);
+    let mut last = 1;
+    while output.pos() < output.capacity() {
+        let (in_before, out_before) = (input.pos(), output.pos());
+        match d.run(&mut input, &mut output) {
+            Ok(hint) => last = hint,
+            Err(_) => return false,
+        }
+        if input.pos() <= in_before && output.pos() <= out_before {
+            return false;
+        }
+    }
+    last == 0
 }
 
 /// What checking an L2 entry needs to know of its image.
@@ -942,6 +978,24 @@ mod tests {
         bad[0] ^= 0xff;
         assert!(!decompress_cluster(1, &bad, &mut out));
         assert!(!decompress_cluster(2, &deflated, &mut out));
+        // The thread's decompressors start afresh after a failure, whatever
+        // it left half done: each good cluster reads back again.
+        for _ in 0..2 {
+            out.fill(0);
+            assert!(decompress_cluster(1, &zstd, &mut out) && out == cluster);
+            assert!(!decompress_cluster(0, &deflated[..deflated.len() / 2], &mut out));
+            out.fill(0);
+            assert!(decompress_cluster(0, &deflated, &mut out) && out == cluster);
+            assert!(!decompress_cluster(1, &zstd[..zstd.len() / 3], &mut out));
+        }
+        let other: Vec<u8> = (0..65536u32).map(|i| (i % 251) as u8).collect();
+        let mut e = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::best());
+        e.write_all(&other).unwrap();
+        let other_deflated = e.finish().unwrap();
+        out.fill(0);
+        assert!(decompress_cluster(0, &other_deflated, &mut out) && out == other);
+        out.fill(0);
+        assert!(decompress_cluster(0, &deflated, &mut out) && out == cluster);
     }
 
     #[test]
