@@ -73,87 +73,113 @@ impl ChainNode {
 /// (Small in the unit tests, so that they cross windows.)
 const WINDOW: u64 = if cfg!(test) { 1 << 14 } else { 1 << 30 };
 
-impl ChainNode {
-    /// The extents of `[start, end)` (at most one [`WINDOW`]) in offset
-    /// order: the top's own map walked once, and where it holds nothing,
-    /// the map of the chain below, walked once over the span of those
-    /// holes rather than once per hole.
-    fn window(&self, start: u64, end: u64, fast: bool) -> Result<Vec<(u64, Extent)>> {
-        let mut out: Vec<(u64, Extent)> = Vec::new();
-        let mut holes: Vec<(u64, u64)> = Vec::new();
-        self.top.walk_extents(start, end, fast, &mut |pos, ext| {
-            if ext.status == Status::Unallocated {
-                match holes.last_mut() {
-                    Some(h) if h.1 == pos => h.1 = pos + ext.len,
-                    _ => holes.push((pos, pos + ext.len)),
+/// `layer` of a run no layer holds.
+pub(super) const NONE: u32 = u32::MAX;
+
+/// `[start, end)` of the image reads as `status` from layer `layer` (top is
+/// 0; [`NONE`] where no layer holds it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct LayerRun {
+    pub(super) start: u64,
+    pub(super) end: u64,
+    pub(super) status: Status,
+    pub(super) layer: u32,
+}
+
+/// The runs of `[s, e)`: each layer, top down, walked once over what the
+/// layers above leave unallocated. As in [`ChainNode`], a
+/// layer shorter than the one above it reads as zeros past its end, and
+/// the layers below it are not asked there. Past `max` runs (held or
+/// still open) it stops collecting and returns more than `max`.
+pub(super) fn map_layers(
+    layers: &[Arc<dyn BlockNode>],
+    s: u64,
+    e: u64,
+    fast: bool,
+    max: usize,
+) -> Result<Vec<LayerRun>> {
+    let mut out: Vec<LayerRun> = Vec::new();
+    let mut open: Vec<(u64, u64)> = vec![(s, e)];
+    for (k, layer) in layers.iter().enumerate() {
+        let lsize = layer.size();
+        open.retain_mut(|r| {
+            r.1 = r.1.min(lsize);
+            r.0 < r.1
+        });
+        let (Some(&(lo, _)), Some(&(_, hi))) = (open.first(), open.last()) else {
+            break;
+        };
+        let mut still: Vec<(u64, u64)> = Vec::new();
+        let mut j = 0;
+        layer.walk_extents(lo, hi, fast, &mut |pos, ext| {
+            if out.len() + still.len() > max {
+                return;
+            }
+            let end = pos + ext.len;
+            while j < open.len() && open[j].1 <= pos {
+                j += 1;
+            }
+            let mut i = j;
+            while i < open.len() && open[i].0 < end {
+                let (a, z) = (open[i].0.max(pos), open[i].1.min(end));
+                if a < z {
+                    if ext.status == Status::Unallocated {
+                        match still.last_mut() {
+                            Some(l) if l.1 == a => l.1 = z,
+                            _ => still.push((a, z)),
+                        }
+                    } else {
+                        out.push(LayerRun {
+                            start: a,
+                            end: z,
+                            status: ext.status,
+                            layer: k as u32,
+                        });
+                    }
                 }
-            } else {
-                out.push((pos, ext));
+                i += 1;
             }
         })?;
-        let below_end = self.backing.as_ref().map_or(0, |b| b.size());
-        let (lo, hi) = match (holes.first(), holes.last()) {
-            (Some(a), Some(b)) => (a.0, b.1.min(below_end)),
-            _ => (0, 0),
-        };
-        if let (Some(b), true) = (&self.backing, lo < hi) {
-            let mut k = 0;
-            b.walk_extents(lo, hi, fast, &mut |pos, ext| {
-                let e = pos + ext.len;
-                // The holes this extent overlaps (both lists are sorted).
-                while k < holes.len() && holes[k].1 <= pos {
-                    k += 1;
-                }
-                let mut j = k;
-                while j < holes.len() && holes[j].0 < e {
-                    let (a, z) = (holes[j].0.max(pos), holes[j].1.min(e));
-                    if a < z && ext.status != Status::Unallocated {
-                        out.push((
-                            a,
-                            Extent {
-                                status: ext.status,
-                                len: z - a,
-                            },
-                        ));
-                    }
-                    j += 1;
-                }
-            })?;
+        if out.len() + still.len() > max {
+            out.extend(still.iter().map(|&(start, end)| LayerRun {
+                start,
+                end,
+                status: Status::Unallocated,
+                layer: NONE,
+            }));
+            return Ok(out);
         }
-        // What no layer holds is unallocated; neighbours of one status merge.
-        out.sort_unstable_by_key(|e| e.0);
-        let mut merged: Vec<(u64, Extent)> = Vec::with_capacity(out.len() + 1);
-        let mut pos = start;
-        let mut push = |at: u64, ext: Extent| match merged.last_mut() {
-            Some((p, last)) if last.status == ext.status && *p + last.len == at => {
-                last.len += ext.len;
-            }
-            _ => merged.push((at, ext)),
-        };
-        for (at, ext) in out {
-            if at > pos {
-                push(
-                    pos,
-                    Extent {
-                        status: Status::Unallocated,
-                        len: at - pos,
-                    },
-                );
-            }
-            push(at, ext);
-            pos = at + ext.len;
-        }
-        if pos < end {
-            push(
-                pos,
-                Extent {
-                    status: Status::Unallocated,
-                    len: end - pos,
-                },
-            );
-        }
-        Ok(merged)
+        open = still;
     }
+    // What no layer holds reads as zeros; runs alike and adjacent merge.
+    out.sort_unstable_by_key(|r| r.start);
+    let mut runs: Vec<LayerRun> = Vec::with_capacity(out.len() + 1);
+    let mut push = |r: LayerRun| match runs.last_mut() {
+        Some(l) if l.end == r.start && l.status == r.status && l.layer == r.layer => l.end = r.end,
+        _ => runs.push(r),
+    };
+    let mut pos = s;
+    for r in out {
+        if r.start > pos {
+            push(LayerRun {
+                start: pos,
+                end: r.start,
+                status: Status::Unallocated,
+                layer: NONE,
+            });
+        }
+        pos = r.end;
+        push(r);
+    }
+    if pos < e {
+        push(LayerRun {
+            start: pos,
+            end: e,
+            status: Status::Unallocated,
+            layer: NONE,
+        });
+    }
+    Ok(runs)
 }
 
 impl BlockNode for ChainNode {
@@ -225,8 +251,18 @@ impl BlockNode for ChainNode {
         let mut pos = start;
         while pos < end {
             let w = end.min(pos.saturating_add(WINDOW));
-            for (at, ext) in self.window(pos, w, fast)? {
-                f(at, ext);
+            let layers: Vec<Arc<dyn BlockNode>> = std::iter::once(&self.top)
+                .chain(&self.backing)
+                .cloned()
+                .collect();
+            for r in map_layers(&layers, pos, w, fast, usize::MAX)? {
+                f(
+                    r.start,
+                    Extent {
+                        status: r.status,
+                        len: r.end - r.start,
+                    },
+                );
             }
             pos = w;
         }

@@ -10,6 +10,7 @@
 //! each), and is capped at [`MAX_RUNS`]: a chain whose map would hold more
 //! is read through its [`super::chain::ChainNode`] as before.
 
+use super::chain::{LayerRun as Run, map_layers};
 use super::probe::Image;
 use super::{BlockNode, Extent, Status, check_range};
 use crate::error::Result;
@@ -19,19 +20,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// The most runs a [`FrozenChain`] keeps (24 MiB of map).
 pub const MAX_RUNS: usize = 1 << 20;
-
-/// `layer` of a run no layer holds.
-const NONE: u32 = u32::MAX;
-
-/// `[start, end)` of the image reads as `status` from layer `layer` (top is
-/// 0; [`NONE`] where no layer holds it).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Run {
-    start: u64,
-    end: u64,
-    status: Status,
-    layer: u32,
-}
 
 /// A chain of layers, mapped once (see the module documentation).
 pub struct FrozenChain {
@@ -74,7 +62,7 @@ impl FrozenChain {
                 if count.load(Ordering::Relaxed) > max {
                     return None;
                 }
-                let runs = map_slice(&layers, s, e, max)
+                let runs = map_layers(&layers, s, e, true, max)
                     .map_err(|err| tracing::debug!("no chain map: {err}"))
                     .ok()?;
                 count.fetch_add(runs.len(), Ordering::Relaxed);
@@ -119,96 +107,6 @@ impl FrozenChain {
             }),
         }
     }
-}
-
-/// The runs of `[s, e)`: each layer, top down, walked once over what the
-/// layers above leave unallocated. As in [`super::chain::ChainNode`], a
-/// layer shorter than the one above it reads as zeros past its end, and
-/// the layers below it are not asked there. Past `max` runs (held or
-/// still open) it stops collecting and returns more than `max`.
-fn map_slice(layers: &[Arc<dyn BlockNode>], s: u64, e: u64, max: usize) -> Result<Vec<Run>> {
-    let mut out: Vec<Run> = Vec::new();
-    let mut open: Vec<(u64, u64)> = vec![(s, e)];
-    for (k, layer) in layers.iter().enumerate() {
-        let lsize = layer.size();
-        open.retain_mut(|r| {
-            r.1 = r.1.min(lsize);
-            r.0 < r.1
-        });
-        let (Some(&(lo, _)), Some(&(_, hi))) = (open.first(), open.last()) else {
-            break;
-        };
-        let mut still: Vec<(u64, u64)> = Vec::new();
-        let mut j = 0;
-        layer.walk_extents(lo, hi, true, &mut |pos, ext| {
-            if out.len() + still.len() > max {
-                return;
-            }
-            let end = pos + ext.len;
-            while j < open.len() && open[j].1 <= pos {
-                j += 1;
-            }
-            let mut i = j;
-            while i < open.len() && open[i].0 < end {
-                let (a, z) = (open[i].0.max(pos), open[i].1.min(end));
-                if a < z {
-                    if ext.status == Status::Unallocated {
-                        match still.last_mut() {
-                            Some(l) if l.1 == a => l.1 = z,
-                            _ => still.push((a, z)),
-                        }
-                    } else {
-                        out.push(Run {
-                            start: a,
-                            end: z,
-                            status: ext.status,
-                            layer: k as u32,
-                        });
-                    }
-                }
-                i += 1;
-            }
-        })?;
-        if out.len() + still.len() > max {
-            out.extend(still.iter().map(|&(start, end)| Run {
-                start,
-                end,
-                status: Status::Unallocated,
-                layer: NONE,
-            }));
-            return Ok(out);
-        }
-        open = still;
-    }
-    // What no layer holds reads as zeros; runs alike and adjacent merge.
-    out.sort_unstable_by_key(|r| r.start);
-    let mut runs: Vec<Run> = Vec::with_capacity(out.len() + 1);
-    let mut push = |r: Run| match runs.last_mut() {
-        Some(l) if l.end == r.start && l.status == r.status && l.layer == r.layer => l.end = r.end,
-        _ => runs.push(r),
-    };
-    let mut pos = s;
-    for r in out {
-        if r.start > pos {
-            push(Run {
-                start: pos,
-                end: r.start,
-                status: Status::Unallocated,
-                layer: NONE,
-            });
-        }
-        pos = r.end;
-        push(r);
-    }
-    if pos < e {
-        push(Run {
-            start: pos,
-            end: e,
-            status: Status::Unallocated,
-            layer: NONE,
-        });
-    }
-    Ok(runs)
 }
 
 impl BlockNode for FrozenChain {

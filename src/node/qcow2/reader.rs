@@ -983,7 +983,11 @@ mod tests {
         for _ in 0..2 {
             out.fill(0);
             assert!(decompress_cluster(1, &zstd, &mut out) && out == cluster);
-            assert!(!decompress_cluster(0, &deflated[..deflated.len() / 2], &mut out));
+            assert!(!decompress_cluster(
+                0,
+                &deflated[..deflated.len() / 2],
+                &mut out
+            ));
             out.fill(0);
             assert!(decompress_cluster(0, &deflated, &mut out) && out == cluster);
             assert!(!decompress_cluster(1, &zstd[..zstd.len() / 3], &mut out));
