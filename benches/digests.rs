@@ -17,15 +17,7 @@ const CHUNK: usize = 64 << 10;
 const REQUEST: usize = 2 << 20;
 
 fn request() -> Vec<u8> {
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
-    (0..REQUEST)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    imgbackup::noise(1, REQUEST)
 }
 
 #[divan::bench]

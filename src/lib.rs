@@ -36,10 +36,10 @@ pub mod stats;
 pub mod target;
 pub mod units;
 
-/// `n` bytes of xorshift noise from `seed`: incompressible test data, the
-/// same for the same seed.
-#[cfg(test)]
-pub(crate) fn noise(seed: u64, n: usize) -> Vec<u8> {
+/// `n` bytes of xorshift noise from `seed`: incompressible test and
+/// benchmark data, the same for the same seed.
+#[doc(hidden)]
+pub fn noise(seed: u64, n: usize) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
     (0..n)
         .map(|_| {

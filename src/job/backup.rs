@@ -1713,13 +1713,15 @@ impl Running {
     /// manifest cannot say (with --guest, or without a manifest).
     fn verify(&self) -> Result<()> {
         let job = &self.job;
-        let got = self
+        let mut got = self
             .target
             .reopen()
             .map_err(JobError::context("cannot open the backup to verify it"))?;
         let detached = job.cfg.backing == Backing::Nothing && job.cfg.sync.uses_bitmap();
         if let Some(m) = self.target.manifest() {
             let mf = ManifestFile::open(m.path())?;
+            // The new backup is complete: read as `verify` reads it.
+            crate::manifest::ready_to_check(&mut got, Some(&mf));
             // A detached incremental holds only what it copied: check that.
             let diff = if detached {
                 check_held(got.top().as_ref(), &mf, job.plan.jobs, &self.cancel)?.0

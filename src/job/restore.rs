@@ -111,12 +111,8 @@ impl RestoreJob {
             (None, false) => format_for(&cfg.output, Format::Raw),
         };
         let manifest = open_manifest(&cfg, &image)?;
-        // Nothing writes to a backup being restored: its chain is mapped
-        // once, while the manifests of an incremental's parents are opened.
-        rayon::join(
-            || crate::node::frozen::FrozenChain::freeze(&mut image),
-            || manifest.as_ref().map(|m| m.open_parents()),
-        );
+        // Nothing writes to a backup being restored.
+        crate::manifest::ready_to_check(&mut image, manifest.as_ref());
         // The output may not be the backup or a file of its chain.
         let protected = guard::Protected::source(&image);
         protected.check(&cfg.output, "output")?;

@@ -101,12 +101,8 @@ pub fn verify(cfg: &VerifyConfig, cancel: &Cancel) -> Result<VerifySummary> {
     })?;
     let mut image =
         open_image(&cfg.backup, None).map_err(JobError::context("cannot open the backup"))?;
-    // Nothing writes to a backup being verified: its chain is mapped once,
-    // while the manifests of an incremental's parents are opened.
-    rayon::join(
-        || crate::node::frozen::FrozenChain::freeze(&mut image),
-        || manifest.open_parents(),
-    );
+    // Nothing writes to a backup being verified.
+    crate::manifest::ready_to_check(&mut image, Some(&manifest));
     let size = image.node.size();
     if size != manifest.meta.virtual_size {
         return Err(JobError::Verify(format!(

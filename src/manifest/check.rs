@@ -145,6 +145,16 @@ pub struct Difference {
     pub found: String,
 }
 
+/// Make a backup nothing writes to ready to be read against its
+/// `manifest`: its chain mapped once ([`crate::node::frozen::FrozenChain`])
+/// while the manifests of its parents are opened and checked.
+pub fn ready_to_check(image: &mut crate::node::probe::Image, manifest: Option<&ManifestFile>) {
+    rayon::join(
+        || crate::node::frozen::FrozenChain::freeze(image),
+        || manifest.map(|m| m.open_parents()),
+    );
+}
+
 /// The chunk runs where `image` and `manifest` may differ: what the
 /// manifest says is not zero, and what the image holds as data.
 fn runs_to_check(
@@ -152,25 +162,18 @@ fn runs_to_check(
     manifest: &ManifestFile,
 ) -> Result<Vec<(u64, u64)>, CopyError> {
     let geo = manifest.geometry();
+    let mut runs = manifest
+        .data_runs(0, geo.chunks())
+        .map_err(CopyError::ManifestRead)?;
     let end = image.size().min(geo.size);
-    // The manifest's runs (a chain's manifests opened and checked) and the
-    // image's map (a chain's layers walked) side by side.
-    let (mine, theirs) = rayon::join(
-        || manifest.data_runs(0, geo.chunks()),
-        || {
-            let mut runs = Vec::new();
-            // Data over host holes is checked too (it reads as zeros): no
-            // seek per extent to tell.
-            crate::node::for_each_allocation(image, 0, end, |pos, ext| {
-                if ext.status == Status::Data {
-                    runs.push(geo.chunks_of(pos, pos + ext.len));
-                }
-            })
-            .map(|()| runs)
-        },
-    );
-    let mut runs = mine.map_err(CopyError::ManifestRead)?;
-    runs.extend(theirs.map_err(CopyError::Source)?);
+    // Data over host holes is checked too (it reads as zeros): no seek per
+    // extent to tell.
+    crate::node::for_each_allocation(image, 0, end, |pos, ext| {
+        if ext.status == Status::Data {
+            runs.push(geo.chunks_of(pos, pos + ext.len));
+        }
+    })
+    .map_err(CopyError::Source)?;
     Ok(union(runs))
 }
 

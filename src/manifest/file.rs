@@ -95,7 +95,11 @@ const KEEP_BUDGET: usize = 64 << 20;
 static KEPT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 /// A manifest's bytes kept in memory, counted in [`KEPT`] while they live.
-pub(super) struct Kept(Vec<u8>);
+pub(super) struct Kept {
+    bytes: Vec<u8>,
+    /// What it took of [`KEEP_BUDGET`].
+    reserved: usize,
+}
 
 impl Kept {
     /// Room for `n` bytes, if [`KEEP_BUDGET`] has them left.
@@ -105,13 +109,16 @@ impl Kept {
             (k + n <= KEEP_BUDGET).then_some(k + n)
         })
         .ok()
-        .map(|_| Kept(Vec::with_capacity(n)))
+        .map(|_| Kept {
+            bytes: Vec::with_capacity(n),
+            reserved: n,
+        })
     }
 }
 
 impl Drop for Kept {
     fn drop(&mut self) {
-        KEPT.fetch_sub(self.0.capacity(), std::sync::atomic::Ordering::SeqCst);
+        KEPT.fetch_sub(self.reserved, std::sync::atomic::Ordering::SeqCst);
     }
 }
 
@@ -211,7 +218,7 @@ impl ManifestFile {
             file.read_exact_at(&mut buf[..k], pos).map_err(ioerr)?;
             sum.update(&buf[..k]);
             if let Some(v) = kept.as_mut() {
-                v.0.extend_from_slice(&buf[..k]);
+                v.bytes.extend_from_slice(&buf[..k]);
             }
             pos += k as u64;
         }
@@ -641,29 +648,27 @@ impl ManifestFile {
     }
 
     fn read_digests(&self, first: u64, n: u64, out: &mut Vec<Sha>) -> Result<(), ManifestError> {
-        if let Some(kept) = &self.kept {
-            let at = (self.digests_at + first * 32) as usize;
-            let Some(raw) = kept.0.get(at..at + (n * 32) as usize) else {
-                return Err(ManifestError::Damaged {
+        let (at, len) = (self.digests_at + first * 32, (n * 32) as usize);
+        let mut read = Vec::new();
+        let raw: &[u8] = match &self.kept {
+            Some(kept) => kept
+                .bytes
+                .get(at as usize..at as usize + len)
+                .ok_or_else(|| ManifestError::Damaged {
                     path: self.path.clone(),
                     detail: format!("digests {first}..{} lie past its end", first + n),
-                });
-            };
-            out.clear();
-            out.extend(raw.chunks_exact(32).map(|c| {
-                let mut d = [0u8; 32];
-                d.copy_from_slice(c);
-                d
-            }));
-            return Ok(());
-        }
-        let mut raw = vec![0u8; (n * 32) as usize];
-        self.file
-            .read_exact_at(&mut raw, self.digests_at + first * 32)
-            .map_err(|e| ManifestError::Io {
-                path: self.path.clone(),
-                source: e,
-            })?;
+                })?,
+            None => {
+                read.resize(len, 0);
+                self.file
+                    .read_exact_at(&mut read, at)
+                    .map_err(|e| ManifestError::Io {
+                        path: self.path.clone(),
+                        source: e,
+                    })?;
+                &read
+            }
+        };
         out.clear();
         out.extend(raw.chunks_exact(32).map(|c| {
             let mut d = [0u8; 32];

@@ -29,7 +29,7 @@ mod writer;
 
 pub use check::{
     Difference, check_backup, check_held, check_image, check_over_verified_parent,
-    differing_chunks, read_from_recorded_backing,
+    differing_chunks, read_from_recorded_backing, ready_to_check,
 };
 pub use file::{ManifestChecker, ManifestFile, read_meta};
 pub use writer::ManifestWriter;

@@ -485,27 +485,16 @@ impl Deflater {
         code_lengths(&self.lit_freq, 15, &mut lit_len);
         code_lengths(&self.dist_freq, 15, &mut dist_len);
         let header = Header::new(&lit_len, &dist_len);
-        let extra_bits: u64 = (0..29)
-            .map(|c| u64::from(self.lit_freq[257 + c]) * u64::from(LEN_EXTRA[c]))
-            .sum::<u64>()
-            + (0..30)
-                .map(|c| u64::from(self.dist_freq[c]) * u64::from(DIST_EXTRA[c]))
-                .sum::<u64>();
-        let cost = |ll: &[u8], dl: &[u8]| -> u64 {
-            let l: u64 = self
-                .lit_freq
-                .iter()
-                .zip(ll)
+        // Bits of symbols counted `freq` times at `bits` each.
+        let dot = |freq: &[u32], bits: &[u8]| -> u64 {
+            freq.iter()
+                .zip(bits)
                 .map(|(&f, &b)| u64::from(f) * u64::from(b))
-                .sum();
-            let d: u64 = self
-                .dist_freq
-                .iter()
-                .zip(dl)
-                .map(|(&f, &b)| u64::from(f) * u64::from(b))
-                .sum();
-            l + d + extra_bits
+                .sum()
         };
+        let extra_bits = dot(&self.lit_freq[257..], &LEN_EXTRA) + dot(&self.dist_freq, &DIST_EXTRA);
+        let cost =
+            |ll: &[u8], dl: &[u8]| dot(&self.lit_freq, ll) + dot(&self.dist_freq, dl) + extra_bits;
         let dynamic = 3 + header.bits + cost(&lit_len, &dist_len);
         let fixed = 3 + cost(&FIXED_LIT[..286], &FIXED_DIST);
         let len = end - start;
